@@ -1,0 +1,177 @@
+//! The interface every CPU backend implements, and the exits they all report.
+
+use palacios_x86::{CpuState, Regs, SRegs};
+
+use crate::memory::GuestMem;
+
+/// Up to 8 bytes of port or MMIO data, inline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoData {
+    len: u8,
+    bytes: [u8; 8],
+}
+
+impl IoData {
+    /// At most 8 bytes are kept.
+    pub fn new(data: &[u8]) -> Self {
+        let len = data.len().min(8);
+        let mut bytes = [0; 8];
+        bytes[..len].copy_from_slice(&data[..len]);
+        IoData { len: len as u8, bytes }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// Why a vCPU stopped running guest code. Every backend reports these same values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `in`: the core answers with [`Vcpu::complete_read`] before the next run.
+    IoIn { port: u16, size: u8 },
+    IoOut { port: u16, data: IoData },
+    /// A read of unbacked physical memory; answered with [`Vcpu::complete_read`].
+    MmioRead { addr: u64, size: u8 },
+    MmioWrite { addr: u64, data: IoData },
+    /// The guest executed HLT.
+    Hlt,
+    /// The guest can now take an interrupt (after [`Vcpu::request_interrupt_window`]).
+    IrqWindowOpen,
+    /// Triple fault or other shutdown condition.
+    Shutdown,
+    /// The run was interrupted from the outside (a kick); nothing to do for the guest.
+    Interrupted,
+}
+
+/// The kinds of [`Exit`], for telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExitKind {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Hlt,
+    IrqWindowOpen,
+    Shutdown,
+    Interrupted,
+}
+
+impl ExitKind {
+    pub const ALL: [ExitKind; 8] = [
+        ExitKind::IoIn,
+        ExitKind::IoOut,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Hlt,
+        ExitKind::IrqWindowOpen,
+        ExitKind::Shutdown,
+        ExitKind::Interrupted,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::IoIn => "io-in",
+            ExitKind::IoOut => "io-out",
+            ExitKind::MmioRead => "mmio-read",
+            ExitKind::MmioWrite => "mmio-write",
+            ExitKind::Hlt => "hlt",
+            ExitKind::IrqWindowOpen => "irq-window",
+            ExitKind::Shutdown => "shutdown",
+            ExitKind::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl Exit {
+    pub fn kind(&self) -> ExitKind {
+        match self {
+            Exit::IoIn { .. } => ExitKind::IoIn,
+            Exit::IoOut { .. } => ExitKind::IoOut,
+            Exit::MmioRead { .. } => ExitKind::MmioRead,
+            Exit::MmioWrite { .. } => ExitKind::MmioWrite,
+            Exit::Hlt => ExitKind::Hlt,
+            Exit::IrqWindowOpen => ExitKind::IrqWindowOpen,
+            Exit::Shutdown => ExitKind::Shutdown,
+            Exit::Interrupted => ExitKind::Interrupted,
+        }
+    }
+}
+
+/// Errors of a backend. Guest-caused failures name the vCPU and its RIP.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend '{name}' is not usable here: {reason} (available backends: {available})")]
+    Unavailable { name: &'static str, reason: String, available: String },
+    #[error("{op} failed: {source}")]
+    Host { op: &'static str, source: std::io::Error },
+    #[error("vCPU {vcpu}: internal error (suberror {suberror}) at RIP {rip:#x}")]
+    InternalError { vcpu: u32, rip: u64, suberror: u32 },
+    #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x}) at RIP {rip:#x}")]
+    FailEntry { vcpu: u32, rip: u64, reason: u64 },
+    #[error("vCPU {vcpu}: unhandled exit '{what}' at RIP {rip:#x}")]
+    Unhandled { vcpu: u32, rip: u64, what: String },
+}
+
+/// Floating-point and SSE state (the FXSAVE layout's contents).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FpuState {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+/// A virtualization backend: creates the VM-wide state and its vCPUs.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Make guest RAM visible to the guest (called once, before vCPUs are created).
+    fn map_memory(&self, mem: &GuestMem) -> Result<(), BackendError>;
+    /// Create vCPU number `index` (its APIC ID is `index`).
+    fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError>;
+}
+
+/// One virtual core. Lives on its own thread.
+pub trait Vcpu: Send {
+    fn index(&self) -> u32;
+    /// Run guest code until the next exit.
+    fn run(&mut self) -> Result<Exit, BackendError>;
+    /// Provide the data of the last `IoIn` / `MmioRead` exit.
+    fn complete_read(&mut self, data: &[u8]);
+
+    fn regs(&self) -> Result<Regs, BackendError>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError>;
+    fn sregs(&self) -> Result<SRegs, BackendError>;
+    fn set_sregs(&mut self, sregs: &SRegs) -> Result<(), BackendError>;
+    fn fpu(&self) -> Result<FpuState, BackendError>;
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<(), BackendError>;
+    /// Read the given MSRs; unknown ones are left out of the result.
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, BackendError>;
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), BackendError>;
+
+    /// Whether an external interrupt can be injected right now (IF=1, no interrupt shadow,
+    /// nothing else pending injection).
+    fn can_inject(&self) -> bool;
+    /// Inject external interrupt `vector`; call only when [`Vcpu::can_inject`] is true.
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError>;
+    /// Ask for an [`Exit::IrqWindowOpen`] as soon as the guest can take an interrupt.
+    fn request_interrupt_window(&mut self, on: bool);
+
+    /// Load the whole architectural state a loader prepared.
+    fn set_state(&mut self, state: &CpuState) -> Result<(), BackendError> {
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        if !state.msrs.is_empty() {
+            self.set_msrs(&state.msrs)?;
+        }
+        Ok(())
+    }
+
+    /// RIP for messages; 0 if it cannot be read.
+    fn rip(&self) -> u64 {
+        self.regs().map(|r| r.rip).unwrap_or(0)
+    }
+}

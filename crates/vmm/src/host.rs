@@ -1,0 +1,365 @@
+//! The host interface: everything the VMM needs from the machine it runs on.
+//!
+//! The core, devices and loaders reach the outside world only through [`Host`]. [`LinuxHost`]
+//! is the default implementation; an embedder can supply its own (a test host with virtual
+//! time, a kernel-module host, ...).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::control::Kick;
+
+/// A thread started through the host.
+pub trait HostThread: Send {
+    /// Make a blocking backend call on this thread return (for example KVM_RUN with EINTR).
+    fn kicker(&self) -> Arc<dyn Kick>;
+    fn is_finished(&self) -> bool;
+    /// Wait for the thread; `Err` if it panicked.
+    fn join(self: Box<Self>) -> Result<(), String>;
+}
+
+/// Input half of a host stream, polled with a timeout so its pump can stop cleanly.
+pub trait StreamInput: Send {
+    /// `Ok(None)` on timeout, `Ok(Some(0))` at end of stream.
+    fn read_timeout(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>>;
+}
+
+/// A host character stream: output, and optionally input.
+pub struct HostStream {
+    pub name: String,
+    pub output: Box<dyn Write + Send>,
+    pub input: Option<Box<dyn StreamInput>>,
+}
+
+/// What the VMM needs from its host.
+pub trait Host: Send + Sync {
+    /// Monotonic time since the host object was created.
+    fn now(&self) -> Duration;
+    /// Start a named thread.
+    fn spawn(&self, name: &str, f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>>;
+    /// Read a whole file.
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The user's console (the `v3` terminal).
+    fn console(&self) -> io::Result<HostStream>;
+    /// Open a named stream: `file:PATH` (output appended to a file), `unix:PATH` (a Unix socket,
+    /// both directions), `console` or `stdio`, or `null`.
+    fn open_stream(&self, spec: &str) -> io::Result<HostStream>;
+}
+
+/// The Linux host.
+pub struct LinuxHost {
+    start: Instant,
+    raw_console: bool,
+}
+
+impl LinuxHost {
+    /// `raw_console`: put a terminal stdin into raw mode while the console is open.
+    pub fn new(raw_console: bool) -> Self {
+        LinuxHost { start: Instant::now(), raw_console }
+    }
+}
+
+impl Default for LinuxHost {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
+
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> io::Result<()> {
+    static DONE: OnceLock<Result<(), i32>> = OnceLock::new();
+    // The handler does nothing: its only purpose is that a blocking ioctl returns EINTR.
+    let r = DONE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
+    });
+    r.map_err(io::Error::from_raw_os_error)
+}
+
+struct LinuxThread {
+    handle: std::thread::JoinHandle<()>,
+    kicker: Arc<SignalKick>,
+}
+
+struct SignalKick {
+    thread: libc::pthread_t,
+}
+
+impl Kick for SignalKick {
+    fn kick(&self) {
+        // SAFETY: the pthread_t belongs to a thread owned by a LinuxThread whose JoinHandle is
+        // joined only after every kicker holder has stopped kicking (the VM clears its kickers
+        // before joining); signalling a live thread with a handled signal has no other effect.
+        unsafe {
+            libc::pthread_kill(self.thread, kick_signal());
+        }
+    }
+}
+
+impl HostThread for LinuxThread {
+    fn kicker(&self) -> Arc<dyn Kick> {
+        self.kicker.clone()
+    }
+    fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+    fn join(self: Box<Self>) -> Result<(), String> {
+        self.handle.join().map_err(|e| {
+            e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        })
+    }
+}
+
+impl Host for LinuxHost {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn spawn(&self, name: &str, f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>> {
+        install_kick_handler()?;
+        let handle = std::thread::Builder::new().name(name.to_string()).spawn(f)?;
+        let thread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle);
+        Ok(Box::new(LinuxThread { handle, kicker: Arc::new(SignalKick { thread }) }))
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn console(&self) -> io::Result<HostStream> {
+        let tty = is_tty(0);
+        if tty && self.raw_console {
+            set_raw_terminal()?;
+        }
+        Ok(HostStream {
+            name: "console".into(),
+            output: Box::new(ConsoleOut { raw: tty && self.raw_console }),
+            input: Some(Box::new(FdInput { fd: None, raw: 0 })),
+        })
+    }
+
+    fn open_stream(&self, spec: &str) -> io::Result<HostStream> {
+        let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
+        match kind {
+            "console" | "stdio" => self.console(),
+            "null" => Ok(HostStream { name: spec.into(), output: Box::new(io::sink()), input: None }),
+            "file" if !arg.is_empty() => {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(arg)?;
+                Ok(HostStream { name: spec.into(), output: Box::new(f), input: None })
+            }
+            "unix" if !arg.is_empty() => {
+                let s = std::os::unix::net::UnixStream::connect(arg)?;
+                let r = s.try_clone()?;
+                let fd = OwnedFd::from(r);
+                let raw = fd.as_raw_fd();
+                Ok(HostStream { name: spec.into(), output: Box::new(s), input: Some(Box::new(FdInput { fd: Some(fd), raw })) })
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown stream '{spec}' (expected file:PATH, unix:PATH, console or null)"),
+            )),
+        }
+    }
+}
+
+/// A file descriptor read with poll(2) and a timeout.
+struct FdInput {
+    /// Owned descriptor, or `None` for stdin (fd `raw`).
+    fd: Option<OwnedFd>,
+    raw: RawFd,
+}
+
+impl StreamInput for FdInput {
+    fn read_timeout(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        let fd = self.fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(self.raw);
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `p` is a valid pollfd for the duration of the call; nfds is 1.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        // SAFETY: `buf` is valid writable memory of `buf.len()` bytes; `fd` is open.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(r as usize))
+    }
+}
+
+/// Standard output; in raw mode a lone LF becomes CR LF so lines start at column 0.
+struct ConsoleOut {
+    raw: bool,
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = io::stdout().lock();
+        if self.raw {
+            for &b in buf {
+                if b == b'\n' {
+                    out.write_all(b"\r\n")?;
+                } else {
+                    out.write_all(&[b])?;
+                }
+            }
+        } else {
+            out.write_all(buf)?;
+        }
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
+fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the descriptor number.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
+
+/// Put the terminal on stdin into raw mode (no echo, no line editing), keeping ISIG so that
+/// Ctrl-C still stops the VM. The previous mode is restored by [`restore_terminal`].
+pub fn set_raw_terminal() -> io::Result<()> {
+    let mut saved = SAVED_TERMIOS.lock().unwrap_or_else(|p| p.into_inner());
+    if saved.is_some() {
+        return Ok(());
+    }
+    // SAFETY: termios is plain old data; tcgetattr fills it completely on success.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 0 and a valid termios pointer.
+    if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let orig = t;
+    t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::IEXTEN);
+    t.c_iflag &= !(libc::ICRNL | libc::IXON);
+    t.c_cc[libc::VMIN] = 1;
+    t.c_cc[libc::VTIME] = 0;
+    // SAFETY: fd 0 and a valid termios pointer.
+    if unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    *saved = Some(orig);
+    Ok(())
+}
+
+/// Restore the terminal mode saved by [`set_raw_terminal`]; harmless if none was saved.
+pub fn restore_terminal() {
+    let mut saved = SAVED_TERMIOS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = saved.take() {
+        // SAFETY: fd 0 and a termios obtained from tcgetattr.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// Read helper for tests and embedders: drain a [`StreamInput`] into a Vec until EOF.
+pub fn read_all(input: &mut dyn StreamInput) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Some(n) = input.read_timeout(&mut buf, Duration::from_secs(5))? {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(out)
+}
+
+impl Read for HostStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.input {
+            Some(i) => loop {
+                if let Some(n) = i.read_timeout(buf, Duration::from_secs(3600))? {
+                    return Ok(n);
+                }
+            },
+            None => Ok(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_stream_appends_and_unknown_stream_is_refused() {
+        let dir = std::env::temp_dir().join(format!("palacios-host-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.txt");
+        let host = LinuxHost::new(false);
+        let mut s = host.open_stream(&format!("file:{}", path.display())).unwrap();
+        s.output.write_all(b"hello").unwrap();
+        drop(s);
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+        let e = host.open_stream("tcp:1.2.3.4").err().unwrap();
+        assert!(e.to_string().contains("unknown stream"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unix_stream_both_directions() {
+        let dir = std::env::temp_dir().join(format!("palacios-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let host = LinuxHost::new(false);
+        let mut s = host.open_stream(&format!("unix:{}", path.display())).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        s.output.write_all(b"out").unwrap();
+        let mut b = [0u8; 3];
+        peer.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"out");
+        peer.write_all(b"in").unwrap();
+        drop(peer);
+        assert_eq!(read_all(s.input.as_mut().unwrap().as_mut()).unwrap(), b"in");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kick_interrupts_a_blocking_call() {
+        let host = LinuxHost::new(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = host
+            .spawn(
+                "sleeper",
+                Box::new(move || {
+                    // SAFETY: plain sleep; returns early with the remaining time on a signal.
+                    let left = unsafe { libc::sleep(30) };
+                    tx.send(left).unwrap();
+                }),
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let k = t.kicker();
+        let left = loop {
+            k.kick();
+            if let Ok(v) = rx.recv_timeout(Duration::from_millis(20)) {
+                break v;
+            }
+        };
+        assert!(left > 0, "sleep was not interrupted");
+        t.join().unwrap();
+    }
+}

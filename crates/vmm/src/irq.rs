@@ -1,0 +1,79 @@
+//! Interrupt plumbing between devices, controllers and vCPUs.
+//!
+//! Devices raise or lower an [`IrqLine`] and never know what is behind it. A per-VM
+//! [`InterruptController`] answers, per core, which vector is pending; the exit loop injects it
+//! through the backend with interrupt-window handling. The PC platform's PIC/IOAPIC/LAPIC models
+//! implement these traits; this module holds the simplest controller, [`VectorQueue`], used by
+//! embedders that inject vectors directly and by the injection tests.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::control::Wakers;
+
+/// An interrupt line as a device sees it.
+pub trait IrqLine: Send + Sync {
+    fn set_level(&self, high: bool);
+    /// An edge: raise then lower.
+    fn pulse(&self) {
+        self.set_level(true);
+        self.set_level(false);
+    }
+}
+
+/// A line connected to nothing (no interrupt controller configured for it). Counts its edges
+/// so tests can see the device tried.
+#[derive(Default)]
+pub struct UnconnectedLine {
+    pub raised: std::sync::atomic::AtomicU64,
+}
+
+impl IrqLine for UnconnectedLine {
+    fn set_level(&self, high: bool) {
+        if high {
+            self.raised.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the exit loop asks before each run of a core.
+pub trait InterruptController: Send + Sync {
+    /// The highest-priority vector pending for `cpu`, without acknowledging it.
+    fn pending(&self, cpu: u32) -> Option<u8>;
+    /// The core has taken `vector` (it was injected).
+    fn acknowledge(&self, cpu: u32, vector: u8);
+}
+
+/// A FIFO of vectors per core; [`VectorQueue::push`] wakes the core.
+pub struct VectorQueue {
+    queues: Vec<Mutex<VecDeque<u8>>>,
+    wakers: Wakers,
+}
+
+impl VectorQueue {
+    pub fn new(cores: u32, wakers: Wakers) -> Self {
+        VectorQueue { queues: (0..cores).map(|_| Mutex::new(VecDeque::new())).collect(), wakers }
+    }
+
+    /// Queue `vector` for `cpu` (ignored for a core that does not exist).
+    pub fn push(&self, cpu: u32, vector: u8) {
+        if let Some(q) = self.queues.get(cpu as usize) {
+            crate::bus::lock(q).push_back(vector);
+            self.wakers.wake(cpu);
+        }
+    }
+}
+
+impl InterruptController for VectorQueue {
+    fn pending(&self, cpu: u32) -> Option<u8> {
+        self.queues.get(cpu as usize).and_then(|q| crate::bus::lock(q).front().copied())
+    }
+    fn acknowledge(&self, cpu: u32, vector: u8) {
+        if let Some(q) = self.queues.get(cpu as usize) {
+            let mut q = crate::bus::lock(q);
+            if q.front() == Some(&vector) {
+                q.pop_front();
+            }
+        }
+    }
+}

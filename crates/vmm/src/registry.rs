@@ -1,0 +1,222 @@
+//! Device classes registered by their Palacios names, and the context they are built in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::bus::{Bus, BusDevice};
+use crate::config::{ConfigError, ConfigNode, DeviceConfig};
+use crate::control::VmHandle;
+use crate::host::{Host, HostStream, HostThread};
+use crate::irq::{IrqLine, UnconnectedLine};
+use crate::memory::{GuestMem, MemoryMap};
+
+/// One option a device class understands (for `v3 devices` and for validation).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOption {
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+/// A kind of device, created by name from the config.
+pub trait DeviceClass: Send + Sync {
+    /// The Palacios class name, for example `SERIAL`.
+    fn name(&self) -> &'static str;
+    fn help(&self) -> &'static str;
+    /// Options besides `class` and `id`.
+    fn options(&self) -> &'static [DeviceOption];
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError>;
+}
+
+/// The classes available to a VM.
+#[derive(Default)]
+pub struct Registry {
+    classes: BTreeMap<&'static str, Box<dyn DeviceClass>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register a class; a second class with the same name replaces the first.
+    pub fn register(&mut self, class: Box<dyn DeviceClass>) {
+        self.classes.insert(class.name(), class);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&dyn DeviceClass> {
+        self.classes.get(name).map(|b| b.as_ref())
+    }
+
+    pub fn classes(&self) -> impl Iterator<Item = &dyn DeviceClass> {
+        self.classes.values().map(|b| b.as_ref())
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.classes.keys().copied().collect()
+    }
+
+    /// Look the class up, check the device's options, and create it.
+    pub fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let class = self.get(&dev.class).ok_or_else(|| {
+            dev.node.val_err("class", format!("unknown device class '{}' (known: {})", dev.class, self.names().join(", ")))
+        })?;
+        let mut allowed: Vec<&str> = vec!["class", "id"];
+        allowed.extend(class.options().iter().map(|o| o.name));
+        dev.node.check_options(&format!("device class {}", class.name()), &allowed)?;
+        class.create(ctx, dev)
+    }
+
+    /// Validate a device config without building anything (class known, options known).
+    pub fn check(&self, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let class = self.get(&dev.class).ok_or_else(|| {
+            dev.node.val_err("class", format!("unknown device class '{}' (known: {})", dev.class, self.names().join(", ")))
+        })?;
+        let mut allowed: Vec<&str> = vec!["class", "id"];
+        allowed.extend(class.options().iter().map(|o| o.name));
+        dev.node.check_options(&format!("device class {}", class.name()), &allowed)
+    }
+}
+
+/// Input into a character frontend (a UART's receive side).
+pub trait CharInput: Send + Sync {
+    /// Offer bytes; returns how many were taken (0 when the frontend's buffer is full).
+    fn push(&self, bytes: &[u8]) -> usize;
+}
+
+/// A device that can be connected to a character backend (Palacios' char frontend).
+pub trait CharFrontend: Send + Sync {
+    /// Connect a backend: guest output goes to `output`; the returned handle feeds input.
+    /// `cfg` is the `<frontend>` subtree (for example naming the COM port).
+    fn connect(&self, cfg: &ConfigNode, output: Box<dyn Write + Send>) -> Result<Arc<dyn CharInput>, ConfigError>;
+}
+
+/// A helper thread owned by the VM (stream pumps); stopped and joined when the VM ends.
+pub struct Worker {
+    pub name: String,
+    pub stop: Arc<AtomicBool>,
+    pub thread: Box<dyn HostThread>,
+}
+
+type Finisher = Box<dyn FnOnce(&mut BuildCtx) -> Result<(), ConfigError>>;
+type IrqProvider = Box<dyn Fn(u32) -> Arc<dyn IrqLine> + Send + Sync>;
+
+/// Everything a device class may touch while it is created.
+pub struct BuildCtx {
+    pub host: Arc<dyn Host>,
+    pub mem: GuestMem,
+    pub map: MemoryMap,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub vm: VmHandle,
+    pub cores: u32,
+    /// Char frontends by device id.
+    pub char_frontends: HashMap<String, Arc<dyn CharFrontend>>,
+    pub workers: Vec<Worker>,
+    finishers: Vec<Finisher>,
+    irq_provider: IrqProvider,
+}
+
+impl BuildCtx {
+    pub fn new(host: Arc<dyn Host>, mem: GuestMem, map: MemoryMap, vm: VmHandle, cores: u32) -> Self {
+        BuildCtx {
+            host,
+            mem,
+            map,
+            pio: Bus::new("port"),
+            mmio: Bus::new("mmio"),
+            vm,
+            cores,
+            char_frontends: HashMap::new(),
+            workers: Vec::new(),
+            finishers: Vec::new(),
+            irq_provider: Box::new(|_| Arc::new(UnconnectedLine::default())),
+        }
+    }
+
+    /// Register a device on port range `[start, start+len)`.
+    pub fn add_ports(&mut self, start: u16, len: u16, name: &str, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), ConfigError> {
+        self.pio.insert(u64::from(start), u64::from(len), name, dev).map_err(|e| ConfigError::new(None, e.to_string()))
+    }
+
+    /// Register a device on MMIO range `[start, start+len)`.
+    pub fn add_mmio(&mut self, start: u64, len: u64, name: &str, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), ConfigError> {
+        if (0..len).step_by(4096).any(|o| self.map.is_backed(start + o, 1)) {
+            return Err(ConfigError::new(None, format!("MMIO range {start:#x}+{len:#x} of '{name}' overlaps guest RAM")));
+        }
+        self.mmio.insert(start, len, name, dev).map_err(|e| ConfigError::new(None, e.to_string()))
+    }
+
+    /// The interrupt line for ISA IRQ / GSI `n`.
+    pub fn irq_line(&self, n: u32) -> Arc<dyn IrqLine> {
+        (self.irq_provider)(n)
+    }
+
+    /// Route [`BuildCtx::irq_line`] to an interrupt controller (done by the platform).
+    pub fn set_irq_provider(&mut self, p: IrqProvider) {
+        self.irq_provider = p;
+    }
+
+    /// Run `f` after every device is created (to apply defaults that depend on later devices).
+    pub fn on_finish(&mut self, f: impl FnOnce(&mut BuildCtx) -> Result<(), ConfigError> + 'static) {
+        self.finishers.push(Box::new(f));
+    }
+
+    /// Run the finishers registered so far (and any they register).
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        while !self.finishers.is_empty() {
+            let fs = std::mem::take(&mut self.finishers);
+            for f in fs {
+                f(self)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Connect a host stream to the char frontend `frontend` (a device id): output is written
+    /// to the stream and a pump thread feeds the stream's input to the frontend.
+    pub fn connect_char(&mut self, frontend: &str, cfg: &ConfigNode, stream: HostStream) -> Result<(), ConfigError> {
+        let fe = self
+            .char_frontends
+            .get(frontend)
+            .cloned()
+            .ok_or_else(|| cfg.err(format!("device '{frontend}' is not a character frontend")))?;
+        let HostStream { name, output, input } = stream;
+        let sink = fe.connect(cfg, output)?;
+        if let Some(mut input) = input {
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let pump = move || {
+                let mut buf = [0u8; 64];
+                'outer: while !stop2.load(Ordering::Acquire) {
+                    match input.read_timeout(&mut buf, Duration::from_millis(50)) {
+                        Ok(None) => continue,
+                        Ok(Some(0)) | Err(_) => break,
+                        Ok(Some(n)) => {
+                            let mut off = 0;
+                            while off < n {
+                                if stop2.load(Ordering::Acquire) {
+                                    break 'outer;
+                                }
+                                let took = sink.push(&buf[off..n]);
+                                off += took;
+                                if took == 0 {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            let tname = format!("input-{name}");
+            let thread = self
+                .host
+                .spawn(&tname, Box::new(pump))
+                .map_err(|e| cfg.err(format!("cannot start the input thread of stream '{name}': {e}")))?;
+            self.workers.push(Worker { name: tname, stop, thread });
+        }
+        Ok(())
+    }
+}

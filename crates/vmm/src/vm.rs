@@ -1,0 +1,334 @@
+//! A composed VM and its exit loop (one thread per core).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use palacios_x86::{CpuState, rflags};
+
+use crate::backend::{Backend, BackendError, Exit, Vcpu};
+use crate::bus::{Bus, lock};
+use crate::config::{ConfigError, VmConfig};
+use crate::control::{Outcome, VmHandle};
+use crate::host::Host;
+use crate::irq::InterruptController;
+use crate::memory::{GuestMem, MemoryMap};
+use crate::registry::{BuildCtx, Registry, Worker};
+use crate::telemetry::{CoreStats, Telemetry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u64, reason: String },
+    #[error("{what}: {source}")]
+    Host { what: String, source: std::io::Error },
+}
+
+/// A VM built from a config, ready to load a guest into and run.
+pub struct Vm {
+    map: MemoryMap,
+    mem: GuestMem,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    handle: VmHandle,
+    host: Arc<dyn Host>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    workers: Vec<Worker>,
+    irq: Option<Arc<dyn InterruptController>>,
+    boot: Option<CpuState>,
+    telemetry: bool,
+    start_slots: Arc<Vec<Mutex<Option<CpuState>>>>,
+}
+
+impl Vm {
+    /// Build the VM: memory, backend, vCPUs and every configured device.
+    pub fn build(cfg: &VmConfig, registry: &Registry, backend: Box<dyn Backend>, host: Arc<dyn Host>) -> Result<Vm, VmError> {
+        let map = MemoryMap::pc(cfg.mem_mib << 20);
+        let mem = map.create_memory().map_err(|e| VmError::Memory { mib: cfg.mem_mib, reason: e.to_string() })?;
+        backend.map_memory(&mem)?;
+        let handle = VmHandle::new(cfg.cores);
+        let vcpus = (0..cfg.cores).map(|i| backend.create_vcpu(i)).collect::<Result<Vec<_>, _>>()?;
+        let mut ctx = BuildCtx::new(host.clone(), mem.clone(), map.clone(), handle.clone(), cfg.cores);
+        let src = cfg.source.as_deref();
+        for dev in &cfg.devices {
+            registry.create(&mut ctx, dev).map_err(|e| {
+                let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
+                e.in_file(src)
+            })?;
+        }
+        ctx.finish().map_err(|e| e.in_file(src))?;
+        tracing::debug!("VM built: {} MiB, {} cores, {} devices, backend {}", cfg.mem_mib, cfg.cores, cfg.devices.len(), backend.name());
+        Ok(Vm {
+            map,
+            mem,
+            pio: Arc::new(ctx.pio),
+            mmio: Arc::new(ctx.mmio),
+            handle,
+            host,
+            vcpus,
+            workers: ctx.workers,
+            irq: None,
+            boot: None,
+            telemetry: cfg.telemetry,
+            start_slots: Arc::new((0..cfg.cores).map(|_| Mutex::new(None)).collect()),
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+    pub fn memory_map(&self) -> &MemoryMap {
+        &self.map
+    }
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+    pub fn port_bus(&self) -> &Bus {
+        &self.pio
+    }
+    pub fn mmio_bus(&self) -> &Bus {
+        &self.mmio
+    }
+    pub fn cores(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    /// The state the boot core starts in (from a loader).
+    pub fn set_boot_state(&mut self, state: CpuState) {
+        self.boot = Some(state);
+    }
+
+    /// The controller the exit loop asks for pending interrupts.
+    pub fn set_interrupt_controller(&mut self, ic: Arc<dyn InterruptController>) {
+        self.irq = Some(ic);
+    }
+
+    /// Force telemetry on (`--stats`).
+    pub fn enable_telemetry(&mut self, on: bool) {
+        self.telemetry |= on;
+    }
+
+    /// A starter for application processors: cores other than 0 wait until they are given a
+    /// state (the platform's INIT/SIPI handling calls this).
+    pub fn core_starter(&self) -> CoreStarter {
+        CoreStarter { slots: self.start_slots.clone(), handle: self.handle.clone() }
+    }
+
+    /// Run until the VM ends; every thread is joined before this returns.
+    pub fn run(mut self) -> RunReport {
+        let started = Instant::now();
+        let boot = self.boot.take().unwrap_or_else(CpuState::reset);
+        *lock(&self.start_slots[0]) = Some(boot);
+        let running = Arc::new(AtomicU32::new(0));
+        let mut threads = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let core = CoreLoop {
+                cpu: vcpu.index(),
+                handle: self.handle.clone(),
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                irq: self.irq.clone(),
+                running: running.clone(),
+                slots: self.start_slots.clone(),
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let cpu = core.cpu;
+            let f = Box::new(move || {
+                let stats = core.run(vcpu);
+                let _ = tx.send(stats);
+            });
+            match self.host.spawn(&format!("vcpu{cpu}"), f) {
+                Ok(t) => {
+                    self.handle.wakers().set_kicker(cpu, Some(t.kicker()));
+                    threads.push((cpu, t, rx));
+                }
+                Err(e) => {
+                    self.handle.stop(Outcome::Failed(format!("cannot start the thread of vCPU {cpu}: {e}")));
+                    break;
+                }
+            }
+        }
+        let outcome = self.handle.wait(None).unwrap_or(Outcome::Stopped);
+        // Kick every core until its thread has left the backend and finished.
+        let mut cores = Vec::new();
+        for (cpu, t, rx) in threads {
+            let k = t.kicker();
+            while !t.is_finished() {
+                k.kick();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            self.handle.wakers().set_kicker(cpu, None);
+            if let Err(p) = t.join() {
+                tracing::error!("vCPU {cpu} thread panicked: {p}");
+            }
+            cores.push(rx.try_recv().unwrap_or_else(|_| CoreStats::new(cpu)));
+        }
+        for w in self.workers.drain(..) {
+            w.stop.store(true, Ordering::Release);
+            if let Err(p) = w.thread.join() {
+                tracing::error!("worker {} panicked: {p}", w.name);
+            }
+        }
+        let telemetry = Telemetry {
+            cores,
+            unclaimed_ports: self.pio.unclaimed(),
+            unclaimed_mmio: self.mmio.unclaimed(),
+            wall: started.elapsed(),
+        };
+        RunReport { outcome, telemetry, print_telemetry: self.telemetry }
+    }
+}
+
+/// What [`Vm::run`] returns.
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub telemetry: Telemetry,
+    /// Telemetry was enabled in the config or forced on.
+    pub print_telemetry: bool,
+}
+
+/// Starts application processors (see [`Vm::core_starter`]).
+#[derive(Clone)]
+pub struct CoreStarter {
+    slots: Arc<Vec<Mutex<Option<CpuState>>>>,
+    handle: VmHandle,
+}
+
+impl CoreStarter {
+    /// Start core `cpu` in `state`; false if there is no such core.
+    pub fn start(&self, cpu: u32, state: CpuState) -> bool {
+        match self.slots.get(cpu as usize) {
+            Some(s) => {
+                *lock(s) = Some(state);
+                self.handle.wakers().wake(cpu);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct CoreLoop {
+    cpu: u32,
+    handle: VmHandle,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    irq: Option<Arc<dyn InterruptController>>,
+    /// Started cores that have not halted for good.
+    running: Arc<AtomicU32>,
+    slots: Arc<Vec<Mutex<Option<CpuState>>>>,
+}
+
+impl CoreLoop {
+    fn fail(&self, e: BackendError) {
+        self.handle.stop(Outcome::Failed(e.to_string()));
+    }
+
+    /// Wait for a start state (core 0 has one at once).
+    fn await_start(&self, vcpu: &mut dyn Vcpu) -> bool {
+        loop {
+            if self.handle.is_stopping() {
+                return false;
+            }
+            if let Some(state) = lock(&self.slots[self.cpu as usize]).take() {
+                if let Err(e) = vcpu.set_state(&state) {
+                    self.fail(e);
+                    return false;
+                }
+                self.running.fetch_add(1, Ordering::AcqRel);
+                return true;
+            }
+            self.handle.wakers().wait(self.cpu, None);
+        }
+    }
+
+    fn run(self, mut vcpu: Box<dyn Vcpu>) -> CoreStats {
+        let mut stats = CoreStats::new(self.cpu);
+        if !self.await_start(vcpu.as_mut()) {
+            return stats;
+        }
+        let mut buf = [0u8; 8];
+        while !self.handle.is_stopping() {
+            if self.handle.is_paused() {
+                self.handle.wait_while_paused();
+                continue;
+            }
+            if let Some(ic) = &self.irq {
+                if let Some(v) = ic.pending(self.cpu) {
+                    if vcpu.can_inject() {
+                        if let Err(e) = vcpu.inject_interrupt(v) {
+                            self.fail(e);
+                            break;
+                        }
+                        ic.acknowledge(self.cpu, v);
+                        stats.injected += 1;
+                        vcpu.request_interrupt_window(false);
+                    } else {
+                        vcpu.request_interrupt_window(true);
+                    }
+                }
+            }
+            let t0 = Instant::now();
+            let exit = match vcpu.run() {
+                Ok(e) => e,
+                Err(e) => {
+                    self.fail(e);
+                    break;
+                }
+            };
+            let t1 = Instant::now();
+            stats.guest_time += t1 - t0;
+            match exit {
+                Exit::IoIn { port, size } => {
+                    let d = &mut buf[..usize::from(size.min(8))];
+                    self.pio.read(u64::from(port), d);
+                    vcpu.complete_read(d);
+                }
+                Exit::IoOut { port, data } => {
+                    self.pio.write(u64::from(port), data.as_slice());
+                }
+                Exit::MmioRead { addr, size } => {
+                    let d = &mut buf[..usize::from(size.min(8))];
+                    self.mmio.read(addr, d);
+                    vcpu.complete_read(d);
+                }
+                Exit::MmioWrite { addr, data } => {
+                    self.mmio.write(addr, data.as_slice());
+                }
+                Exit::Hlt => self.halt(vcpu.as_mut()),
+                Exit::IrqWindowOpen | Exit::Interrupted => {}
+                Exit::Shutdown => {
+                    self.handle.stop(Outcome::Shutdown { vcpu: self.cpu, rip: vcpu.rip() });
+                }
+            }
+            stats.record(exit.kind(), t1.elapsed());
+        }
+        stats
+    }
+
+    /// HLT: with interrupts disabled the core is done; otherwise wait for an interrupt.
+    fn halt(&self, vcpu: &mut dyn Vcpu) {
+        let iflag = match vcpu.regs() {
+            Ok(r) => r.rflags & rflags::IF != 0,
+            Err(e) => return self.fail(e),
+        };
+        if !iflag {
+            tracing::debug!("vCPU {} halted with interrupts disabled", self.cpu);
+            if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.handle.stop(Outcome::Halted);
+            }
+            while !self.handle.is_stopping() {
+                self.handle.wakers().wait(self.cpu, None);
+            }
+            return;
+        }
+        let pending = self.irq.as_ref().is_some_and(|ic| ic.pending(self.cpu).is_some());
+        if !pending {
+            self.handle.wakers().wait(self.cpu, None);
+        }
+    }
+}
