@@ -1,0 +1,256 @@
+//! The KVM backend: guest code runs under Linux KVM through kvm-ioctls; exits are mapped to the
+//! core's [`Exit`] values. Interrupts are injected from user space (KVM_INTERRUPT) with
+//! interrupt-window exits; the in-kernel irqchip arrives with the platform work.
+
+mod convert;
+
+use std::io;
+use std::path::Path;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use palacios_vmm::backend::FpuState;
+use palacios_vmm::{Backend, BackendError, Exit, GuestMem, IoData, Vcpu};
+use palacios_x86::{Regs, SRegs};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Where KVM's real-mode helper structures live (inside the MMIO hole, never RAM).
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_bindings::kvm_interrupt);
+
+fn host_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BackendError {
+    move |e| BackendError::Host { op, source: io::Error::from_raw_os_error(e.errno()) }
+}
+
+/// Why KVM cannot be used here, or `None` if it can.
+pub fn probe() -> Option<String> {
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return Some("/dev/kvm does not exist (no KVM on this host, or not passed to this container)".into());
+    }
+    match Kvm::new() {
+        Err(e) => Some(format!("cannot open /dev/kvm: {}", io::Error::from_raw_os_error(e.errno()))),
+        Ok(k) if k.get_api_version() != 12 => Some(format!("unsupported KVM API version {}", k.get_api_version())),
+        Ok(_) => None,
+    }
+}
+
+/// A VM under KVM.
+pub struct KvmBackend {
+    kvm: Kvm,
+    vm: VmFd,
+    cpuid: kvm_bindings::CpuId,
+}
+
+impl KvmBackend {
+    /// Open /dev/kvm and create a VM. `available` lists the other backends for the message.
+    pub fn new(available: &str) -> Result<Self, BackendError> {
+        let unavailable = |reason: String| BackendError::Unavailable { name: "kvm", reason, available: available.to_string() };
+        if let Some(reason) = probe() {
+            return Err(unavailable(reason));
+        }
+        let kvm = Kvm::new().map_err(|e| unavailable(io::Error::from_raw_os_error(e.errno()).to_string()))?;
+        let vm = kvm.create_vm().map_err(|e| unavailable(format!("KVM_CREATE_VM failed: {}", io::Error::from_raw_os_error(e.errno()))))?;
+        if let Err(e) = vm.set_tss_address(TSS_ADDR) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e} (ignored)");
+        }
+        if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
+            tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (ignored)");
+        }
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host_err("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(KvmBackend { kvm, vm, cpuid })
+    }
+
+    /// The KVM system handle (capability checks).
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+}
+
+impl Backend for KvmBackend {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn map_memory(&self, mem: &GuestMem) -> Result<(), BackendError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| BackendError::Host { op: "guest memory lookup", source: io::Error::other(e.to_string()) })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps alive for as
+            // long as the VM fd exists (the Vm holds both and drops vCPUs and VM before memory).
+            unsafe { self.vm.set_user_memory_region(r) }.map_err(host_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
+        let fd = self.vm.create_vcpu(u64::from(index)).map_err(host_err("KVM_CREATE_VCPU"))?;
+        let mut cpuid = self.cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
+                0xb | 0x1f => e.edx = index,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(host_err("KVM_SET_CPUID2"))?;
+        Ok(Box::new(KvmVcpu { index, fd, pending_read: None }))
+    }
+}
+
+/// One KVM vCPU.
+pub struct KvmVcpu {
+    index: u32,
+    fd: VcpuFd,
+    /// Where the data of the last IoIn/MmioRead exit goes (inside the vCPU's kvm_run mapping).
+    pending_read: Option<(*mut u8, usize)>,
+}
+
+// SAFETY: the raw pointer points into this vCPU's own kvm_run mapping, which lives as long as
+// `fd` and is only touched from the thread that owns the KvmVcpu.
+unsafe impl Send for KvmVcpu {}
+
+impl KvmVcpu {
+    fn fail(&self, what: String) -> BackendError {
+        BackendError::Unhandled { vcpu: self.index, rip: self.rip(), what }
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn run(&mut self) -> Result<Exit, BackendError> {
+        self.pending_read = None;
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.pending_read = Some((data.as_mut_ptr(), data.len()));
+                Exit::IoIn { port, size: data.len() as u8 }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data: IoData::new(data) },
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.pending_read = Some((data.as_mut_ptr(), data.len()));
+                Exit::MmioRead { addr, size: data.len() as u8 }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite { addr, data: IoData::new(data) },
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::Intr) => Exit::Interrupted,
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
+                let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                return Err(BackendError::InternalError { vcpu: self.index, rip: self.rip(), suberror: sub });
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                return Err(BackendError::FailEntry { vcpu: self.index, rip: self.rip(), reason });
+            }
+            Ok(other) => {
+                let what = format!("{other:?}");
+                return Err(self.fail(what));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => return Err(host_err("KVM_RUN")(e)),
+        };
+        Ok(exit)
+    }
+
+    fn complete_read(&mut self, data: &[u8]) {
+        if let Some((ptr, len)) = self.pending_read.take() {
+            let n = len.min(data.len());
+            // SAFETY: `ptr..ptr+len` is the data area of the last exit inside this vCPU's
+            // kvm_run mapping; no KVM_RUN has happened since, and `n <= len`.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, n) };
+        }
+    }
+
+    fn regs(&self) -> Result<Regs, BackendError> {
+        self.fd.get_regs().map(|r| convert::regs_from_kvm(&r)).map_err(host_err("KVM_GET_REGS"))
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        self.fd.set_regs(&convert::regs_to_kvm(regs)).map_err(host_err("KVM_SET_REGS"))
+    }
+
+    fn sregs(&self) -> Result<SRegs, BackendError> {
+        self.fd.get_sregs().map(|s| convert::sregs_from_kvm(&s)).map_err(host_err("KVM_GET_SREGS"))
+    }
+
+    fn set_sregs(&mut self, sregs: &SRegs) -> Result<(), BackendError> {
+        let mut k = self.fd.get_sregs().map_err(host_err("KVM_GET_SREGS"))?;
+        convert::sregs_to_kvm(sregs, &mut k);
+        self.fd.set_sregs(&k).map_err(host_err("KVM_SET_SREGS"))
+    }
+
+    fn fpu(&self) -> Result<FpuState, BackendError> {
+        self.fd.get_fpu().map(|f| convert::fpu_from_kvm(&f)).map_err(host_err("KVM_GET_FPU"))
+    }
+
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<(), BackendError> {
+        self.fd.set_fpu(&convert::fpu_to_kvm(fpu)).map_err(host_err("KVM_SET_FPU"))
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, BackendError> {
+        let entries: Vec<kvm_msr_entry> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| BackendError::Host { op: "KVM_GET_MSRS", source: io::Error::other(format!("{e:?}")) })?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(host_err("KVM_GET_MSRS"))?;
+        Ok(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect())
+    }
+
+    fn set_msrs(&mut self, list: &[(u32, u64)]) -> Result<(), BackendError> {
+        let entries: Vec<kvm_msr_entry> =
+            list.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|e| BackendError::Host { op: "KVM_SET_MSRS", source: io::Error::other(format!("{e:?}")) })?;
+        let n = self.fd.set_msrs(&msrs).map_err(host_err("KVM_SET_MSRS"))?;
+        if n != list.len() {
+            let bad = list[n].0;
+            return Err(BackendError::Host { op: "KVM_SET_MSRS", source: io::Error::other(format!("MSR {bad:#x} refused")) });
+        }
+        Ok(())
+    }
+
+    fn can_inject(&self) -> bool {
+        // SAFETY: reading two plain bytes of this vCPU's kvm_run mapping; `get_kvm_run` needs
+        // `&mut`, so go through a shared pointer cast instead of mutating anything.
+        let run = unsafe { &*(self.fd_run_ptr()) };
+        run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
+        let irq = kvm_bindings::kvm_interrupt { irq: u32::from(vector) };
+        // SAFETY: KVM_INTERRUPT reads a kvm_interrupt from the pointer, which is valid.
+        let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if r < 0 {
+            return Err(BackendError::Host { op: "KVM_INTERRUPT", source: io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+}
+
+impl KvmVcpu {
+    fn fd_run_ptr(&self) -> *const kvm_bindings::kvm_run {
+        // The kvm_run mapping is at a fixed address for the vCPU's lifetime; obtaining it needs a
+        // `&mut VcpuFd`, so cast away the shared borrow only to take the address.
+        let fd = &self.fd as *const VcpuFd as *mut VcpuFd;
+        // SAFETY: `get_kvm_run` only returns a reference to the existing mapping; nothing is
+        // written, and no other reference to the VcpuFd is live in this thread right now.
+        unsafe { (*fd).get_kvm_run() as *const kvm_bindings::kvm_run }
+    }
+}
