@@ -112,6 +112,8 @@ pub struct BuildCtx {
     pub mmio: Bus,
     pub vm: VmHandle,
     pub cores: u32,
+    /// Directory of the config file (relative paths resolve against it).
+    pub base_dir: Option<std::path::PathBuf>,
     /// Char frontends by device id.
     pub char_frontends: HashMap<String, Arc<dyn CharFrontend>>,
     pub workers: Vec<Worker>,
@@ -129,6 +131,7 @@ impl BuildCtx {
             mmio: Bus::new("mmio"),
             vm,
             cores,
+            base_dir: None,
             char_frontends: HashMap::new(),
             workers: Vec::new(),
             finishers: Vec::new(),

@@ -54,6 +54,7 @@ impl Vm {
         let vcpus = (0..cfg.cores).map(|i| backend.create_vcpu(i)).collect::<Result<Vec<_>, _>>()?;
         let mut ctx = BuildCtx::new(host.clone(), mem.clone(), map.clone(), handle.clone(), cfg.cores);
         let src = cfg.source.as_deref();
+        ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
         for dev in &cfg.devices {
             registry.create(&mut ctx, dev).map_err(|e| {
                 let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };

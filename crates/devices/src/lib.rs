@@ -1,0 +1,29 @@
+//! Device classes, registered under their Palacios names. Each is behind a Cargo feature of the
+//! same name (all on by default).
+
+pub mod pc;
+
+use palacios_vmm::Registry;
+
+/// Register every device class compiled in.
+pub fn register_all(r: &mut Registry) {
+    #[cfg(feature = "serial")]
+    r.register(Box::new(pc::serial::SerialClass));
+    #[cfg(feature = "char-stream")]
+    r.register(Box::new(pc::char_stream::CharStreamClass));
+    #[cfg(feature = "bochs-debug")]
+    r.register(Box::new(pc::bochs_debug::BochsDebugClass));
+    #[cfg(feature = "os-debug")]
+    r.register(Box::new(pc::os_debug::OsDebugClass));
+    #[cfg(feature = "generic")]
+    r.register(Box::new(pc::generic::GenericClass));
+    #[cfg(feature = "debug-exit")]
+    r.register(Box::new(pc::debug_exit::DebugExitClass));
+}
+
+/// A registry holding every compiled-in class.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    register_all(&mut r);
+    r
+}

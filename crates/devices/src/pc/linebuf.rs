@@ -1,0 +1,50 @@
+//! Line buffering for debug-output ports: bytes are collected and logged a line at a time.
+
+/// Lines longer than this are logged in pieces (a guest cannot grow the buffer without bound).
+const MAX_LINE: usize = 256;
+
+#[derive(Default)]
+pub struct LineBuf {
+    buf: Vec<u8>,
+}
+
+impl LineBuf {
+    /// Add a byte; returns a complete line (without the newline) when one ends.
+    pub fn push(&mut self, b: u8) -> Option<String> {
+        match b {
+            b'\n' => Some(self.take()),
+            b'\r' => None,
+            _ => {
+                self.buf.push(b);
+                (self.buf.len() >= MAX_LINE).then(|| self.take())
+            }
+        }
+    }
+
+    fn take(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.buf).into_owned();
+        self.buf.clear();
+        s
+    }
+
+    /// What is left at the end.
+    pub fn flush(&mut self) -> Option<String> {
+        (!self.buf.is_empty()).then(|| self.take())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_limits() {
+        let mut l = LineBuf::default();
+        let got: Vec<String> = b"ab\r\ncd\n".iter().filter_map(|&b| l.push(b)).collect();
+        assert_eq!(got, vec!["ab", "cd"]);
+        let long: Vec<String> = std::iter::repeat_n(b'x', 600).filter_map(|b| l.push(b)).collect();
+        assert_eq!(long.len(), 2);
+        assert_eq!(l.flush().unwrap().len(), 600 - 512);
+        assert_eq!(l.flush(), None);
+    }
+}

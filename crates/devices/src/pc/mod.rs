@@ -1,0 +1,20 @@
+//! PC platform devices.
+
+#[cfg(feature = "bochs-debug")]
+pub mod bochs_debug;
+#[cfg(feature = "char-stream")]
+pub mod char_stream;
+#[cfg(feature = "debug-exit")]
+pub mod debug_exit;
+#[cfg(feature = "generic")]
+pub mod generic;
+mod linebuf;
+#[cfg(feature = "os-debug")]
+pub mod os_debug;
+#[cfg(feature = "serial")]
+pub mod serial;
+
+/// Little-endian value of up to 8 bytes.
+pub(crate) fn le_value(data: &[u8]) -> u64 {
+    data.iter().take(8).enumerate().fold(0, |v, (i, b)| v | (u64::from(*b) << (8 * i)))
+}

@@ -1,0 +1,78 @@
+//! `OS_DEBUG`: Palacios' guest debug port: characters on 0xc0c0 are logged a line at a time,
+//! 32-bit heartbeat values on 0x99 are logged and counted.
+
+use std::sync::{Arc, Mutex};
+
+use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
+
+use super::linebuf::LineBuf;
+
+pub const OUTPUT_PORT: u16 = 0xc0c0;
+pub const HEARTBEAT_PORT: u16 = 0x99;
+
+pub struct OsDebugClass;
+
+impl DeviceClass for OsDebugClass {
+    fn name(&self) -> &'static str {
+        "OS_DEBUG"
+    }
+    fn help(&self) -> &'static str {
+        "guest debug output on port 0xc0c0 (logged per line) and heartbeat values on port 0x99"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[]
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let d = Arc::new(Mutex::new(OsDebug::default()));
+        ctx.add_ports(OUTPUT_PORT, 1, &dev.id, d.clone()).map_err(|e| dev.node.err(e.msg))?;
+        ctx.add_ports(HEARTBEAT_PORT, 4, &dev.id, d).map_err(|e| dev.node.err(e.msg))
+    }
+}
+
+#[derive(Default)]
+pub struct OsDebug {
+    line: LineBuf,
+    pub heartbeats: u64,
+}
+
+impl BusDevice for OsDebug {
+    fn read(&mut self, _addr: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, addr: u64, data: &[u8]) {
+        if addr == u64::from(OUTPUT_PORT) {
+            for &b in data.iter().take(1) {
+                if let Some(l) = self.line.push(b) {
+                    tracing::info!(target: "guest", "os_debug: {l}");
+                }
+            }
+        } else {
+            self.heartbeats += 1;
+            tracing::info!(target: "guest", "os_debug: heartbeat {:#x}", super::le_value(data));
+        }
+    }
+}
+
+impl Drop for OsDebug {
+    fn drop(&mut self) {
+        if let Some(l) = self.line.flush() {
+            tracing::info!(target: "guest", "os_debug: {l}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_are_counted() {
+        let mut d = OsDebug::default();
+        d.write(0x99, &[1, 0, 0, 0]);
+        d.write(0xc0c0, b"a");
+        d.write(0x99, &[2, 0, 0, 0]);
+        assert_eq!(d.heartbeats, 2);
+        assert_eq!(d.line.flush().as_deref(), Some("a"));
+    }
+}
