@@ -1,0 +1,147 @@
+//! Choosing a backend, building the VM, loading the guest and running it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use palacios_boot::{BootParams, Module};
+use palacios_vmm::config::{BackendChoice, VmConfig};
+use palacios_vmm::host::Host;
+use palacios_vmm::vm::RunReport;
+use palacios_vmm::{Backend, BackendError, LinuxHost, Vm, VmError, VmHandle};
+
+use crate::status;
+
+/// Backends compiled into this build, for messages.
+pub const AVAILABLE: &str = "kvm (needs a usable /dev/kvm); the emulator backend is not built yet";
+
+/// A failure before the VM runs, with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    NoBackend(String),
+    #[error("{0}")]
+    Vm(String),
+}
+
+impl LaunchError {
+    pub fn status(&self) -> u8 {
+        match self {
+            LaunchError::Config(_) => status::CONFIG_ERROR,
+            LaunchError::NoBackend(_) => status::NO_BACKEND,
+            LaunchError::Vm(_) => status::VM_FAILURE,
+        }
+    }
+}
+
+impl From<VmError> for LaunchError {
+    fn from(e: VmError) -> Self {
+        match e {
+            VmError::Config(c) => LaunchError::Config(c.to_string()),
+            VmError::Backend(b @ BackendError::Unavailable { .. }) => LaunchError::NoBackend(b.to_string()),
+            other => LaunchError::Vm(other.to_string()),
+        }
+    }
+}
+
+/// Create the backend the config asks for.
+pub fn backend(choice: BackendChoice) -> Result<Box<dyn Backend>, LaunchError> {
+    match choice {
+        BackendChoice::Auto | BackendChoice::Kvm => palacios_kvm::KvmBackend::new(AVAILABLE)
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map_err(|e| LaunchError::NoBackend(e.to_string())),
+    }
+}
+
+/// The guest image: from the config's `<boot>` or given directly (the demo).
+pub enum Image<'a> {
+    FromConfig,
+    Bytes { data: &'a [u8], cmdline: &'a str, modules: Vec<(&'a [u8], &'a str)> },
+}
+
+/// A VM that is built and loaded, ready to run.
+pub struct Prepared {
+    pub vm: Vm,
+}
+
+fn read(host: &dyn Host, what: &str, p: &Path) -> Result<Vec<u8>, LaunchError> {
+    host.read_file(p).map_err(|e| LaunchError::Config(format!("cannot read {what} {}: {e}", p.display())))
+}
+
+/// Build the VM and load the guest into it.
+pub fn prepare(cfg: &VmConfig, image: Image, backend: Box<dyn Backend>, host: Arc<dyn Host>) -> Result<Prepared, LaunchError> {
+    let registry = palacios_devices::registry();
+    // Read and check the guest files before building anything (clear errors, nothing started).
+    let files = match (&image, &cfg.boot) {
+        (Image::FromConfig, Some(b)) => {
+            let kernel = read(host.as_ref(), "kernel", &b.kernel)?;
+            let mods = b.modules.iter().map(|m| read(host.as_ref(), "module", &m.path)).collect::<Result<Vec<_>, _>>()?;
+            Some((kernel, mods))
+        }
+        (Image::FromConfig, None) => {
+            return Err(LaunchError::Config("the config has no <boot> section: nothing to run (or use --kernel FILE)".into()));
+        }
+        _ => None,
+    };
+    let mut vm = Vm::build(cfg, &registry, backend, host)?;
+    let params = match (&image, &files, &cfg.boot) {
+        (Image::Bytes { data, cmdline, modules }, _, _) => BootParams {
+            format: palacios_vmm::config::BootFormat::Auto,
+            image: data,
+            load_addr: None,
+            entry: None,
+            cmdline,
+            modules: modules.iter().map(|(d, c)| Module { data: d, cmdline: c }).collect(),
+        },
+        (_, Some((kernel, mods)), Some(b)) => BootParams {
+            format: b.format,
+            image: kernel,
+            load_addr: b.load_addr,
+            entry: b.entry,
+            cmdline: &b.cmdline,
+            modules: mods.iter().zip(&b.modules).map(|(d, m)| Module { data: d, cmdline: &m.cmdline }).collect(),
+        },
+        _ => unreachable!("checked above"),
+    };
+    let what = cfg.boot.as_ref().map(|b| b.kernel.display().to_string()).unwrap_or_else(|| "the guest".into());
+    let state = palacios_boot::load(vm.memory(), vm.memory_map(), &params)
+        .map_err(|e| LaunchError::Config(format!("cannot load {what}: {e}")))?;
+    vm.set_boot_state(state);
+    Ok(Prepared { vm })
+}
+
+/// Validate a config without running anything: the XML, every device's class and options,
+/// and the guest image (loaded into scratch memory).
+pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
+    let registry = palacios_devices::registry();
+    for d in &cfg.devices {
+        registry.check(d).map_err(|e| LaunchError::Config(e.in_file(cfg.source.as_deref()).to_string()))?;
+    }
+    if let Some(b) = &cfg.boot {
+        let host = LinuxHost::new(false);
+        let kernel = read(&host, "kernel", &b.kernel)?;
+        let mods = b.modules.iter().map(|m| read(&host, "module", &m.path)).collect::<Result<Vec<_>, _>>()?;
+        let map = palacios_vmm::MemoryMap::pc(cfg.mem_mib << 20);
+        let mem = map.create_memory().map_err(|e| LaunchError::Vm(format!("cannot allocate guest memory: {e}")))?;
+        let params = BootParams {
+            format: b.format,
+            image: &kernel,
+            load_addr: b.load_addr,
+            entry: b.entry,
+            cmdline: &b.cmdline,
+            modules: mods.iter().zip(&b.modules).map(|(d, m)| Module { data: d, cmdline: &m.cmdline }).collect(),
+        };
+        palacios_boot::load(&mem, &map, &params)
+            .map_err(|e| LaunchError::Config(format!("cannot load {}: {e}", b.kernel.display())))?;
+    }
+    Ok(())
+}
+
+/// Run a prepared VM to its end; `on_start` receives the control handle (for signal handling).
+pub fn run(p: Prepared, stats: bool, on_start: impl FnOnce(VmHandle)) -> RunReport {
+    let mut vm = p.vm;
+    vm.enable_telemetry(stats);
+    on_start(vm.handle());
+    vm.run()
+}

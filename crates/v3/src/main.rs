@@ -1,0 +1,286 @@
+//! `v3`: the Palacios-rs command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use palacios::launch::{self, Image, LaunchError};
+use palacios::{platform, status};
+use palacios_vmm::config::{BackendChoice, BootFormat, ModuleConfig, VmConfig};
+use palacios_vmm::host::restore_terminal;
+use palacios_vmm::{LinuxHost, Outcome};
+
+#[derive(Parser)]
+#[command(name = "v3", version, about = "Palacios-rs: compose and run virtual machines", after_help = STATUS_HELP)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+const STATUS_HELP: &str = "Exit status of `v3 run`: 0 guest halted; (v<<1)|1 guest wrote v to the debug-exit port; \
+2 usage, config or guest-image error; 4 VM failure (triple fault, backend error); 6 no usable backend; \
+128+N stopped by signal N (130 for Ctrl-C).";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a VM: from a Palacios XML config, from a kernel (quick form), or the bundled demo.
+    Run(RunArgs),
+    /// Validate a config (XML, device classes and options, the guest image) without running it.
+    Check {
+        config: PathBuf,
+    },
+    /// List the registered device classes and their options.
+    Devices,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Auto,
+    Flat,
+    Multiboot,
+    Elf64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Kvm,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Palacios-style XML config. Without it (and without --kernel) the demo guest boots.
+    config: Option<PathBuf>,
+    /// Quick form: boot this kernel on the standard PC platform.
+    #[arg(long, conflicts_with = "config")]
+    kernel: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto", requires = "kernel")]
+    format: FormatArg,
+    /// Load address of a flat binary (default 0x7c00).
+    #[arg(long, value_parser = parse_addr, requires = "kernel")]
+    load_addr: Option<u64>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128, conflicts_with = "config")]
+    mem: u64,
+    /// Number of cores.
+    #[arg(long, default_value_t = 1, conflicts_with = "config")]
+    cores: u32,
+    /// Kernel command line.
+    #[arg(long, default_value = "", requires = "kernel")]
+    cmdline: String,
+    /// Multiboot module (repeatable); its string is the file name.
+    #[arg(long = "module", requires = "kernel")]
+    modules: Vec<PathBuf>,
+    /// CPU backend (overrides the config's <backend>).
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// Print per-core exit telemetry when the VM ends.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn parse_addr(s: &str) -> Result<u64, String> {
+    palacios_vmm::config::parse_number(s).ok_or_else(|| format!("'{s}' is not a number (decimal or 0x hex)"))
+}
+
+/// Log lines go to stderr; while the terminal is raw, a newline also returns the carriage.
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut e = std::io::stderr().lock();
+        if RAW.load(Ordering::Relaxed) != 0 {
+            for line in buf.split_inclusive(|&b| b == b'\n') {
+                match line.strip_suffix(b"\n") {
+                    Some(l) => {
+                        e.write_all(l)?;
+                        e.write_all(b"\r\n")?;
+                    }
+                    None => e.write_all(line)?,
+                }
+            }
+        } else {
+            e.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+static RAW: AtomicI32 = AtomicI32::new(0);
+
+fn init_logging(level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("bad --log-level '{level}': {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| LogWriter)
+        .without_time()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init()
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { status::CONFIG_ERROR } else { 0 });
+        }
+    };
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("v3: {e}");
+        return ExitCode::from(status::CONFIG_ERROR);
+    }
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore_terminal();
+        prev(info);
+    }));
+    let code = match cli.cmd {
+        Cmd::Devices => devices(),
+        Cmd::Check { config } => check(&config),
+        Cmd::Run(args) => run(args),
+    };
+    restore_terminal();
+    ExitCode::from(code)
+}
+
+fn devices() -> u8 {
+    let r = palacios_devices::registry();
+    for c in r.classes() {
+        println!("{:<12} {}", c.name(), c.help());
+        for o in c.options() {
+            println!("    {:<10} {}", o.name, o.help);
+        }
+    }
+    status::OK
+}
+
+fn load_config(path: &std::path::Path) -> Result<VmConfig, LaunchError> {
+    VmConfig::load(path).map_err(|e| LaunchError::Config(e.to_string()))
+}
+
+fn check(path: &std::path::Path) -> u8 {
+    match load_config(path).and_then(|c| launch::check(&c).map(|_| c)) {
+        Ok(c) => {
+            println!(
+                "{}: OK ({} MiB, {} core(s), {} device(s){})",
+                path.display(),
+                c.mem_mib,
+                c.cores,
+                c.devices.len(),
+                c.boot.as_ref().map(|b| format!(", kernel {}", b.kernel.display())).unwrap_or_default()
+            );
+            status::OK
+        }
+        Err(e) => {
+            eprintln!("v3: {e}");
+            e.status()
+        }
+    }
+}
+
+fn run(a: RunArgs) -> u8 {
+    match try_run(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("v3: {e}");
+            e.status()
+        }
+    }
+}
+
+fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
+    let backend_override = a.backend.map(|b| match b {
+        BackendArg::Auto => BackendChoice::Auto,
+        BackendArg::Kvm => BackendChoice::Kvm,
+    });
+    let demo;
+    let (mut cfg, image) = if let Some(path) = &a.config {
+        let cfg = load_config(path)?;
+        // Every config error is reported before a backend is needed.
+        launch::check(&cfg)?;
+        (cfg, Image::FromConfig)
+    } else if let Some(kernel) = &a.kernel {
+        if !kernel.is_file() {
+            return Err(LaunchError::Config(format!("kernel file not found: {}", kernel.display())));
+        }
+        let mut boot = platform::boot(kernel.clone());
+        boot.format = match a.format {
+            FormatArg::Auto => BootFormat::Auto,
+            FormatArg::Flat => BootFormat::Flat,
+            FormatArg::Multiboot => BootFormat::Multiboot,
+            FormatArg::Elf64 => BootFormat::Elf64,
+        };
+        boot.load_addr = a.load_addr;
+        boot.cmdline = a.cmdline.clone();
+        for m in &a.modules {
+            if !m.is_file() {
+                return Err(LaunchError::Config(format!("module file not found: {}", m.display())));
+            }
+            let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            boot.modules.push(ModuleConfig { path: m.clone(), cmdline: name });
+        }
+        (platform::standard_pc(a.mem, a.cores, BackendChoice::Auto, Some(boot)), Image::FromConfig)
+    } else {
+        demo = palacios::demo_guest().ok_or_else(|| {
+            LaunchError::Config("the demo guest was not built into this v3 (gcc, as, ld and objcopy were missing when it was compiled); give a CONFIG or --kernel".into())
+        })?;
+        let cfg = platform::standard_pc(a.mem, a.cores, BackendChoice::Auto, None);
+        (cfg, Image::Bytes { data: demo, cmdline: "demo greeting=hello", modules: vec![(DEMO_MOTD.as_bytes(), "motd")] })
+    };
+    if let Some(b) = backend_override {
+        cfg.backend = b;
+    }
+    if cfg.mem_mib == 0 || cfg.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB || cfg.cores == 0 || cfg.cores > palacios_vmm::config::vm::MAX_CORES {
+        return Err(LaunchError::Config(format!("--mem must be 1..{} MiB and --cores 1..{}", palacios_vmm::config::vm::MAX_MEM_MIB, palacios_vmm::config::vm::MAX_CORES)));
+    }
+    let backend = launch::backend(cfg.backend)?;
+    let raw = std::io::stdin().is_terminal();
+    let host = Arc::new(LinuxHost::new(raw));
+    let prepared = launch::prepare(&cfg, image, backend, host)?;
+    RAW.store(i32::from(raw), Ordering::Relaxed);
+
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        .map_err(|e| LaunchError::Vm(format!("cannot install signal handlers: {e}")))?;
+    let sig_handle = signals.handle();
+    let got_signal = Arc::new(AtomicI32::new(0));
+    let got2 = got_signal.clone();
+    let mut watcher = None;
+    let report = launch::run(prepared, a.stats, |h| {
+        watcher = Some(std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                got2.store(sig, Ordering::Release);
+                h.stop(Outcome::Stopped);
+            }
+        }));
+    });
+    sig_handle.close();
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    restore_terminal();
+    RAW.store(0, Ordering::Relaxed);
+    if report.print_telemetry {
+        eprint!("{}", report.telemetry.render());
+    }
+    let sig = got_signal.load(Ordering::Acquire);
+    let code = status::for_outcome(&report.outcome, (sig != 0).then_some(sig));
+    match &report.outcome {
+        o if o.is_failure() => eprintln!("v3: {o}"),
+        o => tracing::info!("VM ended: {o} (exit status {code})"),
+    }
+    Ok(code)
+}
+
+const DEMO_MOTD: &str = "Welcome to Palacios-rs.\nThis text is a multiboot module handed to the demo guest.\n";
