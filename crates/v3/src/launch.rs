@@ -115,9 +115,7 @@ pub fn prepare(cfg: &VmConfig, image: Image, backend: Box<dyn Backend>, host: Ar
 /// and the guest image (loaded into scratch memory).
 pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
     let registry = palacios_devices::registry();
-    for d in &cfg.devices {
-        registry.check(d).map_err(|e| LaunchError::Config(e.in_file(cfg.source.as_deref()).to_string()))?;
-    }
+    Vm::validate(cfg, &registry, Arc::new(palacios_vmm::host::DryRunHost))?;
     if let Some(b) = &cfg.boot {
         let host = LinuxHost::new(false);
         let kernel = read(&host, "kernel", &b.kernel)?;

@@ -171,6 +171,39 @@ impl Host for LinuxHost {
     }
 }
 
+/// A host for validating configs: streams are checked for syntax and opened as nothing,
+/// threads are refused. Files are read normally.
+pub struct DryRunHost;
+
+impl Host for DryRunHost {
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn spawn(&self, name: &str, _f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>> {
+        Err(io::Error::other(format!("dry run: thread '{name}' not started")))
+    }
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+    fn console(&self) -> io::Result<HostStream> {
+        Ok(HostStream { name: "console".into(), output: Box::new(io::sink()), input: None })
+    }
+    fn open_stream(&self, spec: &str) -> io::Result<HostStream> {
+        let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
+        match kind {
+            "console" | "stdio" | "null" => {}
+            "file" | "unix" if !arg.is_empty() => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unknown stream '{spec}' (expected file:PATH, unix:PATH, console or null)"),
+                ));
+            }
+        }
+        Ok(HostStream { name: spec.into(), output: Box::new(io::sink()), input: None })
+    }
+}
+
 /// A file descriptor read with poll(2) and a timeout.
 struct FdInput {
     /// Owned descriptor, or `None` for stdin (fd `raw`).

@@ -68,16 +68,6 @@ impl Registry {
         dev.node.check_options(&format!("device class {}", class.name()), &allowed)?;
         class.create(ctx, dev)
     }
-
-    /// Validate a device config without building anything (class known, options known).
-    pub fn check(&self, dev: &DeviceConfig) -> Result<(), ConfigError> {
-        let class = self.get(&dev.class).ok_or_else(|| {
-            dev.node.val_err("class", format!("unknown device class '{}' (known: {})", dev.class, self.names().join(", ")))
-        })?;
-        let mut allowed: Vec<&str> = vec!["class", "id"];
-        allowed.extend(class.options().iter().map(|o| o.name));
-        dev.node.check_options(&format!("device class {}", class.name()), &allowed)
-    }
 }
 
 /// Input into a character frontend (a UART's receive side).

@@ -79,6 +79,24 @@ impl Vm {
         })
     }
 
+    /// Create every configured device against scratch memory and `host` (use
+    /// [`crate::host::DryRunHost`] to open nothing), without a backend: the config check.
+    pub fn validate(cfg: &VmConfig, registry: &Registry, host: Arc<dyn Host>) -> Result<(), VmError> {
+        let map = MemoryMap::pc(cfg.mem_mib << 20);
+        let mem = map.create_memory().map_err(|e| VmError::Memory { mib: cfg.mem_mib, reason: e.to_string() })?;
+        let mut ctx = BuildCtx::new(host, mem, map, VmHandle::new(cfg.cores), cfg.cores);
+        let src = cfg.source.as_deref();
+        ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
+        for dev in &cfg.devices {
+            registry.create(&mut ctx, dev).map_err(|e| {
+                let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
+                e.in_file(src)
+            })?;
+        }
+        ctx.finish().map_err(|e| e.in_file(src))?;
+        Ok(())
+    }
+
     pub fn memory(&self) -> &GuestMem {
         &self.mem
     }

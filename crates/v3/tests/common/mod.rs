@@ -1,0 +1,92 @@
+//! Shared helpers for the integration tests: run `v3` with a hard time limit, find the guests
+//! built by guests/build.sh (through build.rs), skip KVM tests where KVM is unusable.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn out(&self) -> String {
+        format!("status {}\n--- stdout\n{}\n--- stderr\n{}", self.status, self.stdout, self.stderr)
+    }
+}
+
+/// Path of a built guest.
+pub fn guest(name: &str) -> PathBuf {
+    let p = Path::new(env!("PALACIOS_GUEST_DIR")).join(name);
+    assert!(p.is_file(), "guest {} was not built: run `bash guests/build.sh` and check that gcc/as/ld are installed", p.display());
+    p
+}
+
+/// True where KVM works; otherwise prints why the test is skipped.
+pub fn kvm() -> bool {
+    match palacios::kvm::probe() {
+        None => true,
+        Some(reason) => {
+            eprintln!("SKIP: KVM is not usable here ({reason})");
+            false
+        }
+    }
+}
+
+/// A scratch directory for one test.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("v3-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Run v3 with `args`, feeding `stdin`, killing it after `limit`.
+pub fn v3(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start v3");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+        // Keep stdin open a little so that input is not an immediate EOF.
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("v3 {args:?} exceeded its {limit:?} limit; stderr: {}", e.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = feeder.join();
+    Run { status: status.code().unwrap_or(-1), stdout: o.join().unwrap(), stderr: e.join().unwrap() }
+}
+
+pub const LIMIT: Duration = Duration::from_secs(120);
