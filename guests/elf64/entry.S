@@ -26,6 +26,13 @@ _start:
 	jmp 1b
 	.size _start, . - _start
 
+	/* Gives the RW segment some file contents of its own. */
+	.data
+	.globl image_tag
+image_tag:
+	.ascii "palacios-rs elf64 guest"
+	.byte 0
+
 	.bss
 	.align 16
 	.skip 16384
