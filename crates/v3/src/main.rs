@@ -25,7 +25,7 @@ struct Cli {
 
 const STATUS_HELP: &str = "Exit status of `v3 run`: 0 guest halted; (v<<1)|1 guest wrote v to the debug-exit port; \
 2 usage, config or guest-image error; 4 VM failure (triple fault, backend error); 6 no usable backend; \
-128+N stopped by signal N (130 for Ctrl-C).";
+130 stopped by Ctrl-C, SIGTERM or SIGHUP.";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -275,7 +275,10 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
         eprint!("{}", report.telemetry.render());
     }
     let sig = got_signal.load(Ordering::Acquire);
-    let code = status::for_outcome(&report.outcome, (sig != 0).then_some(sig));
+    if sig != 0 {
+        tracing::info!("stopped by signal {sig}");
+    }
+    let code = status::for_outcome(&report.outcome);
     match &report.outcome {
         o if o.is_failure() => eprintln!("v3: {o}"),
         o => tracing::info!("VM ended: {o} (exit status {code})"),

@@ -11,18 +11,18 @@ pub const CONFIG_ERROR: u8 = 2;
 pub const VM_FAILURE: u8 = 4;
 /// No usable backend (for example no /dev/kvm).
 pub const NO_BACKEND: u8 = 6;
-/// Stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP: 128 + the signal number, as shells report.
-pub fn signal(sig: i32) -> u8 {
-    (128 + sig).clamp(0, 255) as u8
-}
+/// Stopped from the outside by SIGINT (Ctrl-C), SIGTERM or SIGHUP. Shells report 128+N for a
+/// process killed by signal N; `v3` catches the signal, stops the VM cleanly and exits with the
+/// Ctrl-C value for all three, which keeps every status of its own even.
+pub const STOPPED: u8 = 130;
 
-/// The status for a VM outcome; `signal` is the signal that stopped it, if any.
-pub fn for_outcome(o: &Outcome, sig: Option<i32>) -> u8 {
+/// The status for a VM outcome.
+pub fn for_outcome(o: &Outcome) -> u8 {
     match o {
         Outcome::Halted | Outcome::Reset => OK,
         // QEMU's isa-debug-exit convention; only the low 8 bits reach the parent.
         Outcome::DebugExit(v) => ((v << 1) | 1) as u8,
-        Outcome::Stopped => signal(sig.unwrap_or(libc::SIGINT)),
+        Outcome::Stopped => STOPPED,
         Outcome::Shutdown { .. } | Outcome::Failed(_) => VM_FAILURE,
     }
 }
@@ -33,12 +33,12 @@ mod tests {
 
     #[test]
     fn statuses() {
-        assert_eq!(for_outcome(&Outcome::DebugExit(0), None), 1);
-        assert_eq!(for_outcome(&Outcome::DebugExit(0x2a), None), 85);
-        assert_eq!(for_outcome(&Outcome::Halted, None), 0);
-        assert_eq!(for_outcome(&Outcome::Shutdown { vcpu: 0, rip: 0 }, None), VM_FAILURE);
-        assert_eq!(for_outcome(&Outcome::Stopped, Some(libc::SIGTERM)), 143);
-        for s in [OK, CONFIG_ERROR, VM_FAILURE, NO_BACKEND, signal(2), signal(15)] {
+        assert_eq!(for_outcome(&Outcome::DebugExit(0)), 1);
+        assert_eq!(for_outcome(&Outcome::DebugExit(0x2a)), 85);
+        assert_eq!(for_outcome(&Outcome::Halted), 0);
+        assert_eq!(for_outcome(&Outcome::Shutdown { vcpu: 0, rip: 0 }), VM_FAILURE);
+        assert_eq!(for_outcome(&Outcome::Stopped), 130);
+        for s in [OK, CONFIG_ERROR, VM_FAILURE, NO_BACKEND, STOPPED] {
             assert_eq!(s % 2, 0);
         }
     }
