@@ -5,7 +5,7 @@
 mod convert;
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -24,14 +24,26 @@ fn host_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BackendError 
     move |e| BackendError::Host { op, source: io::Error::from_raw_os_error(e.errno()) }
 }
 
+/// The KVM device: `/dev/kvm`, or `$PALACIOS_KVM_DEVICE` (lets tests and unusual hosts point
+/// elsewhere).
+pub fn device_path() -> PathBuf {
+    std::env::var_os("PALACIOS_KVM_DEVICE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+}
+
+fn open_kvm() -> Result<Kvm, kvm_ioctls::Error> {
+    let path = std::ffi::CString::new(device_path().as_os_str().as_encoded_bytes()).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    Kvm::new_with_path(&path)
+}
+
 /// Why KVM cannot be used here, or `None` if it can.
 pub fn probe() -> Option<String> {
-    let dev = Path::new("/dev/kvm");
+    let path = device_path();
+    let dev: &Path = &path;
     if !dev.exists() {
-        return Some("/dev/kvm does not exist (no KVM on this host, or not passed to this container)".into());
+        return Some(format!("{} does not exist (no KVM on this host, or not passed to this container)", dev.display()));
     }
-    match Kvm::new() {
-        Err(e) => Some(format!("cannot open /dev/kvm: {}", io::Error::from_raw_os_error(e.errno()))),
+    match open_kvm() {
+        Err(e) => Some(format!("cannot open {}: {}", dev.display(), io::Error::from_raw_os_error(e.errno()))),
         Ok(k) if k.get_api_version() != 12 => Some(format!("unsupported KVM API version {}", k.get_api_version())),
         Ok(_) => None,
     }
@@ -51,7 +63,7 @@ impl KvmBackend {
         if let Some(reason) = probe() {
             return Err(unavailable(reason));
         }
-        let kvm = Kvm::new().map_err(|e| unavailable(io::Error::from_raw_os_error(e.errno()).to_string()))?;
+        let kvm = open_kvm().map_err(|e| unavailable(io::Error::from_raw_os_error(e.errno()).to_string()))?;
         let vm = kvm.create_vm().map_err(|e| unavailable(format!("KVM_CREATE_VM failed: {}", io::Error::from_raw_os_error(e.errno()))))?;
         if let Err(e) = vm.set_tss_address(TSS_ADDR) {
             tracing::debug!("KVM_SET_TSS_ADDR: {e} (ignored)");

@@ -121,3 +121,14 @@ fn overlapping_ports_name_both_devices() {
     expect_error(&["check", &c], &["'junk'", "'serial.com1'", "overlaps", ":2:"]);
     expect_error(&["run", &c], &["'junk'", "'serial.com1'"]);
 }
+
+#[test]
+fn missing_kvm_is_one_clear_line_naming_the_backends() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_v3"));
+    child.env("PALACIOS_KVM_DEVICE", "/nonexistent/kvm").args(["run", "--kernel", &guest("mbtest.elf").display().to_string()]);
+    let out = child.output().unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/kvm does not exist") && err.contains("available backends: kvm"), "{err}");
+}

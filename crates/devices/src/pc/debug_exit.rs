@@ -57,6 +57,33 @@ impl BusDevice for DebugExit {
 mod tests {
     use super::*;
 
+    fn ctx() -> BuildCtx {
+        let map = palacios_vmm::MemoryMap::pc(1 << 20);
+        let mem = map.create_memory().unwrap();
+        BuildCtx::new(std::sync::Arc::new(palacios_vmm::host::DryRunHost), mem, map, VmHandle::new(1), 1)
+    }
+
+    fn dev(attrs: &[(&str, &str)]) -> DeviceConfig {
+        let mut node = palacios_vmm::ConfigNode::new("device").with_attr("class", "DEBUG_EXIT");
+        for (k, v) in attrs {
+            node = node.with_attr(k, *v);
+        }
+        DeviceConfig { class: "DEBUG_EXIT".into(), id: "exit".into(), node }
+    }
+
+    #[test]
+    fn port_and_width_are_configurable() {
+        let mut c = ctx();
+        DebugExitClass.create(&mut c, &dev(&[])).unwrap();
+        assert_eq!(c.pio.ranges(), vec![(0xf4, 0xf7, "exit".to_string())]);
+        let mut c = ctx();
+        DebugExitClass.create(&mut c, &dev(&[("iobase", "0x501"), ("iosize", "2")])).unwrap();
+        assert_eq!(c.pio.ranges(), vec![(0x501, 0x502, "exit".to_string())]);
+        let e = DebugExitClass.create(&mut ctx(), &dev(&[("iosize", "3")])).unwrap_err();
+        assert!(e.msg.contains("1, 2 or 4"));
+        assert!(DebugExitClass.create(&mut ctx(), &dev(&[("iobase", "0xffff")])).is_err());
+    }
+
     #[test]
     fn write_stops_the_vm_with_the_value() {
         let vm = VmHandle::new(1);
