@@ -21,6 +21,13 @@ pub struct Image {
     pub segments: Vec<Segment>,
 }
 
+impl Image {
+    /// End of the highest non-empty segment (where modules may follow).
+    pub fn end(&self) -> u64 {
+        self.segments.iter().filter(|s| s.memsz > 0).map(|s| s.paddr + s.memsz).max().unwrap_or(0)
+    }
+}
+
 pub fn is_elf64(data: &[u8]) -> bool {
     data.len() >= 5 && data[..4] == *b"\x7fELF" && data[4] == 2
 }

@@ -22,8 +22,7 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
         return Err(LoadError::Invalid(format!("entry {entry:#x} is outside the identity-mapped first {MAPPED_GIB} GiB")));
     }
     elf::load_segments(mem, map, p.image, &img)?;
-    let end = img.segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
-    let info = write_info(mem, map, p, end)?;
+    let info = write_info(mem, map, p, img.end())?;
     let gdt = write_gdt(mem)?;
     write(mem, PAGE_TABLES_ADDR, &paging::identity_tables(PAGE_TABLES_ADDR, MAPPED_GIB))?;
 
@@ -72,6 +71,17 @@ mod tests {
         let code = u64::from_le_bytes(gdt[24..32].try_into().unwrap());
         assert_eq!(palacios_x86::segment::decode(SEL_CODE64, code), s.sregs.cs);
         assert_eq!(read(&mem, s.regs.rbx, 4)[0] & 1, 1, "multiboot info has memory fields");
+    }
+
+    #[test]
+    fn empty_segment_at_the_top_of_the_address_space_does_not_panic() {
+        // Found by fuzzing: modules were placed after the "end" of a zero-sized segment.
+        let (mem, map) = vm(16);
+        let img = elf::build_test_elf(true, 0x100000, &[(0x100000, &[0xf4; 8], 8), (0xffff_ffff_ffff_f001, b"", 0)]);
+        let p = BootParams { modules: vec![crate::Module { data: b"m", cmdline: "m" }], ..params(&img) };
+        if let Ok(s) = load(&mem, &map, &p) {
+            assert_eq!(s.regs.rip, 0x100000);
+        }
     }
 
     #[test]

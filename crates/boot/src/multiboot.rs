@@ -159,7 +159,8 @@ pub fn write_info(mem: &GuestMem, map: &MemoryMap, p: &BootParams, after: u64) -
     if !p.modules.is_empty() {
         flags |= 1 << 3;
         let list = area.alloc(16 * p.modules.len() as u64, 4)?;
-        let mut at = after.div_ceil(4096) * 4096;
+        let page_up = |a: u64| a.checked_next_multiple_of(4096).ok_or_else(|| LoadError::Invalid("modules do not fit below 4 GiB".into()));
+        let mut at = page_up(after)?;
         for (i, m) in p.modules.iter().enumerate() {
             let len = m.data.len() as u64;
             let end = at.checked_add(len).filter(|&e| e <= u64::from(u32::MAX)).ok_or_else(|| {
@@ -170,7 +171,7 @@ pub fn write_info(mem: &GuestMem, map: &MemoryMap, p: &BootParams, after: u64) -
             let s = area.string(mem, m.cmdline)?;
             let entry: Vec<u8> = [at as u32, end as u32, s as u32, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
             write(mem, list + 16 * i as u64, &entry)?;
-            at = end.div_ceil(4096) * 4096;
+            at = page_up(end)?;
         }
         fields[5] = p.modules.len() as u32;
         fields[6] = list as u32;
@@ -246,8 +247,7 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
             }
             let img = elf::parse32(p.image)?;
             elf::load_segments(mem, map, p.image, &img)?;
-            let end = img.segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
-            (img.entry, end)
+            (img.entry, img.end())
         }
     };
     let entry = p.entry.unwrap_or(entry);
