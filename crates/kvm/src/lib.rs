@@ -6,10 +6,11 @@ mod convert;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use palacios_vmm::backend::FpuState;
+use palacios_vmm::backend::{FpuState, KernelIrqchip};
 use palacios_vmm::{Backend, BackendError, Exit, GuestMem, IoData, Vcpu};
 use palacios_x86::{Regs, SRegs};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -52,8 +53,11 @@ pub fn probe() -> Option<String> {
 /// A VM under KVM.
 pub struct KvmBackend {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     cpuid: kvm_bindings::CpuId,
+    tsc_khz: Option<u32>,
+    /// Bitmaps referenced by the installed MSR filter (KVM copies them; kept for clarity).
+    msr_bitmaps: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 impl KvmBackend {
@@ -72,7 +76,10 @@ impl KvmBackend {
             tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (ignored)");
         }
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host_err("KVM_GET_SUPPORTED_CPUID"))?;
-        Ok(KvmBackend { kvm, vm, cpuid })
+        // KVM reports the guest TSC frequency per vCPU; ask a throw-away VM so that this VM's
+        // vCPU numbers stay free.
+        let tsc_khz = kvm.create_vm().ok().and_then(|v| v.create_vcpu(0).ok()).and_then(|c| c.get_tsc_khz().ok());
+        Ok(KvmBackend { kvm, vm: Arc::new(vm), cpuid, tsc_khz, msr_bitmaps: std::sync::Mutex::new(Vec::new()) })
     }
 
     /// The KVM system handle (capability checks).
@@ -105,6 +112,51 @@ impl Backend for KvmBackend {
         Ok(())
     }
 
+    fn tsc_hz(&self) -> Option<u64> {
+        self.tsc_khz.map(|k| u64::from(k) * 1000)
+    }
+
+    fn create_kernel_irqchip(&self) -> Result<Arc<dyn KernelIrqchip>, BackendError> {
+        self.vm.create_irq_chip().map_err(host_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.vm.create_pit2(pit).map_err(host_err("KVM_CREATE_PIT2"))?;
+        Ok(Arc::new(KvmIrqchip { vm: self.vm.clone() }))
+    }
+
+    fn trap_msrs(&self, ranges: &[(u32, u32)]) -> Result<(), BackendError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        if ranges.len() > kvm_bindings::KVM_MSR_FILTER_MAX_RANGES as usize {
+            return Err(BackendError::Host { op: "KVM_X86_SET_MSR_FILTER", source: io::Error::other("too many MSR ranges") });
+        }
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            args: [u64::from(
+                kvm_bindings::KVM_MSR_EXIT_REASON_FILTER | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN | kvm_bindings::KVM_MSR_EXIT_REASON_INVAL,
+            ), 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm.enable_cap(&cap).map_err(host_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        let mut bitmaps = self.msr_bitmaps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut filter = kvm_bindings::kvm_msr_filter { flags: kvm_bindings::KVM_MSR_FILTER_DEFAULT_ALLOW, ..Default::default() };
+        for (i, &(first, last)) in ranges.iter().enumerate() {
+            let n = last - first + 1;
+            // All bits clear: every access in the range is denied by KVM and exits to us.
+            let mut bitmap = vec![0u8; n.div_ceil(8) as usize];
+            filter.ranges[i] = kvm_bindings::kvm_msr_filter_range {
+                flags: kvm_bindings::KVM_MSR_FILTER_READ | kvm_bindings::KVM_MSR_FILTER_WRITE,
+                nmsrs: n,
+                base: first,
+                bitmap: bitmap.as_mut_ptr(),
+            };
+            bitmaps.push(bitmap);
+        }
+        // SAFETY: every range's bitmap points to a live Vec of at least nmsrs bits, held in
+        // `self.msr_bitmaps` (KVM copies the bitmaps during the ioctl anyway).
+        unsafe { self.vm.set_msr_filter_unchecked(&filter) }.map_err(host_err("KVM_X86_SET_MSR_FILTER"))
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
         let fd = self.vm.create_vcpu(u64::from(index)).map_err(host_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = self.cpuid.clone();
@@ -116,8 +168,27 @@ impl Backend for KvmBackend {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(host_err("KVM_SET_CPUID2"))?;
-        Ok(Box::new(KvmVcpu { index, fd, pending_read: None }))
+        Ok(Box::new(KvmVcpu { index, fd, pending_read: None, pending_msr: None }))
     }
+}
+
+/// KVM's in-kernel PIC pair, IOAPIC and PIT.
+struct KvmIrqchip {
+    vm: Arc<VmFd>,
+}
+
+impl KernelIrqchip for KvmIrqchip {
+    fn set_irq(&self, gsi: u32, level: bool) {
+        if let Err(e) = self.vm.set_irq_line(gsi, level) {
+            tracing::debug!("KVM_IRQ_LINE {gsi}: {e}");
+        }
+    }
+}
+
+/// The answer slots of the last MSR exit (inside the vCPU's kvm_run mapping).
+enum PendingMsr {
+    Read { error: *mut u8, data: *mut u64 },
+    Write { error: *mut u8 },
 }
 
 /// One KVM vCPU.
@@ -126,9 +197,10 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     /// Where the data of the last IoIn/MmioRead exit goes (inside the vCPU's kvm_run mapping).
     pending_read: Option<(*mut u8, usize)>,
+    pending_msr: Option<PendingMsr>,
 }
 
-// SAFETY: the raw pointer points into this vCPU's own kvm_run mapping, which lives as long as
+// SAFETY: the raw pointers point into this vCPU's own kvm_run mapping, which lives as long as
 // `fd` and is only touched from the thread that owns the KvmVcpu.
 unsafe impl Send for KvmVcpu {}
 
@@ -145,7 +217,21 @@ impl Vcpu for KvmVcpu {
 
     fn run(&mut self) -> Result<Exit, BackendError> {
         self.pending_read = None;
+        self.pending_msr = None;
         let exit = match self.fd.run() {
+            Ok(VcpuExit::X86Rdmsr(m)) => {
+                let index = m.index;
+                // Default answer: #GP, unless the VMM completes it.
+                *m.error = 1;
+                self.pending_msr = Some(PendingMsr::Read { error: m.error as *mut u8, data: m.data as *mut u64 });
+                Exit::MsrRead { index }
+            }
+            Ok(VcpuExit::X86Wrmsr(m)) => {
+                let (index, value) = (m.index, m.data);
+                *m.error = 1;
+                self.pending_msr = Some(PendingMsr::Write { error: m.error as *mut u8 });
+                Exit::MsrWrite { index, value }
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.pending_read = Some((data.as_mut_ptr(), data.len()));
                 Exit::IoIn { port, size: data.len() as u8 }
@@ -253,6 +339,28 @@ impl Vcpu for KvmVcpu {
 
     fn request_interrupt_window(&mut self, on: bool) {
         self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
+    fn inject_nmi(&mut self) -> Result<(), BackendError> {
+        self.fd.nmi().map_err(host_err("KVM_NMI"))
+    }
+
+    fn complete_msr_read(&mut self, value: Option<u64>) {
+        if let Some(PendingMsr::Read { error, data }) = self.pending_msr.take() {
+            // SAFETY: both pointers are fields of the msr exit in this vCPU's kvm_run mapping;
+            // no KVM_RUN has happened since the exit that produced them.
+            unsafe {
+                *error = u8::from(value.is_none());
+                *data = value.unwrap_or(0);
+            }
+        }
+    }
+
+    fn complete_msr_write(&mut self, ok: bool) {
+        if let Some(PendingMsr::Write { error }) = self.pending_msr.take() {
+            // SAFETY: as in complete_msr_read.
+            unsafe { *error = u8::from(!ok) };
+        }
     }
 }
 

@@ -37,6 +37,10 @@ pub enum Exit {
     Hlt,
     /// The guest can now take an interrupt (after [`Vcpu::request_interrupt_window`]).
     IrqWindowOpen,
+    /// RDMSR of an MSR the VMM traps; answered with [`Vcpu::complete_msr_read`].
+    MsrRead { index: u32 },
+    /// WRMSR of an MSR the VMM traps; answered with [`Vcpu::complete_msr_write`].
+    MsrWrite { index: u32, value: u64 },
     /// Triple fault or other shutdown condition.
     Shutdown,
     /// The run was interrupted from the outside (a kick); nothing to do for the guest.
@@ -52,18 +56,22 @@ pub enum ExitKind {
     MmioWrite,
     Hlt,
     IrqWindowOpen,
+    MsrRead,
+    MsrWrite,
     Shutdown,
     Interrupted,
 }
 
 impl ExitKind {
-    pub const ALL: [ExitKind; 8] = [
+    pub const ALL: [ExitKind; 10] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
         ExitKind::MmioWrite,
         ExitKind::Hlt,
         ExitKind::IrqWindowOpen,
+        ExitKind::MsrRead,
+        ExitKind::MsrWrite,
         ExitKind::Shutdown,
         ExitKind::Interrupted,
     ];
@@ -75,6 +83,8 @@ impl ExitKind {
             ExitKind::MmioWrite => "mmio-write",
             ExitKind::Hlt => "hlt",
             ExitKind::IrqWindowOpen => "irq-window",
+            ExitKind::MsrRead => "msr-read",
+            ExitKind::MsrWrite => "msr-write",
             ExitKind::Shutdown => "shutdown",
             ExitKind::Interrupted => "interrupted",
         }
@@ -90,6 +100,8 @@ impl Exit {
             Exit::MmioWrite { .. } => ExitKind::MmioWrite,
             Exit::Hlt => ExitKind::Hlt,
             Exit::IrqWindowOpen => ExitKind::IrqWindowOpen,
+            Exit::MsrRead { .. } => ExitKind::MsrRead,
+            Exit::MsrWrite { .. } => ExitKind::MsrWrite,
             Exit::Shutdown => ExitKind::Shutdown,
             Exit::Interrupted => ExitKind::Interrupted,
         }
@@ -125,11 +137,33 @@ pub struct FpuState {
     pub mxcsr: u32,
 }
 
+/// Interrupt controllers emulated inside the backend (KVM's in-kernel irqchip and PIT).
+pub trait KernelIrqchip: Send + Sync {
+    /// Set the level of GSI `gsi` (ISA IRQs 0-15 reach both the PIC and the IOAPIC).
+    fn set_irq(&self, gsi: u32, level: bool);
+}
+
 /// A virtualization backend: creates the VM-wide state and its vCPUs.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Make guest RAM visible to the guest (called once, before vCPUs are created).
     fn map_memory(&self, mem: &GuestMem) -> Result<(), BackendError>;
+    /// The TSC frequency guests see, if the backend knows it.
+    fn tsc_hz(&self) -> Option<u64> {
+        None
+    }
+    /// Create the backend's own interrupt controllers and PIT (before any vCPU).
+    fn create_kernel_irqchip(&self) -> Result<std::sync::Arc<dyn KernelIrqchip>, BackendError> {
+        Err(BackendError::Unhandled { vcpu: 0, rip: 0, what: format!("backend '{}' has no in-kernel irqchip", self.name()) })
+    }
+    /// Make RDMSR/WRMSR of these inclusive ranges exit to the VMM ([`Exit::MsrRead`]/[`Exit::MsrWrite`]).
+    fn trap_msrs(&self, ranges: &[(u32, u32)]) -> Result<(), BackendError> {
+        if ranges.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Unhandled { vcpu: 0, rip: 0, what: format!("backend '{}' cannot trap MSRs", self.name()) })
+        }
+    }
     /// Create vCPU number `index` (its APIC ID is `index`).
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError>;
 }
@@ -159,6 +193,12 @@ pub trait Vcpu: Send {
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError>;
     /// Ask for an [`Exit::IrqWindowOpen`] as soon as the guest can take an interrupt.
     fn request_interrupt_window(&mut self, on: bool);
+    /// Inject a non-maskable interrupt.
+    fn inject_nmi(&mut self) -> Result<(), BackendError>;
+    /// Answer the last [`Exit::MsrRead`]; `None` raises #GP in the guest.
+    fn complete_msr_read(&mut self, value: Option<u64>);
+    /// Answer the last [`Exit::MsrWrite`]; `false` raises #GP in the guest.
+    fn complete_msr_write(&mut self, ok: bool);
 
     /// Load the whole architectural state a loader prepared.
     fn set_state(&mut self, state: &CpuState) -> Result<(), BackendError> {

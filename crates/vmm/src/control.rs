@@ -127,6 +127,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// A core waits for a start state here (core 0 gets the loader's; the others get one from
+    /// INIT/SIPI).
+    starts: Vec<Mutex<Option<palacios_x86::CpuState>>>,
     cond: Condvar,
     stopping: Arc<AtomicBool>,
     paused: AtomicBool,
@@ -142,6 +145,7 @@ impl VmHandle {
         let stopping = Arc::new(AtomicBool::new(false));
         VmHandle(Arc::new(Shared {
             state: Mutex::new(State { paused: false, outcome: None }),
+            starts: (0..cores).map(|_| Mutex::new(None)).collect(),
             cond: Condvar::new(),
             wakers: Wakers::new(cores, stopping.clone()),
             stopping,
@@ -151,6 +155,23 @@ impl VmHandle {
 
     pub fn wakers(&self) -> &Wakers {
         &self.0.wakers
+    }
+
+    /// Start core `cpu` in `state` (it is waiting for INIT/SIPI); false if there is no such core.
+    pub fn start_core(&self, cpu: u32, state: palacios_x86::CpuState) -> bool {
+        match self.0.starts.get(cpu as usize) {
+            Some(s) => {
+                *lock(s) = Some(state);
+                self.0.wakers.wake(cpu);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Take the start state of core `cpu`, if one was given.
+    pub fn take_start(&self, cpu: u32) -> Option<palacios_x86::CpuState> {
+        self.0.starts.get(cpu as usize).and_then(|s| lock(s).take())
     }
 
     /// End the VM. The first outcome wins; later ones are ignored.

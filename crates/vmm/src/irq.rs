@@ -42,6 +42,10 @@ pub trait InterruptController: Send + Sync {
     fn pending(&self, cpu: u32) -> Option<u8>;
     /// The core has taken `vector` (it was injected).
     fn acknowledge(&self, cpu: u32, vector: u8);
+    /// Take a pending NMI for `cpu`.
+    fn take_nmi(&self, _cpu: u32) -> bool {
+        false
+    }
 }
 
 /// A FIFO of vectors per core; [`VectorQueue::push`] wakes the core.

@@ -13,8 +13,11 @@ pub mod control;
 pub mod host;
 pub mod irq;
 pub mod memory;
+pub mod msr;
 pub mod registry;
 pub mod telemetry;
+pub mod time;
+pub mod timer;
 pub mod vm;
 
 pub use backend::{Backend, BackendError, Exit, IoData, Vcpu};

@@ -6,7 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::backend::KernelIrqchip;
 use crate::bus::{Bus, BusDevice};
+use crate::irq::InterruptController;
+use crate::msr::MsrBus;
+use crate::time::GuestClock;
+use crate::timer::TimerQueue;
 use crate::config::{ConfigError, ConfigNode, DeviceConfig};
 use crate::control::VmHandle;
 use crate::host::{Host, HostStream, HostThread};
@@ -83,6 +88,18 @@ pub trait CharFrontend: Send + Sync {
     fn connect(&self, cfg: &ConfigNode, output: Box<dyn Write + Send>) -> Result<Arc<dyn CharInput>, ConfigError>;
 }
 
+/// A line into the backend's in-kernel irqchip.
+struct KernelLine {
+    chip: Arc<dyn KernelIrqchip>,
+    gsi: u32,
+}
+
+impl IrqLine for KernelLine {
+    fn set_level(&self, high: bool) {
+        self.chip.set_irq(self.gsi, high);
+    }
+}
+
 /// A helper thread owned by the VM (stream pumps); stopped and joined when the VM ends.
 pub struct Worker {
     pub name: String,
@@ -107,13 +124,30 @@ pub struct BuildCtx {
     /// Char frontends by device id.
     pub char_frontends: HashMap<String, Arc<dyn CharFrontend>>,
     pub workers: Vec<Worker>,
+    /// Guest time and device timers.
+    pub clock: Arc<GuestClock>,
+    pub timers: Arc<TimerQueue>,
+    /// MSRs emulated by devices (trapped by the backend).
+    pub msrs: MsrBus,
+    /// What the exit loop asks for pending interrupts (set by the platform's controllers).
+    pub interrupt_controller: Option<Arc<dyn InterruptController>>,
+    /// The backend's own irqchip when `<irqchip>kernel</irqchip>`.
+    pub kernel_irqchip: Option<Arc<dyn KernelIrqchip>>,
+    services: HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>,
     finishers: Vec<Finisher>,
     irq_provider: IrqProvider,
 }
 
 impl BuildCtx {
     pub fn new(host: Arc<dyn Host>, mem: GuestMem, map: MemoryMap, vm: VmHandle, cores: u32) -> Self {
+        let clock = Arc::new(GuestClock::new(crate::time::DEFAULT_TSC_HZ));
         BuildCtx {
+            timers: TimerQueue::new(clock.clone()),
+            clock,
+            msrs: MsrBus::default(),
+            interrupt_controller: None,
+            kernel_irqchip: None,
+            services: HashMap::new(),
             host,
             mem,
             map,
@@ -144,7 +178,20 @@ impl BuildCtx {
 
     /// The interrupt line for ISA IRQ / GSI `n`.
     pub fn irq_line(&self, n: u32) -> Arc<dyn IrqLine> {
-        (self.irq_provider)(n)
+        match &self.kernel_irqchip {
+            Some(chip) => Arc::new(KernelLine { chip: chip.clone(), gsi: n }),
+            None => (self.irq_provider)(n),
+        }
+    }
+
+    /// Share a typed part with later devices (for example the PIC with the APIC bus).
+    pub fn provide<T: Send + Sync + 'static>(&mut self, part: Arc<T>) {
+        self.services.insert(std::any::TypeId::of::<T>(), part);
+    }
+
+    /// A part an earlier device provided.
+    pub fn service<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.services.get(&std::any::TypeId::of::<T>()).cloned().and_then(|a| a.downcast::<T>().ok())
     }
 
     /// Route [`BuildCtx::irq_line`] to an interrupt controller (done by the platform).

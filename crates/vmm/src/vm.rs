@@ -1,20 +1,23 @@
 //! A composed VM and its exit loop (one thread per core).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use palacios_x86::{CpuState, rflags};
+use palacios_x86::{CpuState, msr, rflags};
 
 use crate::backend::{Backend, BackendError, Exit, Vcpu};
-use crate::bus::{Bus, lock};
-use crate::config::{ConfigError, VmConfig};
+use crate::bus::Bus;
+use crate::config::{ConfigError, IrqchipMode, VmConfig};
 use crate::control::{Outcome, VmHandle};
 use crate::host::Host;
 use crate::irq::InterruptController;
 use crate::memory::{GuestMem, MemoryMap};
+use crate::msr::MsrBus;
 use crate::registry::{BuildCtx, Registry, Worker};
 use crate::telemetry::{CoreStats, Telemetry};
+use crate::time::GuestClock;
+use crate::timer::TimerQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -34,48 +37,64 @@ pub struct Vm {
     mem: GuestMem,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    msrs: Arc<MsrBus>,
     handle: VmHandle,
     host: Arc<dyn Host>,
     vcpus: Vec<Box<dyn Vcpu>>,
     workers: Vec<Worker>,
     irq: Option<Arc<dyn InterruptController>>,
+    clock: Arc<GuestClock>,
+    timers: Arc<TimerQueue>,
     boot: Option<CpuState>,
     telemetry: bool,
-    start_slots: Arc<Vec<Mutex<Option<CpuState>>>>,
+}
+
+/// Create every configured device into `ctx`, attributing errors to their `<device>`.
+fn create_devices(cfg: &VmConfig, registry: &Registry, ctx: &mut BuildCtx) -> Result<(), ConfigError> {
+    let src = cfg.source.as_deref();
+    ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
+    for dev in &cfg.devices {
+        registry.create(ctx, dev).map_err(|e| {
+            let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
+            e.in_file(src)
+        })?;
+    }
+    ctx.finish().map_err(|e| e.in_file(src))
 }
 
 impl Vm {
-    /// Build the VM: memory, backend, vCPUs and every configured device.
+    /// Build the VM: memory, backend, every configured device, then the vCPUs.
     pub fn build(cfg: &VmConfig, registry: &Registry, backend: Box<dyn Backend>, host: Arc<dyn Host>) -> Result<Vm, VmError> {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
         let mem = map.create_memory().map_err(|e| VmError::Memory { mib: cfg.mem_mib, reason: e.to_string() })?;
         backend.map_memory(&mem)?;
         let handle = VmHandle::new(cfg.cores);
-        let vcpus = (0..cfg.cores).map(|i| backend.create_vcpu(i)).collect::<Result<Vec<_>, _>>()?;
         let mut ctx = BuildCtx::new(host.clone(), mem.clone(), map.clone(), handle.clone(), cfg.cores);
-        let src = cfg.source.as_deref();
-        ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
-        for dev in &cfg.devices {
-            registry.create(&mut ctx, dev).map_err(|e| {
-                let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
-                e.in_file(src)
-            })?;
+        if let Some(hz) = backend.tsc_hz() {
+            ctx.clock.set_tsc_hz(hz);
         }
-        ctx.finish().map_err(|e| e.in_file(src))?;
+        if cfg.irqchip == IrqchipMode::Kernel {
+            ctx.kernel_irqchip = Some(backend.create_kernel_irqchip()?);
+        }
+        create_devices(cfg, registry, &mut ctx)?;
+        backend.trap_msrs(&ctx.msrs.ranges())?;
+        let vcpus = (0..cfg.cores).map(|i| backend.create_vcpu(i)).collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("VM built: {} MiB, {} cores, {} devices, backend {}", cfg.mem_mib, cfg.cores, cfg.devices.len(), backend.name());
         Ok(Vm {
             map,
             mem,
             pio: Arc::new(ctx.pio),
             mmio: Arc::new(ctx.mmio),
+            msrs: Arc::new(ctx.msrs),
             handle,
             host,
             vcpus,
             workers: ctx.workers,
-            irq: None,
+            irq: ctx.interrupt_controller,
+            clock: ctx.clock,
+            timers: ctx.timers,
             boot: None,
             telemetry: cfg.telemetry,
-            start_slots: Arc::new((0..cfg.cores).map(|_| Mutex::new(None)).collect()),
         })
     }
 
@@ -85,15 +104,7 @@ impl Vm {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
         let mem = map.create_memory().map_err(|e| VmError::Memory { mib: cfg.mem_mib, reason: e.to_string() })?;
         let mut ctx = BuildCtx::new(host, mem, map, VmHandle::new(cfg.cores), cfg.cores);
-        let src = cfg.source.as_deref();
-        ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
-        for dev in &cfg.devices {
-            registry.create(&mut ctx, dev).map_err(|e| {
-                let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
-                e.in_file(src)
-            })?;
-        }
-        ctx.finish().map_err(|e| e.in_file(src))?;
+        create_devices(cfg, registry, &mut ctx)?;
         Ok(())
     }
 
@@ -112,6 +123,9 @@ impl Vm {
     pub fn mmio_bus(&self) -> &Bus {
         &self.mmio
     }
+    pub fn clock(&self) -> &Arc<GuestClock> {
+        &self.clock
+    }
     pub fn cores(&self) -> u32 {
         self.vcpus.len() as u32
     }
@@ -121,7 +135,7 @@ impl Vm {
         self.boot = Some(state);
     }
 
-    /// The controller the exit loop asks for pending interrupts.
+    /// The controller the exit loop asks for pending interrupts (replaces the platform's).
     pub fn set_interrupt_controller(&mut self, ic: Arc<dyn InterruptController>) {
         self.irq = Some(ic);
     }
@@ -131,28 +145,34 @@ impl Vm {
         self.telemetry |= on;
     }
 
-    /// A starter for application processors: cores other than 0 wait until they are given a
-    /// state (the platform's INIT/SIPI handling calls this).
-    pub fn core_starter(&self) -> CoreStarter {
-        CoreStarter { slots: self.start_slots.clone(), handle: self.handle.clone() }
-    }
-
     /// Run until the VM ends; every thread is joined before this returns.
     pub fn run(mut self) -> RunReport {
         let started = Instant::now();
         let boot = self.boot.take().unwrap_or_else(CpuState::reset);
-        *lock(&self.start_slots[0]) = Some(boot);
+        self.handle.start_core(0, boot);
+        let timers = self.timers.clone();
+        let timer_thread = match self.host.spawn("timers", Box::new(move || timers.run())) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.handle.stop(Outcome::Failed(format!("cannot start the timer thread: {e}")));
+                None
+            }
+        };
         let running = Arc::new(AtomicU32::new(0));
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
+            if self.handle.is_stopping() {
+                break;
+            }
             let core = CoreLoop {
                 cpu: vcpu.index(),
                 handle: self.handle.clone(),
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
+                msrs: self.msrs.clone(),
                 irq: self.irq.clone(),
+                clock: self.clock.clone(),
                 running: running.clone(),
-                slots: self.start_slots.clone(),
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let cpu = core.cpu;
@@ -186,6 +206,12 @@ impl Vm {
             }
             cores.push(rx.try_recv().unwrap_or_else(|_| CoreStats::new(cpu)));
         }
+        self.timers.shutdown();
+        if let Some(t) = timer_thread {
+            if let Err(p) = t.join() {
+                tracing::error!("timer thread panicked: {p}");
+            }
+        }
         for w in self.workers.drain(..) {
             w.stop.store(true, Ordering::Release);
             if let Err(p) = w.thread.join() {
@@ -210,36 +236,16 @@ pub struct RunReport {
     pub print_telemetry: bool,
 }
 
-/// Starts application processors (see [`Vm::core_starter`]).
-#[derive(Clone)]
-pub struct CoreStarter {
-    slots: Arc<Vec<Mutex<Option<CpuState>>>>,
-    handle: VmHandle,
-}
-
-impl CoreStarter {
-    /// Start core `cpu` in `state`; false if there is no such core.
-    pub fn start(&self, cpu: u32, state: CpuState) -> bool {
-        match self.slots.get(cpu as usize) {
-            Some(s) => {
-                *lock(s) = Some(state);
-                self.handle.wakers().wake(cpu);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 struct CoreLoop {
     cpu: u32,
     handle: VmHandle,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    msrs: Arc<MsrBus>,
     irq: Option<Arc<dyn InterruptController>>,
+    clock: Arc<GuestClock>,
     /// Started cores that have not halted for good.
     running: Arc<AtomicU32>,
-    slots: Arc<Vec<Mutex<Option<CpuState>>>>,
 }
 
 impl CoreLoop {
@@ -247,13 +253,15 @@ impl CoreLoop {
         self.handle.stop(Outcome::Failed(e.to_string()));
     }
 
-    /// Wait for a start state (core 0 has one at once).
+    /// Wait for a start state (core 0 has one at once; the others wait for INIT/SIPI).
     fn await_start(&self, vcpu: &mut dyn Vcpu) -> bool {
         loop {
             if self.handle.is_stopping() {
                 return false;
             }
-            if let Some(state) = lock(&self.slots[self.cpu as usize]).take() {
+            if let Some(mut state) = self.handle.take_start(self.cpu) {
+                // The guest's TSC follows guest time (see crate::time).
+                state.msrs.push((msr::IA32_TSC, self.clock.tsc()));
                 if let Err(e) = vcpu.set_state(&state) {
                     self.fail(e);
                     return false;
@@ -265,31 +273,49 @@ impl CoreLoop {
         }
     }
 
+    /// Inject what the interrupt controller has pending, or ask for a window.
+    fn inject(&self, vcpu: &mut dyn Vcpu, stats: &mut CoreStats) -> Result<(), BackendError> {
+        let Some(ic) = &self.irq else { return Ok(()) };
+        if ic.take_nmi(self.cpu) {
+            vcpu.inject_nmi()?;
+        }
+        if let Some(v) = ic.pending(self.cpu) {
+            if vcpu.can_inject() {
+                vcpu.inject_interrupt(v)?;
+                ic.acknowledge(self.cpu, v);
+                stats.injected += 1;
+                vcpu.request_interrupt_window(false);
+            } else {
+                vcpu.request_interrupt_window(true);
+            }
+        }
+        Ok(())
+    }
+
     fn run(self, mut vcpu: Box<dyn Vcpu>) -> CoreStats {
         let mut stats = CoreStats::new(self.cpu);
         if !self.await_start(vcpu.as_mut()) {
             return stats;
         }
         let mut buf = [0u8; 8];
+        // In HLT with interrupts enabled: the vCPU must not run again until an interrupt is due.
+        let mut halted = false;
         while !self.handle.is_stopping() {
             if self.handle.is_paused() {
                 self.handle.wait_while_paused();
                 continue;
             }
-            if let Some(ic) = &self.irq {
-                if let Some(v) = ic.pending(self.cpu) {
-                    if vcpu.can_inject() {
-                        if let Err(e) = vcpu.inject_interrupt(v) {
-                            self.fail(e);
-                            break;
-                        }
-                        ic.acknowledge(self.cpu, v);
-                        stats.injected += 1;
-                        vcpu.request_interrupt_window(false);
-                    } else {
-                        vcpu.request_interrupt_window(true);
-                    }
+            if halted {
+                if self.irq.as_ref().is_some_and(|ic| ic.pending(self.cpu).is_some()) {
+                    halted = false;
+                } else {
+                    self.handle.wakers().wait(self.cpu, None);
+                    continue;
                 }
+            }
+            if let Err(e) = self.inject(vcpu.as_mut(), &mut stats) {
+                self.fail(e);
+                break;
             }
             let t0 = Instant::now();
             let exit = match vcpu.run() {
@@ -318,7 +344,9 @@ impl CoreLoop {
                 Exit::MmioWrite { addr, data } => {
                     self.mmio.write(addr, data.as_slice());
                 }
-                Exit::Hlt => self.halt(vcpu.as_mut()),
+                Exit::MsrRead { index } => vcpu.complete_msr_read(self.msrs.read(self.cpu, index)),
+                Exit::MsrWrite { index, value } => vcpu.complete_msr_write(self.msrs.write(self.cpu, index, value)),
+                Exit::Hlt => halted = self.halt(vcpu.as_mut()),
                 Exit::IrqWindowOpen | Exit::Interrupted => {}
                 Exit::Shutdown => {
                     self.handle.stop(Outcome::Shutdown { vcpu: self.cpu, rip: vcpu.rip() });
@@ -329,11 +357,15 @@ impl CoreLoop {
         stats
     }
 
-    /// HLT: with interrupts disabled the core is done; otherwise wait for an interrupt.
-    fn halt(&self, vcpu: &mut dyn Vcpu) {
+    /// HLT: with interrupts disabled the core is done; otherwise it is halted until an
+    /// interrupt is pending (returns true).
+    fn halt(&self, vcpu: &mut dyn Vcpu) -> bool {
         let iflag = match vcpu.regs() {
             Ok(r) => r.rflags & rflags::IF != 0,
-            Err(e) => return self.fail(e),
+            Err(e) => {
+                self.fail(e);
+                return false;
+            }
         };
         if !iflag {
             tracing::debug!("vCPU {} halted with interrupts disabled", self.cpu);
@@ -343,11 +375,8 @@ impl CoreLoop {
             while !self.handle.is_stopping() {
                 self.handle.wakers().wait(self.cpu, None);
             }
-            return;
+            return false;
         }
-        let pending = self.irq.as_ref().is_some_and(|ic| ic.pending(self.cpu).is_some());
-        if !pending {
-            self.handle.wakers().wait(self.cpu, None);
-        }
+        true
     }
 }

@@ -117,6 +117,16 @@ impl CpuState {
         }
     }
 
+    /// The state a STARTUP IPI with `vector` gives: real mode at CS = vector << 8, IP = 0.
+    pub fn sipi(vector: u8) -> Self {
+        let mut s = Self::reset();
+        s.sregs.cs.selector = u16::from(vector) << 8;
+        s.sregs.cs.base = u64::from(vector) << 12;
+        s.regs.rip = 0;
+        s.regs.rdx = 0;
+        s
+    }
+
     /// Real mode with CS:IP chosen so that CS.base + IP = `linear` (below 1 MiB).
     pub fn real_mode_at(linear: u32) -> Self {
         let mut s = Self::reset();

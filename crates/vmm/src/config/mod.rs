@@ -7,7 +7,7 @@ pub mod node;
 pub mod vm;
 
 pub use node::{ConfigNode, Pos};
-pub use vm::{BackendChoice, BootConfig, BootFormat, DeviceConfig, ModuleConfig, VmConfig};
+pub use vm::{BackendChoice, BootConfig, BootFormat, DeviceConfig, IrqchipMode, ModuleConfig, VmConfig};
 
 use std::path::PathBuf;
 

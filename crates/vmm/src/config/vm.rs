@@ -25,6 +25,16 @@ impl BackendChoice {
     }
 }
 
+/// Where the PC's interrupt controllers and PIT are emulated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IrqchipMode {
+    /// The VMM's own models (PIC, IOAPIC, LAPIC, PIT): portable, observable, used by every backend.
+    #[default]
+    User,
+    /// The backend's (KVM's in-kernel irqchip and PIT): fast, KVM only.
+    Kernel,
+}
+
 /// Kernel image formats.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BootFormat {
@@ -89,6 +99,7 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     pub telemetry: bool,
     pub backend: BackendChoice,
+    pub irqchip: IrqchipMode,
     pub boot: Option<BootConfig>,
 }
 
@@ -99,7 +110,7 @@ pub const MAX_CORES: u32 = 255;
 
 /// Top-level elements of Palacios configs that this project accepts and ignores.
 const IGNORED_TOP: &[&str] = &["paging", "schedule_hz", "extensions", "perftune", "mem_layout", "name"];
-const KNOWN_TOP: &[&str] = &["memory", "cores", "files", "devices", "telemetry", "backend", "boot"];
+const KNOWN_TOP: &[&str] = &["memory", "cores", "files", "devices", "telemetry", "backend", "irqchip", "boot"];
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -112,6 +123,7 @@ impl Default for VmConfig {
             devices: Vec::new(),
             telemetry: false,
             backend: BackendChoice::Auto,
+            irqchip: IrqchipMode::User,
             boot: None,
         }
     }
@@ -176,6 +188,13 @@ impl VmConfig {
             cfg.backend = BackendChoice::parse(b).ok_or_else(|| {
                 root.val_err("backend", format!("unknown backend '{b}' (known: {})", BackendChoice::NAMES.join(", ")))
             })?;
+        }
+        if let Some(m) = root.val("irqchip")? {
+            cfg.irqchip = match m.trim() {
+                "user" => IrqchipMode::User,
+                "kernel" => IrqchipMode::Kernel,
+                other => return Err(root.val_err("irqchip", format!("<irqchip> must be 'user' or 'kernel', not '{other}'"))),
+            };
         }
         if let Some(d) = root.child("devices") {
             cfg.parse_devices(d)?;

@@ -1,0 +1,80 @@
+//! Guest time: the one definition every timer device uses.
+//!
+//! Guest time is the host's monotonic clock since the VM was created, plus an offset (0 unless
+//! a restore sets it). The guest's TSC is defined from it: `tsc = ns * tsc_hz / 1e9`; backends
+//! load that value into each core's TSC when it starts, so the TSC and the timer devices agree.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Nanoseconds of guest time.
+pub type Ns = u64;
+
+/// The TSC frequency the guest is told when the backend has no better figure.
+pub const DEFAULT_TSC_HZ: u64 = 2_000_000_000;
+
+#[derive(Debug)]
+pub struct GuestClock {
+    start: Instant,
+    offset: AtomicU64,
+    tsc_hz: AtomicU64,
+}
+
+impl GuestClock {
+    pub fn new(tsc_hz: u64) -> Self {
+        GuestClock { start: Instant::now(), offset: AtomicU64::new(0), tsc_hz: AtomicU64::new(tsc_hz.max(1)) }
+    }
+
+    /// Guest nanoseconds now.
+    pub fn now(&self) -> Ns {
+        (self.start.elapsed().as_nanos() as u64).wrapping_add(self.offset.load(Ordering::Relaxed))
+    }
+
+    /// Shift guest time (for restore).
+    pub fn set_offset(&self, ns: u64) {
+        self.offset.store(ns, Ordering::Relaxed);
+    }
+
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz.load(Ordering::Relaxed)
+    }
+
+    /// Set the TSC frequency (the backend's figure, before any core runs).
+    pub fn set_tsc_hz(&self, hz: u64) {
+        self.tsc_hz.store(hz.max(1), Ordering::Relaxed);
+    }
+
+    /// The guest TSC at guest time `ns`.
+    pub fn tsc_at(&self, ns: Ns) -> u64 {
+        ((u128::from(ns) * u128::from(self.tsc_hz())) / 1_000_000_000) as u64
+    }
+
+    /// Guest time at which the TSC reaches `tsc`.
+    pub fn ns_at_tsc(&self, tsc: u64) -> Ns {
+        let ns = (u128::from(tsc) * 1_000_000_000) / u128::from(self.tsc_hz());
+        ns.min(u128::from(u64::MAX)) as u64
+    }
+
+    /// The guest TSC now.
+    pub fn tsc(&self) -> u64 {
+        self.tsc_at(self.now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_and_time_convert_both_ways() {
+        let c = GuestClock::new(3_000_000_000);
+        assert_eq!(c.tsc_at(1_000_000_000), 3_000_000_000);
+        assert_eq!(c.ns_at_tsc(3_000), 1_000);
+        assert_eq!(c.ns_at_tsc(u64::MAX), (u128::from(u64::MAX) * 1_000_000_000 / 3_000_000_000) as u64);
+        let a = c.now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(c.now() >= a + 1_000_000);
+        c.set_offset(1 << 40);
+        assert!(c.now() >= 1 << 40);
+    }
+}
