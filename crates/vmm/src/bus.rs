@@ -12,6 +12,27 @@ pub trait BusDevice: Send {
 /// A device shared between the bus and whoever else holds it.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// Consulted for addresses no range claims (devices whose address moves at run time, like a
+/// relocated local APIC). Returns whether it handled the access.
+pub trait FallbackDevice: Send + Sync {
+    fn try_read(&self, addr: u64, data: &mut [u8]) -> bool;
+    fn try_write(&self, addr: u64, data: &[u8]) -> bool;
+}
+
+thread_local! {
+    static CURRENT_CPU: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The vCPU on whose behalf this thread is running (per-core devices such as the LAPIC use it).
+pub fn current_cpu() -> u32 {
+    CURRENT_CPU.with(|c| c.get())
+}
+
+/// Set by the exit loop on each vCPU thread.
+pub fn set_current_cpu(cpu: u32) {
+    CURRENT_CPU.with(|c| c.set(cpu));
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     #[error("{bus} range {new_start:#x}-{new_end:#x} of device '{new}' overlaps {old_start:#x}-{old_end:#x} of device '{old}'")]
@@ -31,12 +52,13 @@ struct Entry {
 pub struct Bus {
     kind: &'static str,
     ranges: BTreeMap<u64, Entry>,
+    fallbacks: Vec<Arc<dyn FallbackDevice>>,
     unclaimed: Mutex<HashMap<u64, u64>>,
 }
 
 impl Bus {
     pub fn new(kind: &'static str) -> Self {
-        Bus { kind, ranges: BTreeMap::new(), unclaimed: Mutex::new(HashMap::new()) }
+        Bus { kind, ranges: BTreeMap::new(), fallbacks: Vec::new(), unclaimed: Mutex::new(HashMap::new()) }
     }
 
     /// "port" or "mmio".
@@ -63,6 +85,11 @@ impl Bus {
         Ok(())
     }
 
+    /// Add a device consulted for unclaimed addresses.
+    pub fn add_fallback(&mut self, dev: Arc<dyn FallbackDevice>) {
+        self.fallbacks.push(dev);
+    }
+
     fn find(&self, addr: u64) -> Option<&Entry> {
         self.ranges.range(..=addr).next_back().map(|(_, e)| e).filter(|e| e.last >= addr)
     }
@@ -80,6 +107,9 @@ impl Bus {
                 true
             }
             None => {
+                if self.fallbacks.iter().any(|f| f.try_read(addr, data)) {
+                    return true;
+                }
                 data.fill(0xff);
                 self.note_unclaimed(addr, "read");
                 false
@@ -95,6 +125,9 @@ impl Bus {
                 true
             }
             None => {
+                if self.fallbacks.iter().any(|f| f.try_write(addr, data)) {
+                    return true;
+                }
                 self.note_unclaimed(addr, "write");
                 false
             }

@@ -119,6 +119,8 @@ pub struct BuildCtx {
     pub mmio: Bus,
     pub vm: VmHandle,
     pub cores: u32,
+    /// The guest's command line (fw_cfg exposes it).
+    pub boot_cmdline: String,
     /// Directory of the config file (relative paths resolve against it).
     pub base_dir: Option<std::path::PathBuf>,
     /// Char frontends by device id.
@@ -156,6 +158,7 @@ impl BuildCtx {
             vm,
             cores,
             base_dir: None,
+            boot_cmdline: String::new(),
             char_frontends: HashMap::new(),
             workers: Vec::new(),
             finishers: Vec::new(),

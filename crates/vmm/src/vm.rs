@@ -47,12 +47,15 @@ pub struct Vm {
     timers: Arc<TimerQueue>,
     boot: Option<CpuState>,
     telemetry: bool,
+    /// The backend emulates the interrupt controllers, including INIT/SIPI.
+    kernel_irqchip: bool,
 }
 
 /// Create every configured device into `ctx`, attributing errors to their `<device>`.
 fn create_devices(cfg: &VmConfig, registry: &Registry, ctx: &mut BuildCtx) -> Result<(), ConfigError> {
     let src = cfg.source.as_deref();
     ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
+    ctx.boot_cmdline = cfg.boot.as_ref().map(|b| b.cmdline.clone()).unwrap_or_default();
     for dev in &cfg.devices {
         registry.create(ctx, dev).map_err(|e| {
             let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
@@ -91,6 +94,7 @@ impl Vm {
             vcpus,
             workers: ctx.workers,
             irq: ctx.interrupt_controller,
+            kernel_irqchip: ctx.kernel_irqchip.is_some(),
             clock: ctx.clock,
             timers: ctx.timers,
             boot: None,
@@ -173,6 +177,7 @@ impl Vm {
                 irq: self.irq.clone(),
                 clock: self.clock.clone(),
                 running: running.clone(),
+                kernel_irqchip: self.kernel_irqchip,
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let cpu = core.cpu;
@@ -246,6 +251,7 @@ struct CoreLoop {
     clock: Arc<GuestClock>,
     /// Started cores that have not halted for good.
     running: Arc<AtomicU32>,
+    kernel_irqchip: bool,
 }
 
 impl CoreLoop {
@@ -255,6 +261,11 @@ impl CoreLoop {
 
     /// Wait for a start state (core 0 has one at once; the others wait for INIT/SIPI).
     fn await_start(&self, vcpu: &mut dyn Vcpu) -> bool {
+        if self.kernel_irqchip && self.cpu != 0 {
+            // The backend holds application processors in wait-for-SIPI itself.
+            self.running.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
         loop {
             if self.handle.is_stopping() {
                 return false;
@@ -294,6 +305,7 @@ impl CoreLoop {
 
     fn run(self, mut vcpu: Box<dyn Vcpu>) -> CoreStats {
         let mut stats = CoreStats::new(self.cpu);
+        crate::bus::set_current_cpu(self.cpu);
         if !self.await_start(vcpu.as_mut()) {
             return stats;
         }
