@@ -36,14 +36,19 @@ impl IrqLine for UnconnectedLine {
     }
 }
 
-/// What the exit loop asks before each run of a core.
+/// What the exit loop asks before each run of a core, in the hardware's INTR/INTA protocol.
 pub trait InterruptController: Send + Sync {
-    /// The highest-priority vector pending for `cpu`, without acknowledging it.
-    fn pending(&self, cpu: u32) -> Option<u8>;
-    /// The core has taken `vector` (it was injected).
-    fn acknowledge(&self, cpu: u32, vector: u8);
+    /// Whether an external interrupt is pending for `cpu` (the INTR line).
+    fn has_interrupt(&self, cpu: u32) -> bool;
+    /// The interrupt-acknowledge cycle: the vector to deliver now, which the controller records
+    /// as in service. Called only when the core can take it; `None` if the request went away.
+    fn acknowledge(&self, cpu: u32) -> Option<u8>;
     /// Take a pending NMI for `cpu`.
     fn take_nmi(&self, _cpu: u32) -> bool {
+        false
+    }
+    /// Whether an NMI is pending for `cpu` (without taking it; wakes a halted core).
+    fn nmi_pending(&self, _cpu: u32) -> bool {
         false
     }
 }
@@ -69,15 +74,10 @@ impl VectorQueue {
 }
 
 impl InterruptController for VectorQueue {
-    fn pending(&self, cpu: u32) -> Option<u8> {
-        self.queues.get(cpu as usize).and_then(|q| crate::bus::lock(q).front().copied())
+    fn has_interrupt(&self, cpu: u32) -> bool {
+        self.queues.get(cpu as usize).is_some_and(|q| !crate::bus::lock(q).is_empty())
     }
-    fn acknowledge(&self, cpu: u32, vector: u8) {
-        if let Some(q) = self.queues.get(cpu as usize) {
-            let mut q = crate::bus::lock(q);
-            if q.front() == Some(&vector) {
-                q.pop_front();
-            }
-        }
+    fn acknowledge(&self, cpu: u32) -> Option<u8> {
+        self.queues.get(cpu as usize).and_then(|q| crate::bus::lock(q).pop_front())
     }
 }

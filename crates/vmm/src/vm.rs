@@ -290,11 +290,12 @@ impl CoreLoop {
         if ic.take_nmi(self.cpu) {
             vcpu.inject_nmi()?;
         }
-        if let Some(v) = ic.pending(self.cpu) {
+        if ic.has_interrupt(self.cpu) {
             if vcpu.can_inject() {
-                vcpu.inject_interrupt(v)?;
-                ic.acknowledge(self.cpu, v);
-                stats.injected += 1;
+                if let Some(v) = ic.acknowledge(self.cpu) {
+                    vcpu.inject_interrupt(v)?;
+                    stats.injected += 1;
+                }
                 vcpu.request_interrupt_window(false);
             } else {
                 vcpu.request_interrupt_window(true);
@@ -318,7 +319,7 @@ impl CoreLoop {
                 continue;
             }
             if halted {
-                if self.irq.as_ref().is_some_and(|ic| ic.pending(self.cpu).is_some()) {
+                if self.irq.as_ref().is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu)) {
                     halted = false;
                 } else {
                     self.handle.wakers().wait(self.cpu, None);
