@@ -6,6 +6,7 @@ pub mod pc;
 use palacios_vmm::Registry;
 
 /// Register every device class compiled in.
+#[allow(unused_variables)]
 pub fn register_all(r: &mut Registry) {
     #[cfg(feature = "serial")]
     r.register(Box::new(pc::serial::SerialClass));
@@ -19,6 +20,10 @@ pub fn register_all(r: &mut Registry) {
     r.register(Box::new(pc::generic::GenericClass));
     #[cfg(feature = "debug-exit")]
     r.register(Box::new(pc::debug_exit::DebugExitClass));
+    #[cfg(feature = "pic")]
+    r.register(Box::new(pc::pic_dev::PicClass));
+    #[cfg(feature = "pit")]
+    r.register(Box::new(pc::pit_dev::PitClass));
 }
 
 /// A registry holding every compiled-in class.

@@ -2,12 +2,19 @@
 
 #[cfg(feature = "bochs-debug")]
 pub mod bochs_debug;
+pub mod chips;
+pub mod irq_router;
+#[cfg(feature = "pic")]
+pub mod pic_dev;
+#[cfg(feature = "pit")]
+pub mod pit_dev;
 #[cfg(feature = "char-stream")]
 pub mod char_stream;
 #[cfg(feature = "debug-exit")]
 pub mod debug_exit;
 #[cfg(feature = "generic")]
 pub mod generic;
+#[cfg(any(feature = "bochs-debug", feature = "os-debug"))]
 mod linebuf;
 #[cfg(feature = "os-debug")]
 pub mod os_debug;
@@ -15,6 +22,7 @@ pub mod os_debug;
 pub mod serial;
 
 /// Little-endian value of up to 8 bytes.
+#[allow(dead_code)]
 pub(crate) fn le_value(data: &[u8]) -> u64 {
     data.iter().take(8).enumerate().fold(0, |v, (i, b)| v | (u64::from(*b) << (8 * i)))
 }

@@ -1,0 +1,84 @@
+//! `8254_PIT`: the timer at 0x40-0x43 with port 0x61 (channel 2 gate, speaker, OUT2), channel 0
+//! on IRQ0. Lost ticks: one IRQ0 edge per timer expiry; if the VMM runs late, missed periods are
+//! coalesced into that edge and never replayed (see [`super::chips::pit`]).
+
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::irq::IrqLine;
+use palacios_vmm::time::GuestClock;
+use palacios_vmm::timer::Timer;
+use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
+
+use super::chips::pit::Pit;
+
+pub struct PitClass;
+
+impl DeviceClass for PitClass {
+    fn name(&self) -> &'static str {
+        "8254_PIT"
+    }
+    fn help(&self) -> &'static str {
+        "8254 PIT (0x40-0x43) and port 0x61; channel 0 drives IRQ0"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[]
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        if ctx.kernel_irqchip.is_some() {
+            tracing::debug!("8254_PIT: emulated by the backend's in-kernel PIT");
+            return Ok(());
+        }
+        let shared = Arc::new(PitShared {
+            pit: Mutex::new(Pit::new()),
+            clock: ctx.clock.clone(),
+            irq0: ctx.irq_line(0),
+            timer: OnceLock::new(),
+        });
+        let weak: Weak<PitShared> = Arc::downgrade(&shared);
+        let timer = ctx.timers.timer(move |now| {
+            if let Some(s) = weak.upgrade() {
+                s.irq0.pulse();
+                s.rearm(now);
+            }
+        });
+        let _ = shared.timer.set(timer);
+        ctx.add_ports(0x40, 4, &dev.id, Arc::new(Mutex::new(PitPorts(shared.clone())))).map_err(|e| dev.node.err(e.msg))?;
+        ctx.add_ports(0x61, 1, &dev.id, Arc::new(Mutex::new(PitPorts(shared)))).map_err(|e| dev.node.err(e.msg))
+    }
+}
+
+struct PitShared {
+    pit: Mutex<Pit>,
+    clock: Arc<GuestClock>,
+    irq0: Arc<dyn IrqLine>,
+    timer: OnceLock<Timer>,
+}
+
+impl PitShared {
+    fn rearm(&self, now: u64) {
+        let next = self.pit.lock().unwrap_or_else(|p| p.into_inner()).next_irq0(now);
+        if let Some(t) = self.timer.get() {
+            match next {
+                Some(at) => t.arm(at),
+                None => t.disarm(),
+            }
+        }
+    }
+}
+
+struct PitPorts(Arc<PitShared>);
+
+impl BusDevice for PitPorts {
+    fn read(&mut self, addr: u64, data: &mut [u8]) {
+        let now = self.0.clock.now();
+        let v = self.0.pit.lock().unwrap_or_else(|p| p.into_inner()).read(addr as u16, now);
+        data.fill(0);
+        data[0] = v;
+    }
+    fn write(&mut self, addr: u64, data: &[u8]) {
+        let now = self.0.clock.now();
+        self.0.pit.lock().unwrap_or_else(|p| p.into_inner()).write(addr as u16, data[0], now);
+        self.0.rearm(now);
+    }
+}
