@@ -9,10 +9,17 @@ fn device(class: &str, id: &str) -> DeviceConfig {
     DeviceConfig { class: class.into(), id: id.into(), node: ConfigNode::new("device").with_attr("class", class).with_attr("id", id) }
 }
 
-/// The devices of the standard PC: COM1–COM4 (COM1 on the console), the Bochs and OS debug
-/// ports, and the debug-exit port at 0xf4.
+/// The devices of the standard PC: the PIC pair and PIT, COM1–COM4 (COM1 on the console), the
+/// Bochs and OS debug ports, and the debug-exit port at 0xf4.
 pub fn standard_devices() -> Vec<DeviceConfig> {
-    vec![device("SERIAL", "serial"), device("BOCHS_DEBUG", "bochs_debug"), device("OS_DEBUG", "os_debug"), device("DEBUG_EXIT", "debug_exit")]
+    vec![
+        device("8259A", "pic"),
+        device("8254_PIT", "pit"),
+        device("SERIAL", "serial"),
+        device("BOCHS_DEBUG", "bochs_debug"),
+        device("OS_DEBUG", "os_debug"),
+        device("DEBUG_EXIT", "debug_exit"),
+    ]
 }
 
 /// A standard PC with `mem_mib` MiB and `cores` cores booting `boot`.
