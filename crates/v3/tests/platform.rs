@@ -88,3 +88,36 @@ fn pit_irq0_through_the_pic_wakes_a_halted_core() {
     assert!(wall.as_millis() >= 45, "50 PIT ticks in {wall:?}");
     assert!(report.telemetry.cores[0].injected >= 50);
 }
+
+#[test]
+fn the_same_guest_on_kvms_in_kernel_pic_and_pit() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(
+        r#"<vm class="PC"><memory>16</memory><irqchip>kernel</irqchip><devices>
+             <device class="8259A" id="pic"/><device class="8254_PIT" id="pit"/><device class="DEBUG_EXIT" id="exit"/>
+           </devices></vm>"#,
+    );
+    assert!(vm.port_bus().owner(0x40).is_none(), "the in-kernel PIT owns the timer ports");
+    let (code, handler) = pit_guest(50);
+    let mem = vm.memory();
+    mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+    mem.write_slice(&handler, GuestAddress(0x2000)).unwrap();
+    mem.write_obj(0x2000u16, GuestAddress(0x20 * 4)).unwrap();
+    mem.write_obj(0u16, GuestAddress(0x20 * 4 + 2)).unwrap();
+    vm.set_boot_state(CpuState::real_mode_at(0x1000));
+    let h = vm.handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        h.stop(Outcome::Failed("time limit".into()));
+    });
+    let t = Instant::now();
+    let report = vm.run();
+    match report.outcome {
+        Outcome::DebugExit(n) => assert!(n >= 50, "counted {n} ticks"),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    assert!(t.elapsed().as_millis() >= 45);
+    assert_eq!(report.telemetry.cores[0].injected, 0, "KVM injected the interrupts itself");
+}
