@@ -24,6 +24,10 @@ pub fn register_all(r: &mut Registry) {
     r.register(Box::new(pc::pic_dev::PicClass));
     #[cfg(feature = "pit")]
     r.register(Box::new(pc::pit_dev::PitClass));
+    #[cfg(feature = "apic")]
+    r.register(Box::new(pc::apic_dev::LapicClass));
+    #[cfg(feature = "apic")]
+    r.register(Box::new(pc::ioapic_dev::IoapicClass));
 }
 
 /// A registry holding every compiled-in class.

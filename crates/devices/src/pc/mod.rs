@@ -4,6 +4,10 @@
 pub mod bochs_debug;
 pub mod chips;
 pub mod irq_router;
+#[cfg(feature = "apic")]
+pub mod apic_dev;
+#[cfg(feature = "apic")]
+pub mod ioapic_dev;
 #[cfg(feature = "pic")]
 pub mod pic_dev;
 #[cfg(feature = "pit")]

@@ -4,3 +4,4 @@
 
 pub mod pic;
 pub mod pit;
+pub mod apic;
