@@ -24,7 +24,12 @@ pub struct Image {
 impl Image {
     /// End of the highest non-empty segment (where modules may follow).
     pub fn end(&self) -> u64 {
-        self.segments.iter().filter(|s| s.memsz > 0).map(|s| s.paddr + s.memsz).max().unwrap_or(0)
+        self.segments
+            .iter()
+            .filter(|s| s.memsz > 0)
+            .map(|s| s.paddr + s.memsz)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -40,21 +45,32 @@ fn bad(e: impl std::fmt::Display) -> LoadError {
     LoadError::Elf(e.to_string())
 }
 
-fn parse_with<H: FileHeader<Endian = object::Endianness>>(data: &[u8], machine: u16, what: &str) -> Result<Image, LoadError> {
+fn parse_with<H: FileHeader<Endian = object::Endianness>>(
+    data: &[u8],
+    machine: u16,
+    what: &str,
+) -> Result<Image, LoadError> {
     let h = H::parse(data).map_err(bad)?;
     let e = h.endian().map_err(bad)?;
     if h.is_big_endian() {
         return Err(bad(format!("{what} must be little-endian")));
     }
     if h.e_machine(e).0 != machine {
-        return Err(bad(format!("{what}: wrong machine type {}", h.e_machine(e).0)));
+        return Err(bad(format!(
+            "{what}: wrong machine type {}",
+            h.e_machine(e).0
+        )));
     }
     if h.e_type(e) != object::elf::ET_EXEC {
         return Err(bad(format!("{what} must be an executable (ET_EXEC)")));
     }
     let phs = h.program_headers(e, data).map_err(|err| {
         if h.e_phoff(e).into() >= data.len() as u64 {
-            LoadError::Truncated { what: "ELF program headers".into(), need: h.e_phoff(e).into(), have: data.len() as u64 }
+            LoadError::Truncated {
+                what: "ELF program headers".into(),
+                need: h.e_phoff(e).into(),
+                have: data.len() as u64,
+            }
         } else {
             bad(err)
         }
@@ -71,11 +87,21 @@ fn parse_with<H: FileHeader<Endian = object::Endianness>>(data: &[u8], machine: 
             memsz: ph.p_memsz(e).into(),
         };
         if s.filesz > s.memsz {
-            return Err(bad(format!("segment at {:#x}: file size {:#x} exceeds memory size {:#x}", s.paddr, s.filesz, s.memsz)));
+            return Err(bad(format!(
+                "segment at {:#x}: file size {:#x} exceeds memory size {:#x}",
+                s.paddr, s.filesz, s.memsz
+            )));
         }
-        let need = s.offset.checked_add(s.filesz).ok_or_else(|| bad("segment offset overflows"))?;
+        let need = s
+            .offset
+            .checked_add(s.filesz)
+            .ok_or_else(|| bad("segment offset overflows"))?;
         if need > data.len() as u64 {
-            return Err(LoadError::Truncated { what: format!("segment at {:#x}", s.paddr), need, have: data.len() as u64 });
+            return Err(LoadError::Truncated {
+                what: format!("segment at {:#x}", s.paddr),
+                need,
+                have: data.len() as u64,
+            });
         }
         if s.paddr.checked_add(s.memsz).is_none() {
             return Err(bad("segment address overflows"));
@@ -85,21 +111,37 @@ fn parse_with<H: FileHeader<Endian = object::Endianness>>(data: &[u8], machine: 
     if segments.is_empty() {
         return Err(bad("no loadable segments"));
     }
-    Ok(Image { entry: h.e_entry(e).into(), segments })
+    Ok(Image {
+        entry: h.e_entry(e).into(),
+        segments,
+    })
 }
 
 /// Parse an ELF32 i386 executable.
 pub fn parse32(data: &[u8]) -> Result<Image, LoadError> {
-    parse_with::<object::elf::FileHeader32<object::Endianness>>(data, object::elf::EM_386.0, "a 32-bit ELF")
+    parse_with::<object::elf::FileHeader32<object::Endianness>>(
+        data,
+        object::elf::EM_386.0,
+        "a 32-bit ELF",
+    )
 }
 
 /// Parse an ELF64 x86-64 executable.
 pub fn parse64(data: &[u8]) -> Result<Image, LoadError> {
-    parse_with::<object::elf::FileHeader64<object::Endianness>>(data, object::elf::EM_X86_64.0, "a 64-bit ELF")
+    parse_with::<object::elf::FileHeader64<object::Endianness>>(
+        data,
+        object::elf::EM_X86_64.0,
+        "a 64-bit ELF",
+    )
 }
 
 /// Check and copy segments into RAM (zeroing each segment's tail).
-pub fn load_segments(mem: &palacios_vmm::GuestMem, map: &palacios_vmm::MemoryMap, data: &[u8], img: &Image) -> Result<(), LoadError> {
+pub fn load_segments(
+    mem: &palacios_vmm::GuestMem,
+    map: &palacios_vmm::MemoryMap,
+    data: &[u8],
+    img: &Image,
+) -> Result<(), LoadError> {
     let ranges: Vec<(u64, u64)> = img.segments.iter().map(|s| (s.paddr, s.memsz)).collect();
     crate::check_disjoint(&ranges)?;
     for s in &img.segments {
@@ -107,7 +149,11 @@ pub fn load_segments(mem: &palacios_vmm::GuestMem, map: &palacios_vmm::MemoryMap
         crate::check_boot_area("ELF segment", s.paddr, s.memsz)?;
     }
     for s in &img.segments {
-        crate::write(mem, s.paddr, &data[s.offset as usize..(s.offset + s.filesz) as usize])?;
+        crate::write(
+            mem,
+            s.paddr,
+            &data[s.offset as usize..(s.offset + s.filesz) as usize],
+        )?;
         crate::zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)?;
     }
     Ok(())
@@ -115,7 +161,11 @@ pub fn load_segments(mem: &palacios_vmm::GuestMem, map: &palacios_vmm::MemoryMap
 
 /// A minimal ELF executable with the given segments (paddr, bytes, memsz); for tests and fuzz seeds.
 pub fn build_test_elf(class64: bool, entry: u64, segs: &[(u64, &[u8], u64)]) -> Vec<u8> {
-    let (ehsize, phsize) = if class64 { (64usize, 56usize) } else { (52, 32) };
+    let (ehsize, phsize) = if class64 {
+        (64usize, 56usize)
+    } else {
+        (52, 32)
+    };
     let mut out = vec![0u8; ehsize + phsize * segs.len()];
     out[..4].copy_from_slice(b"\x7fELF");
     out[4] = if class64 { 2 } else { 1 };
@@ -178,7 +228,15 @@ mod tests {
         let f = build_test_elf(true, 0x100010, &[(0x100000, b"abcd", 0x10)]);
         let img = parse64(&f).unwrap();
         assert_eq!(img.entry, 0x100010);
-        assert_eq!(img.segments, vec![Segment { paddr: 0x100000, offset: 120, filesz: 4, memsz: 0x10 }]);
+        assert_eq!(
+            img.segments,
+            vec![Segment {
+                paddr: 0x100000,
+                offset: 120,
+                filesz: 4,
+                memsz: 0x10
+            }]
+        );
         assert!(parse32(&f).is_err(), "a 64-bit file is not a 32-bit one");
         let f32 = build_test_elf(false, 0x100000, &[(0x100000, b"xy", 2)]);
         assert_eq!(parse32(&f32).unwrap().segments[0].offset, 84);
@@ -189,9 +247,15 @@ mod tests {
         let f = build_test_elf(false, 0x100000, &[(0x100000, &[7u8; 64], 64)]);
         for cut in [10usize, 60, f.len() - 1] {
             let e = parse32(&f[..cut]).unwrap_err();
-            assert!(matches!(e, LoadError::Truncated { .. } | LoadError::Elf(_)), "{cut}: {e}");
+            assert!(
+                matches!(e, LoadError::Truncated { .. } | LoadError::Elf(_)),
+                "{cut}: {e}"
+            );
         }
-        assert!(matches!(parse32(&f[..f.len() - 1]).unwrap_err(), LoadError::Truncated { .. }));
+        assert!(matches!(
+            parse32(&f[..f.len() - 1]).unwrap_err(),
+            LoadError::Truncated { .. }
+        ));
     }
 
     #[test]

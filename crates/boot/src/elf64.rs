@@ -19,20 +19,37 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     let img = elf::parse64(p.image)?;
     let entry = p.entry.unwrap_or(img.entry);
     if entry >= MAPPED_GIB << 30 {
-        return Err(LoadError::Invalid(format!("entry {entry:#x} is outside the identity-mapped first {MAPPED_GIB} GiB")));
+        return Err(LoadError::Invalid(format!(
+            "entry {entry:#x} is outside the identity-mapped first {MAPPED_GIB} GiB"
+        )));
     }
     elf::load_segments(mem, map, p.image, &img)?;
     let info = write_info(mem, map, p, img.end())?;
     let gdt = write_gdt(mem)?;
-    write(mem, PAGE_TABLES_ADDR, &paging::identity_tables(PAGE_TABLES_ADDR, MAPPED_GIB))?;
+    write(
+        mem,
+        PAGE_TABLES_ADDR,
+        &paging::identity_tables(PAGE_TABLES_ADDR, MAPPED_GIB),
+    )?;
 
     let mut s = CpuState::reset();
     s.sregs.cs = flat(SEL_CODE64, TYPE_CODE, true);
     let data = flat(SEL_DATA, TYPE_DATA, false);
-    for seg in [&mut s.sregs.ds, &mut s.sregs.es, &mut s.sregs.fs, &mut s.sregs.gs, &mut s.sregs.ss] {
+    for seg in [
+        &mut s.sregs.ds,
+        &mut s.sregs.es,
+        &mut s.sregs.fs,
+        &mut s.sregs.gs,
+        &mut s.sregs.ss,
+    ] {
         *seg = data;
     }
-    s.sregs.tr = Segment { limit: 0x67, type_: TYPE_TSS_BUSY, present: true, ..Default::default() };
+    s.sregs.tr = Segment {
+        limit: 0x67,
+        type_: TYPE_TSS_BUSY,
+        present: true,
+        ..Default::default()
+    };
     s.sregs.gdt = gdt;
     s.sregs.idt = palacios_x86::DescriptorTable { base: 0, limit: 0 };
     s.sregs.cr0 = cr0::PE | cr0::ET | cr0::PG | cr0::WP;
@@ -62,23 +79,44 @@ mod tests {
         let s = load(&mem, &map, &params(&img)).unwrap();
         assert_eq!(s.regs.rip, 0x100000);
         assert!(s.sregs.cs.l && !s.sregs.cs.db);
-        assert_eq!(s.sregs.efer & (efer::LME | efer::LMA), efer::LME | efer::LMA);
-        let tables = read(&mem, PAGE_TABLES_ADDR, paging::identity_tables_size(MAPPED_GIB) as usize);
+        assert_eq!(
+            s.sregs.efer & (efer::LME | efer::LMA),
+            efer::LME | efer::LMA
+        );
+        let tables = read(
+            &mem,
+            PAGE_TABLES_ADDR,
+            paging::identity_tables_size(MAPPED_GIB) as usize,
+        );
         for va in [0x100000u64, 0xfee0_0000, 0xffff_f000] {
             assert_eq!(paging::translate(&tables, PAGE_TABLES_ADDR, va), Some(va));
         }
         let gdt = read(&mem, crate::GDT_ADDR, 32);
         let code = u64::from_le_bytes(gdt[24..32].try_into().unwrap());
         assert_eq!(palacios_x86::segment::decode(SEL_CODE64, code), s.sregs.cs);
-        assert_eq!(read(&mem, s.regs.rbx, 4)[0] & 1, 1, "multiboot info has memory fields");
+        assert_eq!(
+            read(&mem, s.regs.rbx, 4)[0] & 1,
+            1,
+            "multiboot info has memory fields"
+        );
     }
 
     #[test]
     fn empty_segment_at_the_top_of_the_address_space_does_not_panic() {
         // Found by fuzzing: modules were placed after the "end" of a zero-sized segment.
         let (mem, map) = vm(16);
-        let img = elf::build_test_elf(true, 0x100000, &[(0x100000, &[0xf4; 8], 8), (0xffff_ffff_ffff_f001, b"", 0)]);
-        let p = BootParams { modules: vec![crate::Module { data: b"m", cmdline: "m" }], ..params(&img) };
+        let img = elf::build_test_elf(
+            true,
+            0x100000,
+            &[(0x100000, &[0xf4; 8], 8), (0xffff_ffff_ffff_f001, b"", 0)],
+        );
+        let p = BootParams {
+            modules: vec![crate::Module {
+                data: b"m",
+                cmdline: "m",
+            }],
+            ..params(&img)
+        };
         if let Ok(s) = load(&mem, &map, &p) {
             assert_eq!(s.regs.rip, 0x100000);
         }
@@ -88,7 +126,12 @@ mod tests {
     fn refuses_entry_above_mapping_and_32_bit_files() {
         let (mem, map) = vm(16);
         let img = elf::build_test_elf(true, 0x1_0000_0000, &[(0x100000, &[0xf4; 8], 8)]);
-        assert!(load(&mem, &map, &params(&img)).unwrap_err().to_string().contains("identity-mapped"));
+        assert!(
+            load(&mem, &map, &params(&img))
+                .unwrap_err()
+                .to_string()
+                .contains("identity-mapped")
+        );
         let img32 = elf::build_test_elf(false, 0x100000, &[(0x100000, &[0xf4; 8], 8)]);
         assert!(load(&mem, &map, &params(&img32)).is_err());
     }

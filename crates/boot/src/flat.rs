@@ -21,7 +21,9 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     check_ram(map, "flat image", addr, len)?;
     let entry = p.entry.unwrap_or(addr);
     if entry >= REAL_MODE_LIMIT {
-        return Err(LoadError::Invalid(format!("entry {entry:#x} is not reachable in real mode")));
+        return Err(LoadError::Invalid(format!(
+            "entry {entry:#x} is not reachable in real mode"
+        )));
     }
     if !(addr..end).contains(&entry) {
         tracing::warn!("flat entry {entry:#x} lies outside the image {addr:#x}-{end:#x}");
@@ -47,7 +49,10 @@ mod tests {
     #[test]
     fn high_load_address_uses_a_segment() {
         let (mem, map) = vm(2);
-        let p = BootParams { load_addr: Some(0x9_0000), ..params(&[1, 2, 3]) };
+        let p = BootParams {
+            load_addr: Some(0x9_0000),
+            ..params(&[1, 2, 3])
+        };
         let s = load(&mem, &map, &p).unwrap();
         assert_eq!(s.sregs.cs.base + s.regs.rip, 0x9_0000);
         assert!(s.regs.rip <= 0xffff);
@@ -57,10 +62,21 @@ mod tests {
     fn refuses_what_real_mode_cannot_reach() {
         let (mem, map) = vm(2);
         let img = vec![0u8; 0x1000];
-        let p = BootParams { load_addr: Some(0xff800), ..params(&img) };
-        assert!(load(&mem, &map, &p).unwrap_err().to_string().contains("below 1 MiB"));
+        let p = BootParams {
+            load_addr: Some(0xff800),
+            ..params(&img)
+        };
+        assert!(
+            load(&mem, &map, &p)
+                .unwrap_err()
+                .to_string()
+                .contains("below 1 MiB")
+        );
         assert!(load(&mem, &map, &params(&[])).is_err());
-        let p = BootParams { entry: Some(0x20_0000), ..params(&[1]) };
+        let p = BootParams {
+            entry: Some(0x20_0000),
+            ..params(&[1])
+        };
         assert!(load(&mem, &map, &p).is_err());
     }
 }

@@ -36,11 +36,29 @@ pub enum LoadError {
     #[error("{what} is truncated: needs {need} bytes, the file has {have}")]
     Truncated { what: String, need: u64, have: u64 },
     #[error("segments overlap: {a_start:#x}-{a_end:#x} and {b_start:#x}-{b_end:#x}")]
-    Overlap { a_start: u64, a_end: u64, b_start: u64, b_end: u64 },
+    Overlap {
+        a_start: u64,
+        a_end: u64,
+        b_start: u64,
+        b_end: u64,
+    },
     #[error("{what} at {start:#x}-{end:#x} is outside guest RAM (the VM has {ram_mib} MiB)")]
-    OutsideRam { what: String, start: u64, end: u64, ram_mib: u64 },
-    #[error("{what} at {start:#x}-{end:#x} overlaps the loader's boot area {area_start:#x}-{area_end:#x}")]
-    BootArea { what: String, start: u64, end: u64, area_start: u64, area_end: u64 },
+    OutsideRam {
+        what: String,
+        start: u64,
+        end: u64,
+        ram_mib: u64,
+    },
+    #[error(
+        "{what} at {start:#x}-{end:#x} overlaps the loader's boot area {area_start:#x}-{area_end:#x}"
+    )]
+    BootArea {
+        what: String,
+        start: u64,
+        end: u64,
+        area_start: u64,
+        area_end: u64,
+    },
     #[error("bad Multiboot header: {0}")]
     Multiboot(String),
     #[error("bad ELF file: {0}")]
@@ -78,9 +96,15 @@ pub fn detect(image: &[u8]) -> BootFormat {
 
 /// Load a guest; returns the boot core's initial state.
 pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState, LoadError> {
-    let format = if p.format == BootFormat::Auto { detect(p.image) } else { p.format };
+    let format = if p.format == BootFormat::Auto {
+        detect(p.image)
+    } else {
+        p.format
+    };
     if format != BootFormat::Multiboot && format != BootFormat::Elf64 && !p.modules.is_empty() {
-        return Err(LoadError::Invalid("modules are only passed to multiboot and elf64 kernels".into()));
+        return Err(LoadError::Invalid(
+            "modules are only passed to multiboot and elf64 kernels".into(),
+        ));
     }
     match format {
         BootFormat::Flat => flat::load(mem, map, p),
@@ -91,7 +115,12 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
 }
 
 /// A range the loader is about to fill, checked against RAM.
-pub(crate) fn check_ram(map: &MemoryMap, what: &str, start: u64, len: u64) -> Result<(), LoadError> {
+pub(crate) fn check_ram(
+    map: &MemoryMap,
+    what: &str,
+    start: u64,
+    len: u64,
+) -> Result<(), LoadError> {
     if len > 0 && !map.is_backed(start, len) {
         return Err(LoadError::OutsideRam {
             what: what.into(),
@@ -107,18 +136,33 @@ pub(crate) fn check_ram(map: &MemoryMap, what: &str, start: u64, len: u64) -> Re
 pub(crate) fn check_boot_area(what: &str, start: u64, len: u64) -> Result<(), LoadError> {
     let end = start.saturating_add(len);
     if len > 0 && start < BOOT_AREA.1 && end > BOOT_AREA.0 {
-        return Err(LoadError::BootArea { what: what.into(), start, end, area_start: BOOT_AREA.0, area_end: BOOT_AREA.1 });
+        return Err(LoadError::BootArea {
+            what: what.into(),
+            start,
+            end,
+            area_start: BOOT_AREA.0,
+            area_end: BOOT_AREA.1,
+        });
     }
     Ok(())
 }
 
 /// Refuse overlapping (start, len) ranges.
 pub(crate) fn check_disjoint(ranges: &[(u64, u64)]) -> Result<(), LoadError> {
-    let mut v: Vec<(u64, u64)> = ranges.iter().filter(|r| r.1 > 0).map(|&(s, l)| (s, s.saturating_add(l))).collect();
+    let mut v: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|r| r.1 > 0)
+        .map(|&(s, l)| (s, s.saturating_add(l)))
+        .collect();
     v.sort_unstable();
     for w in v.windows(2) {
         if w[1].0 < w[0].1 {
-            return Err(LoadError::Overlap { a_start: w[0].0, a_end: w[0].1, b_start: w[1].0, b_end: w[1].1 });
+            return Err(LoadError::Overlap {
+                a_start: w[0].0,
+                a_end: w[0].1,
+                b_start: w[1].0,
+                b_end: w[1].1,
+            });
         }
     }
     Ok(())
@@ -126,7 +170,8 @@ pub(crate) fn check_disjoint(ranges: &[(u64, u64)]) -> Result<(), LoadError> {
 
 /// Write bytes into checked RAM.
 pub(crate) fn write(mem: &GuestMem, addr: u64, data: &[u8]) -> Result<(), LoadError> {
-    mem.write_slice(data, GuestAddress(addr)).map_err(|e| LoadError::Invalid(format!("writing guest memory at {addr:#x}: {e}")))
+    mem.write_slice(data, GuestAddress(addr))
+        .map_err(|e| LoadError::Invalid(format!("writing guest memory at {addr:#x}: {e}")))
 }
 
 /// Zero a range of checked RAM.
@@ -146,7 +191,10 @@ pub(crate) fn write_gdt(mem: &GuestMem) -> Result<palacios_x86::DescriptorTable,
     let gdt = palacios_x86::segment::boot_gdt();
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     write(mem, GDT_ADDR, &bytes)?;
-    Ok(palacios_x86::DescriptorTable { base: GDT_ADDR, limit: (bytes.len() - 1) as u16 })
+    Ok(palacios_x86::DescriptorTable {
+        base: GDT_ADDR,
+        limit: (bytes.len() - 1) as u16,
+    })
 }
 
 #[cfg(test)]
@@ -162,7 +210,14 @@ pub(crate) mod testutil {
         v
     }
     pub fn params(image: &[u8]) -> BootParams<'_> {
-        BootParams { format: BootFormat::Auto, image, load_addr: None, entry: None, cmdline: "", modules: vec![] }
+        BootParams {
+            format: BootFormat::Auto,
+            image,
+            load_addr: None,
+            entry: None,
+            cmdline: "",
+            modules: vec![],
+        }
     }
 }
 
@@ -174,7 +229,15 @@ mod tests {
     fn disjoint_checks() {
         assert!(check_disjoint(&[(0, 10), (10, 5), (100, 0), (100, 0)]).is_ok());
         let e = check_disjoint(&[(0x2000, 0x1000), (0x1000, 0x1001)]).unwrap_err();
-        assert_eq!(e, LoadError::Overlap { a_start: 0x1000, a_end: 0x2001, b_start: 0x2000, b_end: 0x3000 });
+        assert_eq!(
+            e,
+            LoadError::Overlap {
+                a_start: 0x1000,
+                a_end: 0x2001,
+                b_start: 0x2000,
+                b_end: 0x3000
+            }
+        );
     }
 
     #[test]

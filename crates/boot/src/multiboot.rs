@@ -6,7 +6,9 @@ use palacios_vmm::{GuestMem, MemoryMap};
 use palacios_x86::segment::{SEL_CODE32, SEL_DATA, TYPE_CODE, TYPE_DATA, TYPE_TSS_BUSY, flat};
 use palacios_x86::{CpuState, Segment, cr0};
 
-use crate::{BootParams, INFO_AREA, LoadError, check_boot_area, check_ram, elf, write, write_gdt, zero};
+use crate::{
+    BootParams, INFO_AREA, LoadError, check_boot_area, check_ram, elf, write, write_gdt, zero,
+};
 
 pub const HEADER_MAGIC: u32 = 0x1bad_b002;
 pub const BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
@@ -39,7 +41,8 @@ pub struct Header {
 }
 
 fn u32_at(d: &[u8], off: usize) -> Option<u32> {
-    d.get(off..off + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    d.get(off..off + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Find and check the header. `Ok(None)`: no header; `Err`: a header that is wrong.
@@ -47,7 +50,11 @@ pub fn find_header(image: &[u8]) -> Result<Option<Header>, LoadError> {
     let limit = image.len().min(SEARCH_LIMIT);
     let mut off = 0;
     while off + 12 <= limit {
-        let (magic, flags, sum) = (u32_at(image, off), u32_at(image, off + 4), u32_at(image, off + 8));
+        let (magic, flags, sum) = (
+            u32_at(image, off),
+            u32_at(image, off + 4),
+            u32_at(image, off + 8),
+        );
         if let (Some(HEADER_MAGIC), Some(flags), Some(sum)) = (magic, flags, sum) {
             if HEADER_MAGIC.wrapping_add(flags).wrapping_add(sum) == 0 {
                 return parse_at(image, off, flags).map(Some);
@@ -61,10 +68,14 @@ pub fn find_header(image: &[u8]) -> Result<Option<Header>, LoadError> {
 fn parse_at(image: &[u8], offset: usize, flags: u32) -> Result<Header, LoadError> {
     let unknown = flags & 0xffff & !KNOWN_REQUIRED;
     if unknown != 0 {
-        return Err(LoadError::Multiboot(format!("the kernel requires unsupported features (flags {unknown:#x})")));
+        return Err(LoadError::Multiboot(format!(
+            "the kernel requires unsupported features (flags {unknown:#x})"
+        )));
     }
     if flags & FLAG_VIDEO_MODE != 0 {
-        tracing::warn!("multiboot: the kernel asks for a video mode; there is no framebuffer, the request is ignored");
+        tracing::warn!(
+            "multiboot: the kernel asks for a video mode; there is no framebuffer, the request is ignored"
+        );
     }
     let aout = if flags & FLAG_AOUT_KLUDGE != 0 {
         let f = |i: usize| {
@@ -74,40 +85,70 @@ fn parse_at(image: &[u8], offset: usize, flags: u32) -> Result<Header, LoadError
                 have: image.len() as u64,
             })
         };
-        Some(AoutFields { header_addr: f(0)?, load_addr: f(1)?, load_end_addr: f(2)?, bss_end_addr: f(3)?, entry_addr: f(4)? })
+        Some(AoutFields {
+            header_addr: f(0)?,
+            load_addr: f(1)?,
+            load_end_addr: f(2)?,
+            bss_end_addr: f(3)?,
+            entry_addr: f(4)?,
+        })
     } else {
         None
     };
-    Ok(Header { offset, flags, aout })
+    Ok(Header {
+        offset,
+        flags,
+        aout,
+    })
 }
 
 /// Where the a.out fields say the image goes: (file offset, load address, bytes from file,
 /// bytes of memory including bss, entry).
-pub fn aout_layout(image_len: usize, h: &Header, a: &AoutFields) -> Result<(u64, u64, u64, u64, u64), LoadError> {
+pub fn aout_layout(
+    image_len: usize,
+    h: &Header,
+    a: &AoutFields,
+) -> Result<(u64, u64, u64, u64, u64), LoadError> {
     let bad = |m: String| LoadError::Multiboot(m);
     if a.header_addr < a.load_addr {
-        return Err(bad(format!("header_addr {:#x} is below load_addr {:#x}", a.header_addr, a.load_addr)));
+        return Err(bad(format!(
+            "header_addr {:#x} is below load_addr {:#x}",
+            a.header_addr, a.load_addr
+        )));
     }
     let delta = u64::from(a.header_addr - a.load_addr);
-    let file_off = (h.offset as u64)
-        .checked_sub(delta)
-        .ok_or_else(|| bad(format!("load_addr {:#x} would start before the file", a.load_addr)))?;
+    let file_off = (h.offset as u64).checked_sub(delta).ok_or_else(|| {
+        bad(format!(
+            "load_addr {:#x} would start before the file",
+            a.load_addr
+        ))
+    })?;
     let avail = image_len as u64 - file_off;
     let file_len = if a.load_end_addr == 0 {
         avail
     } else if a.load_end_addr < a.load_addr {
-        return Err(bad(format!("load_end_addr {:#x} is below load_addr {:#x}", a.load_end_addr, a.load_addr)));
+        return Err(bad(format!(
+            "load_end_addr {:#x} is below load_addr {:#x}",
+            a.load_end_addr, a.load_addr
+        )));
     } else {
         u64::from(a.load_end_addr - a.load_addr)
     };
     if file_len > avail {
-        return Err(LoadError::Truncated { what: "the Multiboot a.out image".into(), need: file_off + file_len, have: image_len as u64 });
+        return Err(LoadError::Truncated {
+            what: "the Multiboot a.out image".into(),
+            need: file_off + file_len,
+            have: image_len as u64,
+        });
     }
     let load = u64::from(a.load_addr);
     let mem_len = if a.bss_end_addr == 0 {
         file_len
     } else if u64::from(a.bss_end_addr) < load + file_len {
-        return Err(bad(format!("bss_end_addr {:#x} is below the end of the loaded image", a.bss_end_addr)));
+        return Err(bad(format!(
+            "bss_end_addr {:#x} is below the end of the loaded image",
+            a.bss_end_addr
+        )));
     } else {
         u64::from(a.bss_end_addr) - load
     };
@@ -142,15 +183,32 @@ const BOOTLOADER_NAME: &str = "Palacios-rs";
 
 /// Load the modules page-aligned from `after` and write the information structure.
 /// Returns its address. Used by the Multiboot and the 64-bit ELF loaders.
-pub fn write_info(mem: &GuestMem, map: &MemoryMap, p: &BootParams, after: u64) -> Result<u64, LoadError> {
+pub fn write_info(
+    mem: &GuestMem,
+    map: &MemoryMap,
+    p: &BootParams,
+    after: u64,
+) -> Result<u64, LoadError> {
     let mut area = InfoArea { next: INFO_AREA.0 };
     let info = area.alloc(88, 8)?;
     let mut flags = 1 | (1 << 2) | (1 << 6) | (1 << 9);
     let mut fields = [0u32; 22];
     // mem_lower / mem_upper in KiB.
-    let ram: Vec<_> = map.regions().iter().filter(|r| r.kind == RegionKind::Ram).collect();
-    let lower = ram.iter().find(|r| r.start == 0).map(|r| r.end().min(0xa_0000)).unwrap_or(0);
-    let upper = ram.iter().find(|r| r.start == 0x10_0000).map(|r| r.size).unwrap_or(0);
+    let ram: Vec<_> = map
+        .regions()
+        .iter()
+        .filter(|r| r.kind == RegionKind::Ram)
+        .collect();
+    let lower = ram
+        .iter()
+        .find(|r| r.start == 0)
+        .map(|r| r.end().min(0xa_0000))
+        .unwrap_or(0);
+    let upper = ram
+        .iter()
+        .find(|r| r.start == 0x10_0000)
+        .map(|r| r.size)
+        .unwrap_or(0);
     fields[1] = (lower / 1024) as u32;
     fields[2] = (upper / 1024).min(u64::from(u32::MAX)) as u32;
     fields[3] = 0xffff_ffff; // boot_device: none
@@ -159,17 +217,24 @@ pub fn write_info(mem: &GuestMem, map: &MemoryMap, p: &BootParams, after: u64) -
     if !p.modules.is_empty() {
         flags |= 1 << 3;
         let list = area.alloc(16 * p.modules.len() as u64, 4)?;
-        let page_up = |a: u64| a.checked_next_multiple_of(4096).ok_or_else(|| LoadError::Invalid("modules do not fit below 4 GiB".into()));
+        let page_up = |a: u64| {
+            a.checked_next_multiple_of(4096)
+                .ok_or_else(|| LoadError::Invalid("modules do not fit below 4 GiB".into()))
+        };
         let mut at = page_up(after)?;
         for (i, m) in p.modules.iter().enumerate() {
             let len = m.data.len() as u64;
-            let end = at.checked_add(len).filter(|&e| e <= u64::from(u32::MAX)).ok_or_else(|| {
-                LoadError::Invalid("modules do not fit below 4 GiB".into())
-            })?;
+            let end = at
+                .checked_add(len)
+                .filter(|&e| e <= u64::from(u32::MAX))
+                .ok_or_else(|| LoadError::Invalid("modules do not fit below 4 GiB".into()))?;
             check_ram(map, &format!("module {}", i + 1), at, len.max(1))?;
             write(mem, at, m.data)?;
             let s = area.string(mem, m.cmdline)?;
-            let entry: Vec<u8> = [at as u32, end as u32, s as u32, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+            let entry: Vec<u8> = [at as u32, end as u32, s as u32, 0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
             write(mem, list + 16 * i as u64, &entry)?;
             at = page_up(end)?;
         }
@@ -211,10 +276,21 @@ fn entry_state(gdt: palacios_x86::DescriptorTable, entry: u64, info: u64) -> Cpu
     let mut s = CpuState::reset();
     s.sregs.cs = flat(SEL_CODE32, TYPE_CODE, false);
     let data = flat(SEL_DATA, TYPE_DATA, false);
-    for seg in [&mut s.sregs.ds, &mut s.sregs.es, &mut s.sregs.fs, &mut s.sregs.gs, &mut s.sregs.ss] {
+    for seg in [
+        &mut s.sregs.ds,
+        &mut s.sregs.es,
+        &mut s.sregs.fs,
+        &mut s.sregs.gs,
+        &mut s.sregs.ss,
+    ] {
         *seg = data;
     }
-    s.sregs.tr = Segment { limit: 0x67, type_: TYPE_TSS_BUSY, present: true, ..Default::default() };
+    s.sregs.tr = Segment {
+        limit: 0x67,
+        type_: TYPE_TSS_BUSY,
+        present: true,
+        ..Default::default()
+    };
     s.sregs.gdt = gdt;
     s.sregs.idt = palacios_x86::DescriptorTable { base: 0, limit: 0 };
     s.sregs.cr0 = cr0::PE | cr0::ET;
@@ -229,7 +305,8 @@ fn entry_state(gdt: palacios_x86::DescriptorTable, entry: u64, info: u64) -> Cpu
 }
 
 pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState, LoadError> {
-    let h = find_header(p.image)?.ok_or_else(|| LoadError::Multiboot("no Multiboot header in the first 8 KiB".into()))?;
+    let h = find_header(p.image)?
+        .ok_or_else(|| LoadError::Multiboot("no Multiboot header in the first 8 KiB".into()))?;
     let (entry, end) = match &h.aout {
         Some(a) => {
             let (off, load, flen, mlen, entry) = aout_layout(p.image.len(), &h, a)?;
@@ -252,7 +329,9 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     };
     let entry = p.entry.unwrap_or(entry);
     if entry > u64::from(u32::MAX) {
-        return Err(LoadError::Invalid(format!("entry {entry:#x} is above 4 GiB")));
+        return Err(LoadError::Invalid(format!(
+            "entry {entry:#x} is above 4 GiB"
+        )));
     }
     let info = write_info(mem, map, p, end)?;
     let gdt = write_gdt(mem)?;
@@ -267,7 +346,11 @@ mod tests {
 
     fn header(flags: u32, aout: Option<[u32; 5]>) -> Vec<u8> {
         let mut h = Vec::new();
-        for v in [HEADER_MAGIC, flags, 0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags))] {
+        for v in [
+            HEADER_MAGIC,
+            flags,
+            0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags)),
+        ] {
             h.extend_from_slice(&v.to_le_bytes());
         }
         for v in aout.iter().flatten() {
@@ -300,7 +383,10 @@ mod tests {
         // Unknown required feature bits are refused.
         assert!(find_header(&header(1 << 5, None)).is_err());
         // Address fields cut off.
-        assert!(matches!(find_header(&header(1 << 16, None)), Err(LoadError::Truncated { .. })));
+        assert!(matches!(
+            find_header(&header(1 << 16, None)),
+            Err(LoadError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -312,7 +398,10 @@ mod tests {
         let (mem, map) = vm(32);
         let p = BootParams {
             cmdline: "hello world",
-            modules: vec![Module { data: b"KEY=VALUE\n", cmdline: "mod1" }],
+            modules: vec![Module {
+                data: b"KEY=VALUE\n",
+                cmdline: "mod1",
+            }],
             ..params(&img)
         };
         let s = load(&mem, &map, &p).unwrap();
@@ -323,7 +412,11 @@ mod tests {
         assert!(s.sregs.cs.db && s.sregs.cs.g && s.sregs.cs.limit == 0xffff_ffff);
         let info = s.regs.rbx;
         let flags = u32_in(&mem, info);
-        assert_eq!(flags & 0b10_0100_1101, 0b10_0100_1101, "mem, cmdline, mods, mmap, name");
+        assert_eq!(
+            flags & 0b10_0100_1101,
+            0b10_0100_1101,
+            "mem, cmdline, mods, mmap, name"
+        );
         assert_eq!(u32_in(&mem, info + 4), 639);
         assert_eq!(u32_in(&mem, info + 8), 31 * 1024);
         let cmd = u32_in(&mem, info + 16) as u64;
@@ -338,7 +431,10 @@ mod tests {
         assert_eq!(read(&mem, 0x10000c, 16), code.to_vec());
         assert_eq!(read(&mem, 0x101000, 8), vec![0; 8]);
         // Memory map: RAM at 0 and 1 MiB; total type-1 = 32 MiB minus the legacy hole.
-        let (len, addr) = (u32_in(&mem, info + 44) as u64, u32_in(&mem, info + 48) as u64);
+        let (len, addr) = (
+            u32_in(&mem, info + 44) as u64,
+            u32_in(&mem, info + 48) as u64,
+        );
         let mut ram = 0;
         for i in 0..len / 24 {
             let e = read(&mem, addr + 24 * i, 24);
@@ -355,18 +451,30 @@ mod tests {
     #[test]
     fn aout_kludge_uses_the_address_fields() {
         // Image: header at file offset 0 describing load at 0x200000, 0x40 bytes + 0x100 bss.
-        let mut img = header(1 << 16 | 2, Some([0x20_0000, 0x20_0000, 0x20_0040, 0x20_0140, 0x20_0020]));
+        let mut img = header(
+            1 << 16 | 2,
+            Some([0x20_0000, 0x20_0000, 0x20_0040, 0x20_0140, 0x20_0020]),
+        );
         img.resize(0x40, 0x90);
         let (mem, map) = vm(8);
         let s = load(&mem, &map, &params(&img)).unwrap();
         assert_eq!(s.regs.rip, 0x20_0020);
         assert_eq!(read(&mem, 0x20_0000, 0x40), img);
         // bss_end below load_end is refused; load_end past the file is truncation.
-        let mut bad = header(1 << 16, Some([0x20_0000, 0x20_0000, 0x20_0040, 0x20_0010, 0x20_0000]));
+        let mut bad = header(
+            1 << 16,
+            Some([0x20_0000, 0x20_0000, 0x20_0040, 0x20_0010, 0x20_0000]),
+        );
         bad.resize(0x40, 0);
         assert!(load(&mem, &map, &params(&bad)).is_err());
-        let short = header(1 << 16, Some([0x20_0000, 0x20_0000, 0x20_1000, 0, 0x20_0000]));
-        assert!(matches!(load(&mem, &map, &params(&short)).unwrap_err(), LoadError::Truncated { .. }));
+        let short = header(
+            1 << 16,
+            Some([0x20_0000, 0x20_0000, 0x20_1000, 0, 0x20_0000]),
+        );
+        assert!(matches!(
+            load(&mem, &map, &params(&short)).unwrap_err(),
+            LoadError::Truncated { .. }
+        ));
     }
 
     #[test]
@@ -375,12 +483,30 @@ mod tests {
         text.extend_from_slice(&[0xf4; 4]);
         let (mem, map) = vm(4);
         let outside = elf::build_test_elf(false, 0x800000, &[(0x800000, &text, 16)]);
-        assert!(matches!(load(&mem, &map, &params(&outside)).unwrap_err(), LoadError::OutsideRam { .. }));
-        let overlap = elf::build_test_elf(false, 0x100000, &[(0x100000, &text, 0x100), (0x100080, b"x", 1)]);
-        assert!(matches!(load(&mem, &map, &params(&overlap)).unwrap_err(), LoadError::Overlap { .. }));
+        assert!(matches!(
+            load(&mem, &map, &params(&outside)).unwrap_err(),
+            LoadError::OutsideRam { .. }
+        ));
+        let overlap = elf::build_test_elf(
+            false,
+            0x100000,
+            &[(0x100000, &text, 0x100), (0x100080, b"x", 1)],
+        );
+        assert!(matches!(
+            load(&mem, &map, &params(&overlap)).unwrap_err(),
+            LoadError::Overlap { .. }
+        ));
         let low = elf::build_test_elf(false, 0x8000, &[(0x8000, &text, 16)]);
-        assert!(matches!(load(&mem, &map, &params(&low)).unwrap_err(), LoadError::BootArea { .. }));
+        assert!(matches!(
+            load(&mem, &map, &params(&low)).unwrap_err(),
+            LoadError::BootArea { .. }
+        ));
         let not_elf = header(3, None);
-        assert!(load(&mem, &map, &params(&not_elf)).unwrap_err().to_string().contains("ELF32"));
+        assert!(
+            load(&mem, &map, &params(&not_elf))
+                .unwrap_err()
+                .to_string()
+                .contains("ELF32")
+        );
     }
 }

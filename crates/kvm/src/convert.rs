@@ -86,11 +86,18 @@ fn seg_to(s: &Segment) -> kvm_segment {
 }
 
 fn dt_from(d: &kvm_dtable) -> DescriptorTable {
-    DescriptorTable { base: d.base, limit: d.limit }
+    DescriptorTable {
+        base: d.base,
+        limit: d.limit,
+    }
 }
 
 fn dt_to(d: &DescriptorTable) -> kvm_dtable {
-    kvm_dtable { base: d.base, limit: d.limit, padding: [0; 3] }
+    kvm_dtable {
+        base: d.base,
+        limit: d.limit,
+        padding: [0; 3],
+    }
 }
 
 pub fn sregs_from_kvm(s: &kvm_sregs) -> SRegs {
@@ -173,18 +180,32 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let r = Regs { rax: 1, r15: 2, rip: 3, rflags: 0x202, ..Default::default() };
+        let r = Regs {
+            rax: 1,
+            r15: 2,
+            rip: 3,
+            rflags: 0x202,
+            ..Default::default()
+        };
         assert_eq!(regs_from_kvm(&regs_to_kvm(&r)), r);
         let mut s = SRegs::default();
         s.cs = palacios_x86::segment::flat(8, 0xb, true);
-        s.gdt = DescriptorTable { base: 0x1000, limit: 31 };
+        s.gdt = DescriptorTable {
+            base: 0x1000,
+            limit: 31,
+        };
         s.efer = 0x500;
         let mut k = kvm_sregs::default();
         k.interrupt_bitmap[0] = 7;
         sregs_to_kvm(&s, &mut k);
         assert_eq!(k.interrupt_bitmap[0], 7);
         assert_eq!(sregs_from_kvm(&k), s);
-        let f = FpuState { fcw: 0x37f, mxcsr: 0x1f80, xmm: [[9; 16]; 16], ..Default::default() };
+        let f = FpuState {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            xmm: [[9; 16]; 16],
+            ..Default::default()
+        };
         assert_eq!(fpu_from_kvm(&fpu_to_kvm(&f)), f);
     }
 }

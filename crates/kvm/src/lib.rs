@@ -19,20 +19,31 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
-vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_bindings::kvm_interrupt);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_INTERRUPT,
+    kvm_bindings::KVMIO,
+    0x86,
+    kvm_bindings::kvm_interrupt
+);
 
 fn host_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BackendError {
-    move |e| BackendError::Host { op, source: io::Error::from_raw_os_error(e.errno()) }
+    move |e| BackendError::Host {
+        op,
+        source: io::Error::from_raw_os_error(e.errno()),
+    }
 }
 
 /// The KVM device: `/dev/kvm`, or `$PALACIOS_KVM_DEVICE` (lets tests and unusual hosts point
 /// elsewhere).
 pub fn device_path() -> PathBuf {
-    std::env::var_os("PALACIOS_KVM_DEVICE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+    std::env::var_os("PALACIOS_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
 }
 
 fn open_kvm() -> Result<Kvm, kvm_ioctls::Error> {
-    let path = std::ffi::CString::new(device_path().as_os_str().as_encoded_bytes()).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    let path = std::ffi::CString::new(device_path().as_os_str().as_encoded_bytes())
+        .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
     Kvm::new_with_path(&path)
 }
 
@@ -41,11 +52,21 @@ pub fn probe() -> Option<String> {
     let path = device_path();
     let dev: &Path = &path;
     if !dev.exists() {
-        return Some(format!("{} does not exist (no KVM on this host, or not passed to this container)", dev.display()));
+        return Some(format!(
+            "{} does not exist (no KVM on this host, or not passed to this container)",
+            dev.display()
+        ));
     }
     match open_kvm() {
-        Err(e) => Some(format!("cannot open {}: {}", dev.display(), io::Error::from_raw_os_error(e.errno()))),
-        Ok(k) if k.get_api_version() != 12 => Some(format!("unsupported KVM API version {}", k.get_api_version())),
+        Err(e) => Some(format!(
+            "cannot open {}: {}",
+            dev.display(),
+            io::Error::from_raw_os_error(e.errno())
+        )),
+        Ok(k) if k.get_api_version() != 12 => Some(format!(
+            "unsupported KVM API version {}",
+            k.get_api_version()
+        )),
         Ok(_) => None,
     }
 }
@@ -63,23 +84,45 @@ pub struct KvmBackend {
 impl KvmBackend {
     /// Open /dev/kvm and create a VM. `available` lists the other backends for the message.
     pub fn new(available: &str) -> Result<Self, BackendError> {
-        let unavailable = |reason: String| BackendError::Unavailable { name: "kvm", reason, available: available.to_string() };
+        let unavailable = |reason: String| BackendError::Unavailable {
+            name: "kvm",
+            reason,
+            available: available.to_string(),
+        };
         if let Some(reason) = probe() {
             return Err(unavailable(reason));
         }
-        let kvm = open_kvm().map_err(|e| unavailable(io::Error::from_raw_os_error(e.errno()).to_string()))?;
-        let vm = kvm.create_vm().map_err(|e| unavailable(format!("KVM_CREATE_VM failed: {}", io::Error::from_raw_os_error(e.errno()))))?;
+        let kvm = open_kvm()
+            .map_err(|e| unavailable(io::Error::from_raw_os_error(e.errno()).to_string()))?;
+        let vm = kvm.create_vm().map_err(|e| {
+            unavailable(format!(
+                "KVM_CREATE_VM failed: {}",
+                io::Error::from_raw_os_error(e.errno())
+            ))
+        })?;
         if let Err(e) = vm.set_tss_address(TSS_ADDR) {
             tracing::debug!("KVM_SET_TSS_ADDR: {e} (ignored)");
         }
         if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
             tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (ignored)");
         }
-        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(host_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(host_err("KVM_GET_SUPPORTED_CPUID"))?;
         // KVM reports the guest TSC frequency per vCPU; ask a throw-away VM so that this VM's
         // vCPU numbers stay free.
-        let tsc_khz = kvm.create_vm().ok().and_then(|v| v.create_vcpu(0).ok()).and_then(|c| c.get_tsc_khz().ok());
-        Ok(KvmBackend { kvm, vm: Arc::new(vm), cpuid, tsc_khz, msr_bitmaps: std::sync::Mutex::new(Vec::new()) })
+        let tsc_khz = kvm
+            .create_vm()
+            .ok()
+            .and_then(|v| v.create_vcpu(0).ok())
+            .and_then(|c| c.get_tsc_khz().ok());
+        Ok(KvmBackend {
+            kvm,
+            vm: Arc::new(vm),
+            cpuid,
+            tsc_khz,
+            msr_bitmaps: std::sync::Mutex::new(Vec::new()),
+        })
     }
 
     /// The KVM system handle (capability checks).
@@ -95,9 +138,12 @@ impl Backend for KvmBackend {
 
     fn map_memory(&self, mem: &GuestMem) -> Result<(), BackendError> {
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| BackendError::Host { op: "guest memory lookup", source: io::Error::other(e.to_string()) })?;
+            let host =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|e| BackendError::Host {
+                        op: "guest memory lookup",
+                        source: io::Error::other(e.to_string()),
+                    })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -107,7 +153,8 @@ impl Backend for KvmBackend {
             };
             // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps alive for as
             // long as the VM fd exists (the Vm holds both and drops vCPUs and VM before memory).
-            unsafe { self.vm.set_user_memory_region(r) }.map_err(host_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { self.vm.set_user_memory_region(r) }
+                .map_err(host_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
@@ -117,10 +164,19 @@ impl Backend for KvmBackend {
     }
 
     fn create_kernel_irqchip(&self) -> Result<Arc<dyn KernelIrqchip>, BackendError> {
-        self.vm.create_irq_chip().map_err(host_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        self.vm.create_pit2(pit).map_err(host_err("KVM_CREATE_PIT2"))?;
-        Ok(Arc::new(KvmIrqchip { vm: self.vm.clone() }))
+        self.vm
+            .create_irq_chip()
+            .map_err(host_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm
+            .create_pit2(pit)
+            .map_err(host_err("KVM_CREATE_PIT2"))?;
+        Ok(Arc::new(KvmIrqchip {
+            vm: self.vm.clone(),
+        }))
     }
 
     fn trap_msrs(&self, ranges: &[(u32, u32)]) -> Result<(), BackendError> {
@@ -128,18 +184,33 @@ impl Backend for KvmBackend {
             return Ok(());
         }
         if ranges.len() > kvm_bindings::KVM_MSR_FILTER_MAX_RANGES as usize {
-            return Err(BackendError::Host { op: "KVM_X86_SET_MSR_FILTER", source: io::Error::other("too many MSR ranges") });
+            return Err(BackendError::Host {
+                op: "KVM_X86_SET_MSR_FILTER",
+                source: io::Error::other("too many MSR ranges"),
+            });
         }
         let cap = kvm_bindings::kvm_enable_cap {
             cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-            args: [u64::from(
-                kvm_bindings::KVM_MSR_EXIT_REASON_FILTER | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN | kvm_bindings::KVM_MSR_EXIT_REASON_INVAL,
-            ), 0, 0, 0],
+            args: [
+                u64::from(
+                    kvm_bindings::KVM_MSR_EXIT_REASON_FILTER
+                        | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN
+                        | kvm_bindings::KVM_MSR_EXIT_REASON_INVAL,
+                ),
+                0,
+                0,
+                0,
+            ],
             ..Default::default()
         };
-        self.vm.enable_cap(&cap).map_err(host_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        self.vm
+            .enable_cap(&cap)
+            .map_err(host_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
         let mut bitmaps = self.msr_bitmaps.lock().unwrap_or_else(|p| p.into_inner());
-        let mut filter = kvm_bindings::kvm_msr_filter { flags: kvm_bindings::KVM_MSR_FILTER_DEFAULT_ALLOW, ..Default::default() };
+        let mut filter = kvm_bindings::kvm_msr_filter {
+            flags: kvm_bindings::KVM_MSR_FILTER_DEFAULT_ALLOW,
+            ..Default::default()
+        };
         for (i, &(first, last)) in ranges.iter().enumerate() {
             let n = last - first + 1;
             // All bits clear: every access in the range is denied by KVM and exits to us.
@@ -154,11 +225,15 @@ impl Backend for KvmBackend {
         }
         // SAFETY: every range's bitmap points to a live Vec of at least nmsrs bits, held in
         // `self.msr_bitmaps` (KVM copies the bitmaps during the ioctl anyway).
-        unsafe { self.vm.set_msr_filter_unchecked(&filter) }.map_err(host_err("KVM_X86_SET_MSR_FILTER"))
+        unsafe { self.vm.set_msr_filter_unchecked(&filter) }
+            .map_err(host_err("KVM_X86_SET_MSR_FILTER"))
     }
 
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
-        let fd = self.vm.create_vcpu(u64::from(index)).map_err(host_err("KVM_CREATE_VCPU"))?;
+        let fd = self
+            .vm
+            .create_vcpu(u64::from(index))
+            .map_err(host_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = self.cpuid.clone();
         for e in cpuid.as_mut_slice() {
             match e.function {
@@ -168,7 +243,12 @@ impl Backend for KvmBackend {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(host_err("KVM_SET_CPUID2"))?;
-        Ok(Box::new(KvmVcpu { index, fd, pending_read: None, pending_msr: None }))
+        Ok(Box::new(KvmVcpu {
+            index,
+            fd,
+            pending_read: None,
+            pending_msr: None,
+        }))
     }
 }
 
@@ -206,7 +286,11 @@ unsafe impl Send for KvmVcpu {}
 
 impl KvmVcpu {
     fn fail(&self, what: String) -> BackendError {
-        BackendError::Unhandled { vcpu: self.index, rip: self.rip(), what }
+        BackendError::Unhandled {
+            vcpu: self.index,
+            rip: self.rip(),
+            what,
+        }
     }
 }
 
@@ -223,25 +307,42 @@ impl Vcpu for KvmVcpu {
                 let index = m.index;
                 // Default answer: #GP, unless the VMM completes it.
                 *m.error = 1;
-                self.pending_msr = Some(PendingMsr::Read { error: m.error as *mut u8, data: m.data as *mut u64 });
+                self.pending_msr = Some(PendingMsr::Read {
+                    error: m.error as *mut u8,
+                    data: m.data as *mut u64,
+                });
                 Exit::MsrRead { index }
             }
             Ok(VcpuExit::X86Wrmsr(m)) => {
                 let (index, value) = (m.index, m.data);
                 *m.error = 1;
-                self.pending_msr = Some(PendingMsr::Write { error: m.error as *mut u8 });
+                self.pending_msr = Some(PendingMsr::Write {
+                    error: m.error as *mut u8,
+                });
                 Exit::MsrWrite { index, value }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.pending_read = Some((data.as_mut_ptr(), data.len()));
-                Exit::IoIn { port, size: data.len() as u8 }
+                Exit::IoIn {
+                    port,
+                    size: data.len() as u8,
+                }
             }
-            Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut { port, data: IoData::new(data) },
+            Ok(VcpuExit::IoOut(port, data)) => Exit::IoOut {
+                port,
+                data: IoData::new(data),
+            },
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 self.pending_read = Some((data.as_mut_ptr(), data.len()));
-                Exit::MmioRead { addr, size: data.len() as u8 }
+                Exit::MmioRead {
+                    addr,
+                    size: data.len() as u8,
+                }
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite { addr, data: IoData::new(data) },
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite {
+                addr,
+                data: IoData::new(data),
+            },
             Ok(VcpuExit::Hlt) => Exit::Hlt,
             Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
@@ -249,10 +350,18 @@ impl Vcpu for KvmVcpu {
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union field.
                 let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                return Err(BackendError::InternalError { vcpu: self.index, rip: self.rip(), suberror: sub });
+                return Err(BackendError::InternalError {
+                    vcpu: self.index,
+                    rip: self.rip(),
+                    suberror: sub,
+                });
             }
             Ok(VcpuExit::FailEntry(reason, _cpu)) => {
-                return Err(BackendError::FailEntry { vcpu: self.index, rip: self.rip(), reason });
+                return Err(BackendError::FailEntry {
+                    vcpu: self.index,
+                    rip: self.rip(),
+                    reason,
+                });
             }
             Ok(other) => {
                 let what = format!("{other:?}");
@@ -274,15 +383,23 @@ impl Vcpu for KvmVcpu {
     }
 
     fn regs(&self) -> Result<Regs, BackendError> {
-        self.fd.get_regs().map(|r| convert::regs_from_kvm(&r)).map_err(host_err("KVM_GET_REGS"))
+        self.fd
+            .get_regs()
+            .map(|r| convert::regs_from_kvm(&r))
+            .map_err(host_err("KVM_GET_REGS"))
     }
 
     fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
-        self.fd.set_regs(&convert::regs_to_kvm(regs)).map_err(host_err("KVM_SET_REGS"))
+        self.fd
+            .set_regs(&convert::regs_to_kvm(regs))
+            .map_err(host_err("KVM_SET_REGS"))
     }
 
     fn sregs(&self) -> Result<SRegs, BackendError> {
-        self.fd.get_sregs().map(|s| convert::sregs_from_kvm(&s)).map_err(host_err("KVM_GET_SREGS"))
+        self.fd
+            .get_sregs()
+            .map(|s| convert::sregs_from_kvm(&s))
+            .map_err(host_err("KVM_GET_SREGS"))
     }
 
     fn set_sregs(&mut self, sregs: &SRegs) -> Result<(), BackendError> {
@@ -292,30 +409,60 @@ impl Vcpu for KvmVcpu {
     }
 
     fn fpu(&self) -> Result<FpuState, BackendError> {
-        self.fd.get_fpu().map(|f| convert::fpu_from_kvm(&f)).map_err(host_err("KVM_GET_FPU"))
+        self.fd
+            .get_fpu()
+            .map(|f| convert::fpu_from_kvm(&f))
+            .map_err(host_err("KVM_GET_FPU"))
     }
 
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<(), BackendError> {
-        self.fd.set_fpu(&convert::fpu_to_kvm(fpu)).map_err(host_err("KVM_SET_FPU"))
+        self.fd
+            .set_fpu(&convert::fpu_to_kvm(fpu))
+            .map_err(host_err("KVM_SET_FPU"))
     }
 
     fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, BackendError> {
-        let entries: Vec<kvm_msr_entry> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| BackendError::Host { op: "KVM_GET_MSRS", source: io::Error::other(format!("{e:?}")) })?;
-        let n = self.fd.get_msrs(&mut msrs).map_err(host_err("KVM_GET_MSRS"))?;
-        Ok(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect())
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| BackendError::Host {
+            op: "KVM_GET_MSRS",
+            source: io::Error::other(format!("{e:?}")),
+        })?;
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(host_err("KVM_GET_MSRS"))?;
+        Ok(msrs.as_slice()[..n]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect())
     }
 
     fn set_msrs(&mut self, list: &[(u32, u64)]) -> Result<(), BackendError> {
-        let entries: Vec<kvm_msr_entry> =
-            list.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| BackendError::Host { op: "KVM_SET_MSRS", source: io::Error::other(format!("{e:?}")) })?;
+        let entries: Vec<kvm_msr_entry> = list
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| BackendError::Host {
+            op: "KVM_SET_MSRS",
+            source: io::Error::other(format!("{e:?}")),
+        })?;
         let n = self.fd.set_msrs(&msrs).map_err(host_err("KVM_SET_MSRS"))?;
         if n != list.len() {
             let bad = list[n].0;
-            return Err(BackendError::Host { op: "KVM_SET_MSRS", source: io::Error::other(format!("MSR {bad:#x} refused")) });
+            return Err(BackendError::Host {
+                op: "KVM_SET_MSRS",
+                source: io::Error::other(format!("MSR {bad:#x} refused")),
+            });
         }
         Ok(())
     }
@@ -328,11 +475,16 @@ impl Vcpu for KvmVcpu {
     }
 
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
-        let irq = kvm_bindings::kvm_interrupt { irq: u32::from(vector) };
+        let irq = kvm_bindings::kvm_interrupt {
+            irq: u32::from(vector),
+        };
         // SAFETY: KVM_INTERRUPT reads a kvm_interrupt from the pointer, which is valid.
         let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
         if r < 0 {
-            return Err(BackendError::Host { op: "KVM_INTERRUPT", source: io::Error::last_os_error() });
+            return Err(BackendError::Host {
+                op: "KVM_INTERRUPT",
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(())
     }

@@ -9,7 +9,10 @@ use iced_x86::code_asm::*;
 use palacios_kvm::{KvmBackend, probe};
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::VectorQueue;
-use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption, LinuxHost, Outcome, Registry, Vm, VmConfig};
+use palacios_vmm::{
+    BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption, LinuxHost, Outcome, Registry, Vm,
+    VmConfig,
+};
 use palacios_x86::CpuState;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -35,7 +38,12 @@ impl DeviceClass for RecorderClass {
         &[]
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
-        ctx.add_ports(0xe9, 1, &dev.id, Arc::new(Mutex::new(Recorder(self.0.clone()))))
+        ctx.add_ports(
+            0xe9,
+            1,
+            &dev.id,
+            Arc::new(Mutex::new(Recorder(self.0.clone()))),
+        )
     }
 }
 
@@ -63,7 +71,8 @@ fn halted_core_sleeps_until_an_interrupt_is_injected() {
     a.mov(al, b'I' as i32).unwrap();
     a.out(0xe9, al).unwrap();
     a.iret().unwrap();
-    mem.write_slice(&a.assemble(0x2000).unwrap(), GuestAddress(0x2000)).unwrap();
+    mem.write_slice(&a.assemble(0x2000).unwrap(), GuestAddress(0x2000))
+        .unwrap();
     let mut a = CodeAssembler::new(16).unwrap();
     a.mov(sp, 0x7000).unwrap();
     a.mov(al, b'A' as i32).unwrap();
@@ -74,7 +83,8 @@ fn halted_core_sleeps_until_an_interrupt_is_injected() {
     a.out(0xe9, al).unwrap();
     a.cli().unwrap();
     a.hlt().unwrap();
-    mem.write_slice(&a.assemble(0x1000).unwrap(), GuestAddress(0x1000)).unwrap();
+    mem.write_slice(&a.assemble(0x1000).unwrap(), GuestAddress(0x1000))
+        .unwrap();
     vm.set_boot_state(CpuState::real_mode_at(0x1000));
 
     let handle = vm.handle();
@@ -102,11 +112,17 @@ fn halted_core_sleeps_until_an_interrupt_is_injected() {
     let report = vm.run();
     let before_injection = feeder.join().unwrap();
     assert_eq!(report.outcome, Outcome::Halted);
-    assert_eq!(before_injection, b"A", "nothing ran while the core was halted");
+    assert_eq!(
+        before_injection, b"A",
+        "nothing ran while the core was halted"
+    );
     assert_eq!(out.lock().unwrap().as_slice(), b"AIB");
     let core = &report.telemetry.cores[0];
     assert_eq!(core.injected, 1);
-    assert!(core.count(palacios_vmm::backend::ExitKind::Hlt) <= 3, "HLT does not spin: {core:?}");
+    assert!(
+        core.count(palacios_vmm::backend::ExitKind::Hlt) <= 3,
+        "HLT does not spin: {core:?}"
+    );
     assert!(report.print_telemetry);
 }
 
@@ -116,16 +132,28 @@ fn stop_from_the_control_channel_ends_a_busy_guest() {
         eprintln!("SKIP: KVM unavailable: {r}");
         return;
     }
-    let cfg = VmConfig::parse("<vm class=\"PC\"><memory>16</memory><cores count=\"2\"/></vm>", std::path::Path::new(".")).unwrap();
+    let cfg = VmConfig::parse(
+        "<vm class=\"PC\"><memory>16</memory><cores count=\"2\"/></vm>",
+        std::path::Path::new("."),
+    )
+    .unwrap();
     let backend = Box::new(KvmBackend::new("kvm").unwrap());
-    let mut vm = Vm::build(&cfg, &Registry::new(), backend, Arc::new(LinuxHost::new(false))).unwrap();
+    let mut vm = Vm::build(
+        &cfg,
+        &Registry::new(),
+        backend,
+        Arc::new(LinuxHost::new(false)),
+    )
+    .unwrap();
     // An endless loop of port writes nobody claims.
     let mut a = CodeAssembler::new(16).unwrap();
     let mut top = a.create_label();
     a.set_label(&mut top).unwrap();
     a.out(0x80, al).unwrap();
     a.jmp(top).unwrap();
-    vm.memory().write_slice(&a.assemble(0x1000).unwrap(), GuestAddress(0x1000)).unwrap();
+    vm.memory()
+        .write_slice(&a.assemble(0x1000).unwrap(), GuestAddress(0x1000))
+        .unwrap();
     vm.set_boot_state(CpuState::real_mode_at(0x1000));
     let h = vm.handle();
     let stopper = std::thread::spawn(move || {
@@ -140,5 +168,13 @@ fn stop_from_the_control_channel_ends_a_busy_guest() {
     stopper.join().unwrap();
     assert_eq!(report.outcome, Outcome::Stopped);
     assert_eq!(report.telemetry.cores.len(), 2, "both vCPU threads joined");
-    assert!(report.telemetry.unclaimed_ports.iter().any(|&(p, n)| p == 0x80 && n > 10), "{:?}", report.telemetry.unclaimed_ports);
+    assert!(
+        report
+            .telemetry
+            .unclaimed_ports
+            .iter()
+            .any(|&(p, n)| p == 0x80 && n > 10),
+        "{:?}",
+        report.telemetry.unclaimed_ports
+    );
 }

@@ -109,8 +109,12 @@ fn real_mode_io_and_registers() {
         f.xmm[3] = [0xab; 16];
         vcpu.set_fpu(&f).unwrap();
         assert_eq!(vcpu.fpu().unwrap().xmm[3], [0xab; 16]);
-        vcpu.set_msrs(&[(palacios_x86::msr::IA32_SYSENTER_ESP, 0x7000)]).unwrap();
-        assert_eq!(vcpu.msrs(&[palacios_x86::msr::IA32_SYSENTER_ESP]).unwrap(), vec![(0x174 + 1, 0x7000)]);
+        vcpu.set_msrs(&[(palacios_x86::msr::IA32_SYSENTER_ESP, 0x7000)])
+            .unwrap();
+        assert_eq!(
+            vcpu.msrs(&[palacios_x86::msr::IA32_SYSENTER_ESP]).unwrap(),
+            vec![(0x174 + 1, 0x7000)]
+        );
     });
 }
 
@@ -148,7 +152,10 @@ fn interrupt_injection_through_the_window() {
         let mut vcpu = backend.create_vcpu(0).unwrap();
         vcpu.set_state(&CpuState::real_mode_at(0x1000)).unwrap();
         let (out, _) = drive(vcpu.as_mut(), Some(0x30));
-        assert_eq!(out, b"AIB", "the handler ran between the HLT and the code after it");
+        assert_eq!(
+            out, b"AIB",
+            "the handler ran between the HLT and the code after it"
+        );
     });
 }
 
@@ -183,7 +190,9 @@ fn triple_fault_is_a_shutdown_exit() {
         // instead ("emulation failure" at the faulting instruction); both end the VM as a failure.
         match vcpu.run() {
             Ok(exit) => assert_eq!(exit, Exit::Shutdown),
-            Err(palacios_vmm::BackendError::InternalError { rip, .. }) => assert_eq!(rip, 0x1007, "int3 is at 0x1007"),
+            Err(palacios_vmm::BackendError::InternalError { rip, .. }) => {
+                assert_eq!(rip, 0x1007, "int3 is at 0x1007")
+            }
             Err(e) => panic!("unexpected error {e}"),
         }
     });

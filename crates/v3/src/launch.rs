@@ -39,7 +39,9 @@ impl From<VmError> for LaunchError {
     fn from(e: VmError) -> Self {
         match e {
             VmError::Config(c) => LaunchError::Config(c.to_string()),
-            VmError::Backend(b @ BackendError::Unavailable { .. }) => LaunchError::NoBackend(b.to_string()),
+            VmError::Backend(b @ BackendError::Unavailable { .. }) => {
+                LaunchError::NoBackend(b.to_string())
+            }
             other => LaunchError::Vm(other.to_string()),
         }
     }
@@ -57,7 +59,11 @@ pub fn backend(choice: BackendChoice) -> Result<Box<dyn Backend>, LaunchError> {
 /// The guest image: from the config's `<boot>` or given directly (the demo).
 pub enum Image<'a> {
     FromConfig,
-    Bytes { data: &'a [u8], cmdline: &'a str, modules: Vec<(&'a [u8], &'a str)> },
+    Bytes {
+        data: &'a [u8],
+        cmdline: &'a str,
+        modules: Vec<(&'a [u8], &'a str)>,
+    },
 }
 
 /// A VM that is built and loaded, ready to run.
@@ -66,33 +72,59 @@ pub struct Prepared {
 }
 
 fn read(host: &dyn Host, what: &str, p: &Path) -> Result<Vec<u8>, LaunchError> {
-    host.read_file(p).map_err(|e| LaunchError::Config(format!("cannot read {what} {}: {e}", p.display())))
+    host.read_file(p)
+        .map_err(|e| LaunchError::Config(format!("cannot read {what} {}: {e}", p.display())))
 }
 
 /// Build the VM and load the guest into it.
-pub fn prepare(cfg: &VmConfig, image: Image, backend: Box<dyn Backend>, host: Arc<dyn Host>) -> Result<Prepared, LaunchError> {
+pub fn prepare(
+    cfg: &VmConfig,
+    image: Image,
+    backend: Box<dyn Backend>,
+    host: Arc<dyn Host>,
+) -> Result<Prepared, LaunchError> {
     let registry = palacios_devices::registry();
     // Read and check the guest files before building anything (clear errors, nothing started).
     let files = match (&image, &cfg.boot) {
         (Image::FromConfig, Some(b)) => {
             let kernel = read(host.as_ref(), "kernel", &b.kernel)?;
-            let mods = b.modules.iter().map(|m| read(host.as_ref(), "module", &m.path)).collect::<Result<Vec<_>, _>>()?;
+            let mods = b
+                .modules
+                .iter()
+                .map(|m| read(host.as_ref(), "module", &m.path))
+                .collect::<Result<Vec<_>, _>>()?;
             Some((kernel, mods))
         }
         (Image::FromConfig, None) => {
-            return Err(LaunchError::Config("the config has no <boot> section: nothing to run (or use --kernel FILE)".into()));
+            return Err(LaunchError::Config(
+                "the config has no <boot> section: nothing to run (or use --kernel FILE)".into(),
+            ));
         }
         _ => None,
     };
     let mut vm = Vm::build(cfg, &registry, backend, host)?;
     let params = match (&image, &files, &cfg.boot) {
-        (Image::Bytes { data, cmdline, modules }, _, _) => BootParams {
+        (
+            Image::Bytes {
+                data,
+                cmdline,
+                modules,
+            },
+            _,
+            _,
+        ) => BootParams {
             format: palacios_vmm::config::BootFormat::Auto,
             image: data,
             load_addr: None,
             entry: None,
             cmdline,
-            modules: modules.iter().map(|(d, c)| Module { data: d, cmdline: c }).collect(),
+            modules: modules
+                .iter()
+                .map(|(d, c)| Module {
+                    data: d,
+                    cmdline: c,
+                })
+                .collect(),
         },
         (_, Some((kernel, mods)), Some(b)) => BootParams {
             format: b.format,
@@ -100,11 +132,22 @@ pub fn prepare(cfg: &VmConfig, image: Image, backend: Box<dyn Backend>, host: Ar
             load_addr: b.load_addr,
             entry: b.entry,
             cmdline: &b.cmdline,
-            modules: mods.iter().zip(&b.modules).map(|(d, m)| Module { data: d, cmdline: &m.cmdline }).collect(),
+            modules: mods
+                .iter()
+                .zip(&b.modules)
+                .map(|(d, m)| Module {
+                    data: d,
+                    cmdline: &m.cmdline,
+                })
+                .collect(),
         },
         _ => unreachable!("checked above"),
     };
-    let what = cfg.boot.as_ref().map(|b| b.kernel.display().to_string()).unwrap_or_else(|| "the guest".into());
+    let what = cfg
+        .boot
+        .as_ref()
+        .map(|b| b.kernel.display().to_string())
+        .unwrap_or_else(|| "the guest".into());
     let state = palacios_boot::load(vm.memory(), vm.memory_map(), &params)
         .map_err(|e| LaunchError::Config(format!("cannot load {what}: {e}")))?;
     vm.set_boot_state(state);
@@ -119,16 +162,29 @@ pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
     if let Some(b) = &cfg.boot {
         let host = LinuxHost::new(false);
         let kernel = read(&host, "kernel", &b.kernel)?;
-        let mods = b.modules.iter().map(|m| read(&host, "module", &m.path)).collect::<Result<Vec<_>, _>>()?;
+        let mods = b
+            .modules
+            .iter()
+            .map(|m| read(&host, "module", &m.path))
+            .collect::<Result<Vec<_>, _>>()?;
         let map = palacios_vmm::MemoryMap::pc(cfg.mem_mib << 20);
-        let mem = map.create_memory().map_err(|e| LaunchError::Vm(format!("cannot allocate guest memory: {e}")))?;
+        let mem = map
+            .create_memory()
+            .map_err(|e| LaunchError::Vm(format!("cannot allocate guest memory: {e}")))?;
         let params = BootParams {
             format: b.format,
             image: &kernel,
             load_addr: b.load_addr,
             entry: b.entry,
             cmdline: &b.cmdline,
-            modules: mods.iter().zip(&b.modules).map(|(d, m)| Module { data: d, cmdline: &m.cmdline }).collect(),
+            modules: mods
+                .iter()
+                .zip(&b.modules)
+                .map(|(d, m)| Module {
+                    data: d,
+                    cmdline: &m.cmdline,
+                })
+                .collect(),
         };
         palacios_boot::load(&mem, &map, &params)
             .map_err(|e| LaunchError::Config(format!("cannot load {}: {e}", b.kernel.display())))?;

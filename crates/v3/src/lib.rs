@@ -14,7 +14,10 @@ pub use palacios_vmm as vmm;
 pub fn demo_guest() -> Option<&'static [u8]> {
     #[cfg(palacios_demo)]
     {
-        Some(include_bytes!(concat!(env!("PALACIOS_GUEST_DIR"), "/demo.elf")))
+        Some(include_bytes!(concat!(
+            env!("PALACIOS_GUEST_DIR"),
+            "/demo.elf"
+        )))
     }
     #[cfg(not(palacios_demo))]
     {

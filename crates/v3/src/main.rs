@@ -32,9 +32,7 @@ enum Cmd {
     /// Run a VM: from a Palacios XML config, from a kernel (quick form), or the bundled demo.
     Run(RunArgs),
     /// Validate a config (XML, device classes and options, the guest image) without running it.
-    Check {
-        config: PathBuf,
-    },
+    Check { config: PathBuf },
     /// List the registered device classes and their options.
     Devices,
 }
@@ -86,7 +84,8 @@ struct RunArgs {
 }
 
 fn parse_addr(s: &str) -> Result<u64, String> {
-    palacios_vmm::config::parse_number(s).ok_or_else(|| format!("'{s}' is not a number (decimal or 0x hex)"))
+    palacios_vmm::config::parse_number(s)
+        .ok_or_else(|| format!("'{s}' is not a number (decimal or 0x hex)"))
 }
 
 /// Log lines go to stderr; while the terminal is raw, a newline also returns the carriage.
@@ -118,7 +117,8 @@ impl Write for LogWriter {
 static RAW: AtomicI32 = AtomicI32::new(0);
 
 fn init_logging(level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("bad --log-level '{level}': {e}"))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("bad --log-level '{level}': {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LogWriter)
@@ -134,7 +134,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { status::CONFIG_ERROR } else { 0 });
+            return ExitCode::from(if e.use_stderr() {
+                status::CONFIG_ERROR
+            } else {
+                0
+            });
         }
     };
     if let Err(e) = init_logging(&cli.log_level) {
@@ -179,7 +183,10 @@ fn check(path: &std::path::Path) -> u8 {
                 c.mem_mib,
                 c.cores,
                 c.devices.len(),
-                c.boot.as_ref().map(|b| format!(", kernel {}", b.kernel.display())).unwrap_or_default()
+                c.boot
+                    .as_ref()
+                    .map(|b| format!(", kernel {}", b.kernel.display()))
+                    .unwrap_or_default()
             );
             status::OK
         }
@@ -213,7 +220,10 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
         (cfg, Image::FromConfig)
     } else if let Some(kernel) = &a.kernel {
         if !kernel.is_file() {
-            return Err(LaunchError::Config(format!("kernel file not found: {}", kernel.display())));
+            return Err(LaunchError::Config(format!(
+                "kernel file not found: {}",
+                kernel.display()
+            )));
         }
         let mut boot = platform::boot(kernel.clone());
         boot.format = match a.format {
@@ -226,24 +236,51 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
         boot.cmdline = a.cmdline.clone();
         for m in &a.modules {
             if !m.is_file() {
-                return Err(LaunchError::Config(format!("module file not found: {}", m.display())));
+                return Err(LaunchError::Config(format!(
+                    "module file not found: {}",
+                    m.display()
+                )));
             }
-            let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            boot.modules.push(ModuleConfig { path: m.clone(), cmdline: name });
+            let name = m
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            boot.modules.push(ModuleConfig {
+                path: m.clone(),
+                cmdline: name,
+            });
         }
-        (platform::standard_pc(a.mem, a.cores, BackendChoice::Auto, Some(boot)), Image::FromConfig)
+        (
+            platform::standard_pc(a.mem, a.cores, BackendChoice::Auto, Some(boot)),
+            Image::FromConfig,
+        )
     } else {
         demo = palacios::demo_guest().ok_or_else(|| {
             LaunchError::Config("the demo guest was not built into this v3 (gcc, as, ld and objcopy were missing when it was compiled); give a CONFIG or --kernel".into())
         })?;
         let cfg = platform::standard_pc(a.mem, a.cores, BackendChoice::Auto, None);
-        (cfg, Image::Bytes { data: demo, cmdline: "demo greeting=hello", modules: vec![(DEMO_MOTD.as_bytes(), "motd")] })
+        (
+            cfg,
+            Image::Bytes {
+                data: demo,
+                cmdline: "demo greeting=hello",
+                modules: vec![(DEMO_MOTD.as_bytes(), "motd")],
+            },
+        )
     };
     if let Some(b) = backend_override {
         cfg.backend = b;
     }
-    if cfg.mem_mib == 0 || cfg.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB || cfg.cores == 0 || cfg.cores > palacios_vmm::config::vm::MAX_CORES {
-        return Err(LaunchError::Config(format!("--mem must be 1..{} MiB and --cores 1..{}", palacios_vmm::config::vm::MAX_MEM_MIB, palacios_vmm::config::vm::MAX_CORES)));
+    if cfg.mem_mib == 0
+        || cfg.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB
+        || cfg.cores == 0
+        || cfg.cores > palacios_vmm::config::vm::MAX_CORES
+    {
+        return Err(LaunchError::Config(format!(
+            "--mem must be 1..{} MiB and --cores 1..{}",
+            palacios_vmm::config::vm::MAX_MEM_MIB,
+            palacios_vmm::config::vm::MAX_CORES
+        )));
     }
     let backend = launch::backend(cfg.backend)?;
     let raw = std::io::stdin().is_terminal();
@@ -251,8 +288,9 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     let prepared = launch::prepare(&cfg, image, backend, host)?;
     RAW.store(i32::from(raw), Ordering::Relaxed);
 
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-        .map_err(|e| LaunchError::Vm(format!("cannot install signal handlers: {e}")))?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(|e| LaunchError::Vm(format!("cannot install signal handlers: {e}")))?;
     let sig_handle = signals.handle();
     let got_signal = Arc::new(AtomicI32::new(0));
     let got2 = got_signal.clone();
@@ -286,4 +324,5 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     Ok(code)
 }
 
-const DEMO_MOTD: &str = "Welcome to Palacios-rs.\nThis text is a multiboot module handed to the demo guest.\n";
+const DEMO_MOTD: &str =
+    "Welcome to Palacios-rs.\nThis text is a multiboot module handed to the demo guest.\n";

@@ -6,7 +6,13 @@ use palacios_vmm::ConfigNode;
 use palacios_vmm::config::{BackendChoice, BootConfig, DeviceConfig, VmConfig};
 
 fn device(class: &str, id: &str) -> DeviceConfig {
-    DeviceConfig { class: class.into(), id: id.into(), node: ConfigNode::new("device").with_attr("class", class).with_attr("id", id) }
+    DeviceConfig {
+        class: class.into(),
+        id: id.into(),
+        node: ConfigNode::new("device")
+            .with_attr("class", class)
+            .with_attr("id", id),
+    }
 }
 
 /// The devices of the standard PC: the PIC pair and PIT, COM1–COM4 (COM1 on the console), the
@@ -23,11 +29,26 @@ pub fn standard_devices() -> Vec<DeviceConfig> {
 }
 
 /// A standard PC with `mem_mib` MiB and `cores` cores booting `boot`.
-pub fn standard_pc(mem_mib: u64, cores: u32, backend: BackendChoice, boot: Option<BootConfig>) -> VmConfig {
-    VmConfig { mem_mib, cores, backend, devices: standard_devices(), boot, ..Default::default() }
+pub fn standard_pc(
+    mem_mib: u64,
+    cores: u32,
+    backend: BackendChoice,
+    boot: Option<BootConfig>,
+) -> VmConfig {
+    VmConfig {
+        mem_mib,
+        cores,
+        backend,
+        devices: standard_devices(),
+        boot,
+        ..Default::default()
+    }
 }
 
 /// Boot settings for a kernel file.
 pub fn boot(kernel: PathBuf) -> BootConfig {
-    BootConfig { kernel, ..Default::default() }
+    BootConfig {
+        kernel,
+        ..Default::default()
+    }
 }

@@ -36,7 +36,10 @@ mod tests {
         assert_eq!(for_outcome(&Outcome::DebugExit(0)), 1);
         assert_eq!(for_outcome(&Outcome::DebugExit(0x2a)), 85);
         assert_eq!(for_outcome(&Outcome::Halted), 0);
-        assert_eq!(for_outcome(&Outcome::Shutdown { vcpu: 0, rip: 0 }), VM_FAILURE);
+        assert_eq!(
+            for_outcome(&Outcome::Shutdown { vcpu: 0, rip: 0 }),
+            VM_FAILURE
+        );
         assert_eq!(for_outcome(&Outcome::Stopped), 130);
         for s in [OK, CONFIG_ERROR, VM_FAILURE, NO_BACKEND, STOPPED] {
             assert_eq!(s % 2, 0);

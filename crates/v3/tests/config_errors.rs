@@ -21,39 +21,90 @@ fn expect_error(args: &[&str], needles: &[&str]) {
 #[test]
 fn unknown_device_class_lists_the_known_ones() {
     let d = tmpdir("cls");
-    let c = write_cfg(&d, "vm.xml", "<vm class=\"PC\">\n<devices>\n  <device class=\"SERIALS\" id=\"s\"/>\n</devices></vm>");
-    expect_error(&["run", &c], &[&format!("{c}:3:"), "unknown device class 'SERIALS'", "SERIAL", "BOCHS_DEBUG", "GENERIC"]);
+    let c = write_cfg(
+        &d,
+        "vm.xml",
+        "<vm class=\"PC\">\n<devices>\n  <device class=\"SERIALS\" id=\"s\"/>\n</devices></vm>",
+    );
+    expect_error(
+        &["run", &c],
+        &[
+            &format!("{c}:3:"),
+            "unknown device class 'SERIALS'",
+            "SERIAL",
+            "BOCHS_DEBUG",
+            "GENERIC",
+        ],
+    );
     expect_error(&["check", &c], &["unknown device class 'SERIALS'"]);
 }
 
 #[test]
 fn unknown_option_names_option_and_class() {
     let d = tmpdir("opt");
-    let c = write_cfg(&d, "vm.xml", "<vm class=\"PC\"><devices>\n<device class=\"DEBUG_EXIT\" id=\"x\" baud=\"9600\"/></devices></vm>");
-    expect_error(&["check", &c], &[&format!("{c}:2:"), "unknown option 'baud'", "device class DEBUG_EXIT"]);
+    let c = write_cfg(
+        &d,
+        "vm.xml",
+        "<vm class=\"PC\"><devices>\n<device class=\"DEBUG_EXIT\" id=\"x\" baud=\"9600\"/></devices></vm>",
+    );
+    expect_error(
+        &["check", &c],
+        &[
+            &format!("{c}:2:"),
+            "unknown option 'baud'",
+            "device class DEBUG_EXIT",
+        ],
+    );
 }
 
 #[test]
 fn missing_file_names_the_path() {
     let d = tmpdir("file");
-    let c = write_cfg(&d, "vm.xml", "<vm class=\"PC\"><files>\n<file id=\"k\" filename=\"guest.elf\"/></files></vm>");
-    expect_error(&["check", &c], &[&format!("file not found: {}", d.join("guest.elf").display()), ":2:"]);
-    expect_error(&["run", "--kernel", "/nonexistent/k.elf"], &["kernel file not found: /nonexistent/k.elf"]);
-    expect_error(&["check", "/nonexistent/vm.xml"], &["/nonexistent/vm.xml", "cannot read config"]);
+    let c = write_cfg(
+        &d,
+        "vm.xml",
+        "<vm class=\"PC\"><files>\n<file id=\"k\" filename=\"guest.elf\"/></files></vm>",
+    );
+    expect_error(
+        &["check", &c],
+        &[
+            &format!("file not found: {}", d.join("guest.elf").display()),
+            ":2:",
+        ],
+    );
+    expect_error(
+        &["run", "--kernel", "/nonexistent/k.elf"],
+        &["kernel file not found: /nonexistent/k.elf"],
+    );
+    expect_error(
+        &["check", "/nonexistent/vm.xml"],
+        &["/nonexistent/vm.xml", "cannot read config"],
+    );
 }
 
 #[test]
 fn malformed_xml_gives_line_and_column() {
     let d = tmpdir("xml");
-    let c = write_cfg(&d, "vm.xml", "<vm class=\"PC\">\n  <memory>64</memory>\n  <devices>\n</vm>");
+    let c = write_cfg(
+        &d,
+        "vm.xml",
+        "<vm class=\"PC\">\n  <memory>64</memory>\n  <devices>\n</vm>",
+    );
     expect_error(&["check", &c], &[&format!("{c}:4:"), "malformed XML"]);
 }
 
 #[test]
 fn attribute_and_child_at_once_is_an_error() {
     let d = tmpdir("both");
-    let c = write_cfg(&d, "vm.xml", "<vm class=\"PC\"><devices><device class=\"DEBUG_EXIT\" id=\"x\" iobase=\"0xf4\">\n<iobase>0x501</iobase></device></devices></vm>");
-    expect_error(&["check", &c], &["both as an attribute and as a child element", ":2:"]);
+    let c = write_cfg(
+        &d,
+        "vm.xml",
+        "<vm class=\"PC\"><devices><device class=\"DEBUG_EXIT\" id=\"x\" iobase=\"0xf4\">\n<iobase>0x501</iobase></device></devices></vm>",
+    );
+    expect_error(
+        &["check", &c],
+        &["both as an attribute and as a child element", ":2:"],
+    );
 }
 
 #[test]
@@ -64,19 +115,38 @@ fn passthrough_generic_modes_are_refused() {
         "vm.xml",
         "<vm class=\"PC\"><devices><device class=\"GENERIC\" id=\"g\">\n<ports start=\"0x80\" end=\"0x80\" mode=\"PASSTHROUGH\"/></device></devices></vm>",
     );
-    expect_error(&["check", &c], &["PASSTHROUGH needs host port access", ":2:"]);
+    expect_error(
+        &["check", &c],
+        &["PASSTHROUGH needs host port access", ":2:"],
+    );
 }
 
 #[test]
 fn bad_guest_images_are_config_errors() {
     let d = tmpdir("img");
-    std::fs::write(d.join("trunc.elf"), &std::fs::read(guest("mbtest.elf")).unwrap()[..600]).unwrap();
-    let c = write_cfg(&d, "vm.xml", "<vm class=\"PC\"><memory>16</memory><boot format=\"multiboot\" kernel=\"trunc.elf\"/></vm>");
+    std::fs::write(
+        d.join("trunc.elf"),
+        &std::fs::read(guest("mbtest.elf")).unwrap()[..600],
+    )
+    .unwrap();
+    let c = write_cfg(
+        &d,
+        "vm.xml",
+        "<vm class=\"PC\"><memory>16</memory><boot format=\"multiboot\" kernel=\"trunc.elf\"/></vm>",
+    );
     expect_error(&["check", &c], &["cannot load", "trunc.elf"]);
     std::fs::write(d.join("big.bin"), vec![0u8; 0x10_0000]).unwrap();
-    let c = write_cfg(&d, "vm2.xml", "<vm class=\"PC\"><boot format=\"flat\" kernel=\"big.bin\"/></vm>");
+    let c = write_cfg(
+        &d,
+        "vm2.xml",
+        "<vm class=\"PC\"><boot format=\"flat\" kernel=\"big.bin\"/></vm>",
+    );
     expect_error(&["check", &c], &["below 1 MiB"]);
-    let c = write_cfg(&d, "vm3.xml", "<vm class=\"PC\"><memory>2</memory><boot format=\"elf64\" kernel=\"big.bin\"/></vm>");
+    let c = write_cfg(
+        &d,
+        "vm3.xml",
+        "<vm class=\"PC\"><memory>2</memory><boot format=\"elf64\" kernel=\"big.bin\"/></vm>",
+    );
     expect_error(&["check", &c], &["not a 64-bit ELF"]);
 }
 
@@ -84,7 +154,10 @@ fn bad_guest_images_are_config_errors() {
 fn usage_errors_are_status_2() {
     expect_error(&["run", "--format", "flat"], &["--kernel"]);
     expect_error(&["frobnicate"], &["frobnicate"]);
-    expect_error(&["run", "--kernel", "x", "--load-addr", "zz"], &["not a number"]);
+    expect_error(
+        &["run", "--kernel", "x", "--load-addr", "zz"],
+        &["not a number"],
+    );
 }
 
 #[test]
@@ -101,11 +174,25 @@ fn check_accepts_a_good_config_and_devices_lists_classes() {
     );
     let r = v3(&["check", &c], b"", LIMIT);
     assert_eq!(r.status, 0, "{}", r.out());
-    assert!(r.stdout.contains("OK (64 MiB, 2 core(s), 2 device(s)"), "{}", r.out());
+    assert!(
+        r.stdout.contains("OK (64 MiB, 2 core(s), 2 device(s)"),
+        "{}",
+        r.out()
+    );
     let r = v3(&["devices"], b"", LIMIT);
     assert_eq!(r.status, 0);
-    for class in ["SERIAL", "CHAR_STREAM", "BOCHS_DEBUG", "OS_DEBUG", "GENERIC", "DEBUG_EXIT"] {
-        assert!(r.stdout.contains(class), "{class} missing from `v3 devices`");
+    for class in [
+        "SERIAL",
+        "CHAR_STREAM",
+        "BOCHS_DEBUG",
+        "OS_DEBUG",
+        "GENERIC",
+        "DEBUG_EXIT",
+    ] {
+        assert!(
+            r.stdout.contains(class),
+            "{class} missing from `v3 devices`"
+        );
     }
     assert!(r.stdout.contains("iosize"));
 }
@@ -118,17 +205,27 @@ fn overlapping_ports_name_both_devices() {
         "vm.xml",
         "<vm class=\"PC\"><devices><device class=\"SERIAL\" id=\"serial\"/>\n<device class=\"GENERIC\" id=\"junk\"><ports start=\"0x3fc\" end=\"0x3fd\" mode=\"IGNORE\"/></device></devices></vm>",
     );
-    expect_error(&["check", &c], &["'junk'", "'serial.com1'", "overlaps", ":2:"]);
+    expect_error(
+        &["check", &c],
+        &["'junk'", "'serial.com1'", "overlaps", ":2:"],
+    );
     expect_error(&["run", &c], &["'junk'", "'serial.com1'"]);
 }
 
 #[test]
 fn missing_kvm_is_one_clear_line_naming_the_backends() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_v3"));
-    child.env("PALACIOS_KVM_DEVICE", "/nonexistent/kvm").args(["run", "--kernel", &guest("mbtest.elf").display().to_string()]);
+    child.env("PALACIOS_KVM_DEVICE", "/nonexistent/kvm").args([
+        "run",
+        "--kernel",
+        &guest("mbtest.elf").display().to_string(),
+    ]);
     let out = child.output().unwrap();
     assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("/nonexistent/kvm does not exist") && err.contains("available backends: kvm"), "{err}");
+    assert!(
+        err.contains("/nonexistent/kvm does not exist") && err.contains("available backends: kvm"),
+        "{err}"
+    );
 }

@@ -32,7 +32,11 @@ fn flat_binary_in_real_mode() {
         args.extend_from_slice(extra);
         let r = v3(&args, b"", LIMIT);
         assert_eq!(r.status, (0x2a << 1) | 1, "{}", r.out());
-        assert!(r.stdout.contains("flat16: hello from real mode"), "{}", r.out());
+        assert!(
+            r.stdout.contains("flat16: hello from real mode"),
+            "{}",
+            r.out()
+        );
         assert!(r.stdout.contains("flat16: ip ok"), "{}", r.out());
         assert!(r.stderr.contains("bochs console: bochs-e9"), "{}", r.out());
     }
@@ -66,7 +70,12 @@ fn multiboot_test_kernel_with_every_device() {
     )
     .unwrap();
     let r = v3(&["run", &s(&cfg)], b"", LIMIT);
-    assert_eq!(r.status, 1, "verdict: 0 written to the debug-exit port\n{}", r.out());
+    assert_eq!(
+        r.status,
+        1,
+        "verdict: 0 written to the debug-exit port\n{}",
+        r.out()
+    );
     assert!(!r.stdout.contains("FAIL"), "{}", r.out());
     for want in [
         "PASS unclaimed port",
@@ -78,7 +87,11 @@ fn multiboot_test_kernel_with_every_device() {
         "mbtest: ram 65151 KiB",
         " 0 failed",
     ] {
-        assert!(r.stdout.contains(want), "stdout lacks {want:?}\n{}", r.out());
+        assert!(
+            r.stdout.contains(want),
+            "stdout lacks {want:?}\n{}",
+            r.out()
+        );
     }
     for want in [
         "bochs console: hello bochs",
@@ -93,7 +106,11 @@ fn multiboot_test_kernel_with_every_device() {
         "0x2f0:",
         "0xfed00000:",
     ] {
-        assert!(r.stderr.contains(want), "stderr lacks {want:?}\n{}", r.out());
+        assert!(
+            r.stderr.contains(want),
+            "stderr lacks {want:?}\n{}",
+            r.out()
+        );
     }
     let com2 = std::fs::read_to_string(d.join("com2.log")).unwrap();
     assert!(com2.contains("com2 says hi"), "COM2 stream got {com2:?}");
@@ -105,7 +122,11 @@ fn multiboot_aout_kludge() {
         return;
     }
     let k = s(&guest("mbaout.bin"));
-    let r = v3(&["run", "--kernel", &k, "--cmdline", "test=regs"], b"", LIMIT);
+    let r = v3(
+        &["run", "--kernel", &k, "--cmdline", "test=regs"],
+        b"",
+        LIMIT,
+    );
     assert_eq!(r.status, 1, "{}", r.out());
     assert!(r.stdout.to_lowercase().contains("2badb002"), "{}", r.out());
 }
@@ -116,7 +137,19 @@ fn elf64_in_long_mode() {
         return;
     }
     let k = s(&guest("elf64test.elf"));
-    let r = v3(&["run", "--kernel", &k, "--mem", "256", "--cmdline", "hello64"], b"", LIMIT);
+    let r = v3(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--mem",
+            "256",
+            "--cmdline",
+            "hello64",
+        ],
+        b"",
+        LIMIT,
+    );
     assert_eq!(r.status, (0x40 << 1) | 1, "{}", r.out());
     assert!(r.stdout.contains("elf64: long mode entered"), "{}", r.out());
     assert!(r.stdout.contains("elf64: cmdline 'hello64'"), "{}", r.out());
@@ -129,14 +162,39 @@ fn debug_exit_values_and_halt() {
         return;
     }
     let k = s(&guest("mbtest.elf"));
-    let r = v3(&["run", "--kernel", &k, "--cmdline", "test=exit exit=3"], b"", LIMIT);
+    let r = v3(
+        &["run", "--kernel", &k, "--cmdline", "test=exit exit=3"],
+        b"",
+        LIMIT,
+    );
     assert_eq!(r.status, 7, "{}", r.out());
-    let r = v3(&["run", "--kernel", &k, "--cmdline", "test=exit exit=100"], b"", LIMIT);
+    let r = v3(
+        &["run", "--kernel", &k, "--cmdline", "test=exit exit=100"],
+        b"",
+        LIMIT,
+    );
     assert_eq!(r.status, 201, "{}", r.out());
-    let r = v3(&["run", "--kernel", &k, "--cmdline", "test=halt", "--cores", "2", "--stats"], b"", LIMIT);
+    let r = v3(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--cmdline",
+            "test=halt",
+            "--cores",
+            "2",
+            "--stats",
+        ],
+        b"",
+        LIMIT,
+    );
     assert_eq!(r.status, 0, "{}", r.out());
     assert!(r.stdout.contains("mbtest: halting"), "{}", r.out());
-    assert!(r.stderr.contains("core 0:") && r.stderr.contains("core 1:"), "one vCPU thread per core\n{}", r.out());
+    assert!(
+        r.stderr.contains("core 0:") && r.stderr.contains("core 1:"),
+        "one vCPU thread per core\n{}",
+        r.out()
+    );
 }
 
 #[test]
@@ -145,7 +203,11 @@ fn triple_fault_is_a_vm_failure() {
         return;
     }
     let k = s(&guest("mbtest.elf"));
-    let r = v3(&["run", "--kernel", &k, "--cmdline", "test=triple"], b"", LIMIT);
+    let r = v3(
+        &["run", "--kernel", &k, "--cmdline", "test=triple"],
+        b"",
+        LIMIT,
+    );
     assert_eq!(r.status, 4, "{}", r.out());
     assert!(r.stderr.contains("vCPU 0"), "names the vCPU\n{}", r.out());
     assert!(r.stderr.contains("RIP 0x"), "names the RIP\n{}", r.out());
@@ -157,7 +219,11 @@ fn console_input_reaches_com1() {
         return;
     }
     let k = s(&guest("mbtest.elf"));
-    let r = v3(&["run", "--kernel", &k, "--cmdline", "test=echo"], b"hello palacios\n", LIMIT);
+    let r = v3(
+        &["run", "--kernel", &k, "--cmdline", "test=echo"],
+        b"hello palacios\n",
+        LIMIT,
+    );
     assert_eq!(r.status, 1, "{}", r.out());
     assert!(r.stdout.contains("ECHO: HELLO PALACIOS"), "{}", r.out());
 }
@@ -198,8 +264,14 @@ fn unix_socket_stream_both_ways() {
     let r = v3(&["run", &s(&cfg)], b"", LIMIT);
     assert_eq!(r.status, 1, "{}", r.out());
     let seen = peer.join().unwrap();
-    assert!(seen.iter().any(|l| l.contains("ECHO: OVER THE SOCKET")), "socket saw {seen:?}");
-    assert!(!r.stdout.contains("ECHO"), "COM1 went to the socket, not the console");
+    assert!(
+        seen.iter().any(|l| l.contains("ECHO: OVER THE SOCKET")),
+        "socket saw {seen:?}"
+    );
+    assert!(
+        !r.stdout.contains("ECHO"),
+        "COM1 went to the socket, not the console"
+    );
 }
 
 #[test]

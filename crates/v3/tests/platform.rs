@@ -14,7 +14,13 @@ use vm_memory::{Bytes, GuestAddress};
 fn build(xml: &str) -> Vm {
     let cfg = VmConfig::parse(xml, std::path::Path::new(".")).unwrap();
     let backend = palacios::launch::backend(cfg.backend).unwrap();
-    Vm::build(&cfg, &palacios::devices::registry(), backend, Arc::new(LinuxHost::new(false))).unwrap()
+    Vm::build(
+        &cfg,
+        &palacios::devices::registry(),
+        backend,
+        Arc::new(LinuxHost::new(false)),
+    )
+    .unwrap()
 }
 
 /// Real-mode guest: PIC at vector 0x20, PIT 1 kHz; counts IRQ0s at [0x500] and leaves
@@ -33,7 +39,18 @@ fn pit_guest(ticks: u16) -> (Vec<u8>, Vec<u8>) {
     a.mov(ss, ax).unwrap();
     a.mov(sp, 0x7000).unwrap();
     a.mov(word_ptr(0x500), 0).unwrap();
-    for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0xa0, 0x11), (0xa1, 0x28), (0xa1, 0x02), (0xa1, 0x01), (0x21, 0xfe), (0xa1, 0xff)] {
+    for (port, v) in [
+        (0x20, 0x11),
+        (0x21, 0x20),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0xa0, 0x11),
+        (0xa1, 0x28),
+        (0xa1, 0x02),
+        (0xa1, 0x01),
+        (0x21, 0xfe),
+        (0xa1, 0xff),
+    ] {
         a.mov(al, v).unwrap();
         a.out(port, al).unwrap();
     }
@@ -99,7 +116,10 @@ fn the_same_guest_on_kvms_in_kernel_pic_and_pit() {
              <device class="8259A" id="pic"/><device class="8254_PIT" id="pit"/><device class="DEBUG_EXIT" id="exit"/>
            </devices></vm>"#,
     );
-    assert!(vm.port_bus().owner(0x40).is_none(), "the in-kernel PIT owns the timer ports");
+    assert!(
+        vm.port_bus().owner(0x40).is_none(),
+        "the in-kernel PIT owns the timer ports"
+    );
     let (code, handler) = pit_guest(50);
     let mem = vm.memory();
     mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
@@ -119,5 +139,178 @@ fn the_same_guest_on_kvms_in_kernel_pic_and_pit() {
         other => panic!("unexpected outcome {other:?}"),
     }
     assert!(t.elapsed().as_millis() >= 45);
-    assert_eq!(report.telemetry.cores[0].injected, 0, "KVM injected the interrupts itself");
+    assert_eq!(
+        report.telemetry.cores[0].injected, 0,
+        "KVM injected the interrupts itself"
+    );
+}
+
+/// A 64-bit long-mode guest (flat GDT, identity-mapped 4 GiB) whose IDT vector `vec` runs
+/// `handler`; `main` is the rest. Returns the boot state. (This machine's software KVM cannot
+/// return from interrupts in 32-bit protected mode, so platform scenarios run in long mode.)
+fn long_guest(
+    vm: &Vm,
+    vec: u8,
+    handler: impl FnOnce(&mut CodeAssembler),
+    main: impl FnOnce(&mut CodeAssembler),
+) -> CpuState {
+    let mem = vm.memory();
+    let gdt: Vec<u8> = palacios_x86::segment::boot_gdt()
+        .iter()
+        .flat_map(|d| d.to_le_bytes())
+        .collect();
+    mem.write_slice(&gdt, GuestAddress(0x1000)).unwrap();
+    mem.write_slice(
+        &palacios_x86::paging::identity_tables(0x20000, 4),
+        GuestAddress(0x20000),
+    )
+    .unwrap();
+    let mut h = CodeAssembler::new(64).unwrap();
+    handler(&mut h);
+    h.iretq().unwrap();
+    mem.write_slice(&h.assemble(0x4000).unwrap(), GuestAddress(0x4000))
+        .unwrap();
+    let lo: u64 = 0x4000 | (0x18 << 16) | (0x8e00u64 << 32);
+    mem.write_obj(lo, GuestAddress(0x3000 + 16 * u64::from(vec)))
+        .unwrap();
+    mem.write_obj(0u64, GuestAddress(0x3000 + 16 * u64::from(vec) + 8))
+        .unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    main(&mut a);
+    mem.write_slice(&a.assemble(0x10000).unwrap(), GuestAddress(0x10000))
+        .unwrap();
+    let mut st = CpuState::reset();
+    st.sregs.cs = palacios_x86::segment::flat(0x18, 0xb, true);
+    for s in [
+        &mut st.sregs.ds,
+        &mut st.sregs.es,
+        &mut st.sregs.ss,
+        &mut st.sregs.fs,
+        &mut st.sregs.gs,
+    ] {
+        *s = palacios_x86::segment::flat(0x10, 3, false);
+    }
+    st.sregs.tr = palacios_x86::Segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: true,
+        ..Default::default()
+    };
+    st.sregs.gdt = palacios_x86::DescriptorTable {
+        base: 0x1000,
+        limit: 31,
+    };
+    st.sregs.idt = palacios_x86::DescriptorTable {
+        base: 0x3000,
+        limit: 0xfff,
+    };
+    st.sregs.cr0 = palacios_x86::cr0::PE | palacios_x86::cr0::ET | palacios_x86::cr0::PG;
+    st.sregs.cr3 = 0x20000;
+    st.sregs.cr4 = palacios_x86::cr4::PAE;
+    st.sregs.efer = palacios_x86::efer::LME | palacios_x86::efer::LMA;
+    st.regs.rip = 0x10000;
+    st.regs.rsp = 0x7000;
+    st
+}
+
+fn run_limited(vm: Vm, secs: u64) -> (palacios::vmm::vm::RunReport, std::time::Duration) {
+    let h = vm.handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        h.stop(Outcome::Failed("time limit".into()));
+    });
+    let t = Instant::now();
+    let r = vm.run();
+    (r, t.elapsed())
+}
+
+/// Count interrupts at [0x500] in the handler, EOI the LAPIC; main waits for `n` and exits.
+fn count_and_exit(a: &mut CodeAssembler, n: u32) {
+    let mut wait = a.create_label();
+    a.sti().unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.hlt().unwrap();
+    a.cmp(dword_ptr(0x500), n).unwrap();
+    a.jb(wait).unwrap();
+    a.cli().unwrap();
+    a.mov(eax, dword_ptr(0x500)).unwrap();
+    a.out(0xf4, eax).unwrap();
+    a.hlt().unwrap();
+}
+
+fn count_handler64(h: &mut CodeAssembler) {
+    h.push(rax).unwrap();
+    h.inc(dword_ptr(0x500)).unwrap();
+    h.mov(eax, 0xfee0_00b0u32).unwrap();
+    h.mov(dword_ptr(rax), 0).unwrap(); // LAPIC EOI
+    h.pop(rax).unwrap();
+}
+
+const APIC_PLATFORM: &str = r#"<vm class="PC"><memory>16</memory><devices>
+    <device class="8259A" id="pic"/><device class="8254_PIT" id="pit"/>
+    <device class="LAPIC" id="lapic"/><device class="IOAPIC" id="ioapic"/><device class="DEBUG_EXIT" id="exit"/>
+  </devices></vm>"#;
+
+#[test]
+fn lapic_periodic_timer() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(APIC_PLATFORM);
+    let st = long_guest(&vm, 0x40, count_handler64, |a| {
+        a.mov(ebx, 0xfee0_0000u32).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap(); // SVR: enable, spurious 0xff
+        a.mov(dword_ptr(rbx + 0x3e0), 0xb).unwrap(); // divide by 1
+        a.mov(dword_ptr(rbx + 0x320), 0x20040).unwrap(); // periodic, vector 0x40
+        a.mov(dword_ptr(rbx + 0x380), 1_000_000).unwrap(); // 1 ms at the 1 GHz APIC clock
+        count_and_exit(a, 20);
+    });
+    vm.set_boot_state(st);
+    let (r, wall) = run_limited(vm, 60);
+    assert!(
+        matches!(r.outcome, Outcome::DebugExit(n) if n >= 20),
+        "{:?} {}",
+        r.outcome,
+        r.telemetry.render()
+    );
+    assert!(wall.as_millis() >= 18, "20 periods of 1 ms in {wall:?}");
+}
+
+#[test]
+fn pit_through_the_ioapic_and_self_ipi() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(APIC_PLATFORM);
+    let st = long_guest(&vm, 0x40, count_handler64, |a| {
+        a.mov(al, 0xff).unwrap();
+        a.out(0x21, al).unwrap(); // PIC fully masked
+        a.out(0xa1, al).unwrap();
+        a.mov(ebx, 0xfee0_0000u32).unwrap();
+        a.mov(ecx, 0xfec0_0000u32).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+        // A self-IPI first: vector 0x40 with the "self" shorthand.
+        a.mov(dword_ptr(rbx + 0x300), 0x40040).unwrap();
+        // IOAPIC pin 2 (ISA IRQ0): vector 0x40, edge, physical dest 0.
+        a.mov(dword_ptr(rcx), 0x14).unwrap();
+        a.mov(dword_ptr(rcx + 0x10), 0x40).unwrap();
+        a.mov(dword_ptr(rcx), 0x15).unwrap();
+        a.mov(dword_ptr(rcx + 0x10), 0).unwrap();
+        a.mov(al, 0x34).unwrap();
+        a.out(0x43, al).unwrap();
+        a.mov(al, (1193 & 0xff) as i32).unwrap();
+        a.out(0x40, al).unwrap();
+        a.mov(al, (1193 >> 8) as i32).unwrap();
+        a.out(0x40, al).unwrap();
+        count_and_exit(a, 21);
+    });
+    vm.set_boot_state(st);
+    let (r, wall) = run_limited(vm, 60);
+    assert!(
+        matches!(r.outcome, Outcome::DebugExit(n) if n >= 21),
+        "{:?} {}",
+        r.outcome,
+        r.telemetry.render()
+    );
+    assert!(wall.as_millis() >= 18);
 }

@@ -17,7 +17,10 @@ impl IoData {
         let len = data.len().min(8);
         let mut bytes = [0; 8];
         bytes[..len].copy_from_slice(&data[..len]);
-        IoData { len: len as u8, bytes }
+        IoData {
+            len: len as u8,
+            bytes,
+        }
     }
     pub fn as_slice(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
@@ -28,19 +31,36 @@ impl IoData {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// `in`: the core answers with [`Vcpu::complete_read`] before the next run.
-    IoIn { port: u16, size: u8 },
-    IoOut { port: u16, data: IoData },
+    IoIn {
+        port: u16,
+        size: u8,
+    },
+    IoOut {
+        port: u16,
+        data: IoData,
+    },
     /// A read of unbacked physical memory; answered with [`Vcpu::complete_read`].
-    MmioRead { addr: u64, size: u8 },
-    MmioWrite { addr: u64, data: IoData },
+    MmioRead {
+        addr: u64,
+        size: u8,
+    },
+    MmioWrite {
+        addr: u64,
+        data: IoData,
+    },
     /// The guest executed HLT.
     Hlt,
     /// The guest can now take an interrupt (after [`Vcpu::request_interrupt_window`]).
     IrqWindowOpen,
     /// RDMSR of an MSR the VMM traps; answered with [`Vcpu::complete_msr_read`].
-    MsrRead { index: u32 },
+    MsrRead {
+        index: u32,
+    },
     /// WRMSR of an MSR the VMM traps; answered with [`Vcpu::complete_msr_write`].
-    MsrWrite { index: u32, value: u64 },
+    MsrWrite {
+        index: u32,
+        value: u64,
+    },
     /// Triple fault or other shutdown condition.
     Shutdown,
     /// The run was interrupted from the outside (a kick); nothing to do for the guest.
@@ -112,9 +132,16 @@ impl Exit {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("backend '{name}' is not usable here: {reason} (available backends: {available})")]
-    Unavailable { name: &'static str, reason: String, available: String },
+    Unavailable {
+        name: &'static str,
+        reason: String,
+        available: String,
+    },
     #[error("{op} failed: {source}")]
-    Host { op: &'static str, source: std::io::Error },
+    Host {
+        op: &'static str,
+        source: std::io::Error,
+    },
     #[error("vCPU {vcpu}: internal error (suberror {suberror}) at RIP {rip:#x}")]
     InternalError { vcpu: u32, rip: u64, suberror: u32 },
     #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x}) at RIP {rip:#x}")]
@@ -154,14 +181,22 @@ pub trait Backend: Send + Sync {
     }
     /// Create the backend's own interrupt controllers and PIT (before any vCPU).
     fn create_kernel_irqchip(&self) -> Result<std::sync::Arc<dyn KernelIrqchip>, BackendError> {
-        Err(BackendError::Unhandled { vcpu: 0, rip: 0, what: format!("backend '{}' has no in-kernel irqchip", self.name()) })
+        Err(BackendError::Unhandled {
+            vcpu: 0,
+            rip: 0,
+            what: format!("backend '{}' has no in-kernel irqchip", self.name()),
+        })
     }
     /// Make RDMSR/WRMSR of these inclusive ranges exit to the VMM ([`Exit::MsrRead`]/[`Exit::MsrWrite`]).
     fn trap_msrs(&self, ranges: &[(u32, u32)]) -> Result<(), BackendError> {
         if ranges.is_empty() {
             Ok(())
         } else {
-            Err(BackendError::Unhandled { vcpu: 0, rip: 0, what: format!("backend '{}' cannot trap MSRs", self.name()) })
+            Err(BackendError::Unhandled {
+                vcpu: 0,
+                rip: 0,
+                what: format!("backend '{}' cannot trap MSRs", self.name()),
+            })
         }
     }
     /// Create vCPU number `index` (its APIC ID is `index`).

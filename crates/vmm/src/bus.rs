@@ -35,8 +35,18 @@ pub fn set_current_cpu(cpu: u32) {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    #[error("{bus} range {new_start:#x}-{new_end:#x} of device '{new}' overlaps {old_start:#x}-{old_end:#x} of device '{old}'")]
-    Overlap { bus: &'static str, new: String, new_start: u64, new_end: u64, old: String, old_start: u64, old_end: u64 },
+    #[error(
+        "{bus} range {new_start:#x}-{new_end:#x} of device '{new}' overlaps {old_start:#x}-{old_end:#x} of device '{old}'"
+    )]
+    Overlap {
+        bus: &'static str,
+        new: String,
+        new_start: u64,
+        new_end: u64,
+        old: String,
+        old_start: u64,
+        old_end: u64,
+    },
     #[error("{bus} range of device '{name}' is empty or wraps around")]
     BadRange { bus: &'static str, name: String },
 }
@@ -58,7 +68,12 @@ pub struct Bus {
 
 impl Bus {
     pub fn new(kind: &'static str) -> Self {
-        Bus { kind, ranges: BTreeMap::new(), fallbacks: Vec::new(), unclaimed: Mutex::new(HashMap::new()) }
+        Bus {
+            kind,
+            ranges: BTreeMap::new(),
+            fallbacks: Vec::new(),
+            unclaimed: Mutex::new(HashMap::new()),
+        }
     }
 
     /// "port" or "mmio".
@@ -67,10 +82,21 @@ impl Bus {
     }
 
     /// Register `dev` for `[start, start+len)`. Overlaps are refused, naming both devices.
-    pub fn insert(&mut self, start: u64, len: u64, name: &str, dev: SharedDevice) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        start: u64,
+        len: u64,
+        name: &str,
+        dev: SharedDevice,
+    ) -> Result<(), BusError> {
         let last = match len.checked_sub(1).and_then(|l| start.checked_add(l)) {
             Some(l) if len > 0 => l,
-            _ => return Err(BusError::BadRange { bus: self.kind, name: name.into() }),
+            _ => {
+                return Err(BusError::BadRange {
+                    bus: self.kind,
+                    name: name.into(),
+                });
+            }
         };
         let clash = self
             .ranges
@@ -79,9 +105,24 @@ impl Bus {
             .filter(|(_, e)| e.last >= start)
             .map(|(s, e)| (*s, e.last, e.name.clone()));
         if let Some((old_start, old_end, old)) = clash {
-            return Err(BusError::Overlap { bus: self.kind, new: name.into(), new_start: start, new_end: last, old, old_start, old_end });
+            return Err(BusError::Overlap {
+                bus: self.kind,
+                new: name.into(),
+                new_start: start,
+                new_end: last,
+                old,
+                old_start,
+                old_end,
+            });
         }
-        self.ranges.insert(start, Entry { last, name: name.into(), dev });
+        self.ranges.insert(
+            start,
+            Entry {
+                last,
+                name: name.into(),
+                dev,
+            },
+        );
         Ok(())
     }
 
@@ -91,7 +132,11 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<&Entry> {
-        self.ranges.range(..=addr).next_back().map(|(_, e)| e).filter(|e| e.last >= addr)
+        self.ranges
+            .range(..=addr)
+            .next_back()
+            .map(|(_, e)| e)
+            .filter(|e| e.last >= addr)
     }
 
     /// Name of the device claiming `addr`, if any.
@@ -138,7 +183,10 @@ impl Bus {
         let mut map = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(addr).or_insert(0);
         if *n == 0 {
-            tracing::debug!("unclaimed {} {what} at {addr:#x} (reads as all-ones, writes ignored)", self.kind);
+            tracing::debug!(
+                "unclaimed {} {what} at {addr:#x} (reads as all-ones, writes ignored)",
+                self.kind
+            );
         }
         *n += 1;
     }
@@ -153,7 +201,10 @@ impl Bus {
 
     /// Registered ranges as (start, inclusive end, device name).
     pub fn ranges(&self) -> Vec<(u64, u64, String)> {
-        self.ranges.iter().map(|(s, e)| (*s, e.last, e.name.clone())).collect()
+        self.ranges
+            .iter()
+            .map(|(s, e)| (*s, e.last, e.name.clone()))
+            .collect()
     }
 }
 

@@ -37,7 +37,9 @@ impl std::fmt::Display for Outcome {
             Outcome::DebugExit(v) => write!(f, "guest wrote {v:#x} to the debug-exit port"),
             Outcome::Stopped => write!(f, "stopped by request"),
             Outcome::Reset => write!(f, "guest requested a reset"),
-            Outcome::Shutdown { vcpu, rip } => write!(f, "vCPU {vcpu}: triple fault / shutdown at RIP {rip:#x}"),
+            Outcome::Shutdown { vcpu, rip } => {
+                write!(f, "vCPU {vcpu}: triple fault / shutdown at RIP {rip:#x}")
+            }
             Outcome::Failed(m) => write!(f, "VM failed: {m}"),
         }
     }
@@ -64,7 +66,14 @@ pub struct Wakers {
 impl Wakers {
     fn new(cores: u32, stopping: Arc<AtomicBool>) -> Self {
         Wakers {
-            cores: Arc::new((0..cores).map(|_| CoreWake { pending: Mutex::new(false), cond: Condvar::new() }).collect()),
+            cores: Arc::new(
+                (0..cores)
+                    .map(|_| CoreWake {
+                        pending: Mutex::new(false),
+                        cond: Condvar::new(),
+                    })
+                    .collect(),
+            ),
             kickers: Arc::new(Mutex::new((0..cores).map(|_| None).collect())),
             stopping,
         }
@@ -84,7 +93,9 @@ impl Wakers {
 
     /// Something happened for `cpu` (an interrupt became pending).
     pub fn wake(&self, cpu: u32) {
-        let Some(c) = self.cores.get(cpu as usize) else { return };
+        let Some(c) = self.cores.get(cpu as usize) else {
+            return;
+        };
         *lock(&c.pending) = true;
         c.cond.notify_all();
         let k = lock(&self.kickers).get(cpu as usize).cloned().flatten();
@@ -101,7 +112,9 @@ impl Wakers {
 
     /// Block core `cpu` until it is woken, the VM stops, or `timeout` passes.
     pub fn wait(&self, cpu: u32, timeout: Option<Duration>) {
-        let Some(c) = self.cores.get(cpu as usize) else { return };
+        let Some(c) = self.cores.get(cpu as usize) else {
+            return;
+        };
         let mut p = lock(&c.pending);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         while !*p && !self.stopping.load(Ordering::Acquire) {
@@ -112,7 +125,11 @@ impl Wakers {
                     if now >= d {
                         break;
                     }
-                    p = c.cond.wait_timeout(p, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                    p = c
+                        .cond
+                        .wait_timeout(p, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
             }
         }
@@ -144,7 +161,10 @@ impl VmHandle {
     pub fn new(cores: u32) -> Self {
         let stopping = Arc::new(AtomicBool::new(false));
         VmHandle(Arc::new(Shared {
-            state: Mutex::new(State { paused: false, outcome: None }),
+            state: Mutex::new(State {
+                paused: false,
+                outcome: None,
+            }),
             starts: (0..cores).map(|_| Mutex::new(None)).collect(),
             cond: Condvar::new(),
             wakers: Wakers::new(cores, stopping.clone()),
@@ -238,7 +258,12 @@ impl VmHandle {
                     if now >= d {
                         break;
                     }
-                    s = self.0.cond.wait_timeout(s, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                    s = self
+                        .0
+                        .cond
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
             }
         }
@@ -262,7 +287,10 @@ mod tests {
         h.stop(Outcome::Halted);
         assert!(t.join().unwrap());
         assert_eq!(h.outcome(), Some(Outcome::DebugExit(3)));
-        assert_eq!(h.wait(Some(Duration::from_millis(1))), Some(Outcome::DebugExit(3)));
+        assert_eq!(
+            h.wait(Some(Duration::from_millis(1))),
+            Some(Outcome::DebugExit(3))
+        );
     }
 
     #[test]

@@ -58,7 +58,10 @@ pub struct LinuxHost {
 impl LinuxHost {
     /// `raw_console`: put a terminal stdin into raw mode while the console is open.
     pub fn new(raw_console: bool) -> Self {
-        LinuxHost { start: Instant::now(), raw_console }
+        LinuxHost {
+            start: Instant::now(),
+            raw_console,
+        }
     }
 }
 
@@ -114,7 +117,10 @@ impl HostThread for LinuxThread {
     }
     fn join(self: Box<Self>) -> Result<(), String> {
         self.handle.join().map_err(|e| {
-            e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
         })
     }
 }
@@ -126,9 +132,14 @@ impl Host for LinuxHost {
 
     fn spawn(&self, name: &str, f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>> {
         install_kick_handler()?;
-        let handle = std::thread::Builder::new().name(name.to_string()).spawn(f)?;
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(f)?;
         let thread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle);
-        Ok(Box::new(LinuxThread { handle, kicker: Arc::new(SignalKick { thread }) }))
+        Ok(Box::new(LinuxThread {
+            handle,
+            kicker: Arc::new(SignalKick { thread }),
+        }))
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -142,7 +153,9 @@ impl Host for LinuxHost {
         }
         Ok(HostStream {
             name: "console".into(),
-            output: Box::new(ConsoleOut { raw: tty && self.raw_console }),
+            output: Box::new(ConsoleOut {
+                raw: tty && self.raw_console,
+            }),
             input: Some(Box::new(FdInput { fd: None, raw: 0 })),
         })
     }
@@ -151,17 +164,32 @@ impl Host for LinuxHost {
         let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
         match kind {
             "console" | "stdio" => self.console(),
-            "null" => Ok(HostStream { name: spec.into(), output: Box::new(io::sink()), input: None }),
+            "null" => Ok(HostStream {
+                name: spec.into(),
+                output: Box::new(io::sink()),
+                input: None,
+            }),
             "file" if !arg.is_empty() => {
-                let f = std::fs::OpenOptions::new().create(true).append(true).open(arg)?;
-                Ok(HostStream { name: spec.into(), output: Box::new(f), input: None })
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(arg)?;
+                Ok(HostStream {
+                    name: spec.into(),
+                    output: Box::new(f),
+                    input: None,
+                })
             }
             "unix" if !arg.is_empty() => {
                 let s = std::os::unix::net::UnixStream::connect(arg)?;
                 let r = s.try_clone()?;
                 let fd = OwnedFd::from(r);
                 let raw = fd.as_raw_fd();
-                Ok(HostStream { name: spec.into(), output: Box::new(s), input: Some(Box::new(FdInput { fd: Some(fd), raw })) })
+                Ok(HostStream {
+                    name: spec.into(),
+                    output: Box::new(s),
+                    input: Some(Box::new(FdInput { fd: Some(fd), raw })),
+                })
             }
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -180,13 +208,19 @@ impl Host for DryRunHost {
         Duration::ZERO
     }
     fn spawn(&self, name: &str, _f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>> {
-        Err(io::Error::other(format!("dry run: thread '{name}' not started")))
+        Err(io::Error::other(format!(
+            "dry run: thread '{name}' not started"
+        )))
     }
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
     }
     fn console(&self) -> io::Result<HostStream> {
-        Ok(HostStream { name: "console".into(), output: Box::new(io::sink()), input: None })
+        Ok(HostStream {
+            name: "console".into(),
+            output: Box::new(io::sink()),
+            input: None,
+        })
     }
     fn open_stream(&self, spec: &str) -> io::Result<HostStream> {
         let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
@@ -196,11 +230,17 @@ impl Host for DryRunHost {
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("unknown stream '{spec}' (expected file:PATH, unix:PATH, console or null)"),
+                    format!(
+                        "unknown stream '{spec}' (expected file:PATH, unix:PATH, console or null)"
+                    ),
                 ));
             }
         }
-        Ok(HostStream { name: spec.into(), output: Box::new(io::sink()), input: None })
+        Ok(HostStream {
+            name: spec.into(),
+            output: Box::new(io::sink()),
+            input: None,
+        })
     }
 }
 
@@ -214,13 +254,21 @@ struct FdInput {
 impl StreamInput for FdInput {
     fn read_timeout(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
         let fd = self.fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(self.raw);
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: `p` is a valid pollfd for the duration of the call; nfds is 1.
         let n = unsafe { libc::poll(&mut p, 1, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         if n == 0 {
             return Ok(None);
@@ -229,7 +277,11 @@ impl StreamInput for FdInput {
         let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         Ok(Some(r as usize))
     }
@@ -342,7 +394,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("out.txt");
         let host = LinuxHost::new(false);
-        let mut s = host.open_stream(&format!("file:{}", path.display())).unwrap();
+        let mut s = host
+            .open_stream(&format!("file:{}", path.display()))
+            .unwrap();
         s.output.write_all(b"hello").unwrap();
         drop(s);
         assert_eq!(std::fs::read(&path).unwrap(), b"hello");
@@ -358,7 +412,9 @@ mod tests {
         let path = dir.join("s");
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let host = LinuxHost::new(false);
-        let mut s = host.open_stream(&format!("unix:{}", path.display())).unwrap();
+        let mut s = host
+            .open_stream(&format!("unix:{}", path.display()))
+            .unwrap();
         let (mut peer, _) = l.accept().unwrap();
         s.output.write_all(b"out").unwrap();
         let mut b = [0u8; 3];

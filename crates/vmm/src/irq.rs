@@ -31,7 +31,8 @@ pub struct UnconnectedLine {
 impl IrqLine for UnconnectedLine {
     fn set_level(&self, high: bool) {
         if high {
-            self.raised.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.raised
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -61,7 +62,10 @@ pub struct VectorQueue {
 
 impl VectorQueue {
     pub fn new(cores: u32, wakers: Wakers) -> Self {
-        VectorQueue { queues: (0..cores).map(|_| Mutex::new(VecDeque::new())).collect(), wakers }
+        VectorQueue {
+            queues: (0..cores).map(|_| Mutex::new(VecDeque::new())).collect(),
+            wakers,
+        }
     }
 
     /// Queue `vector` for `cpu` (ignored for a core that does not exist).
@@ -75,9 +79,13 @@ impl VectorQueue {
 
 impl InterruptController for VectorQueue {
     fn has_interrupt(&self, cpu: u32) -> bool {
-        self.queues.get(cpu as usize).is_some_and(|q| !crate::bus::lock(q).is_empty())
+        self.queues
+            .get(cpu as usize)
+            .is_some_and(|q| !crate::bus::lock(q).is_empty())
     }
     fn acknowledge(&self, cpu: u32) -> Option<u8> {
-        self.queues.get(cpu as usize).and_then(|q| crate::bus::lock(q).pop_front())
+        self.queues
+            .get(cpu as usize)
+            .and_then(|q| crate::bus::lock(q).pop_front())
     }
 }

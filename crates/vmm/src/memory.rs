@@ -58,21 +58,49 @@ impl MemoryMap {
         let mut regions = Vec::new();
         let mut slots = vec![(0, low)];
         if low > EBDA_START {
-            regions.push(Region { start: 0, size: EBDA_START, kind: RegionKind::Ram });
+            regions.push(Region {
+                start: 0,
+                size: EBDA_START,
+                kind: RegionKind::Ram,
+            });
             let legacy_end = low.min(LEGACY_END);
-            regions.push(Region { start: EBDA_START, size: legacy_end - EBDA_START, kind: RegionKind::Reserved });
+            regions.push(Region {
+                start: EBDA_START,
+                size: legacy_end - EBDA_START,
+                kind: RegionKind::Reserved,
+            });
             if low > LEGACY_END {
-                regions.push(Region { start: LEGACY_END, size: low - LEGACY_END, kind: RegionKind::Ram });
+                regions.push(Region {
+                    start: LEGACY_END,
+                    size: low - LEGACY_END,
+                    kind: RegionKind::Ram,
+                });
             }
         } else {
-            regions.push(Region { start: 0, size: low, kind: RegionKind::Ram });
+            regions.push(Region {
+                start: 0,
+                size: low,
+                kind: RegionKind::Ram,
+            });
         }
-        regions.push(Region { start: LOW_RAM_END, size: HIGH_RAM_START - LOW_RAM_END, kind: RegionKind::Mmio });
+        regions.push(Region {
+            start: LOW_RAM_END,
+            size: HIGH_RAM_START - LOW_RAM_END,
+            kind: RegionKind::Mmio,
+        });
         if high > 0 {
-            regions.push(Region { start: HIGH_RAM_START, size: high, kind: RegionKind::Ram });
+            regions.push(Region {
+                start: HIGH_RAM_START,
+                size: high,
+                kind: RegionKind::Ram,
+            });
             slots.push((HIGH_RAM_START, high));
         }
-        MemoryMap { ram_bytes: ram, regions, slots }
+        MemoryMap {
+            ram_bytes: ram,
+            regions,
+            slots,
+        }
     }
 
     /// Total RAM in bytes.
@@ -92,14 +120,20 @@ impl MemoryMap {
 
     /// Whether `[addr, addr+len)` lies entirely in backed memory.
     pub fn is_backed(&self, addr: u64, len: u64) -> bool {
-        let Some(end) = addr.checked_add(len) else { return false };
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
         self.slots.iter().any(|&(s, n)| addr >= s && end <= s + n)
     }
 
     /// Allocate guest RAM for this map.
     pub fn create_memory(&self) -> Result<GuestMem, vm_memory::mmap::FromRangesError> {
-        let ranges: Vec<(GuestAddress, usize)> =
-            self.slots.iter().filter(|(_, n)| *n > 0).map(|&(s, n)| (GuestAddress(s), n as usize)).collect();
+        let ranges: Vec<(GuestAddress, usize)> = self
+            .slots
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|&(s, n)| (GuestAddress(s), n as usize))
+            .collect();
         GuestMemoryMmap::from_ranges(&ranges)
     }
 }
@@ -117,7 +151,12 @@ mod tests {
         let kinds: Vec<_> = m.regions().iter().map(|r| (r.start, r.kind)).collect();
         assert_eq!(
             kinds,
-            vec![(0, RegionKind::Ram), (EBDA_START, RegionKind::Reserved), (LEGACY_END, RegionKind::Ram), (LOW_RAM_END, RegionKind::Mmio)]
+            vec![
+                (0, RegionKind::Ram),
+                (EBDA_START, RegionKind::Reserved),
+                (LEGACY_END, RegionKind::Ram),
+                (LOW_RAM_END, RegionKind::Mmio)
+            ]
         );
         assert!(m.is_backed(0, 4096));
         assert!(!m.is_backed(128 * MIB - 1, 2));
@@ -126,12 +165,20 @@ mod tests {
     #[test]
     fn large_guest_continues_above_4g_and_leaves_the_apic_hole() {
         let m = MemoryMap::pc(4096 * MIB);
-        assert_eq!(m.slots(), &[(0, LOW_RAM_END), (HIGH_RAM_START, 4096 * MIB - LOW_RAM_END)]);
+        assert_eq!(
+            m.slots(),
+            &[(0, LOW_RAM_END), (HIGH_RAM_START, 4096 * MIB - LOW_RAM_END)]
+        );
         assert_eq!(m.ram_bytes(), 4096 * MIB);
         assert!(!m.is_backed(0xfec0_0000, 4));
         assert!(!m.is_backed(0xffff_fff0, 4));
         assert!(m.is_backed(HIGH_RAM_START, 4096));
-        let ram: u64 = m.regions().iter().filter(|r| r.kind != RegionKind::Mmio).map(|r| r.size).sum();
+        let ram: u64 = m
+            .regions()
+            .iter()
+            .filter(|r| r.kind != RegionKind::Mmio)
+            .map(|r| r.size)
+            .sum();
         assert_eq!(ram, 4096 * MIB);
     }
 

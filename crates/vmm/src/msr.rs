@@ -19,7 +19,11 @@ pub struct MsrBus {
 impl MsrBus {
     /// Claim `first..=last`; an overlap is refused with the range already claimed.
     pub fn insert(&mut self, first: u32, last: u32, dev: Arc<dyn MsrDevice>) -> Result<(), String> {
-        if let Some((a, b, _)) = self.ranges.iter().find(|(a, b, _)| first <= *b && *a <= last) {
+        if let Some((a, b, _)) = self
+            .ranges
+            .iter()
+            .find(|(a, b, _)| first <= *b && *a <= last)
+        {
             return Err(format!("MSRs {first:#x}-{last:#x} overlap {a:#x}-{b:#x}"));
         }
         self.ranges.push((first, last, dev));
@@ -27,7 +31,10 @@ impl MsrBus {
     }
 
     fn find(&self, msr: u32) -> Option<&Arc<dyn MsrDevice>> {
-        self.ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&msr)).map(|(_, _, d)| d)
+        self.ranges
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&msr))
+            .map(|(_, _, d)| d)
     }
 
     pub fn read(&self, cpu: u32, msr: u32) -> Option<u64> {

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use crate::backend::KernelIrqchip;
 use crate::bus::{Bus, BusDevice};
-use crate::irq::InterruptController;
-use crate::msr::MsrBus;
-use crate::time::GuestClock;
-use crate::timer::TimerQueue;
 use crate::config::{ConfigError, ConfigNode, DeviceConfig};
 use crate::control::VmHandle;
 use crate::host::{Host, HostStream, HostThread};
+use crate::irq::InterruptController;
 use crate::irq::{IrqLine, UnconnectedLine};
 use crate::memory::{GuestMem, MemoryMap};
+use crate::msr::MsrBus;
+use crate::time::GuestClock;
+use crate::timer::TimerQueue;
 
 /// One option a device class understands (for `v3 devices` and for validation).
 #[derive(Clone, Copy, Debug)]
@@ -66,11 +66,19 @@ impl Registry {
     /// Look the class up, check the device's options, and create it.
     pub fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let class = self.get(&dev.class).ok_or_else(|| {
-            dev.node.val_err("class", format!("unknown device class '{}' (known: {})", dev.class, self.names().join(", ")))
+            dev.node.val_err(
+                "class",
+                format!(
+                    "unknown device class '{}' (known: {})",
+                    dev.class,
+                    self.names().join(", ")
+                ),
+            )
         })?;
         let mut allowed: Vec<&str> = vec!["class", "id"];
         allowed.extend(class.options().iter().map(|o| o.name));
-        dev.node.check_options(&format!("device class {}", class.name()), &allowed)?;
+        dev.node
+            .check_options(&format!("device class {}", class.name()), &allowed)?;
         class.create(ctx, dev)
     }
 }
@@ -85,7 +93,11 @@ pub trait CharInput: Send + Sync {
 pub trait CharFrontend: Send + Sync {
     /// Connect a backend: guest output goes to `output`; the returned handle feeds input.
     /// `cfg` is the `<frontend>` subtree (for example naming the COM port).
-    fn connect(&self, cfg: &ConfigNode, output: Box<dyn Write + Send>) -> Result<Arc<dyn CharInput>, ConfigError>;
+    fn connect(
+        &self,
+        cfg: &ConfigNode,
+        output: Box<dyn Write + Send>,
+    ) -> Result<Arc<dyn CharInput>, ConfigError>;
 }
 
 /// A line into the backend's in-kernel irqchip.
@@ -141,7 +153,13 @@ pub struct BuildCtx {
 }
 
 impl BuildCtx {
-    pub fn new(host: Arc<dyn Host>, mem: GuestMem, map: MemoryMap, vm: VmHandle, cores: u32) -> Self {
+    pub fn new(
+        host: Arc<dyn Host>,
+        mem: GuestMem,
+        map: MemoryMap,
+        vm: VmHandle,
+        cores: u32,
+    ) -> Self {
         let clock = Arc::new(GuestClock::new(crate::time::DEFAULT_TSC_HZ));
         BuildCtx {
             timers: TimerQueue::new(clock.clone()),
@@ -167,22 +185,47 @@ impl BuildCtx {
     }
 
     /// Register a device on port range `[start, start+len)`.
-    pub fn add_ports(&mut self, start: u16, len: u16, name: &str, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), ConfigError> {
-        self.pio.insert(u64::from(start), u64::from(len), name, dev).map_err(|e| ConfigError::new(None, e.to_string()))
+    pub fn add_ports(
+        &mut self,
+        start: u16,
+        len: u16,
+        name: &str,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), ConfigError> {
+        self.pio
+            .insert(u64::from(start), u64::from(len), name, dev)
+            .map_err(|e| ConfigError::new(None, e.to_string()))
     }
 
     /// Register a device on MMIO range `[start, start+len)`.
-    pub fn add_mmio(&mut self, start: u64, len: u64, name: &str, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), ConfigError> {
-        if (0..len).step_by(4096).any(|o| self.map.is_backed(start + o, 1)) {
-            return Err(ConfigError::new(None, format!("MMIO range {start:#x}+{len:#x} of '{name}' overlaps guest RAM")));
+    pub fn add_mmio(
+        &mut self,
+        start: u64,
+        len: u64,
+        name: &str,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), ConfigError> {
+        if (0..len)
+            .step_by(4096)
+            .any(|o| self.map.is_backed(start + o, 1))
+        {
+            return Err(ConfigError::new(
+                None,
+                format!("MMIO range {start:#x}+{len:#x} of '{name}' overlaps guest RAM"),
+            ));
         }
-        self.mmio.insert(start, len, name, dev).map_err(|e| ConfigError::new(None, e.to_string()))
+        self.mmio
+            .insert(start, len, name, dev)
+            .map_err(|e| ConfigError::new(None, e.to_string()))
     }
 
     /// The interrupt line for ISA IRQ / GSI `n`.
     pub fn irq_line(&self, n: u32) -> Arc<dyn IrqLine> {
         match &self.kernel_irqchip {
-            Some(chip) => Arc::new(KernelLine { chip: chip.clone(), gsi: n }),
+            Some(chip) => Arc::new(KernelLine {
+                chip: chip.clone(),
+                gsi: n,
+            }),
             None => (self.irq_provider)(n),
         }
     }
@@ -194,7 +237,10 @@ impl BuildCtx {
 
     /// A part an earlier device provided.
     pub fn service<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
-        self.services.get(&std::any::TypeId::of::<T>()).cloned().and_then(|a| a.downcast::<T>().ok())
+        self.services
+            .get(&std::any::TypeId::of::<T>())
+            .cloned()
+            .and_then(|a| a.downcast::<T>().ok())
     }
 
     /// Route [`BuildCtx::irq_line`] to an interrupt controller (done by the platform).
@@ -203,7 +249,10 @@ impl BuildCtx {
     }
 
     /// Run `f` after every device is created (to apply defaults that depend on later devices).
-    pub fn on_finish(&mut self, f: impl FnOnce(&mut BuildCtx) -> Result<(), ConfigError> + 'static) {
+    pub fn on_finish(
+        &mut self,
+        f: impl FnOnce(&mut BuildCtx) -> Result<(), ConfigError> + 'static,
+    ) {
         self.finishers.push(Box::new(f));
     }
 
@@ -220,13 +269,21 @@ impl BuildCtx {
 
     /// Connect a host stream to the char frontend `frontend` (a device id): output is written
     /// to the stream and a pump thread feeds the stream's input to the frontend.
-    pub fn connect_char(&mut self, frontend: &str, cfg: &ConfigNode, stream: HostStream) -> Result<(), ConfigError> {
-        let fe = self
-            .char_frontends
-            .get(frontend)
-            .cloned()
-            .ok_or_else(|| cfg.err(format!("device '{frontend}' is not a character frontend")))?;
-        let HostStream { name, output, input } = stream;
+    pub fn connect_char(
+        &mut self,
+        frontend: &str,
+        cfg: &ConfigNode,
+        stream: HostStream,
+    ) -> Result<(), ConfigError> {
+        let fe =
+            self.char_frontends.get(frontend).cloned().ok_or_else(|| {
+                cfg.err(format!("device '{frontend}' is not a character frontend"))
+            })?;
+        let HostStream {
+            name,
+            output,
+            input,
+        } = stream;
         let sink = fe.connect(cfg, output)?;
         if let Some(mut input) = input {
             let stop = Arc::new(AtomicBool::new(false));
@@ -254,11 +311,16 @@ impl BuildCtx {
                 }
             };
             let tname = format!("input-{name}");
-            let thread = self
-                .host
-                .spawn(&tname, Box::new(pump))
-                .map_err(|e| cfg.err(format!("cannot start the input thread of stream '{name}': {e}")))?;
-            self.workers.push(Worker { name: tname, stop, thread });
+            let thread = self.host.spawn(&tname, Box::new(pump)).map_err(|e| {
+                cfg.err(format!(
+                    "cannot start the input thread of stream '{name}': {e}"
+                ))
+            })?;
+            self.workers.push(Worker {
+                name: tname,
+                stop,
+                thread,
+            });
         }
         Ok(())
     }

@@ -18,7 +18,10 @@ pub struct CoreStats {
 
 impl CoreStats {
     pub fn new(core: u32) -> Self {
-        CoreStats { core, ..Default::default() }
+        CoreStats {
+            core,
+            ..Default::default()
+        }
     }
 
     #[inline]
@@ -52,7 +55,11 @@ impl Telemetry {
     /// A readable table.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "=== telemetry: {:.3} s wall ===", self.wall.as_secs_f64());
+        let _ = writeln!(
+            s,
+            "=== telemetry: {:.3} s wall ===",
+            self.wall.as_secs_f64()
+        );
         for c in &self.cores {
             let _ = writeln!(
                 s,
@@ -77,7 +84,10 @@ impl Telemetry {
                 }
             }
         }
-        for (what, list) in [("port", &self.unclaimed_ports), ("mmio", &self.unclaimed_mmio)] {
+        for (what, list) in [
+            ("port", &self.unclaimed_ports),
+            ("mmio", &self.unclaimed_mmio),
+        ] {
             if !list.is_empty() {
                 let _ = writeln!(s, "unclaimed {what} accesses:");
                 for (a, n) in list {
@@ -101,9 +111,16 @@ mod tests {
         c.record(ExitKind::Hlt, Duration::from_micros(1));
         assert_eq!(c.count(ExitKind::IoOut), 2);
         assert_eq!(c.total_exits(), 3);
-        let t = Telemetry { cores: vec![c], unclaimed_ports: vec![(0x80, 2)], ..Default::default() };
+        let t = Telemetry {
+            cores: vec![c],
+            unclaimed_ports: vec![(0x80, 2)],
+            ..Default::default()
+        };
         let r = t.render();
-        assert!(r.contains("io-out") && r.contains("4.00 us/exit") && r.contains("0x80: 2"), "{r}");
+        assert!(
+            r.contains("io-out") && r.contains("4.00 us/exit") && r.contains("0x80: 2"),
+            "{r}"
+        );
         assert!(!r.contains("mmio-read"));
     }
 }

@@ -22,7 +22,11 @@ pub struct GuestClock {
 
 impl GuestClock {
     pub fn new(tsc_hz: u64) -> Self {
-        GuestClock { start: Instant::now(), offset: AtomicU64::new(0), tsc_hz: AtomicU64::new(tsc_hz.max(1)) }
+        GuestClock {
+            start: Instant::now(),
+            offset: AtomicU64::new(0),
+            tsc_hz: AtomicU64::new(tsc_hz.max(1)),
+        }
     }
 
     /// Guest nanoseconds now.
@@ -70,7 +74,10 @@ mod tests {
         let c = GuestClock::new(3_000_000_000);
         assert_eq!(c.tsc_at(1_000_000_000), 3_000_000_000);
         assert_eq!(c.ns_at_tsc(3_000), 1_000);
-        assert_eq!(c.ns_at_tsc(u64::MAX), (u128::from(u64::MAX) * 1_000_000_000 / 3_000_000_000) as u64);
+        assert_eq!(
+            c.ns_at_tsc(u64::MAX),
+            (u128::from(u64::MAX) * 1_000_000_000 / 3_000_000_000) as u64
+        );
         let a = c.now();
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert!(c.now() >= a + 1_000_000);

@@ -5,8 +5,8 @@
 //! interrupt line and re-arms. If the thread runs late, the callback runs once (devices decide
 //! how to account for missed periods).
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -43,7 +43,11 @@ impl TimerQueue {
     pub fn new(clock: Arc<GuestClock>) -> Arc<Self> {
         Arc::new(TimerQueue {
             clock,
-            state: Mutex::new(State { heap: BinaryHeap::new(), gens: Vec::new(), callbacks: Vec::new() }),
+            state: Mutex::new(State {
+                heap: BinaryHeap::new(),
+                gens: Vec::new(),
+                callbacks: Vec::new(),
+            }),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
         })
@@ -58,7 +62,10 @@ impl TimerQueue {
         let mut s = lock(&self.state);
         s.gens.push(0);
         s.callbacks.push(Some(Arc::new(Mutex::new(Box::new(cb)))));
-        Timer { q: self.clone(), id: s.gens.len() - 1 }
+        Timer {
+            q: self.clone(),
+            id: s.gens.len() - 1,
+        }
     }
 
     /// The timer thread's body: run due callbacks until [`TimerQueue::shutdown`].
@@ -72,14 +79,20 @@ impl TimerQueue {
                     if s.gens[id] != generation {
                         continue;
                     }
-                    let Some(cb) = s.callbacks[id].clone() else { continue };
+                    let Some(cb) = s.callbacks[id].clone() else {
+                        continue;
+                    };
                     drop(s);
                     (lock(&cb))(now);
                     s = lock(&self.state);
                 }
                 Some(Reverse((deadline, _, _))) => {
                     let wait = Duration::from_nanos(deadline - now);
-                    s = self.cond.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0;
+                    s = self
+                        .cond
+                        .wait_timeout(s, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
                 None => s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner()),
             }
@@ -138,7 +151,10 @@ mod tests {
         let t = std::thread::spawn(move || q2.run());
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
-        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "disarmed timer stayed silent");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "disarmed timer stayed silent"
+        );
         // Re-arming from inside a callback works (periodic devices do this).
         let tx2 = tx.clone();
         let count = Arc::new(Mutex::new(0u32));

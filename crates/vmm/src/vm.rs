@@ -28,7 +28,10 @@ pub enum VmError {
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Memory { mib: u64, reason: String },
     #[error("{what}: {source}")]
-    Host { what: String, source: std::io::Error },
+    Host {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// A VM built from a config, ready to load a guest into and run.
@@ -52,13 +55,28 @@ pub struct Vm {
 }
 
 /// Create every configured device into `ctx`, attributing errors to their `<device>`.
-fn create_devices(cfg: &VmConfig, registry: &Registry, ctx: &mut BuildCtx) -> Result<(), ConfigError> {
+fn create_devices(
+    cfg: &VmConfig,
+    registry: &Registry,
+    ctx: &mut BuildCtx,
+) -> Result<(), ConfigError> {
     let src = cfg.source.as_deref();
     ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
-    ctx.boot_cmdline = cfg.boot.as_ref().map(|b| b.cmdline.clone()).unwrap_or_default();
+    ctx.boot_cmdline = cfg
+        .boot
+        .as_ref()
+        .map(|b| b.cmdline.clone())
+        .unwrap_or_default();
     for dev in &cfg.devices {
         registry.create(ctx, dev).map_err(|e| {
-            let e = if e.pos.is_none() { ConfigError { pos: dev.node.pos, ..e } } else { e };
+            let e = if e.pos.is_none() {
+                ConfigError {
+                    pos: dev.node.pos,
+                    ..e
+                }
+            } else {
+                e
+            };
             e.in_file(src)
         })?;
     }
@@ -67,12 +85,26 @@ fn create_devices(cfg: &VmConfig, registry: &Registry, ctx: &mut BuildCtx) -> Re
 
 impl Vm {
     /// Build the VM: memory, backend, every configured device, then the vCPUs.
-    pub fn build(cfg: &VmConfig, registry: &Registry, backend: Box<dyn Backend>, host: Arc<dyn Host>) -> Result<Vm, VmError> {
+    pub fn build(
+        cfg: &VmConfig,
+        registry: &Registry,
+        backend: Box<dyn Backend>,
+        host: Arc<dyn Host>,
+    ) -> Result<Vm, VmError> {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
-        let mem = map.create_memory().map_err(|e| VmError::Memory { mib: cfg.mem_mib, reason: e.to_string() })?;
+        let mem = map.create_memory().map_err(|e| VmError::Memory {
+            mib: cfg.mem_mib,
+            reason: e.to_string(),
+        })?;
         backend.map_memory(&mem)?;
         let handle = VmHandle::new(cfg.cores);
-        let mut ctx = BuildCtx::new(host.clone(), mem.clone(), map.clone(), handle.clone(), cfg.cores);
+        let mut ctx = BuildCtx::new(
+            host.clone(),
+            mem.clone(),
+            map.clone(),
+            handle.clone(),
+            cfg.cores,
+        );
         if let Some(hz) = backend.tsc_hz() {
             ctx.clock.set_tsc_hz(hz);
         }
@@ -81,8 +113,16 @@ impl Vm {
         }
         create_devices(cfg, registry, &mut ctx)?;
         backend.trap_msrs(&ctx.msrs.ranges())?;
-        let vcpus = (0..cfg.cores).map(|i| backend.create_vcpu(i)).collect::<Result<Vec<_>, _>>()?;
-        tracing::debug!("VM built: {} MiB, {} cores, {} devices, backend {}", cfg.mem_mib, cfg.cores, cfg.devices.len(), backend.name());
+        let vcpus = (0..cfg.cores)
+            .map(|i| backend.create_vcpu(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!(
+            "VM built: {} MiB, {} cores, {} devices, backend {}",
+            cfg.mem_mib,
+            cfg.cores,
+            cfg.devices.len(),
+            backend.name()
+        );
         Ok(Vm {
             map,
             mem,
@@ -104,9 +144,16 @@ impl Vm {
 
     /// Create every configured device against scratch memory and `host` (use
     /// [`crate::host::DryRunHost`] to open nothing), without a backend: the config check.
-    pub fn validate(cfg: &VmConfig, registry: &Registry, host: Arc<dyn Host>) -> Result<(), VmError> {
+    pub fn validate(
+        cfg: &VmConfig,
+        registry: &Registry,
+        host: Arc<dyn Host>,
+    ) -> Result<(), VmError> {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
-        let mem = map.create_memory().map_err(|e| VmError::Memory { mib: cfg.mem_mib, reason: e.to_string() })?;
+        let mem = map.create_memory().map_err(|e| VmError::Memory {
+            mib: cfg.mem_mib,
+            reason: e.to_string(),
+        })?;
         let mut ctx = BuildCtx::new(host, mem, map, VmHandle::new(cfg.cores), cfg.cores);
         create_devices(cfg, registry, &mut ctx)?;
         Ok(())
@@ -158,7 +205,9 @@ impl Vm {
         let timer_thread = match self.host.spawn("timers", Box::new(move || timers.run())) {
             Ok(t) => Some(t),
             Err(e) => {
-                self.handle.stop(Outcome::Failed(format!("cannot start the timer thread: {e}")));
+                self.handle.stop(Outcome::Failed(format!(
+                    "cannot start the timer thread: {e}"
+                )));
                 None
             }
         };
@@ -191,7 +240,9 @@ impl Vm {
                     threads.push((cpu, t, rx));
                 }
                 Err(e) => {
-                    self.handle.stop(Outcome::Failed(format!("cannot start the thread of vCPU {cpu}: {e}")));
+                    self.handle.stop(Outcome::Failed(format!(
+                        "cannot start the thread of vCPU {cpu}: {e}"
+                    )));
                     break;
                 }
             }
@@ -229,7 +280,11 @@ impl Vm {
             unclaimed_mmio: self.mmio.unclaimed(),
             wall: started.elapsed(),
         };
-        RunReport { outcome, telemetry, print_telemetry: self.telemetry }
+        RunReport {
+            outcome,
+            telemetry,
+            print_telemetry: self.telemetry,
+        }
     }
 }
 
@@ -319,7 +374,11 @@ impl CoreLoop {
                 continue;
             }
             if halted {
-                if self.irq.as_ref().is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu)) {
+                if self
+                    .irq
+                    .as_ref()
+                    .is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu))
+                {
                     halted = false;
                 } else {
                     self.handle.wakers().wait(self.cpu, None);
@@ -358,11 +417,16 @@ impl CoreLoop {
                     self.mmio.write(addr, data.as_slice());
                 }
                 Exit::MsrRead { index } => vcpu.complete_msr_read(self.msrs.read(self.cpu, index)),
-                Exit::MsrWrite { index, value } => vcpu.complete_msr_write(self.msrs.write(self.cpu, index, value)),
+                Exit::MsrWrite { index, value } => {
+                    vcpu.complete_msr_write(self.msrs.write(self.cpu, index, value))
+                }
                 Exit::Hlt => halted = self.halt(vcpu.as_mut()),
                 Exit::IrqWindowOpen | Exit::Interrupted => {}
                 Exit::Shutdown => {
-                    self.handle.stop(Outcome::Shutdown { vcpu: self.cpu, rip: vcpu.rip() });
+                    self.handle.stop(Outcome::Shutdown {
+                        vcpu: self.cpu,
+                        rip: vcpu.rip(),
+                    });
                 }
             }
             stats.record(exit.kind(), t1.elapsed());

@@ -34,7 +34,9 @@ pub fn identity_tables(base: u64, gib: u64) -> Vec<u8> {
 pub fn translate(tables: &[u8], base: u64, va: u64) -> Option<u64> {
     let rd = |pa: u64| -> Option<u64> {
         let off = pa.checked_sub(base)? as usize;
-        Some(u64::from_le_bytes(tables.get(off..off + 8)?.try_into().ok()?))
+        Some(u64::from_le_bytes(
+            tables.get(off..off + 8)?.try_into().ok()?,
+        ))
     };
     let mask = 0x000f_ffff_ffff_f000;
     let e4 = rd(base + ((va >> 39) & 511) * 8)?;
@@ -59,7 +61,14 @@ mod tests {
     #[test]
     fn identity_maps_every_gib() {
         let t = identity_tables(0x2000, 4);
-        for va in [0u64, 0x1234, 0x20_0000, 0x7fff_ffff, 0xfee0_0300, 0xffff_ffff] {
+        for va in [
+            0u64,
+            0x1234,
+            0x20_0000,
+            0x7fff_ffff,
+            0xfee0_0300,
+            0xffff_ffff,
+        ] {
             assert_eq!(translate(&t, 0x2000, va), Some(va));
         }
         assert_eq!(translate(&t, 0x2000, 0x1_0000_0000), None);

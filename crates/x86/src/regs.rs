@@ -95,23 +95,47 @@ impl CpuState {
             ..Default::default()
         };
         let mut sregs = SRegs {
-            cs: Segment { base: 0xffff_0000, ..real(0xf000, 0xb) },
+            cs: Segment {
+                base: 0xffff_0000,
+                ..real(0xf000, 0xb)
+            },
             ds: real(0, 3),
             es: real(0, 3),
             fs: real(0, 3),
             gs: real(0, 3),
             ss: real(0, 3),
-            tr: Segment { limit: 0xffff, type_: 0xb, present: true, ..Default::default() },
-            ldt: Segment { limit: 0xffff, type_: 0x2, present: true, ..Default::default() },
-            gdt: DescriptorTable { base: 0, limit: 0xffff },
-            idt: DescriptorTable { base: 0, limit: 0xffff },
+            tr: Segment {
+                limit: 0xffff,
+                type_: 0xb,
+                present: true,
+                ..Default::default()
+            },
+            ldt: Segment {
+                limit: 0xffff,
+                type_: 0x2,
+                present: true,
+                ..Default::default()
+            },
+            gdt: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            idt: DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
             cr0: crate::cr0::ET | crate::cr0::CD | crate::cr0::NW,
             apic_base: 0xfee0_0000 | (1 << 11) | (1 << 8),
             ..Default::default()
         };
         sregs.cr0 &= !(crate::cr0::CD | crate::cr0::NW);
         CpuState {
-            regs: Regs { rip: 0xfff0, rflags: crate::rflags::FIXED, rdx: 0x600, ..Default::default() },
+            regs: Regs {
+                rip: 0xfff0,
+                rflags: crate::rflags::FIXED,
+                rdx: 0x600,
+                ..Default::default()
+            },
             sregs,
             msrs: Vec::new(),
         }

@@ -41,7 +41,10 @@ pub fn encode(seg: &Segment) -> u64 {
         | (u64::from(seg.s) << 4)
         | (u64::from(seg.dpl & 3) << 5)
         | (u64::from(seg.present) << 7);
-    let flags = (u64::from(seg.avl)) | (u64::from(seg.l) << 1) | (u64::from(seg.db) << 2) | (u64::from(seg.g) << 3);
+    let flags = (u64::from(seg.avl))
+        | (u64::from(seg.l) << 1)
+        | (u64::from(seg.db) << 2)
+        | (u64::from(seg.g) << 3);
     (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)
         | (access << 40)
@@ -97,10 +100,22 @@ mod tests {
 
     #[test]
     fn decode_inverts_encode() {
-        for (sel, seg) in [(8, flat(8, TYPE_CODE, false)), (24, flat(24, TYPE_CODE, true))] {
+        for (sel, seg) in [
+            (8, flat(8, TYPE_CODE, false)),
+            (24, flat(24, TYPE_CODE, true)),
+        ] {
             assert_eq!(decode(sel, encode(&seg)), seg);
         }
-        let odd = Segment { base: 0x1234_5678, limit: 0xabcde, selector: 0x28, type_: 3, present: true, s: true, dpl: 3, ..Default::default() };
+        let odd = Segment {
+            base: 0x1234_5678,
+            limit: 0xabcde,
+            selector: 0x28,
+            type_: 3,
+            present: true,
+            s: true,
+            dpl: 3,
+            ..Default::default()
+        };
         assert_eq!(decode(0x28, encode(&odd)), odd);
     }
 }

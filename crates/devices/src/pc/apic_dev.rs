@@ -37,7 +37,11 @@ impl DeviceClass for LapicClass {
         }
         let tsc_hz = ctx.clock.tsc_hz();
         let sys = Arc::new(ApicSystem {
-            apics: Mutex::new((0..ctx.cores).map(|i| Lapic::new(i, i == 0, tsc_hz)).collect()),
+            apics: Mutex::new(
+                (0..ctx.cores)
+                    .map(|i| Lapic::new(i, i == 0, tsc_hz))
+                    .collect(),
+            ),
             timers: OnceLock::new(),
             nmi: (0..ctx.cores).map(|_| AtomicBool::new(false)).collect(),
             started: (0..ctx.cores).map(|i| AtomicBool::new(i == 0)).collect(),
@@ -54,15 +58,23 @@ impl DeviceClass for LapicClass {
                         let acts = s.lock()[i as usize].timer_tick(now);
                         s.process(i, acts);
                         s.rearm(i);
+                        // The timer latched its vector locally: let the core look.
+                        s.vm.wakers().wake(i);
                     }
                 })
             })
             .collect();
         let _ = sys.timers.set(timers);
         ctx.mmio.add_fallback(sys.clone());
-        ctx.msrs.insert(0x1b, 0x1b, sys.clone()).map_err(|e| ConfigError::new(None, e))?;
-        ctx.msrs.insert(0x6e0, 0x6e0, sys.clone()).map_err(|e| ConfigError::new(None, e))?;
-        ctx.msrs.insert(0x800, 0x8ff, sys.clone()).map_err(|e| ConfigError::new(None, e))?;
+        ctx.msrs
+            .insert(0x1b, 0x1b, sys.clone())
+            .map_err(|e| ConfigError::new(None, e))?;
+        ctx.msrs
+            .insert(0x6e0, 0x6e0, sys.clone())
+            .map_err(|e| ConfigError::new(None, e))?;
+        ctx.msrs
+            .insert(0x800, 0x8ff, sys.clone())
+            .map_err(|e| ConfigError::new(None, e))?;
         ctx.provide(sys.clone());
         ctx.on_finish(move |ctx| {
             if let Some(pic) = ctx.service::<PicShared>() {
@@ -113,7 +125,9 @@ impl ApicSystem {
         }
         let targets: Vec<usize> = {
             let apics = self.lock();
-            (0..apics.len()).filter(|&i| apics[i].is_destination(intr)).collect()
+            (0..apics.len())
+                .filter(|&i| apics[i].is_destination(intr))
+                .collect()
         };
         for (i, a) in acts {
             self.process(i as u32, vec![a]);
@@ -152,7 +166,9 @@ impl ApicSystem {
     }
 
     fn startup(&self, cpu: u32, vector: u8) {
-        let Some(flag) = self.started.get(cpu as usize) else { return };
+        let Some(flag) = self.started.get(cpu as usize) else {
+            return;
+        };
         if flag.swap(true, Ordering::AcqRel) {
             tracing::debug!("LAPIC {cpu}: SIPI to a running core ignored");
             return;
@@ -162,7 +178,10 @@ impl ApicSystem {
     }
 
     fn rearm(&self, cpu: u32) {
-        let next = self.lock().get(cpu as usize).and_then(|l| l.next_timer_deadline());
+        let next = self
+            .lock()
+            .get(cpu as usize)
+            .and_then(|l| l.next_timer_deadline());
         if let Some(t) = self.timers.get().and_then(|t| t.get(cpu as usize)) {
             match next {
                 Some(at) => t.arm(at),
@@ -172,7 +191,8 @@ impl ApicSystem {
     }
 
     fn in_page(l: &Lapic, addr: u64) -> Option<u32> {
-        (l.mmio_active() && addr >= l.base_addr() && addr < l.base_addr() + 0x1000).then(|| (addr - l.base_addr()) as u32)
+        (l.mmio_active() && addr >= l.base_addr() && addr < l.base_addr() + 0x1000)
+            .then(|| (addr - l.base_addr()) as u32)
     }
 }
 
@@ -181,8 +201,12 @@ impl FallbackDevice for ApicSystem {
         let cpu = current_cpu() as usize;
         let now = self.clock.now();
         let mut apics = self.lock();
-        let Some(l) = apics.get_mut(cpu) else { return false };
-        let Some(off) = Self::in_page(l, addr) else { return false };
+        let Some(l) = apics.get_mut(cpu) else {
+            return false;
+        };
+        let Some(off) = Self::in_page(l, addr) else {
+            return false;
+        };
         let v = l.mmio_read(off & !3, now).to_le_bytes();
         let shift = (off & 3) as usize;
         for (i, d) in data.iter_mut().enumerate() {
@@ -196,8 +220,12 @@ impl FallbackDevice for ApicSystem {
         let now = self.clock.now();
         let acts = {
             let mut apics = self.lock();
-            let Some(l) = apics.get_mut(cpu as usize) else { return false };
-            let Some(off) = Self::in_page(l, addr) else { return false };
+            let Some(l) = apics.get_mut(cpu as usize) else {
+                return false;
+            };
+            let Some(off) = Self::in_page(l, addr) else {
+                return false;
+            };
             let mut b = [0u8; 4];
             for (i, d) in data.iter().take(4).enumerate() {
                 b[i] = *d;
@@ -258,10 +286,14 @@ impl InterruptController for ApicSystem {
     }
 
     fn take_nmi(&self, cpu: u32) -> bool {
-        self.nmi.get(cpu as usize).is_some_and(|n| n.swap(false, Ordering::AcqRel))
+        self.nmi
+            .get(cpu as usize)
+            .is_some_and(|n| n.swap(false, Ordering::AcqRel))
     }
 
     fn nmi_pending(&self, cpu: u32) -> bool {
-        self.nmi.get(cpu as usize).is_some_and(|n| n.load(Ordering::Acquire))
+        self.nmi
+            .get(cpu as usize)
+            .is_some_and(|n| n.load(Ordering::Acquire))
     }
 }

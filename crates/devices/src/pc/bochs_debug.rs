@@ -22,8 +22,10 @@ impl DeviceClass for BochsDebugClass {
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let d = Arc::new(Mutex::new(BochsDebug::default()));
-        ctx.add_ports(0xe9, 1, &dev.id, d.clone()).map_err(|e| dev.node.err(e.msg))?;
-        ctx.add_ports(0x400, 4, &dev.id, d).map_err(|e| dev.node.err(e.msg))
+        ctx.add_ports(0xe9, 1, &dev.id, d.clone())
+            .map_err(|e| dev.node.err(e.msg))?;
+        ctx.add_ports(0x400, 4, &dev.id, d)
+            .map_err(|e| dev.node.err(e.msg))
     }
 }
 

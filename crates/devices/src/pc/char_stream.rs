@@ -13,8 +13,14 @@ use palacios_vmm::{BuildCtx, ConfigError, DeviceClass, DeviceOption};
 pub struct CharStreamClass;
 
 const OPTIONS: &[DeviceOption] = &[
-    DeviceOption { name: "name", help: "host stream: file:PATH (append), unix:PATH (socket, both ways), console, null" },
-    DeviceOption { name: "frontend", help: "<frontend tag=\"DEVICE-ID\"> with the frontend's own options (SERIAL: com_port)" },
+    DeviceOption {
+        name: "name",
+        help: "host stream: file:PATH (append), unix:PATH (socket, both ways), console, null",
+    },
+    DeviceOption {
+        name: "frontend",
+        help: "<frontend tag=\"DEVICE-ID\"> with the frontend's own options (SERIAL: com_port)",
+    },
 ];
 
 impl DeviceClass for CharStreamClass {
@@ -31,20 +37,27 @@ impl DeviceClass for CharStreamClass {
         let n = &dev.node;
         let name = n.req("name")?;
         let mut fes = n.children_named("frontend");
-        let fe = fes.next().ok_or_else(|| n.err("CHAR_STREAM needs a <frontend tag=\"...\">"))?;
+        let fe = fes
+            .next()
+            .ok_or_else(|| n.err("CHAR_STREAM needs a <frontend tag=\"...\">"))?;
         if let Some(extra) = fes.next() {
             return Err(extra.err("CHAR_STREAM connects exactly one frontend"));
         }
         let tag = fe.req("tag")?;
         // A relative path is relative to the config file, like every other path.
         let spec = match name.split_once(':') {
-            Some((kind @ ("file" | "unix"), p)) if !std::path::Path::new(p).is_absolute() => match &ctx.base_dir {
-                Some(d) => format!("{kind}:{}", d.join(p).display()),
-                None => name.to_string(),
-            },
+            Some((kind @ ("file" | "unix"), p)) if !std::path::Path::new(p).is_absolute() => {
+                match &ctx.base_dir {
+                    Some(d) => format!("{kind}:{}", d.join(p).display()),
+                    None => name.to_string(),
+                }
+            }
             _ => name.to_string(),
         };
-        let stream = ctx.host.open_stream(&spec).map_err(|e| n.val_err("name", format!("cannot open stream '{spec}': {e}")))?;
+        let stream = ctx
+            .host
+            .open_stream(&spec)
+            .map_err(|e| n.val_err("name", format!("cannot open stream '{spec}': {e}")))?;
         ctx.connect_char(tag, fe, stream)
     }
 }

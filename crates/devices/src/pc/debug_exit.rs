@@ -4,13 +4,21 @@
 use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
-use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption, Outcome, VmHandle};
+use palacios_vmm::{
+    BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption, Outcome, VmHandle,
+};
 
 pub struct DebugExitClass;
 
 const OPTIONS: &[DeviceOption] = &[
-    DeviceOption { name: "iobase", help: "first port (default 0xf4)" },
-    DeviceOption { name: "iosize", help: "width of the port range in bytes: 1, 2 or 4 (default 4)" },
+    DeviceOption {
+        name: "iobase",
+        help: "first port (default 0xf4)",
+    },
+    DeviceOption {
+        name: "iosize",
+        help: "width of the port range in bytes: 1, 2 or 4 (default 4)",
+    },
 ];
 
 impl DeviceClass for DebugExitClass {
@@ -31,10 +39,14 @@ impl DeviceClass for DebugExitClass {
             return Err(n.val_err("iosize", format!("iosize must be 1, 2 or 4, not {size}")));
         }
         if base + size > 0x1_0000 {
-            return Err(n.val_err("iobase", format!("port range {base:#x}+{size} is beyond 0xffff")));
+            return Err(n.val_err(
+                "iobase",
+                format!("port range {base:#x}+{size} is beyond 0xffff"),
+            ));
         }
         let d = Arc::new(Mutex::new(DebugExit { vm: ctx.vm.clone() }));
-        ctx.add_ports(base as u16, size as u16, &dev.id, d).map_err(|e| n.err(e.msg))
+        ctx.add_ports(base as u16, size as u16, &dev.id, d)
+            .map_err(|e| n.err(e.msg))
     }
 }
 
@@ -60,7 +72,13 @@ mod tests {
     fn ctx() -> BuildCtx {
         let map = palacios_vmm::MemoryMap::pc(1 << 20);
         let mem = map.create_memory().unwrap();
-        BuildCtx::new(std::sync::Arc::new(palacios_vmm::host::DryRunHost), mem, map, VmHandle::new(1), 1)
+        BuildCtx::new(
+            std::sync::Arc::new(palacios_vmm::host::DryRunHost),
+            mem,
+            map,
+            VmHandle::new(1),
+            1,
+        )
     }
 
     fn dev(attrs: &[(&str, &str)]) -> DeviceConfig {
@@ -68,7 +86,11 @@ mod tests {
         for (k, v) in attrs {
             node = node.with_attr(k, *v);
         }
-        DeviceConfig { class: "DEBUG_EXIT".into(), id: "exit".into(), node }
+        DeviceConfig {
+            class: "DEBUG_EXIT".into(),
+            id: "exit".into(),
+            node,
+        }
     }
 
     #[test]
@@ -77,11 +99,19 @@ mod tests {
         DebugExitClass.create(&mut c, &dev(&[])).unwrap();
         assert_eq!(c.pio.ranges(), vec![(0xf4, 0xf7, "exit".to_string())]);
         let mut c = ctx();
-        DebugExitClass.create(&mut c, &dev(&[("iobase", "0x501"), ("iosize", "2")])).unwrap();
+        DebugExitClass
+            .create(&mut c, &dev(&[("iobase", "0x501"), ("iosize", "2")]))
+            .unwrap();
         assert_eq!(c.pio.ranges(), vec![(0x501, 0x502, "exit".to_string())]);
-        let e = DebugExitClass.create(&mut ctx(), &dev(&[("iosize", "3")])).unwrap_err();
+        let e = DebugExitClass
+            .create(&mut ctx(), &dev(&[("iosize", "3")]))
+            .unwrap_err();
         assert!(e.msg.contains("1, 2 or 4"));
-        assert!(DebugExitClass.create(&mut ctx(), &dev(&[("iobase", "0xffff")])).is_err());
+        assert!(
+            DebugExitClass
+                .create(&mut ctx(), &dev(&[("iobase", "0xffff")]))
+                .is_err()
+        );
     }
 
     #[test]

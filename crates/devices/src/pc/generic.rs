@@ -9,8 +9,10 @@ use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 pub struct GenericClass;
 
-const OPTIONS: &[DeviceOption] =
-    &[DeviceOption { name: "ports", help: "<ports start=\"0x..\" end=\"0x..\" mode=\"PRINT_AND_IGNORE|IGNORE\"/> (repeatable; end inclusive)" }];
+const OPTIONS: &[DeviceOption] = &[DeviceOption {
+    name: "ports",
+    help: "<ports start=\"0x..\" end=\"0x..\" mode=\"PRINT_AND_IGNORE|IGNORE\"/> (repeatable; end inclusive)",
+}];
 
 impl DeviceClass for GenericClass {
     fn name(&self) -> &'static str {
@@ -26,10 +28,14 @@ impl DeviceClass for GenericClass {
         let mut ranges = Vec::new();
         for p in dev.node.children_named("ports") {
             p.check_options("<ports> of GENERIC", &["start", "end", "mode"])?;
-            let start = p.num("start")?.ok_or_else(|| p.err("<ports> needs 'start'"))?;
+            let start = p
+                .num("start")?
+                .ok_or_else(|| p.err("<ports> needs 'start'"))?;
             let end = p.num("end")?.ok_or_else(|| p.err("<ports> needs 'end'"))?;
             if start > end || end > 0xffff {
-                return Err(p.err(format!("bad port range {start:#x}-{end:#x} (start <= end <= 0xffff)")));
+                return Err(p.err(format!(
+                    "bad port range {start:#x}-{end:#x} (start <= end <= 0xffff)"
+                )));
             }
             let mode = p.val("mode")?.unwrap_or("PRINT_AND_IGNORE");
             let print = match mode {
@@ -42,17 +48,26 @@ impl DeviceClass for GenericClass {
                     ));
                 }
                 other => {
-                    return Err(p.val_err("mode", format!("unknown GENERIC mode '{other}' (known: PRINT_AND_IGNORE, IGNORE)")));
+                    return Err(p.val_err(
+                        "mode",
+                        format!("unknown GENERIC mode '{other}' (known: PRINT_AND_IGNORE, IGNORE)"),
+                    ));
                 }
             };
             ranges.push((start as u16, end as u16, print));
         }
         if ranges.is_empty() {
-            return Err(dev.node.err("GENERIC needs at least one <ports start end mode/>"));
+            return Err(dev
+                .node
+                .err("GENERIC needs at least one <ports start end mode/>"));
         }
-        let d = Arc::new(Mutex::new(Generic { id: dev.id.clone(), ranges: ranges.clone() }));
+        let d = Arc::new(Mutex::new(Generic {
+            id: dev.id.clone(),
+            ranges: ranges.clone(),
+        }));
         for (start, end, _) in ranges {
-            ctx.add_ports(start, end - start + 1, &dev.id, d.clone()).map_err(|e| dev.node.err(e.msg))?;
+            ctx.add_ports(start, end - start + 1, &dev.id, d.clone())
+                .map_err(|e| dev.node.err(e.msg))?;
         }
         Ok(())
     }
@@ -65,7 +80,9 @@ pub struct Generic {
 
 impl Generic {
     fn prints(&self, port: u64) -> bool {
-        self.ranges.iter().any(|&(s, e, p)| p && (u64::from(s)..=u64::from(e)).contains(&port))
+        self.ranges
+            .iter()
+            .any(|&(s, e, p)| p && (u64::from(s)..=u64::from(e)).contains(&port))
     }
 }
 

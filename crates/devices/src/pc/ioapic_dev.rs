@@ -13,7 +13,10 @@ pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 
 pub struct IoapicClass;
 
-const OPTIONS: &[DeviceOption] = &[DeviceOption { name: "id", help: "IOAPIC ID (default: the number of cores, after the LAPIC IDs)" }];
+const OPTIONS: &[DeviceOption] = &[DeviceOption {
+    name: "apic_id",
+    help: "IOAPIC ID (default: the number of cores, after the LAPIC IDs)",
+}];
 
 impl DeviceClass for IoapicClass {
     fn name(&self) -> &'static str {
@@ -30,9 +33,22 @@ impl DeviceClass for IoapicClass {
             tracing::debug!("IOAPIC: emulated by the backend's in-kernel irqchip");
             return Ok(());
         }
-        let id = dev.node.num("id")?.unwrap_or(u64::from(ctx.cores)).min(15) as u8;
-        let shared = Arc::new(IoapicShared { ioapic: Mutex::new(Ioapic::new(id)), apics: OnceLock::new() });
-        ctx.add_mmio(IOAPIC_BASE, 0x1000, &dev.id, Arc::new(Mutex::new(IoapicMmio(shared.clone())))).map_err(|e| dev.node.err(e.msg))?;
+        let id = dev
+            .node
+            .num("apic_id")?
+            .unwrap_or(u64::from(ctx.cores))
+            .min(15) as u8;
+        let shared = Arc::new(IoapicShared {
+            ioapic: Mutex::new(Ioapic::new(id)),
+            apics: OnceLock::new(),
+        });
+        ctx.add_mmio(
+            IOAPIC_BASE,
+            0x1000,
+            &dev.id,
+            Arc::new(Mutex::new(IoapicMmio(shared.clone()))),
+        )
+        .map_err(|e| dev.node.err(e.msg))?;
         IrqRouter::get(ctx).attach_ioapic(shared.clone());
         ctx.provide(shared.clone());
         ctx.on_finish(move |ctx| {

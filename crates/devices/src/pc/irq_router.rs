@@ -25,10 +25,19 @@ impl IrqRouter {
         if let Some(r) = ctx.service::<IrqRouter>() {
             return r;
         }
-        let r = Arc::new(IrqRouter { pic: OnceLock::new(), ioapic: OnceLock::new(), levels: Mutex::new([false; 24]) });
+        let r = Arc::new(IrqRouter {
+            pic: OnceLock::new(),
+            ioapic: OnceLock::new(),
+            levels: Mutex::new([false; 24]),
+        });
         ctx.provide(r.clone());
         let r2 = r.clone();
-        ctx.set_irq_provider(Box::new(move |gsi| Arc::new(RouterLine { router: r2.clone(), gsi }) as Arc<dyn IrqLine>));
+        ctx.set_irq_provider(Box::new(move |gsi| {
+            Arc::new(RouterLine {
+                router: r2.clone(),
+                gsi,
+            }) as Arc<dyn IrqLine>
+        }));
         r
     }
 

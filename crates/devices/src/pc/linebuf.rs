@@ -42,7 +42,9 @@ mod tests {
         let mut l = LineBuf::default();
         let got: Vec<String> = b"ab\r\ncd\n".iter().filter_map(|&b| l.push(b)).collect();
         assert_eq!(got, vec!["ab", "cd"]);
-        let long: Vec<String> = std::iter::repeat_n(b'x', 600).filter_map(|b| l.push(b)).collect();
+        let long: Vec<String> = std::iter::repeat_n(b'x', 600)
+            .filter_map(|b| l.push(b))
+            .collect();
         assert_eq!(long.len(), 2);
         assert_eq!(l.flush().unwrap().len(), 600 - 512);
         assert_eq!(l.flush(), None);

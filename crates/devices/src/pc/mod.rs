@@ -1,32 +1,35 @@
 //! PC platform devices.
 
-#[cfg(feature = "bochs-debug")]
-pub mod bochs_debug;
-pub mod chips;
-pub mod irq_router;
 #[cfg(feature = "apic")]
 pub mod apic_dev;
-#[cfg(feature = "apic")]
-pub mod ioapic_dev;
-#[cfg(feature = "pic")]
-pub mod pic_dev;
-#[cfg(feature = "pit")]
-pub mod pit_dev;
+#[cfg(feature = "bochs-debug")]
+pub mod bochs_debug;
 #[cfg(feature = "char-stream")]
 pub mod char_stream;
+pub mod chips;
 #[cfg(feature = "debug-exit")]
 pub mod debug_exit;
 #[cfg(feature = "generic")]
 pub mod generic;
+#[cfg(feature = "apic")]
+pub mod ioapic_dev;
+pub mod irq_router;
 #[cfg(any(feature = "bochs-debug", feature = "os-debug"))]
 mod linebuf;
 #[cfg(feature = "os-debug")]
 pub mod os_debug;
+#[cfg(feature = "pic")]
+pub mod pic_dev;
+#[cfg(feature = "pit")]
+pub mod pit_dev;
 #[cfg(feature = "serial")]
 pub mod serial;
 
 /// Little-endian value of up to 8 bytes.
 #[allow(dead_code)]
 pub(crate) fn le_value(data: &[u8]) -> u64 {
-    data.iter().take(8).enumerate().fold(0, |v, (i, b)| v | (u64::from(*b) << (8 * i)))
+    data.iter()
+        .take(8)
+        .enumerate()
+        .fold(0, |v, (i, b)| v | (u64::from(*b) << (8 * i)))
 }

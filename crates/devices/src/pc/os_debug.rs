@@ -25,8 +25,10 @@ impl DeviceClass for OsDebugClass {
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let d = Arc::new(Mutex::new(OsDebug::default()));
-        ctx.add_ports(OUTPUT_PORT, 1, &dev.id, d.clone()).map_err(|e| dev.node.err(e.msg))?;
-        ctx.add_ports(HEARTBEAT_PORT, 4, &dev.id, d).map_err(|e| dev.node.err(e.msg))
+        ctx.add_ports(OUTPUT_PORT, 1, &dev.id, d.clone())
+            .map_err(|e| dev.node.err(e.msg))?;
+        ctx.add_ports(HEARTBEAT_PORT, 4, &dev.id, d)
+            .map_err(|e| dev.node.err(e.msg))
     }
 }
 

@@ -30,9 +30,19 @@ impl DeviceClass for PicClass {
             tracing::debug!("8259A: emulated by the backend's in-kernel irqchip");
             return Ok(());
         }
-        let shared = Arc::new(PicShared { pic: Mutex::new(PicPair::new()), wakers: ctx.vm.wakers().clone(), lint0: OnceLock::new() });
+        let shared = Arc::new(PicShared {
+            pic: Mutex::new(PicPair::new()),
+            wakers: ctx.vm.wakers().clone(),
+            lint0: OnceLock::new(),
+        });
         for (port, len) in [(0x20, 2), (0xa0, 2), (0x4d0, 2)] {
-            ctx.add_ports(port, len, &dev.id, Arc::new(Mutex::new(PicPorts(shared.clone())))).map_err(|e| dev.node.err(e.msg))?;
+            ctx.add_ports(
+                port,
+                len,
+                &dev.id,
+                Arc::new(Mutex::new(PicPorts(shared.clone()))),
+            )
+            .map_err(|e| dev.node.err(e.msg))?;
         }
         IrqRouter::get(ctx).attach_pic(shared.clone());
         ctx.provide(shared.clone());

@@ -43,8 +43,15 @@ impl DeviceClass for PitClass {
             }
         });
         let _ = shared.timer.set(timer);
-        ctx.add_ports(0x40, 4, &dev.id, Arc::new(Mutex::new(PitPorts(shared.clone())))).map_err(|e| dev.node.err(e.msg))?;
-        ctx.add_ports(0x61, 1, &dev.id, Arc::new(Mutex::new(PitPorts(shared)))).map_err(|e| dev.node.err(e.msg))
+        ctx.add_ports(
+            0x40,
+            4,
+            &dev.id,
+            Arc::new(Mutex::new(PitPorts(shared.clone()))),
+        )
+        .map_err(|e| dev.node.err(e.msg))?;
+        ctx.add_ports(0x61, 1, &dev.id, Arc::new(Mutex::new(PitPorts(shared))))
+            .map_err(|e| dev.node.err(e.msg))
     }
 }
 
@@ -57,7 +64,11 @@ struct PitShared {
 
 impl PitShared {
     fn rearm(&self, now: u64) {
-        let next = self.pit.lock().unwrap_or_else(|p| p.into_inner()).next_irq0(now);
+        let next = self
+            .pit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_irq0(now);
         if let Some(t) = self.timer.get() {
             match next {
                 Some(at) => t.arm(at),
@@ -72,13 +83,22 @@ struct PitPorts(Arc<PitShared>);
 impl BusDevice for PitPorts {
     fn read(&mut self, addr: u64, data: &mut [u8]) {
         let now = self.0.clock.now();
-        let v = self.0.pit.lock().unwrap_or_else(|p| p.into_inner()).read(addr as u16, now);
+        let v = self
+            .0
+            .pit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(addr as u16, now);
         data.fill(0);
         data[0] = v;
     }
     fn write(&mut self, addr: u64, data: &[u8]) {
         let now = self.0.clock.now();
-        self.0.pit.lock().unwrap_or_else(|p| p.into_inner()).write(addr as u16, data[0], now);
+        self.0
+            .pit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(addr as u16, data[0], now);
         self.0.rearm(now);
     }
 }

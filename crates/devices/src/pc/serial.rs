@@ -38,7 +38,12 @@ impl DeviceClass for SerialClass {
             Some("none") => None,
             Some(v) => match v.trim().parse::<usize>() {
                 Ok(c @ 1..=4) => Some(c),
-                _ => return Err(n.val_err("console", format!("console must be a COM port 1-4 or 'none', not '{v}'"))),
+                _ => {
+                    return Err(n.val_err(
+                        "console",
+                        format!("console must be a COM port 1-4 or 'none', not '{v}'"),
+                    ));
+                }
             },
         };
         let mut ports = Vec::new();
@@ -46,10 +51,14 @@ impl DeviceClass for SerialClass {
             let sink = Sink::default();
             let uart = Serial::new(IrqTrigger(ctx.irq_line(irq)), sink.clone());
             let com = Arc::new(Mutex::new(ComPort { base, uart }));
-            ctx.add_ports(base, 8, &format!("{}.com{}", dev.id, i + 1), com.clone()).map_err(|e| n.err(e.msg))?;
+            ctx.add_ports(base, 8, &format!("{}.com{}", dev.id, i + 1), com.clone())
+                .map_err(|e| n.err(e.msg))?;
             ports.push((com, sink));
         }
-        let frontend = Arc::new(SerialFrontend { id: dev.id.clone(), ports: ports.clone() });
+        let frontend = Arc::new(SerialFrontend {
+            id: dev.id.clone(),
+            ports: ports.clone(),
+        });
         ctx.char_frontends.insert(dev.id.clone(), frontend);
         let id = dev.id.clone();
         ctx.on_finish(move |ctx| {
@@ -57,8 +66,13 @@ impl DeviceClass for SerialClass {
             if ports[c - 1].1.is_connected() {
                 return Ok(());
             }
-            let stream = ctx.host.console().map_err(|e| ConfigError::new(None, format!("cannot open the console: {e}")))?;
-            let cfg = ConfigNode::new("frontend").with_attr("tag", id.clone()).with_attr("com_port", c.to_string());
+            let stream = ctx
+                .host
+                .console()
+                .map_err(|e| ConfigError::new(None, format!("cannot open the console: {e}")))?;
+            let cfg = ConfigNode::new("frontend")
+                .with_attr("tag", id.clone())
+                .with_attr("com_port", c.to_string());
             ctx.connect_char(&id, &cfg, stream)
         });
         Ok(())
@@ -77,7 +91,11 @@ impl BusDevice for ComPort {
     fn read(&mut self, addr: u64, data: &mut [u8]) {
         for (i, d) in data.iter_mut().enumerate() {
             let off = addr + i as u64 - u64::from(self.base);
-            *d = if off < 8 { self.uart.read(off as u8) } else { 0xff };
+            *d = if off < 8 {
+                self.uart.read(off as u8)
+            } else {
+                0xff
+            };
         }
     }
     fn write(&mut self, addr: u64, data: &[u8]) {
@@ -134,7 +152,11 @@ struct SerialFrontend {
 }
 
 impl CharFrontend for SerialFrontend {
-    fn connect(&self, cfg: &ConfigNode, output: Box<dyn Write + Send>) -> Result<Arc<dyn CharInput>, ConfigError> {
+    fn connect(
+        &self,
+        cfg: &ConfigNode,
+        output: Box<dyn Write + Send>,
+    ) -> Result<Arc<dyn CharInput>, ConfigError> {
         cfg.check_options("<frontend> of SERIAL", &["tag", "com_port"])?;
         let com = cfg.num("com_port")?.unwrap_or(1);
         let (port, sink) = usize::try_from(com)
@@ -180,7 +202,14 @@ mod tests {
         }
         let sink = Sink::default();
         *sink.0.lock().unwrap() = Some(Box::new(W(out.clone())));
-        (ComPort { base: 0x3f8, uart: Serial::new(IrqTrigger(line.clone()), sink) }, line, out)
+        (
+            ComPort {
+                base: 0x3f8,
+                uart: Serial::new(IrqTrigger(line.clone()), sink),
+            },
+            line,
+            out,
+        )
     }
 
     #[test]
@@ -191,12 +220,18 @@ mod tests {
         assert_eq!(b[0] & 0x60, 0x60, "THR empty and transmitter idle");
         p.write(0x3f9, &[0x03]); // IER: RX and THRE interrupts
         let before = line.raised.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(before > 0, "enabling THRE with an empty THR interrupts at once");
+        assert!(
+            before > 0,
+            "enabling THRE with an empty THR interrupts at once"
+        );
         p.read(0x3fa, &mut b); // IIR read acknowledges THRE
         assert_eq!(b[0] & 0x0f, 0x02, "IIR says THR empty");
         p.write(0x3f8, b"A");
         assert_eq!(out.lock().unwrap().as_slice(), b"A");
-        assert!(line.raised.load(std::sync::atomic::Ordering::Relaxed) > before, "THRE interrupt raised");
+        assert!(
+            line.raised.load(std::sync::atomic::Ordering::Relaxed) > before,
+            "THRE interrupt raised"
+        );
         assert_eq!(p.uart.enqueue_raw_bytes(b"xy").unwrap(), 2);
         p.read(0x3fd, &mut b);
         assert_eq!(b[0] & 1, 1, "data ready");
@@ -207,6 +242,10 @@ mod tests {
         p.write(0x3f8, &[0x0c]);
         p.read(0x3f8, &mut b);
         assert_eq!(b[0], 0x0c);
-        assert_eq!(out.lock().unwrap().as_slice(), b"A", "divisor writes are not output");
+        assert_eq!(
+            out.lock().unwrap().as_slice(),
+            b"A",
+            "divisor writes are not output"
+        );
     }
 }

@@ -15,14 +15,21 @@ pub struct Run {
 
 impl Run {
     pub fn out(&self) -> String {
-        format!("status {}\n--- stdout\n{}\n--- stderr\n{}", self.status, self.stdout, self.stderr)
+        format!(
+            "status {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
 /// Path of a built guest.
 pub fn guest(name: &str) -> PathBuf {
     let p = Path::new(env!("PALACIOS_GUEST_DIR")).join(name);
-    assert!(p.is_file(), "guest {} was not built: run `bash guests/build.sh` and check that gcc/as/ld are installed", p.display());
+    assert!(
+        p.is_file(),
+        "guest {} was not built: run `bash guests/build.sh` and check that gcc/as/ld are installed",
+        p.display()
+    );
     p
 }
 
@@ -81,12 +88,19 @@ pub fn v3(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("v3 {args:?} exceeded its {limit:?} limit; stderr: {}", e.join().unwrap());
+            panic!(
+                "v3 {args:?} exceeded its {limit:?} limit; stderr: {}",
+                e.join().unwrap()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let _ = feeder.join();
-    Run { status: status.code().unwrap_or(-1), stdout: o.join().unwrap(), stderr: e.join().unwrap() }
+    Run {
+        status: status.code().unwrap_or(-1),
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
 }
 
 pub const LIMIT: Duration = Duration::from_secs(120);

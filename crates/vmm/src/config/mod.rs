@@ -7,7 +7,9 @@ pub mod node;
 pub mod vm;
 
 pub use node::{ConfigNode, Pos};
-pub use vm::{BackendChoice, BootConfig, BootFormat, DeviceConfig, IrqchipMode, ModuleConfig, VmConfig};
+pub use vm::{
+    BackendChoice, BootConfig, BootFormat, DeviceConfig, IrqchipMode, ModuleConfig, VmConfig,
+};
 
 use std::path::PathBuf;
 
@@ -21,7 +23,11 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(pos: Option<Pos>, msg: impl Into<String>) -> Self {
-        ConfigError { file: None, pos, msg: msg.into() }
+        ConfigError {
+            file: None,
+            pos,
+            msg: msg.into(),
+        }
     }
     /// Attach the file name if none is set yet.
     pub fn in_file(mut self, file: Option<&std::path::Path>) -> Self {
@@ -35,7 +41,9 @@ impl ConfigError {
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.file, self.pos) {
-            (Some(file), Some(p)) => write!(f, "{}:{}:{}: {}", file.display(), p.line, p.col, self.msg),
+            (Some(file), Some(p)) => {
+                write!(f, "{}:{}:{}: {}", file.display(), p.line, p.col, self.msg)
+            }
             (None, Some(p)) => write!(f, "line {}, column {}: {}", p.line, p.col, self.msg),
             (Some(file), None) => write!(f, "{}: {}", file.display(), self.msg),
             (None, None) => write!(f, "{}", self.msg),
@@ -59,10 +67,18 @@ pub fn parse_number(s: &str) -> Option<u64> {
 pub fn parse_size(s: &str) -> Option<u64> {
     let t = s.trim();
     let upper = t.to_ascii_uppercase();
-    let (num, mult) = [("GB", 1u64 << 30), ("G", 1 << 30), ("MB", 1 << 20), ("M", 1 << 20), ("KB", 1 << 10), ("K", 1 << 10), ("B", 1)]
-        .iter()
-        .find_map(|(suf, m)| upper.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
-        .unwrap_or((upper.clone(), 1));
+    let (num, mult) = [
+        ("GB", 1u64 << 30),
+        ("G", 1 << 30),
+        ("MB", 1 << 20),
+        ("M", 1 << 20),
+        ("KB", 1 << 10),
+        ("K", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| upper.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((upper.clone(), 1));
     parse_number(&num)?.checked_mul(mult)
 }
 
@@ -85,7 +101,8 @@ mod tests {
 
     #[test]
     fn error_display_has_file_line_column() {
-        let e = ConfigError::new(Some(Pos { line: 3, col: 7 }), "bad").in_file(Some(std::path::Path::new("vm.xml")));
+        let e = ConfigError::new(Some(Pos { line: 3, col: 7 }), "bad")
+            .in_file(Some(std::path::Path::new("vm.xml")));
         assert_eq!(e.to_string(), "vm.xml:3:7: bad");
     }
 }

@@ -34,11 +34,18 @@ const MAX_DEPTH: usize = 64;
 impl ConfigNode {
     /// A node built in code (no position).
     pub fn new(name: &str) -> Self {
-        ConfigNode { name: name.into(), ..Default::default() }
+        ConfigNode {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     pub fn with_attr(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.attrs.push(Attr { name: name.into(), value: value.into(), pos: None });
+        self.attrs.push(Attr {
+            name: name.into(),
+            value: value.into(),
+            pos: None,
+        });
         self
     }
 
@@ -54,28 +61,58 @@ impl ConfigNode {
 
     /// Parse an XML document into its root node.
     pub fn parse_xml(text: &str) -> Result<ConfigNode, ConfigError> {
-        let opts = roxmltree::ParsingOptions { allow_dtd: false, ..Default::default() };
+        let opts = roxmltree::ParsingOptions {
+            allow_dtd: false,
+            ..Default::default()
+        };
         let doc = roxmltree::Document::parse_with_options(text, opts).map_err(|e| {
             let p = e.pos();
-            ConfigError::new(Some(Pos { line: p.row, col: p.col }), format!("malformed XML: {e}"))
+            ConfigError::new(
+                Some(Pos {
+                    line: p.row,
+                    col: p.col,
+                }),
+                format!("malformed XML: {e}"),
+            )
         })?;
         Self::from_xml(&doc, doc.root_element(), 0)
     }
 
-    fn from_xml(doc: &roxmltree::Document, n: roxmltree::Node, depth: usize) -> Result<ConfigNode, ConfigError> {
+    fn from_xml(
+        doc: &roxmltree::Document,
+        n: roxmltree::Node,
+        depth: usize,
+    ) -> Result<ConfigNode, ConfigError> {
         let pos_of = |off: usize| {
             let p = doc.text_pos_at(off);
-            Some(Pos { line: p.row, col: p.col })
+            Some(Pos {
+                line: p.row,
+                col: p.col,
+            })
         };
         if depth > MAX_DEPTH {
-            return Err(ConfigError::new(pos_of(n.range().start), "elements nested too deeply"));
+            return Err(ConfigError::new(
+                pos_of(n.range().start),
+                "elements nested too deeply",
+            ));
         }
-        let mut node = ConfigNode { name: n.tag_name().name().to_string(), pos: pos_of(n.range().start), ..Default::default() };
+        let mut node = ConfigNode {
+            name: n.tag_name().name().to_string(),
+            pos: pos_of(n.range().start),
+            ..Default::default()
+        };
         for a in n.attributes() {
             if node.attrs.iter().any(|x| x.name == a.name()) {
-                return Err(ConfigError::new(pos_of(a.range().start), format!("attribute '{}' given twice", a.name())));
+                return Err(ConfigError::new(
+                    pos_of(a.range().start),
+                    format!("attribute '{}' given twice", a.name()),
+                ));
             }
-            node.attrs.push(Attr { name: a.name().into(), value: a.value().into(), pos: pos_of(a.range().start) });
+            node.attrs.push(Attr {
+                name: a.name().into(),
+                value: a.value().into(),
+                pos: pos_of(a.range().start),
+            });
         }
         let mut text = String::new();
         for c in n.children() {
@@ -102,7 +139,10 @@ impl ConfigNode {
         self.children.iter().find(|c| c.name == name)
     }
 
-    pub fn children_named<'a, 'b>(&'a self, name: &'b str) -> impl Iterator<Item = &'a ConfigNode> + use<'a, 'b> {
+    pub fn children_named<'a, 'b>(
+        &'a self,
+        name: &'b str,
+    ) -> impl Iterator<Item = &'a ConfigNode> + use<'a, 'b> {
         self.children.iter().filter(move |c| c.name == name)
     }
 
@@ -118,7 +158,10 @@ impl ConfigNode {
         match (attr, kid) {
             (Some(a), Some(k)) => Err(ConfigError::new(
                 k.pos.or(a.pos),
-                format!("'{key}' of <{}> is given both as an attribute and as a child element; use one", self.name),
+                format!(
+                    "'{key}' of <{}> is given both as an attribute and as a child element; use one",
+                    self.name
+                ),
             )),
             (Some(a), None) => Ok(Some(a.value.as_str())),
             (None, Some(k)) => Ok(Some(k.text.as_str())),
@@ -128,7 +171,10 @@ impl ConfigNode {
 
     /// Where `key` was given (the attribute or the child), else this node.
     pub fn val_pos(&self, key: &str) -> Option<Pos> {
-        self.attr(key).and_then(|a| a.pos).or_else(|| self.child(key).and_then(|c| c.pos)).or(self.pos)
+        self.attr(key)
+            .and_then(|a| a.pos)
+            .or_else(|| self.child(key).and_then(|c| c.pos))
+            .or(self.pos)
     }
 
     /// An error located at `key`'s value.
@@ -138,16 +184,20 @@ impl ConfigNode {
 
     /// A required value.
     pub fn req(&self, key: &str) -> Result<&str, ConfigError> {
-        self.val(key)?.ok_or_else(|| self.err(format!("<{}> needs '{key}'", self.name)))
+        self.val(key)?
+            .ok_or_else(|| self.err(format!("<{}> needs '{key}'", self.name)))
     }
 
     /// A numeric value (decimal or 0x hex).
     pub fn num(&self, key: &str) -> Result<Option<u64>, ConfigError> {
         match self.val(key)? {
             None => Ok(None),
-            Some(s) => parse_number(s)
-                .map(Some)
-                .ok_or_else(|| self.val_err(key, format!("'{key}' of <{}> must be a number, not '{s}'", self.name))),
+            Some(s) => parse_number(s).map(Some).ok_or_else(|| {
+                self.val_err(
+                    key,
+                    format!("'{key}' of <{}> must be a number, not '{s}'", self.name),
+                )
+            }),
         }
     }
 
@@ -159,13 +209,21 @@ impl ConfigNode {
             if !known(&a.name) {
                 return Err(ConfigError::new(
                     a.pos.or(self.pos),
-                    format!("unknown option '{}' for {what} (known: {})", a.name, allowed.join(", ")),
+                    format!(
+                        "unknown option '{}' for {what} (known: {})",
+                        a.name,
+                        allowed.join(", ")
+                    ),
                 ));
             }
         }
         for c in &self.children {
             if !known(&c.name) {
-                return Err(c.err(format!("unknown option '{}' for {what} (known: {})", c.name, allowed.join(", "))));
+                return Err(c.err(format!(
+                    "unknown option '{}' for {what} (known: {})",
+                    c.name,
+                    allowed.join(", ")
+                )));
             }
         }
         Ok(())
@@ -202,8 +260,13 @@ mod tests {
     #[test]
     fn unknown_options_are_named() {
         let n = ConfigNode::parse_xml("<device class=\"X\" id=\"x\" speed=\"3\"/>").unwrap();
-        let e = n.check_options("device class X", &["class", "id"]).unwrap_err();
-        assert!(e.msg.contains("'speed'") && e.msg.contains("device class X"), "{e}");
+        let e = n
+            .check_options("device class X", &["class", "id"])
+            .unwrap_err();
+        assert!(
+            e.msg.contains("'speed'") && e.msg.contains("device class X"),
+            "{e}"
+        );
         assert_eq!(e.pos, Some(Pos { line: 1, col: 26 }));
     }
 
@@ -217,6 +280,11 @@ mod tests {
     #[test]
     fn deep_nesting_is_refused() {
         let s = "<a>".repeat(200) + &"</a>".repeat(200);
-        assert!(ConfigNode::parse_xml(&s).unwrap_err().msg.contains("deeply"));
+        assert!(
+            ConfigNode::parse_xml(&s)
+                .unwrap_err()
+                .msg
+                .contains("deeply")
+        );
     }
 }

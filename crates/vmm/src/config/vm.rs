@@ -109,8 +109,24 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 pub const MAX_CORES: u32 = 255;
 
 /// Top-level elements of Palacios configs that this project accepts and ignores.
-const IGNORED_TOP: &[&str] = &["paging", "schedule_hz", "extensions", "perftune", "mem_layout", "name"];
-const KNOWN_TOP: &[&str] = &["memory", "cores", "files", "devices", "telemetry", "backend", "irqchip", "boot"];
+const IGNORED_TOP: &[&str] = &[
+    "paging",
+    "schedule_hz",
+    "extensions",
+    "perftune",
+    "mem_layout",
+    "name",
+];
+const KNOWN_TOP: &[&str] = &[
+    "memory",
+    "cores",
+    "files",
+    "devices",
+    "telemetry",
+    "backend",
+    "irqchip",
+    "boot",
+];
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -132,8 +148,9 @@ impl Default for VmConfig {
 impl VmConfig {
     /// Read and parse a config file. Relative paths in it resolve against its directory.
     pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(None, format!("cannot read config: {e}")).in_file(Some(path)))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(None, format!("cannot read config: {e}")).in_file(Some(path))
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut cfg = Self::parse(&text, &base).map_err(|e| e.in_file(Some(path)))?;
         cfg.source = Some(path.to_path_buf());
@@ -149,7 +166,10 @@ impl VmConfig {
     /// Build the model from a parsed tree.
     pub fn from_node(root: &ConfigNode, base_dir: &Path) -> Result<VmConfig, ConfigError> {
         if root.name != "vm" {
-            return Err(root.err(format!("the root element must be <vm>, not <{}>", root.name)));
+            return Err(root.err(format!(
+                "the root element must be <vm>, not <{}>",
+                root.name
+            )));
         }
         let class = root.req("class")?;
         if class != "PC" {
@@ -157,14 +177,24 @@ impl VmConfig {
         }
         for c in &root.children {
             if IGNORED_TOP.contains(&c.name.as_str()) {
-                tracing::warn!("config: <{}> is accepted for compatibility with Palacios and ignored", c.name);
+                tracing::warn!(
+                    "config: <{}> is accepted for compatibility with Palacios and ignored",
+                    c.name
+                );
             } else if !KNOWN_TOP.contains(&c.name.as_str()) {
-                return Err(c.err(format!("unknown element <{}> in <vm> (known: {})", c.name, KNOWN_TOP.join(", "))));
+                return Err(c.err(format!(
+                    "unknown element <{}> in <vm> (known: {})",
+                    c.name,
+                    KNOWN_TOP.join(", ")
+                )));
             }
         }
         for a in &root.attrs {
             if a.name != "class" {
-                return Err(super::ConfigError::new(a.pos.or(root.pos), format!("unknown attribute '{}' of <vm>", a.name)));
+                return Err(super::ConfigError::new(
+                    a.pos.or(root.pos),
+                    format!("unknown attribute '{}' of <vm>", a.name),
+                ));
             }
         }
         let mut cfg = VmConfig::default();
@@ -181,19 +211,35 @@ impl VmConfig {
             cfg.telemetry = match t.trim().to_ascii_lowercase().as_str() {
                 "enable" | "enabled" | "on" | "1" | "true" => true,
                 "disable" | "disabled" | "off" | "0" | "false" => false,
-                other => return Err(root.val_err("telemetry", format!("<telemetry> must be 'enable' or 'disable', not '{other}'"))),
+                other => {
+                    return Err(root.val_err(
+                        "telemetry",
+                        format!("<telemetry> must be 'enable' or 'disable', not '{other}'"),
+                    ));
+                }
             };
         }
         if let Some(b) = root.val("backend")? {
             cfg.backend = BackendChoice::parse(b).ok_or_else(|| {
-                root.val_err("backend", format!("unknown backend '{b}' (known: {})", BackendChoice::NAMES.join(", ")))
+                root.val_err(
+                    "backend",
+                    format!(
+                        "unknown backend '{b}' (known: {})",
+                        BackendChoice::NAMES.join(", ")
+                    ),
+                )
             })?;
         }
         if let Some(m) = root.val("irqchip")? {
             cfg.irqchip = match m.trim() {
                 "user" => IrqchipMode::User,
                 "kernel" => IrqchipMode::Kernel,
-                other => return Err(root.val_err("irqchip", format!("<irqchip> must be 'user' or 'kernel', not '{other}'"))),
+                other => {
+                    return Err(root.val_err(
+                        "irqchip",
+                        format!("<irqchip> must be 'user' or 'kernel', not '{other}'"),
+                    ));
+                }
             };
         }
         if let Some(d) = root.child("devices") {
@@ -207,17 +253,28 @@ impl VmConfig {
 
     fn parse_memory(&mut self, m: &ConfigNode) -> Result<(), ConfigError> {
         m.check_options("<memory>", &["alignment", "size"])?;
-        let text = if m.text.is_empty() { m.val("size")?.unwrap_or("") } else { m.text.as_str() };
+        let text = if m.text.is_empty() {
+            m.val("size")?.unwrap_or("")
+        } else {
+            m.text.as_str()
+        };
         let mib = super::parse_number(text)
             .ok_or_else(|| m.err(format!("<memory> must give the size in MB, not '{text}'")))?;
         if mib == 0 || mib > MAX_MEM_MIB {
-            return Err(m.err(format!("<memory> of {mib} MB is out of range (1 to {MAX_MEM_MIB})")));
+            return Err(m.err(format!(
+                "<memory> of {mib} MB is out of range (1 to {MAX_MEM_MIB})"
+            )));
         }
         self.mem_mib = mib;
         if let Some(a) = m.val("alignment")? {
-            let bytes = parse_size(a).filter(|b| b.is_power_of_two() && *b >= 4096).ok_or_else(|| {
-                m.val_err("alignment", format!("memory alignment '{a}' must be a power of two of at least 4KB"))
-            })?;
+            let bytes = parse_size(a)
+                .filter(|b| b.is_power_of_two() && *b >= 4096)
+                .ok_or_else(|| {
+                    m.val_err(
+                        "alignment",
+                        format!("memory alignment '{a}' must be a power of two of at least 4KB"),
+                    )
+                })?;
             self.mem_alignment = bytes;
         }
         Ok(())
@@ -243,21 +300,37 @@ impl VmConfig {
         let mut ids = HashSet::new();
         for c in &d.children {
             if c.name != "device" {
-                return Err(c.err(format!("unknown element <{}> in <devices> (expected <device>)", c.name)));
+                return Err(c.err(format!(
+                    "unknown element <{}> in <devices> (expected <device>)",
+                    c.name
+                )));
             }
             let class = c.req("class")?.to_string();
-            let id = c.val("id")?.map(str::to_string).unwrap_or_else(|| class.to_ascii_lowercase());
+            let id = c
+                .val("id")?
+                .map(str::to_string)
+                .unwrap_or_else(|| class.to_ascii_lowercase());
             if !ids.insert(id.clone()) {
                 return Err(c.err(format!("device id '{id}' is used twice")));
             }
-            self.devices.push(DeviceConfig { class, id, node: c.clone() });
+            self.devices.push(DeviceConfig {
+                class,
+                id,
+                node: c.clone(),
+            });
         }
         // Every frontend tag must name a device.
         for dev in &self.devices {
             for fe in dev.node.children_named("frontend") {
                 let tag = fe.req("tag")?;
                 if !ids.contains(tag) {
-                    return Err(fe.val_err("tag", format!("<frontend tag=\"{tag}\"> of device '{}' names no device", dev.id)));
+                    return Err(fe.val_err(
+                        "tag",
+                        format!(
+                            "<frontend tag=\"{tag}\"> of device '{}' names no device",
+                            dev.id
+                        ),
+                    ));
                 }
             }
         }
@@ -265,11 +338,27 @@ impl VmConfig {
     }
 
     fn parse_boot(&self, b: &ConfigNode, base_dir: &Path) -> Result<BootConfig, ConfigError> {
-        b.check_options("<boot>", &["format", "kernel", "load_addr", "entry", "cmdline", "module"])?;
+        b.check_options(
+            "<boot>",
+            &[
+                "format",
+                "kernel",
+                "load_addr",
+                "entry",
+                "cmdline",
+                "module",
+            ],
+        )?;
         let format = match b.val("format")? {
             None => BootFormat::Auto,
             Some(f) => BootFormat::parse(f).ok_or_else(|| {
-                b.val_err("format", format!("unknown boot format '{f}' (known: {})", BootFormat::NAMES.join(", ")))
+                b.val_err(
+                    "format",
+                    format!(
+                        "unknown boot format '{f}' (known: {})",
+                        BootFormat::NAMES.join(", ")
+                    ),
+                )
             })?,
         };
         let kernel = self.file_ref(b, "kernel", b.req("kernel")?, base_dir)?;
@@ -279,7 +368,10 @@ impl VmConfig {
             let path = self.file_ref(m, "file", m.req("file")?, base_dir)?;
             let cmdline = match m.val("cmdline")? {
                 Some(c) => c.to_string(),
-                None => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                None => path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             };
             modules.push(ModuleConfig { path, cmdline });
         }
@@ -294,7 +386,13 @@ impl VmConfig {
     }
 
     /// A file given as the id of a `<files>` entry, or as a path.
-    fn file_ref(&self, n: &ConfigNode, key: &str, v: &str, base_dir: &Path) -> Result<PathBuf, ConfigError> {
+    fn file_ref(
+        &self,
+        n: &ConfigNode,
+        key: &str,
+        v: &str,
+        base_dir: &Path,
+    ) -> Result<PathBuf, ConfigError> {
         match self.files.get(v) {
             Some(p) => Ok(p.clone()),
             None => resolve_existing(n, key, v, base_dir),
@@ -313,7 +411,10 @@ fn parse_cores(c: &ConfigNode) -> Result<u32, ConfigError> {
     let count = match c.num("count")? {
         Some(n) => {
             if listed > 0 && listed != n {
-                return Err(c.val_err("count", format!("<cores count=\"{n}\"> but {listed} <core> elements are listed")));
+                return Err(c.val_err(
+                    "count",
+                    format!("<cores count=\"{n}\"> but {listed} <core> elements are listed"),
+                ));
             }
             n
         }
@@ -325,12 +426,21 @@ fn parse_cores(c: &ConfigNode) -> Result<u32, ConfigError> {
     Ok(count as u32)
 }
 
-fn resolve_existing(n: &ConfigNode, key: &str, name: &str, base_dir: &Path) -> Result<PathBuf, ConfigError> {
+fn resolve_existing(
+    n: &ConfigNode,
+    key: &str,
+    name: &str,
+    base_dir: &Path,
+) -> Result<PathBuf, ConfigError> {
     if name.is_empty() {
         return Err(n.val_err(key, format!("'{key}' is empty")));
     }
     let p = Path::new(name);
-    let path = if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+    let path = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    };
     if !path.is_file() {
         return Err(n.val_err(key, format!("file not found: {}", path.display())));
     }
@@ -364,14 +474,23 @@ mod tests {
   <boot format="multiboot" kernel="kernel" cmdline="a=b"><module file="m.txt"/></boot>
 </vm>"#;
         let c = VmConfig::parse(xml, &d).unwrap();
-        assert_eq!((c.mem_mib, c.mem_alignment, c.cores, c.telemetry), (256, 2 << 20, 2, true));
+        assert_eq!(
+            (c.mem_mib, c.mem_alignment, c.cores, c.telemetry),
+            (256, 2 << 20, 2, true)
+        );
         assert_eq!(c.devices.len(), 2);
         assert_eq!(c.devices[1].id, "s1");
         let b = c.boot.unwrap();
         assert_eq!(b.format, BootFormat::Multiboot);
         assert_eq!(b.kernel, d.join("k.elf"));
         assert_eq!(b.cmdline, "a=b");
-        assert_eq!(b.modules, vec![ModuleConfig { path: d.join("m.txt"), cmdline: "m.txt".into() }]);
+        assert_eq!(
+            b.modules,
+            vec![ModuleConfig {
+                path: d.join("m.txt"),
+                cmdline: "m.txt".into()
+            }]
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -384,30 +503,78 @@ mod tests {
         let e = err("<vm class=\"PC\">\n <memory>lots</memory></vm>");
         assert_eq!(e.pos.unwrap().line, 2);
         assert!(e.msg.contains("MB"));
-        let e = err("<vm class=\"PC\"><files>\n<file id=\"k\" filename=\"nope.bin\"/></files></vm>");
-        assert!(e.msg.contains("file not found: /nonexistent/nope.bin"), "{e}");
+        let e =
+            err("<vm class=\"PC\"><files>\n<file id=\"k\" filename=\"nope.bin\"/></files></vm>");
+        assert!(
+            e.msg.contains("file not found: /nonexistent/nope.bin"),
+            "{e}"
+        );
         assert_eq!(e.pos.unwrap().line, 2);
         assert!(err("<vm class=\"XT\"/>").msg.contains("unknown VM class"));
-        assert!(err("<vm class=\"PC\"><cores count=\"3\"><core/></cores></vm>").msg.contains("3"));
-        assert!(err("<vm class=\"PC\"><cores count=\"0\"/></vm>").msg.contains("1 to"));
-        assert!(err("<vm class=\"PC\"><bogus/></vm>").msg.contains("unknown element <bogus>"));
-        assert!(err("<vm class=\"PC\"><memory>0</memory></vm>").msg.contains("out of range"));
-        assert!(err("<vm class=\"PC\"><memory alignment=\"3000\">4</memory></vm>").msg.contains("power of two"));
-        assert!(err("<vm class=\"PC\"><telemetry>maybe</telemetry></vm>").msg.contains("enable"));
-        assert!(err("<vm class=\"PC\"><backend>xen</backend></vm>").msg.contains("auto, kvm"));
-        let e = err("<vm class=\"PC\"><devices><device class=\"A\" id=\"x\"/><device class=\"B\" id=\"x\"/></devices></vm>");
+        assert!(
+            err("<vm class=\"PC\"><cores count=\"3\"><core/></cores></vm>")
+                .msg
+                .contains("3")
+        );
+        assert!(
+            err("<vm class=\"PC\"><cores count=\"0\"/></vm>")
+                .msg
+                .contains("1 to")
+        );
+        assert!(
+            err("<vm class=\"PC\"><bogus/></vm>")
+                .msg
+                .contains("unknown element <bogus>")
+        );
+        assert!(
+            err("<vm class=\"PC\"><memory>0</memory></vm>")
+                .msg
+                .contains("out of range")
+        );
+        assert!(
+            err("<vm class=\"PC\"><memory alignment=\"3000\">4</memory></vm>")
+                .msg
+                .contains("power of two")
+        );
+        assert!(
+            err("<vm class=\"PC\"><telemetry>maybe</telemetry></vm>")
+                .msg
+                .contains("enable")
+        );
+        assert!(
+            err("<vm class=\"PC\"><backend>xen</backend></vm>")
+                .msg
+                .contains("auto, kvm")
+        );
+        let e = err(
+            "<vm class=\"PC\"><devices><device class=\"A\" id=\"x\"/><device class=\"B\" id=\"x\"/></devices></vm>",
+        );
         assert!(e.msg.contains("used twice"));
-        let e = err("<vm class=\"PC\"><devices><device class=\"A\" id=\"x\"><frontend tag=\"y\"/></device></devices></vm>");
+        let e = err(
+            "<vm class=\"PC\"><devices><device class=\"A\" id=\"x\"><frontend tag=\"y\"/></device></devices></vm>",
+        );
         assert!(e.msg.contains("names no device"));
-        assert!(err("<vm class=\"PC\"><boot format=\"coff\" kernel=\"x\"/></vm>").msg.contains("unknown boot format"));
-        assert!(err("<vm class=\"PC\"><boot kernel=\"x\"/></vm>").msg.contains("file not found"));
+        assert!(
+            err("<vm class=\"PC\"><boot format=\"coff\" kernel=\"x\"/></vm>")
+                .msg
+                .contains("unknown boot format")
+        );
+        assert!(
+            err("<vm class=\"PC\"><boot kernel=\"x\"/></vm>")
+                .msg
+                .contains("file not found")
+        );
     }
 
     #[test]
     fn load_sets_source_and_base_dir() {
         let d = tmpdir("load");
         std::fs::write(d.join("k.bin"), b"x").unwrap();
-        std::fs::write(d.join("vm.xml"), "<vm class=\"PC\"><boot kernel=\"k.bin\"/></vm>").unwrap();
+        std::fs::write(
+            d.join("vm.xml"),
+            "<vm class=\"PC\"><boot kernel=\"k.bin\"/></vm>",
+        )
+        .unwrap();
         let c = VmConfig::load(&d.join("vm.xml")).unwrap();
         assert_eq!(c.boot.unwrap().kernel, d.join("k.bin"));
         let e = VmConfig::load(&d.join("missing.xml")).unwrap_err();

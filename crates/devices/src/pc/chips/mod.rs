@@ -2,6 +2,6 @@
 //! with no knowledge of buses, threads or backends (the device classes around them provide
 //! that). Guest-facing and unit-tested on their own.
 
+pub mod apic;
 pub mod pic;
 pub mod pit;
-pub mod apic;

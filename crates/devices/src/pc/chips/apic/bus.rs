@@ -16,7 +16,9 @@ use crate::pc::chips::apic::msg::{DeliveryMode, Interrupt, Shorthand};
 /// Returns the actions produced, tagged with the index of the APIC that
 /// produced them.
 pub fn deliver(apics: &mut [Lapic], intr: &Interrupt) -> Vec<(usize, Action)> {
-    let targets: Vec<usize> = (0..apics.len()).filter(|&i| apics[i].is_destination(intr)).collect();
+    let targets: Vec<usize> = (0..apics.len())
+        .filter(|&i| apics[i].is_destination(intr))
+        .collect();
     let chosen: Vec<usize> =
         if intr.mode == DeliveryMode::LowestPriority && intr.shorthand == Shorthand::None {
             targets

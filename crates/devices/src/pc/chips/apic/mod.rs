@@ -41,7 +41,6 @@
 //! assert_eq!(again.len(), 1);
 //! ```
 
-
 pub mod bus;
 pub mod ioapic;
 pub mod lapic;

@@ -219,7 +219,12 @@ mod tests {
     use super::*;
 
     fn xapic(id: u32, ldr: u8, dfr: u32) -> LapicIdent {
-        LapicIdent { id, x2apic: false, ldr: (ldr as u32) << 24, dfr }
+        LapicIdent {
+            id,
+            x2apic: false,
+            ldr: (ldr as u32) << 24,
+            dfr,
+        }
     }
 
     #[test]
@@ -264,7 +269,12 @@ mod tests {
     #[test]
     fn x2apic_matching() {
         let id = 0x23; // cluster 2, member bit 3
-        let a = LapicIdent { id, x2apic: true, ldr: x2apic_ldr(id), dfr: 0 };
+        let a = LapicIdent {
+            id,
+            x2apic: true,
+            ldr: x2apic_ldr(id),
+            dfr: 0,
+        };
         assert_eq!(a.ldr, 0x0002_0008);
         assert!(dest_matches(&a, 0x23, false));
         assert!(!dest_matches(&a, 0xff, false));

@@ -127,7 +127,11 @@ impl Ioapic {
             0x02 => (self.arb_id as u32) << 24,
             0x10..=0x3f => {
                 let e = self.redir[((index - 0x10) / 2) as usize];
-                if index & 1 == 0 { e as u32 } else { (e >> 32) as u32 }
+                if index & 1 == 0 {
+                    e as u32
+                } else {
+                    (e >> 32) as u32
+                }
             }
             _ => 0,
         }

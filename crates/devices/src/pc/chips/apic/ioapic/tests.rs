@@ -29,7 +29,11 @@ fn id_version_arbitration_registers() {
     assert_eq!(rd(&mut io, 0x02), 2 << 24);
     wr(&mut io, 0x00, 0xff00_0000);
     assert_eq!(rd(&mut io, 0x00), 0x0f00_0000, "4-bit ID");
-    assert_eq!(rd(&mut io, 0x02), 0x0f00_0000, "arbitration ID follows the ID");
+    assert_eq!(
+        rd(&mut io, 0x02),
+        0x0f00_0000,
+        "arbitration ID follows the ID"
+    );
     wr(&mut io, 0x01, 0);
     wr(&mut io, 0x02, 0);
     assert_eq!(rd(&mut io, 0x01), VERSION, "version is read-only");
@@ -117,7 +121,10 @@ fn level_triggered_remote_irr_and_eoi_redelivery() {
     assert!(out[0].level_triggered && out[0].assert);
     assert_eq!(out[0].vector, 0x49);
     assert_ne!(rd(&mut io, 0x10 + 18) & (1 << 14), 0, "remote IRR set");
-    assert!(io.set_irq(9, true).is_empty(), "remote IRR blocks redelivery");
+    assert!(
+        io.set_irq(9, true).is_empty(),
+        "remote IRR blocks redelivery"
+    );
     assert!(io.eoi(0x48).is_empty(), "other vector");
     // EOI while still asserted: delivered again.
     assert_eq!(io.eoi(0x49).len(), 1);
@@ -200,7 +207,10 @@ fn special_modes_are_edge_and_bad_input_is_ignored() {
     program(&mut io, 0, 0x0000_8400, 0);
     let out = io.set_irq(0, true);
     assert_eq!(out.len(), 1);
-    assert_eq!((out[0].mode, out[0].level_triggered), (DeliveryMode::Nmi, false));
+    assert_eq!(
+        (out[0].mode, out[0].level_triggered),
+        (DeliveryMode::Nmi, false)
+    );
     assert_eq!(io.entry(0).unwrap() & RTE_REMOTE_IRR, 0);
     assert!(io.set_irq(0, true).is_empty());
     // ExtINT.

@@ -278,7 +278,11 @@ impl Lapic {
     /// The APIC ID: the xAPIC ID register (8 bits) in xAPIC mode, the
     /// 32-bit x2APIC ID in x2APIC mode.
     pub fn id(&self) -> u32 {
-        if self.is_x2apic() { self.initial_id } else { self.xapic_id as u32 }
+        if self.is_x2apic() {
+            self.initial_id
+        } else {
+            self.xapic_id as u32
+        }
     }
 
     /// Whether x2APIC mode is on (EN and EXTD set).
@@ -308,12 +312,21 @@ impl Lapic {
 
     /// Logical destination register as the guest reads it.
     pub fn ldr(&self) -> u32 {
-        if self.is_x2apic() { msg::x2apic_ldr(self.initial_id) } else { self.ldr }
+        if self.is_x2apic() {
+            msg::x2apic_ldr(self.initial_id)
+        } else {
+            self.ldr
+        }
     }
 
     /// Addressing state for destination matching.
     pub fn ident(&self) -> LapicIdent {
-        LapicIdent { id: self.id(), x2apic: self.is_x2apic(), ldr: self.ldr(), dfr: self.dfr }
+        LapicIdent {
+            id: self.id(),
+            x2apic: self.is_x2apic(),
+            ldr: self.ldr(),
+            dfr: self.dfr,
+        }
     }
 
     /// Whether `dest` in destination mode `logical` addresses this APIC.
@@ -388,7 +401,11 @@ impl Lapic {
     /// of the highest in-service vector, else that class (low nibble 0).
     pub fn ppr(&self) -> u8 {
         let isrv = self.isr.highest().unwrap_or(0);
-        if self.tpr >> 4 >= isrv >> 4 { self.tpr } else { isrv & 0xf0 }
+        if self.tpr >> 4 >= isrv >> 4 {
+            self.tpr
+        } else {
+            isrv & 0xf0
+        }
     }
 
     /// Arbitration priority (for lowest-priority delivery): TPR if its
@@ -442,7 +459,9 @@ impl Lapic {
     /// [`Action::Eoi`] when its TMR bit is set, and re-evaluates a
     /// level-triggered fixed LINT0/LINT1 entry using that vector.
     pub(crate) fn eoi(&mut self) -> Vec<Action> {
-        let Some(v) = self.isr.highest() else { return Vec::new() };
+        let Some(v) = self.isr.highest() else {
+            return Vec::new();
+        };
         self.isr.set(v, false);
         let mut acts = Vec::new();
         if self.tmr.get(v) {
@@ -518,7 +537,9 @@ impl Lapic {
             DeliveryMode::Nmi => vec![Action::Nmi],
             DeliveryMode::Init if deassert => Vec::new(),
             DeliveryMode::Init => vec![Action::Init],
-            DeliveryMode::StartUp => vec![Action::StartUp { vector: intr.vector }],
+            DeliveryMode::StartUp => vec![Action::StartUp {
+                vector: intr.vector,
+            }],
             DeliveryMode::ExtInt => vec![Action::ExtInt],
         }
     }
@@ -533,7 +554,9 @@ impl Lapic {
     /// edge-triggered, as on Pentium 4 and later. A self-only shorthand is
     /// delivered locally.
     pub(crate) fn send_ipi(&mut self, lo: u32, dest: u32) -> Vec<Action> {
-        let Some(mode) = DeliveryMode::from_bits(lo >> 8) else { return Vec::new() };
+        let Some(mode) = DeliveryMode::from_bits(lo >> 8) else {
+            return Vec::new();
+        };
         let vector = lo as u8;
         if matches!(mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && vector < 16 {
             self.raise_error(ESR_SEND_ILLEGAL_VECTOR);
@@ -566,7 +589,11 @@ impl Lapic {
             return Vec::new();
         }
         // Timer and error entries have no delivery-mode field: always fixed.
-        let mode = if idx == LVT_TIMER || idx == LVT_ERROR { 0 } else { (lvt >> 8) & 7 };
+        let mode = if idx == LVT_TIMER || idx == LVT_ERROR {
+            0
+        } else {
+            (lvt >> 8) & 7
+        };
         match mode {
             0 => {
                 self.set_irr(lvt as u8, false);

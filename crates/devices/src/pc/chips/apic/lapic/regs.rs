@@ -234,7 +234,8 @@ impl Lapic {
         self.lvt[i] = new;
         match i {
             LVT_TIMER => {
-                self.timer.mode_changed(TimerMode::from_lvt(old), TimerMode::from_lvt(new));
+                self.timer
+                    .mode_changed(TimerMode::from_lvt(old), TimerMode::from_lvt(new));
                 Vec::new()
             }
             LVT_LINT0 | LVT_LINT1 => {
@@ -364,7 +365,11 @@ impl Lapic {
                 let before = self.next_timer_deadline();
                 self.set_base_msr(v)?;
                 let changed = self.next_timer_deadline() != before;
-                Ok(if changed { vec![Action::TimerChanged] } else { Vec::new() })
+                Ok(if changed {
+                    vec![Action::TimerChanged]
+                } else {
+                    Vec::new()
+                })
             }
             MSR_TSC_DEADLINE => Ok(self.write_tsc_deadline(v, now, tsc_now)),
             _ => {
@@ -398,7 +403,10 @@ impl Lapic {
         let before = self.next_timer_deadline();
         let mode = self.timer_mode();
         let mut acts = Vec::new();
-        if self.timer.write_tsc_deadline(v, now, tsc_now, self.tsc_hz, mode) {
+        if self
+            .timer
+            .write_tsc_deadline(v, now, tsc_now, self.tsc_hz, mode)
+        {
             acts = self.deliver_lvt(LVT_TIMER);
         }
         if self.next_timer_deadline() != before {

@@ -45,7 +45,10 @@ fn fixed(v: u8) -> Interrupt {
 }
 
 fn level(v: u8) -> Interrupt {
-    Interrupt { level_triggered: true, ..Interrupt::fixed(v, 0) }
+    Interrupt {
+        level_triggered: true,
+        ..Interrupt::fixed(v, 0)
+    }
 }
 
 /// The single `SendIpi` message in `acts`.
@@ -116,11 +119,17 @@ fn eoi_clears_highest_isr_and_broadcasts_level_vectors() {
     assert_eq!(l.pending_vector(), Some(0x60));
     l.acknowledge(0x60);
     assert!(l.isr_bit(0x50) && l.isr_bit(0x60));
-    assert!(l.mmio_write(EOI, 0, 0).is_empty(), "edge vector 0x60: no broadcast");
+    assert!(
+        l.mmio_write(EOI, 0, 0).is_empty(),
+        "edge vector 0x60: no broadcast"
+    );
     assert!(!l.isr_bit(0x60) && l.isr_bit(0x50));
     assert_eq!(l.mmio_write(EOI, 0, 0), vec![Action::Eoi { vector: 0x50 }]);
     assert!(!l.isr_bit(0x50));
-    assert!(l.mmio_write(EOI, 0, 0).is_empty(), "EOI with empty ISR is ignored");
+    assert!(
+        l.mmio_write(EOI, 0, 0).is_empty(),
+        "EOI with empty ISR is ignored"
+    );
     // An edge accept of the same vector clears its TMR bit.
     l.accept(&fixed(0x50));
     assert!(!l.tmr_bit(0x50));
@@ -147,7 +156,11 @@ fn icr_fixed_ipi_and_shorthands() {
             source: 1,
         }
     );
-    assert_eq!(l.mmio_read(ICR_LO, 0) & (1 << 12), 0, "delivery status idle");
+    assert_eq!(
+        l.mmio_read(ICR_LO, 0) & (1 << 12),
+        0,
+        "delivery status idle"
+    );
     assert_eq!(l.mmio_read(ICR_LO, 0), 0x4031);
     assert_eq!(l.mmio_read(ICR_HI, 0), 0x0200_0000);
     // Self: delivered locally, nothing on the bus.
@@ -174,11 +187,17 @@ fn icr_nmi_init_sipi() {
     assert_eq!(nmi.mode, DeliveryMode::Nmi);
     assert_eq!(dst.accept(&nmi), vec![Action::Nmi]);
     let init = sent(&src.mmio_write(ICR_LO, 0x0000_c500, 0));
-    assert_eq!((init.mode, init.level_triggered, init.assert), (DeliveryMode::Init, false, true));
+    assert_eq!(
+        (init.mode, init.level_triggered, init.assert),
+        (DeliveryMode::Init, false, true)
+    );
     assert_eq!(dst.accept(&init), vec![Action::Init]);
     let deassert = sent(&src.mmio_write(ICR_LO, 0x0000_8500, 0));
     assert_eq!((deassert.level_triggered, deassert.assert), (true, false));
-    assert!(dst.accept(&deassert).is_empty(), "INIT level de-assert is ignored");
+    assert!(
+        dst.accept(&deassert).is_empty(),
+        "INIT level de-assert is ignored"
+    );
     let sipi = sent(&src.mmio_write(ICR_LO, 0x0000_4609, 0));
     assert_eq!(sipi.mode, DeliveryMode::StartUp);
     assert_eq!(dst.accept(&sipi), vec![Action::StartUp { vector: 9 }]);
@@ -187,14 +206,23 @@ fn icr_nmi_init_sipi() {
     // Shorthands with non-fixed modes.
     assert_eq!(src.mmio_write(ICR_LO, 0x0004_4400, 0), vec![Action::Nmi]);
     let all_init = sent(&src.mmio_write(ICR_LO, 0x000c_4500, 0));
-    assert_eq!((all_init.mode, all_init.shorthand), (DeliveryMode::Init, Shorthand::AllExcludingSelf));
+    assert_eq!(
+        (all_init.mode, all_init.shorthand),
+        (DeliveryMode::Init, Shorthand::AllExcludingSelf)
+    );
     let all_sipi = sent(&src.mmio_write(ICR_LO, 0x000c_4610, 0));
-    assert_eq!((all_sipi.vector, all_sipi.shorthand), (0x10, Shorthand::AllExcludingSelf));
+    assert_eq!(
+        (all_sipi.vector, all_sipi.shorthand),
+        (0x10, Shorthand::AllExcludingSelf)
+    );
     // NMI/INIT/SIPI are honoured while software disabled.
     dst.mmio_write(SVR, 0xff, 0);
     assert_eq!(dst.accept(&sipi), vec![Action::StartUp { vector: 9 }]);
     // ExtINT messages become an action too.
-    let ext = Interrupt { mode: DeliveryMode::ExtInt, ..fixed(0) };
+    let ext = Interrupt {
+        mode: DeliveryMode::ExtInt,
+        ..fixed(0)
+    };
     assert_eq!(dst.accept(&ext), vec![Action::ExtInt]);
 }
 
@@ -203,12 +231,22 @@ fn shorthands_through_the_bus() {
     let mut apics: Vec<Lapic> = (0..3).map(lapic).collect();
     let others = sent(&apics[0].mmio_write(ICR_LO, 0x000c_0070, 0));
     assert!(bus::deliver(&mut apics, &others).is_empty());
-    assert_eq!(apics.iter().map(|a| a.irr_bit(0x70)).collect::<Vec<_>>(), [false, true, true]);
+    assert_eq!(
+        apics.iter().map(|a| a.irr_bit(0x70)).collect::<Vec<_>>(),
+        [false, true, true]
+    );
     let all = sent(&apics[1].mmio_write(ICR_LO, 0x0008_4400, 0));
-    assert_eq!(bus::deliver(&mut apics, &all), vec![(0, Action::Nmi), (1, Action::Nmi), (2, Action::Nmi)]);
+    assert_eq!(
+        bus::deliver(&mut apics, &all),
+        vec![(0, Action::Nmi), (1, Action::Nmi), (2, Action::Nmi)]
+    );
     apics[2].mmio_write(ICR_HI, 0xff00_0000, 0);
     let bcast = sent(&apics[2].mmio_write(ICR_LO, 0x0000_4500, 0));
-    assert_eq!(bus::deliver(&mut apics, &bcast).len(), 3, "physical 0xff is a broadcast");
+    assert_eq!(
+        bus::deliver(&mut apics, &bcast).len(),
+        3,
+        "physical 0xff is a broadcast"
+    );
 }
 
 #[test]
@@ -218,7 +256,10 @@ fn logical_flat_and_cluster_destinations() {
     assert_eq!(l.mmio_read(LDR, 0), 0x0400_0000);
     assert!(l.accepts_destination(0x06, true));
     assert!(!l.accepts_destination(0x03, true));
-    assert!(l.accepts_destination(0x00, false), "physical still uses the ID");
+    assert!(
+        l.accepts_destination(0x00, false),
+        "physical still uses the ID"
+    );
     // Cluster model: cluster 3, member bit 2.
     l.mmio_write(DFR, 0x0000_0000, 0);
     assert_eq!(l.mmio_read(DFR, 0), 0x0fff_ffff);
@@ -226,7 +267,10 @@ fn logical_flat_and_cluster_destinations() {
     assert!(l.accepts_destination(0x3c, true));
     assert!(!l.accepts_destination(0x2c, true));
     assert!(!l.accepts_destination(0x33, true));
-    assert!(l.accepts_destination(0xf4, true), "cluster 0xF is a broadcast");
+    assert!(
+        l.accepts_destination(0xf4, true),
+        "cluster 0xF is a broadcast"
+    );
     l.mmio_write(DFR, 0xffff_ffff, 0);
     assert!(l.accepts_destination(0x30, true), "flat again: bitmap 0x34");
     assert!(!l.accepts_destination(0x03, true));
@@ -242,7 +286,11 @@ fn logical_flat_and_cluster_destinations() {
 fn x2apic_enable_ids_read_only() {
     let mut l = lapic(0x1_0003);
     assert_eq!(l.id(), 0x03, "xAPIC ID is 8 bits");
-    assert_eq!(l.msr_read(0x802, 0), Err(Fault), "x2APIC MSRs #GP in xAPIC mode");
+    assert_eq!(
+        l.msr_read(0x802, 0),
+        Err(Fault),
+        "x2APIC MSRs #GP in xAPIC mode"
+    );
     l.mmio_write(ID, 0x0700_0000, 0);
     assert_eq!(l.id(), 7);
     l.set_base_msr(0xfee0_0000 | BASE_EN | BASE_EXTD).unwrap();
@@ -251,7 +299,11 @@ fn x2apic_enable_ids_read_only() {
     assert_eq!(l.msr_read(0x802, 0), Ok(0x1_0003));
     assert_eq!(l.msr_read(0x80d, 0), Ok(0x1000_0008));
     assert_eq!(l.msr_read(0x803, 0), Ok(0x0006_0014));
-    assert_eq!(l.msr_read(0x80f, 0), Ok(0x1ff), "software enable survives the switch");
+    assert_eq!(
+        l.msr_read(0x80f, 0),
+        Ok(0x1ff),
+        "software enable survives the switch"
+    );
     assert_eq!(l.msr_write(0x802, 5, 0, 0), Err(Fault));
     assert_eq!(l.msr_write(0x80d, 5, 0, 0), Err(Fault));
     assert_eq!(l.msr_write(0x803, 0, 0, 0), Err(Fault));
@@ -274,7 +326,10 @@ fn x2apic_enable_ids_read_only() {
 fn x2apic_icr_eoi_esr_and_self_ipi() {
     let mut l = x2(0x11);
     let i = sent(&l.msr_write(0x830, (0x1234 << 32) | 0x4841, 0, 0).unwrap());
-    assert_eq!((i.dest, i.logical, i.vector, i.source), (0x1234, true, 0x41, 0x11));
+    assert_eq!(
+        (i.dest, i.logical, i.vector, i.source),
+        (0x1234, true, 0x41, 0x11)
+    );
     assert_eq!(l.msr_read(0x830, 0), Ok((0x1234 << 32) | 0x4841));
     assert_eq!(l.msr_read(0x831, 0), Err(Fault));
     assert_eq!(l.msr_write(0x831, 0, 0, 0), Err(Fault));
@@ -304,16 +359,32 @@ fn x2apic_icr_eoi_esr_and_self_ipi() {
 fn illegal_mode_transitions_fault() {
     let mut l = x2(1);
     let before = l.base_msr();
-    assert_eq!(l.set_base_msr(0xfee0_0000 | BASE_EN), Err(Fault), "x2APIC -> xAPIC");
-    assert_eq!(l.set_base_msr(0xfee0_0000 | BASE_EXTD), Err(Fault), "EN=0 EXTD=1");
+    assert_eq!(
+        l.set_base_msr(0xfee0_0000 | BASE_EN),
+        Err(Fault),
+        "x2APIC -> xAPIC"
+    );
+    assert_eq!(
+        l.set_base_msr(0xfee0_0000 | BASE_EXTD),
+        Err(Fault),
+        "EN=0 EXTD=1"
+    );
     assert_eq!(l.base_msr(), before);
     l.set_base_msr(0xfee0_0000).unwrap();
     assert!(!l.enabled());
-    assert_eq!(l.set_base_msr(0xfee0_0000 | BASE_EN | BASE_EXTD), Err(Fault), "disabled -> x2APIC");
+    assert_eq!(
+        l.set_base_msr(0xfee0_0000 | BASE_EN | BASE_EXTD),
+        Err(Fault),
+        "disabled -> x2APIC"
+    );
     l.set_base_msr(0xfee0_0000 | BASE_EN).unwrap();
     assert!(l.enabled() && !l.is_x2apic());
     for bad in [1u64, 1 << 9, 1 << 46, 1 << 63] {
-        assert_eq!(l.set_base_msr(0xfee0_0000 | BASE_EN | bad), Err(Fault), "bit {bad:#x}");
+        assert_eq!(
+            l.set_base_msr(0xfee0_0000 | BASE_EN | bad),
+            Err(Fault),
+            "bit {bad:#x}"
+        );
     }
     // The MSR front end reports the same #GP.
     assert_eq!(l.msr_write(0x1b, 0xfee0_0001 | BASE_EN, 0, 0), Err(Fault));
@@ -343,7 +414,10 @@ fn global_disable_resets_and_passes_pins_through() {
     l.mmio_write(0x380, 1000, 0);
     l.accept(&fixed(0x80));
     assert!(l.next_timer_deadline().is_some());
-    assert_eq!(l.msr_write(0x1b, 0xfee0_0000, 0, 0), Ok(vec![Action::TimerChanged]));
+    assert_eq!(
+        l.msr_write(0x1b, 0xfee0_0000, 0, 0),
+        Ok(vec![Action::TimerChanged])
+    );
     assert!(!l.enabled() && !l.mmio_active());
     assert_eq!(l.next_timer_deadline(), None);
     assert_eq!(l.mmio_read(TPR, 0), 0xffff_ffff);
@@ -352,7 +426,13 @@ fn global_disable_resets_and_passes_pins_through() {
     assert!(l.lint0(false).is_empty());
     assert_eq!(l.lint1(true), vec![Action::Nmi]);
     assert!(l.lint1(true).is_empty(), "NMI pin is edge-sensitive");
-    assert!(l.accept(&Interrupt { mode: DeliveryMode::Nmi, ..fixed(0) }).is_empty());
+    assert!(
+        l.accept(&Interrupt {
+            mode: DeliveryMode::Nmi,
+            ..fixed(0)
+        })
+        .is_empty()
+    );
     assert_eq!(l.pending_vector(), None);
     assert!(l.timer_tick(u64::MAX).is_empty());
     l.set_base_msr(0xfee0_0000 | BASE_EN).unwrap();
@@ -372,19 +452,30 @@ fn software_disable_masks_lvts_and_holds_irr() {
     assert_eq!(l.pending_vector(), Some(0x90));
     l.mmio_write(SVR, 0x0ff, 0);
     assert!(!l.sw_enabled());
-    assert_eq!(l.mmio_read(LINT0, 0), 0x1_0700, "mask set on software disable");
+    assert_eq!(
+        l.mmio_read(LINT0, 0),
+        0x1_0700,
+        "mask set on software disable"
+    );
     assert!(!l.wants_extint());
     l.mmio_write(LINT0, 0x700, 0);
     assert_eq!(l.mmio_read(LINT0, 0), 0x1_0700, "mask cannot be cleared");
     assert_eq!(l.pending_vector(), None);
     assert!(l.irr_bit(0x90), "pending IRR is held");
     l.accept(&fixed(0xa0));
-    assert!(!l.irr_bit(0xa0), "fixed interrupts are dropped while disabled");
+    assert!(
+        !l.irr_bit(0xa0),
+        "fixed interrupts are dropped while disabled"
+    );
     // IPIs can still be sent.
     assert_eq!(sent(&l.mmio_write(ICR_LO, 0x0000_0031, 0)).vector, 0x31);
     l.mmio_write(SVR, 0x1ff, 0);
     assert_eq!(l.pending_vector(), Some(0x90));
-    assert_eq!(l.mmio_read(LINT0, 0), 0x1_0700, "still masked after re-enable");
+    assert_eq!(
+        l.mmio_read(LINT0, 0),
+        0x1_0700,
+        "still masked after re-enable"
+    );
     // SVR bit 12 (EOI-broadcast suppression) is not supported.
     l.mmio_write(SVR, 0x11ff, 0);
     assert_eq!(l.mmio_read(SVR, 0), 0x1ff);
@@ -393,8 +484,15 @@ fn software_disable_masks_lvts_and_holds_irr() {
 #[test]
 fn esr_illegal_vectors_and_error_lvt() {
     let mut l = lapic(0);
-    assert!(l.mmio_write(ICR_LO, 0x0000_0005, 0).is_empty(), "illegal vector not sent");
-    assert_eq!(l.mmio_read(ESR, 0), 0, "errors show only after an ESR write");
+    assert!(
+        l.mmio_write(ICR_LO, 0x0000_0005, 0).is_empty(),
+        "illegal vector not sent"
+    );
+    assert_eq!(
+        l.mmio_read(ESR, 0),
+        0,
+        "errors show only after an ESR write"
+    );
     l.mmio_write(ESR, 0, 0);
     assert_eq!(l.mmio_read(ESR, 0), ESR_SEND_ILLEGAL_VECTOR);
     l.accept(&fixed(0x0e));
@@ -410,7 +508,10 @@ fn esr_illegal_vectors_and_error_lvt() {
     // Reserved register slot: illegal register address.
     assert_eq!(l.mmio_read(0x40, 0), 0);
     l.mmio_write(ESR, 0, 0);
-    assert_eq!(l.mmio_read(ESR, 0), ESR_RECV_ILLEGAL_VECTOR | ESR_ILLEGAL_REGISTER);
+    assert_eq!(
+        l.mmio_read(ESR, 0),
+        ESR_RECV_ILLEGAL_VECTOR | ESR_ILLEGAL_REGISTER
+    );
     // An illegal error vector does not recurse.
     l.mmio_write(LVT_ERR, 0x03, 0);
     l.accept(&fixed(0x02));
@@ -433,7 +534,11 @@ fn lint_pins_virtual_wire_and_nmi() {
     l.mmio_write(LINT1, 0x400, 0);
     assert!(l.wants_extint());
     assert_eq!(l.lint0(true), vec![Action::ExtInt]);
-    assert_eq!(l.lint0(true), vec![Action::ExtInt], "ExtINT is level-sensitive");
+    assert_eq!(
+        l.lint0(true),
+        vec![Action::ExtInt],
+        "ExtINT is level-sensitive"
+    );
     assert!(l.lint0(false).is_empty());
     assert_eq!(l.lint1(true), vec![Action::Nmi]);
     assert!(l.lint1(true).is_empty());
@@ -481,7 +586,10 @@ fn mmio_decoding_edges() {
     assert_eq!(l.mmio_read(0x24, 0), 0, "bytes 4-15 of a slot");
     assert_eq!(l.mmio_read(0x1000, 0), 0);
     assert_eq!(l.mmio_read(u32::MAX, 0), 0);
-    assert!(l.mmio_write(0x3f0, 0x40, 0).is_empty(), "SELF IPI is x2APIC only");
+    assert!(
+        l.mmio_write(0x3f0, 0x40, 0).is_empty(),
+        "SELF IPI is x2APIC only"
+    );
     assert!(!l.irr_bit(0x40));
     l.mmio_write(VER, 0, 0);
     assert_eq!(l.mmio_read(VER, 0), VERSION);
@@ -528,7 +636,11 @@ fn local_interrupt_sources() {
     assert!(l.local_interrupt(LvtSource::Perf).is_empty());
     l.mmio_write(0x340, 0x400, 0); // perf -> NMI
     assert_eq!(l.local_interrupt(LvtSource::Perf), vec![Action::Nmi]);
-    assert_eq!(l.mmio_read(0x340, 0), 0x1_0400, "PMI delivery sets the mask");
+    assert_eq!(
+        l.mmio_read(0x340, 0),
+        0x1_0400,
+        "PMI delivery sets the mask"
+    );
     l.mmio_write(0x330, 0x0091, 0);
     assert!(l.local_interrupt(LvtSource::Thermal).is_empty());
     assert!(l.irr_bit(0x91));
@@ -567,7 +679,9 @@ fn random_traffic_never_panics() {
             }
             2 => {
                 let msr = [0x1b, 0x6e0, 0x800 + (v >> 40) as u32 % 0x100][(v % 3) as usize];
-                apics[i].msr_write(msr, rnd(), now, rnd()).unwrap_or_default()
+                apics[i]
+                    .msr_write(msr, rnd(), now, rnd())
+                    .unwrap_or_default()
             }
             3 => {
                 let _ = apics[i].msr_read(0x800 + (v as u32) % 0x100, now);
@@ -588,11 +702,17 @@ fn random_traffic_never_panics() {
             }
             9 => {
                 let ints = io.set_irq((v % 26) as u32, v & 0x100 != 0);
-                ints.iter().flat_map(|m| bus::deliver(&mut apics, m)).map(|(_, a)| a).collect()
+                ints.iter()
+                    .flat_map(|m| bus::deliver(&mut apics, m))
+                    .map(|(_, a)| a)
+                    .collect()
             }
             10 => {
                 let ints = io.mmio_write((v >> 32) % 0x20, v as u32);
-                ints.iter().flat_map(|m| bus::deliver(&mut apics, m)).map(|(_, a)| a).collect()
+                ints.iter()
+                    .flat_map(|m| bus::deliver(&mut apics, m))
+                    .map(|(_, a)| a)
+                    .collect()
             }
             _ => apics[i].local_interrupt(LvtSource::Perf),
         };

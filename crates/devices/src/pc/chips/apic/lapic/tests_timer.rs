@@ -128,12 +128,19 @@ fn tsc_deadline_mode() {
     l.msr_write(MSR_TSC_DEADLINE, 100_001, 0, 100_000).unwrap();
     assert_eq!(l.next_timer_deadline(), Some(1));
     // Writing 0 disarms.
-    assert_eq!(l.msr_write(MSR_TSC_DEADLINE, 0, 0, 0), Ok(vec![Action::TimerChanged]));
+    assert_eq!(
+        l.msr_write(MSR_TSC_DEADLINE, 0, 0, 0),
+        Ok(vec![Action::TimerChanged])
+    );
     assert_eq!(l.next_timer_deadline(), None);
     // A deadline in the past fires immediately.
     l.acknowledge(0x70);
     l.mmio_write(0xb0, 0, 0);
-    assert!(l.msr_write(MSR_TSC_DEADLINE, 50, 7000, 60).unwrap().is_empty());
+    assert!(
+        l.msr_write(MSR_TSC_DEADLINE, 50, 7000, 60)
+            .unwrap()
+            .is_empty()
+    );
     assert!(l.irr_bit(0x70));
     assert_eq!(l.msr_read(MSR_TSC_DEADLINE, 0), Ok(0));
     // Leaving TSC-deadline mode disarms.
@@ -144,7 +151,8 @@ fn tsc_deadline_mode() {
     assert_eq!(l.msr_read(MSR_TSC_DEADLINE, 0), Ok(0));
     // Huge deadlines saturate instead of overflowing.
     l.mmio_write(LVT_T, 0x4_0070, 0);
-    l.msr_write(MSR_TSC_DEADLINE, u64::MAX, u64::MAX - 1, 0).unwrap();
+    l.msr_write(MSR_TSC_DEADLINE, u64::MAX, u64::MAX - 1, 0)
+        .unwrap();
     assert_eq!(l.next_timer_deadline(), Some(u64::MAX));
 }
 

@@ -173,7 +173,11 @@ impl Timer {
 
     /// Reads IA32_TSC_DEADLINE (0 outside TSC-deadline mode).
     pub(crate) fn read_tsc_deadline(&self, mode: TimerMode) -> u64 {
-        if mode == TimerMode::TscDeadline { self.tsc_deadline } else { 0 }
+        if mode == TimerMode::TscDeadline {
+            self.tsc_deadline
+        } else {
+            0
+        }
     }
 
     /// Writes IA32_TSC_DEADLINE. Returns `true` when the deadline is
@@ -264,7 +268,16 @@ mod tests {
 
     #[test]
     fn divide_encoding() {
-        let expect = [(0, 2), (1, 4), (2, 8), (3, 16), (8, 32), (9, 64), (10, 128), (11, 1)];
+        let expect = [
+            (0, 2),
+            (1, 4),
+            (2, 8),
+            (3, 16),
+            (8, 32),
+            (9, 64),
+            (10, 128),
+            (11, 1),
+        ];
         for (dcr, d) in expect {
             assert_eq!(divisor(dcr), d, "dcr {dcr:#x}");
         }
@@ -284,7 +297,10 @@ mod tests {
 
     #[test]
     fn periodic_coalesces_missed_periods() {
-        let mut t = Timer { dcr: 0xb, ..Timer::default() };
+        let mut t = Timer {
+            dcr: 0xb,
+            ..Timer::default()
+        };
         t.write_initial(0, 100, TimerMode::Periodic);
         assert_eq!(t.deadline(TimerMode::Periodic), Some(100));
         assert!(t.tick(1050, TimerMode::Periodic));
