@@ -314,3 +314,65 @@ fn pit_through_the_ioapic_and_self_ipi() {
     );
     assert!(wall.as_millis() >= 18);
 }
+
+#[test]
+fn tsc_deadline_and_x2apic_through_trapped_msrs() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(APIC_PLATFORM);
+    let st = long_guest(&vm, 0x40, count_handler_x2apic, |a| {
+        // x2APIC on: IA32_APIC_BASE |= EXTD (bit 10).
+        a.mov(ecx, 0x1b).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0x400).unwrap();
+        a.wrmsr().unwrap();
+        // SVR through MSR 0x80f.
+        a.mov(ecx, 0x80f).unwrap();
+        a.mov(eax, 0x1ff).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        // Self IPI through MSR 0x83f: one interrupt.
+        a.mov(ecx, 0x83f).unwrap();
+        a.mov(eax, 0x40).unwrap();
+        a.wrmsr().unwrap();
+        // LVT timer in TSC-deadline mode (0x832), vector 0x40; deadline = now + 1M cycles.
+        a.mov(ecx, 0x832).unwrap();
+        a.mov(eax, 0x40040).unwrap();
+        a.wrmsr().unwrap();
+        a.rdtsc().unwrap();
+        a.add(eax, 1_000_000).unwrap();
+        a.adc(edx, 0).unwrap();
+        a.mov(ecx, 0x6e0).unwrap();
+        a.wrmsr().unwrap();
+        count_and_exit(a, 2);
+    });
+    vm.set_boot_state(st);
+    let (r, _) = run_limited(vm, 60);
+    assert!(
+        matches!(r.outcome, Outcome::DebugExit(2)),
+        "{:?} {}",
+        r.outcome,
+        r.telemetry.render()
+    );
+    assert!(
+        r.telemetry.cores[0].count(palacios::vmm::backend::ExitKind::MsrWrite) >= 5,
+        "{}",
+        r.telemetry.render()
+    );
+}
+
+/// Count, then EOI through the x2APIC EOI MSR (0x80b).
+fn count_handler_x2apic(h: &mut CodeAssembler) {
+    h.push(rax).unwrap();
+    h.push(rcx).unwrap();
+    h.push(rdx).unwrap();
+    h.inc(dword_ptr(0x500)).unwrap();
+    h.mov(ecx, 0x80b).unwrap();
+    h.xor(eax, eax).unwrap();
+    h.xor(edx, edx).unwrap();
+    h.wrmsr().unwrap();
+    h.pop(rdx).unwrap();
+    h.pop(rcx).unwrap();
+    h.pop(rax).unwrap();
+}

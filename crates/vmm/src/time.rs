@@ -18,6 +18,8 @@ pub struct GuestClock {
     start: Instant,
     offset: AtomicU64,
     tsc_hz: AtomicU64,
+    /// Guest TSC at guest time 0 (a backend that cannot set the TSC reports where it is).
+    tsc_base: AtomicU64,
 }
 
 impl GuestClock {
@@ -26,6 +28,7 @@ impl GuestClock {
             start: Instant::now(),
             offset: AtomicU64::new(0),
             tsc_hz: AtomicU64::new(tsc_hz.max(1)),
+            tsc_base: AtomicU64::new(0),
         }
     }
 
@@ -50,13 +53,23 @@ impl GuestClock {
 
     /// The guest TSC at guest time `ns`.
     pub fn tsc_at(&self, ns: Ns) -> u64 {
-        ((u128::from(ns) * u128::from(self.tsc_hz())) / 1_000_000_000) as u64
+        let ticks = ((u128::from(ns) * u128::from(self.tsc_hz())) / 1_000_000_000) as u64;
+        ticks.wrapping_add(self.tsc_base.load(Ordering::Relaxed))
     }
 
-    /// Guest time at which the TSC reaches `tsc`.
+    /// Guest time at which the TSC reaches `tsc` (0 for a TSC before guest time 0).
     pub fn ns_at_tsc(&self, tsc: u64) -> Ns {
-        let ns = (u128::from(tsc) * 1_000_000_000) / u128::from(self.tsc_hz());
+        let ticks = tsc.saturating_sub(self.tsc_base.load(Ordering::Relaxed));
+        let ns = (u128::from(ticks) * 1_000_000_000) / u128::from(self.tsc_hz());
         ns.min(u128::from(u64::MAX)) as u64
+    }
+
+    /// The backend could not set the guest TSC: it reads `observed` at guest time `now`.
+    /// Re-anchor so that [`GuestClock::tsc_at`] matches what the guest sees.
+    pub fn anchor_tsc(&self, observed: u64, now: Ns) {
+        let ticks = ((u128::from(now) * u128::from(self.tsc_hz())) / 1_000_000_000) as u64;
+        self.tsc_base
+            .store(observed.wrapping_sub(ticks), Ordering::Relaxed);
     }
 
     /// The guest TSC now.
@@ -81,6 +94,10 @@ mod tests {
         let a = c.now();
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert!(c.now() >= a + 1_000_000);
+        c.anchor_tsc(5_000_000_000, 1_000_000_000);
+        assert_eq!(c.tsc_at(1_000_000_000), 5_000_000_000);
+        assert_eq!(c.ns_at_tsc(5_000_000_000 + 3_000), 1_000_001_000);
+        assert_eq!(c.ns_at_tsc(0), 0);
         c.set_offset(1 << 40);
         assert!(c.now() >= 1 << 40);
     }

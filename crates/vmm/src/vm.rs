@@ -332,6 +332,21 @@ impl CoreLoop {
                     self.fail(e);
                     return false;
                 }
+                // Some backends ignore TSC writes: anchor guest time to the TSC the core has.
+                if self.cpu == 0 {
+                    if let Ok(v) = vcpu.msrs(&[msr::IA32_TSC]) {
+                        if let Some(&(_, tsc)) = v.first() {
+                            let now = self.clock.now();
+                            let want = self.clock.tsc_at(now);
+                            if tsc.abs_diff(want) > self.clock.tsc_hz() / 100 {
+                                tracing::debug!(
+                                    "guest TSC {tsc:#x} differs from {want:#x}: re-anchoring guest time"
+                                );
+                                self.clock.anchor_tsc(tsc, now);
+                            }
+                        }
+                    }
+                }
                 self.running.fetch_add(1, Ordering::AcqRel);
                 return true;
             }
