@@ -376,3 +376,43 @@ fn count_handler_x2apic(h: &mut CodeAssembler) {
     h.pop(rcx).unwrap();
     h.pop(rax).unwrap();
 }
+
+#[test]
+fn init_sipi_brings_up_four_cores_with_their_apic_ids() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(&APIC_PLATFORM.replace("<memory>16</memory>", "<memory>16</memory><cores count=\"4\"/>"));
+    // AP trampoline at 0x8000 (SIPI vector 8), real mode: mark its CPUID APIC ID, count, halt.
+    let mut t = CodeAssembler::new(16).unwrap();
+    t.xor(ax, ax).unwrap();
+    t.mov(ds, ax).unwrap();
+    t.mov(eax, 1).unwrap();
+    t.cpuid().unwrap();
+    t.shr(ebx, 24).unwrap();
+    t.mov(byte_ptr(bx + 0x610), 1).unwrap();
+    t.lock().inc(word_ptr(0x600)).unwrap();
+    t.cli().unwrap();
+    t.hlt().unwrap();
+    vm.memory().write_slice(&t.assemble(0x8000).unwrap(), GuestAddress(0x8000)).unwrap();
+    let st = long_guest(&vm, 0x40, count_handler64, |a| {
+        let mut wait = a.create_label();
+        a.mov(ebx, 0xfee0_0000u32).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+        a.mov(dword_ptr(rbx + 0x300), 0xc4500).unwrap(); // INIT, all excluding self
+        a.mov(dword_ptr(rbx + 0x300), 0xc4608).unwrap(); // STARTUP vector 8
+        a.mov(dword_ptr(rbx + 0x300), 0xc4608).unwrap(); // and again, as the MP spec says
+        a.set_label(&mut wait).unwrap();
+        a.pause().unwrap();
+        a.cmp(word_ptr(0x600), 3).unwrap();
+        a.jb(wait).unwrap();
+        a.mov(eax, dword_ptr(0x610)).unwrap(); // bytes for APIC IDs 0..3
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    vm.set_boot_state(st);
+    let (r, _) = run_limited(vm, 60);
+    // APIC IDs 1, 2 and 3 checked in (byte 0, the BSP's, stays 0).
+    assert_eq!(r.outcome, Outcome::DebugExit(0x0101_0100), "{}", r.telemetry.render());
+    assert_eq!(r.telemetry.cores.len(), 4);
+}
