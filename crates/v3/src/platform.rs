@@ -15,12 +15,14 @@ fn device(class: &str, id: &str) -> DeviceConfig {
     }
 }
 
-/// The devices of the standard PC: the PIC pair and PIT, COM1–COM4 (COM1 on the console), the
+/// The devices of the standard PC: the PIC pair, PIT, LAPICs and IOAPIC, COM1–COM4 (COM1 on the console), the
 /// Bochs and OS debug ports, and the debug-exit port at 0xf4.
 pub fn standard_devices() -> Vec<DeviceConfig> {
     vec![
         device("8259A", "pic"),
         device("8254_PIT", "pit"),
+        device("LAPIC", "lapic"),
+        device("IOAPIC", "ioapic"),
         device("SERIAL", "serial"),
         device("BOCHS_DEBUG", "bochs_debug"),
         device("OS_DEBUG", "os_debug"),
