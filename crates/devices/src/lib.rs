@@ -28,6 +28,18 @@ pub fn register_all(r: &mut Registry) {
     r.register(Box::new(pc::apic_dev::LapicClass));
     #[cfg(feature = "apic")]
     r.register(Box::new(pc::ioapic_dev::IoapicClass));
+    #[cfg(feature = "nvram")]
+    r.register(Box::new(pc::nvram_dev::NvramClass));
+    #[cfg(feature = "keyboard")]
+    r.register(Box::new(pc::keyboard_dev::KeyboardClass));
+    #[cfg(feature = "fw-cfg")]
+    r.register(Box::new(pc::fw_cfg_dev::FwCfgClass));
+    #[cfg(feature = "testdev")]
+    r.register(Box::new(pc::testdev_dev::TestDevClass));
+    #[cfg(feature = "mptable")]
+    r.register(Box::new(pc::mptable_dev::MpTableClass));
+    #[cfg(feature = "pm-timer")]
+    r.register(Box::new(pc::pm_timer_dev::PmTimerClass));
 }
 
 /// A registry holding every compiled-in class.

@@ -15,7 +15,8 @@ fn device(class: &str, id: &str) -> DeviceConfig {
     }
 }
 
-/// The devices of the standard PC: the PIC pair, PIT, LAPICs and IOAPIC, COM1–COM4 (COM1 on the console), the
+/// The devices of the standard PC: the PIC pair, PIT, LAPICs, IOAPIC, MP table, CMOS/RTC,
+/// i8042, fw_cfg, pc-testdev, PM timer, COM1–COM4 (COM1 on the console), the
 /// Bochs and OS debug ports, and the debug-exit port at 0xf4.
 pub fn standard_devices() -> Vec<DeviceConfig> {
     vec![
@@ -23,6 +24,12 @@ pub fn standard_devices() -> Vec<DeviceConfig> {
         device("8254_PIT", "pit"),
         device("LAPIC", "lapic"),
         device("IOAPIC", "ioapic"),
+        device("MPTABLE", "mptable"),
+        device("NVRAM", "nvram"),
+        device("KEYBOARD", "keyboard"),
+        device("FW_CFG", "fw_cfg"),
+        device("PC_TESTDEV", "pc_testdev"),
+        device("PM_TIMER", "pm_timer"),
         device("SERIAL", "serial"),
         device("BOCHS_DEBUG", "bochs_debug"),
         device("OS_DEBUG", "os_debug"),

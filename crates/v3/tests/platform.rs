@@ -382,7 +382,10 @@ fn init_sipi_brings_up_four_cores_with_their_apic_ids() {
     if !common::kvm() {
         return;
     }
-    let mut vm = build(&APIC_PLATFORM.replace("<memory>16</memory>", "<memory>16</memory><cores count=\"4\"/>"));
+    let mut vm = build(&APIC_PLATFORM.replace(
+        "<memory>16</memory>",
+        "<memory>16</memory><cores count=\"4\"/>",
+    ));
     // AP trampoline at 0x8000 (SIPI vector 8), real mode: mark its CPUID APIC ID, count, halt.
     let mut t = CodeAssembler::new(16).unwrap();
     t.xor(ax, ax).unwrap();
@@ -394,7 +397,9 @@ fn init_sipi_brings_up_four_cores_with_their_apic_ids() {
     t.lock().inc(word_ptr(0x600)).unwrap();
     t.cli().unwrap();
     t.hlt().unwrap();
-    vm.memory().write_slice(&t.assemble(0x8000).unwrap(), GuestAddress(0x8000)).unwrap();
+    vm.memory()
+        .write_slice(&t.assemble(0x8000).unwrap(), GuestAddress(0x8000))
+        .unwrap();
     let st = long_guest(&vm, 0x40, count_handler64, |a| {
         let mut wait = a.create_label();
         a.mov(ebx, 0xfee0_0000u32).unwrap();
@@ -413,6 +418,202 @@ fn init_sipi_brings_up_four_cores_with_their_apic_ids() {
     vm.set_boot_state(st);
     let (r, _) = run_limited(vm, 60);
     // APIC IDs 1, 2 and 3 checked in (byte 0, the BSP's, stays 0).
-    assert_eq!(r.outcome, Outcome::DebugExit(0x0101_0100), "{}", r.telemetry.render());
+    assert_eq!(
+        r.outcome,
+        Outcome::DebugExit(0x0101_0100),
+        "{}",
+        r.telemetry.render()
+    );
     assert_eq!(r.telemetry.cores.len(), 4);
+}
+
+const FULL_PC: &str = r#"<vm class="PC"><memory>64</memory><cores count="2"/><devices>
+    <device class="8259A" id="pic"/><device class="8254_PIT" id="pit"/>
+    <device class="LAPIC" id="lapic"/><device class="IOAPIC" id="ioapic"/><device class="MPTABLE" id="mp"/>
+    <device class="NVRAM" id="nvram"/><device class="KEYBOARD" id="kbd"/><device class="FW_CFG" id="fw"/>
+    <device class="PC_TESTDEV" id="testdev"/><device class="DEBUG_EXIT" id="exit"/>
+  </devices></vm>"#;
+
+/// Real-mode guest from `f`, run to its debug-exit value.
+fn real_mode_value(xml: &str, f: impl FnOnce(&mut CodeAssembler)) -> Outcome {
+    let mut vm = build(xml);
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    f(&mut a);
+    a.out(dx, eax).unwrap();
+    a.hlt().unwrap();
+    vm.memory()
+        .write_slice(&a.assemble(0x1000).unwrap(), GuestAddress(0x1000))
+        .unwrap();
+    vm.set_boot_state(CpuState::real_mode_at(0x1000));
+    run_limited(vm, 60).0.outcome
+}
+
+#[test]
+fn fw_cfg_signature_and_cpu_count() {
+    if !common::kvm() {
+        return;
+    }
+    let out = real_mode_value(FULL_PC, |a| {
+        a.mov(dx, 0x510).unwrap();
+        a.mov(ax, 0x0000).unwrap();
+        a.out(dx, ax).unwrap();
+        a.mov(dx, 0x511).unwrap();
+        for i in 0..4 {
+            a.in_(al, dx).unwrap();
+            a.mov(byte_ptr(0x700 + i), al).unwrap();
+        }
+        a.mov(dx, 0x510).unwrap();
+        a.mov(ax, 0x0005).unwrap();
+        a.out(dx, ax).unwrap();
+        a.mov(dx, 0x511).unwrap();
+        a.in_(al, dx).unwrap();
+        a.mov(byte_ptr(0x704), al).unwrap();
+        // "QEMU" compared as a dword; exit value = cpu count if it matched, else 0xbad.
+        a.mov(ebx, 0xbad).unwrap();
+        a.movzx(eax, byte_ptr(0x704)).unwrap();
+        a.cmp(dword_ptr(0x700), 0x554d_4551).unwrap();
+        a.cmovne(eax, ebx).unwrap();
+        a.mov(dx, 0xf4).unwrap();
+    });
+    assert_eq!(out, Outcome::DebugExit(2));
+}
+
+#[test]
+fn cmos_memory_size_and_rtc_registers() {
+    if !common::kvm() {
+        return;
+    }
+    let out = real_mode_value(FULL_PC, |a| {
+        // 0x34/0x35: 64 KiB units above 16 MiB; register D bit 7 (valid RAM and time).
+        a.mov(al, 0x35).unwrap();
+        a.out(0x70, al).unwrap();
+        a.in_(al, 0x71).unwrap();
+        a.mov(ah, al).unwrap();
+        a.mov(al, 0x34).unwrap();
+        a.out(0x70, al).unwrap();
+        a.in_(al, 0x71).unwrap();
+        a.movzx(ebx, ax).unwrap();
+        a.mov(al, 0x0d).unwrap();
+        a.out(0x70, al).unwrap();
+        a.in_(al, 0x71).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.shl(eax, 16).unwrap();
+        a.or(eax, ebx).unwrap();
+        a.mov(dx, 0xf4).unwrap();
+    });
+    // 64 MiB: (64 - 16) MiB / 64 KiB = 768 = 0x300; register D = 0x80.
+    assert_eq!(out, Outcome::DebugExit(0x80_0300));
+}
+
+#[test]
+fn i8042_reset_line_ends_the_vm() {
+    if !common::kvm() {
+        return;
+    }
+    let out = real_mode_value(FULL_PC, |a| {
+        a.mov(al, 0xfe).unwrap();
+        a.out(0x64, al).unwrap();
+        // Not reached: the VM ends on the pulse. A 7 here would fail the test.
+        a.mov(eax, 7).unwrap();
+        a.mov(dx, 0xf4).unwrap();
+    });
+    assert_eq!(out, Outcome::Reset);
+}
+
+#[test]
+fn mp_table_describes_the_cores() {
+    if !common::kvm() {
+        return;
+    }
+    let vm = build(FULL_PC);
+    let mut buf = vec![0u8; 1024];
+    vm.memory()
+        .read_slice(&mut buf, GuestAddress(0x9fc00))
+        .unwrap();
+    let parsed = palacios::devices::pc::chips::mptable::parse(&buf).unwrap();
+    assert_eq!(parsed.processors.len(), 2);
+    assert_eq!(parsed.ioapics.len(), 1);
+}
+
+#[test]
+fn testdev_level_irq_keeps_remote_irr_until_lowered() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(FULL_PC);
+    // Handler: count; the first time, read the redirection entry of pin 10 (remote IRR is bit
+    // 14) into [0x508]; on the third delivery lower the line. EOI every time.
+    let st = long_guest(
+        &vm,
+        0x60,
+        |h| {
+            let mut skip = h.create_label();
+            let mut keep = h.create_label();
+            h.push(rax).unwrap();
+            h.push(rcx).unwrap();
+            h.push(rdx).unwrap();
+            h.inc(dword_ptr(0x500)).unwrap();
+            h.mov(ecx, 0xfec0_0000u32).unwrap();
+            h.mov(dword_ptr(rcx), 0x10 + 2 * 10).unwrap();
+            h.mov(eax, dword_ptr(rcx + 0x10)).unwrap();
+            h.cmp(dword_ptr(0x500), 1).unwrap();
+            h.jne(skip).unwrap();
+            h.mov(dword_ptr(0x508), eax).unwrap();
+            h.set_label(&mut skip).unwrap();
+            h.cmp(dword_ptr(0x500), 3).unwrap();
+            h.jne(keep).unwrap();
+            h.mov(dx, 0x200a).unwrap();
+            h.mov(al, 0).unwrap();
+            h.out(dx, al).unwrap();
+            h.set_label(&mut keep).unwrap();
+            h.mov(eax, 0xfee0_00b0u32).unwrap();
+            h.mov(dword_ptr(rax), 0).unwrap();
+            h.pop(rdx).unwrap();
+            h.pop(rcx).unwrap();
+            h.pop(rax).unwrap();
+        },
+        |a| {
+            let mut wait = a.create_label();
+            a.mov(ebx, 0xfee0_0000u32).unwrap();
+            a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+            // IOAPIC pin 10: vector 0x60, level triggered (bit 15), dest 0.
+            a.mov(ecx, 0xfec0_0000u32).unwrap();
+            a.mov(dword_ptr(rcx), 0x10 + 2 * 10).unwrap();
+            a.mov(dword_ptr(rcx + 0x10), 0x8060).unwrap();
+            a.mov(dword_ptr(rcx), 0x11 + 2 * 10).unwrap();
+            a.mov(dword_ptr(rcx + 0x10), 0).unwrap();
+            a.mov(dx, 0x200a).unwrap();
+            a.mov(al, 1).unwrap();
+            a.out(dx, al).unwrap();
+            a.sti().unwrap();
+            // Wait for three deliveries, then a while longer to see that no fourth comes.
+            a.set_label(&mut wait).unwrap();
+            a.cmp(dword_ptr(0x500), 3).unwrap();
+            a.jb(wait).unwrap();
+            a.mov(ecx, 200_000).unwrap();
+            let mut spin = a.create_label();
+            a.set_label(&mut spin).unwrap();
+            a.pause().unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(spin).unwrap();
+            a.cli().unwrap();
+            // Exit value: count | remote-IRR bit seen in the first delivery << 8.
+            a.mov(eax, dword_ptr(0x508)).unwrap();
+            a.shr(eax, 14).unwrap();
+            a.and(eax, 1).unwrap();
+            a.shl(eax, 8).unwrap();
+            a.or(eax, dword_ptr(0x500)).unwrap();
+            a.out(0xf4, eax).unwrap();
+            a.hlt().unwrap();
+        },
+    );
+    vm.set_boot_state(st);
+    let (r, _) = run_limited(vm, 60);
+    assert_eq!(
+        r.outcome,
+        Outcome::DebugExit(0x103),
+        "three deliveries while high, remote IRR set during service"
+    );
 }

@@ -9,21 +9,33 @@ pub mod char_stream;
 pub mod chips;
 #[cfg(feature = "debug-exit")]
 pub mod debug_exit;
+#[cfg(feature = "fw-cfg")]
+pub mod fw_cfg_dev;
 #[cfg(feature = "generic")]
 pub mod generic;
 #[cfg(feature = "apic")]
 pub mod ioapic_dev;
 pub mod irq_router;
+#[cfg(feature = "keyboard")]
+pub mod keyboard_dev;
 #[cfg(any(feature = "bochs-debug", feature = "os-debug"))]
 mod linebuf;
+#[cfg(feature = "mptable")]
+pub mod mptable_dev;
+#[cfg(feature = "nvram")]
+pub mod nvram_dev;
 #[cfg(feature = "os-debug")]
 pub mod os_debug;
 #[cfg(feature = "pic")]
 pub mod pic_dev;
 #[cfg(feature = "pit")]
 pub mod pit_dev;
+#[cfg(feature = "pm-timer")]
+pub mod pm_timer_dev;
 #[cfg(feature = "serial")]
 pub mod serial;
+#[cfg(feature = "testdev")]
+pub mod testdev_dev;
 
 /// Little-endian value of up to 8 bytes.
 #[allow(dead_code)]
