@@ -174,6 +174,9 @@ impl Backend for KvmBackend {
         self.vm
             .create_pit2(pit)
             .map_err(host_err("KVM_CREATE_PIT2"))?;
+        self.vm
+            .set_gsi_routing(&pc_gsi_routing()?)
+            .map_err(host_err("KVM_SET_GSI_ROUTING"))?;
         Ok(Arc::new(KvmIrqchip {
             vm: self.vm.clone(),
         }))
@@ -250,6 +253,37 @@ impl Backend for KvmBackend {
             pending_msr: None,
         }))
     }
+}
+
+/// PC wiring for the in-kernel irqchip, as the MP table describes it: GSI 0-15 reach the PIC
+/// pair, GSI n reaches IOAPIC pin n, except that ISA IRQ0 (the PIT) is on pin 2.
+fn pc_gsi_routing() -> Result<kvm_bindings::KvmIrqRouting, BackendError> {
+    let entry = |gsi: u32, chip: u32, pin: u32| {
+        let mut e = kvm_bindings::kvm_irq_routing_entry {
+            gsi,
+            type_: kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip = kvm_bindings::kvm_irq_routing_irqchip { irqchip: chip, pin };
+        e
+    };
+    let mut entries = Vec::new();
+    for gsi in 0..24u32 {
+        if gsi < 8 {
+            entries.push(entry(gsi, kvm_bindings::KVM_IRQCHIP_PIC_MASTER, gsi));
+        } else if gsi < 16 {
+            entries.push(entry(gsi, kvm_bindings::KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+        }
+        match gsi {
+            0 => entries.push(entry(0, kvm_bindings::KVM_IRQCHIP_IOAPIC, 2)),
+            2 => {}
+            _ => entries.push(entry(gsi, kvm_bindings::KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+    }
+    kvm_bindings::KvmIrqRouting::from_entries(&entries).map_err(|e| BackendError::Host {
+        op: "KVM_SET_GSI_ROUTING",
+        source: io::Error::other(format!("{e:?}")),
+    })
 }
 
 /// KVM's in-kernel PIC pair, IOAPIC and PIT.

@@ -78,9 +78,19 @@ struct RunArgs {
     /// CPU backend (overrides the config's <backend>).
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
+    /// Interrupt controllers and PIT: this project's models (user) or KVM's in-kernel ones
+    /// (overrides the config's <irqchip>).
+    #[arg(long, value_enum)]
+    irqchip: Option<IrqchipArg>,
     /// Print per-core exit telemetry when the VM ends.
     #[arg(long)]
     stats: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IrqchipArg {
+    User,
+    Kernel,
 }
 
 fn parse_addr(s: &str) -> Result<u64, String> {
@@ -270,6 +280,12 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     };
     if let Some(b) = backend_override {
         cfg.backend = b;
+    }
+    if let Some(m) = a.irqchip {
+        cfg.irqchip = match m {
+            IrqchipArg::User => palacios_vmm::config::IrqchipMode::User,
+            IrqchipArg::Kernel => palacios_vmm::config::IrqchipMode::Kernel,
+        };
     }
     if cfg.mem_mib == 0
         || cfg.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB
