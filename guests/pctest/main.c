@@ -4,6 +4,7 @@
  * RTC/CMOS, fw_cfg, pc-testdev, i8042 reset).
  *
  * Command line: test=a,b,c (default all)  cpus=N (default 1)
+ *               bench=pit|lapic|ipi|idle n=N hz=R ms=M (see bench.c)
  *               ram_mib=N (expected RAM)  sipi=each|bcast (SMP start-up)
  *               iret=1 (return from interrupts with IRET, see cpu.S)
  *               isr_check=0 (only report LAPIC ISR bits clear in handlers)
@@ -292,6 +293,15 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	pic_init(0xff, 0xff);
 	time_init();
 	platform_init();
+
+	char bench[16];
+	if (cmdline_get(cmdline, "bench", bench, sizeof(bench))) {
+		uint32_t n = 1000, hz = 0, ms = 0;
+		get_u32("n", &n);
+		get_u32("hz", &hz);
+		get_u32("ms", &ms);
+		run_bench(bench, n, hz, ms);
+	}
 
 	select_tests(opt_tests);
 	for (unsigned i = 0; i < NTESTS; i++) {

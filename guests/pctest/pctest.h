@@ -224,6 +224,7 @@ struct mp_info {
 const struct mp_info *mp_get(void);
 
 /* --- tests ------------------------------------------------------------------ */
+void __attribute__((noreturn)) run_bench(const char *mode, uint32_t n, uint32_t hz, uint32_t ms);
 void t_mptable(void);
 void t_smp(void);
 void t_ipi(void);
