@@ -505,7 +505,16 @@ impl Vcpu for KvmVcpu {
         // SAFETY: reading two plain bytes of this vCPU's kvm_run mapping; `get_kvm_run` needs
         // `&mut`, so go through a shared pointer cast instead of mutating anything.
         let run = unsafe { &*(self.fd_run_ptr()) };
-        run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+        if run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
+            return false;
+        }
+        // The flags describe the last exit; make sure the guest has not cleared IF since (the
+        // software KVM of this project's reference machines has been seen reporting stale
+        // flags, and injecting into IF=0 would acknowledge an interrupt the guest cannot take).
+        self.fd
+            .get_regs()
+            .map(|r| r.rflags & palacios_x86::rflags::IF != 0)
+            .unwrap_or(false)
     }
 
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {

@@ -617,3 +617,46 @@ fn testdev_level_irq_keeps_remote_irr_until_lowered() {
         "three deliveries while high, remote IRR set during service"
     );
 }
+
+#[test]
+fn apic_base_relocates_and_disables() {
+    if !common::kvm() {
+        return;
+    }
+    let mut vm = build(APIC_PLATFORM);
+    let st = long_guest(&vm, 0x40, count_handler64, |a| {
+        // Move the APIC to 0xfed00000 (enable | BSP kept).
+        a.mov(ecx, 0x1b).unwrap();
+        a.mov(eax, 0xfed0_0900u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ebx, 0xfed0_0000u32).unwrap();
+        a.mov(esi, dword_ptr(rbx + 0x30)).unwrap(); // version at the new base
+        a.mov(ebx, 0xfee0_0000u32).unwrap();
+        a.mov(edi, dword_ptr(rbx + 0x30)).unwrap(); // old base: nothing there now
+        // Disable globally: the page stops decoding.
+        a.mov(eax, 0xfed0_0100u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ebx, 0xfed0_0000u32).unwrap();
+        a.mov(ebp, dword_ptr(rbx + 0x30)).unwrap();
+        // Exit value: low byte of each read (version 0x14, 0xff, 0xff).
+        a.movzx(eax, si).unwrap();
+        a.and(eax, 0xff).unwrap();
+        a.and(edi, 0xff).unwrap();
+        a.shl(edi, 8).unwrap();
+        a.or(eax, edi).unwrap();
+        a.and(ebp, 0xff).unwrap();
+        a.shl(ebp, 16).unwrap();
+        a.or(eax, ebp).unwrap();
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    vm.set_boot_state(st);
+    let (r, _) = run_limited(vm, 60);
+    assert_eq!(
+        r.outcome,
+        Outcome::DebugExit(0xff_ff14),
+        "{}",
+        r.telemetry.render()
+    );
+}
