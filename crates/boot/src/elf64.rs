@@ -3,8 +3,7 @@
 //! of a Multiboot information structure (memory, command line, modules, memory map).
 
 use palacios_vmm::{GuestMem, MemoryMap};
-use palacios_x86::segment::{SEL_CODE64, SEL_DATA, TYPE_CODE, TYPE_DATA, TYPE_TSS_BUSY, flat};
-use palacios_x86::{CpuState, Segment, cr0, cr4, efer, paging};
+use palacios_x86::{CpuState, cr0, cr4, efer, paging};
 
 use crate::multiboot::{BOOTLOADER_MAGIC, write_info};
 use crate::{BootParams, LoadError, PAGE_TABLES_ADDR, elf, write, write_gdt};
@@ -32,26 +31,7 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
         &paging::identity_tables(PAGE_TABLES_ADDR, MAPPED_GIB),
     )?;
 
-    let mut s = CpuState::reset();
-    s.sregs.cs = flat(SEL_CODE64, TYPE_CODE, true);
-    let data = flat(SEL_DATA, TYPE_DATA, false);
-    for seg in [
-        &mut s.sregs.ds,
-        &mut s.sregs.es,
-        &mut s.sregs.fs,
-        &mut s.sregs.gs,
-        &mut s.sregs.ss,
-    ] {
-        *seg = data;
-    }
-    s.sregs.tr = Segment {
-        limit: 0x67,
-        type_: TYPE_TSS_BUSY,
-        present: true,
-        ..Default::default()
-    };
-    s.sregs.gdt = gdt;
-    s.sregs.idt = palacios_x86::DescriptorTable { base: 0, limit: 0 };
+    let mut s = crate::flat_state(gdt, true);
     s.sregs.cr0 = cr0::PE | cr0::ET | cr0::PG | cr0::WP;
     s.sregs.cr3 = PAGE_TABLES_ADDR;
     s.sregs.cr4 = cr4::PAE;

@@ -186,6 +186,39 @@ pub(crate) fn zero(mem: &GuestMem, addr: u64, len: u64) -> Result<(), LoadError>
     Ok(())
 }
 
+/// Protected-mode state with the boot GDT's flat segments (`long`: 64-bit code segment), a
+/// busy TSS placeholder, an empty IDT and IF=0; the caller sets control registers and GPRs.
+pub(crate) fn flat_state(gdt: palacios_x86::DescriptorTable, long: bool) -> CpuState {
+    use palacios_x86::segment::{
+        SEL_CODE32, SEL_CODE64, SEL_DATA, TYPE_CODE, TYPE_DATA, TYPE_TSS_BUSY, flat,
+    };
+    let mut s = CpuState::reset();
+    s.sregs.cs = if long {
+        flat(SEL_CODE64, TYPE_CODE, true)
+    } else {
+        flat(SEL_CODE32, TYPE_CODE, false)
+    };
+    let data = flat(SEL_DATA, TYPE_DATA, false);
+    for seg in [
+        &mut s.sregs.ds,
+        &mut s.sregs.es,
+        &mut s.sregs.fs,
+        &mut s.sregs.gs,
+        &mut s.sregs.ss,
+    ] {
+        *seg = data;
+    }
+    s.sregs.tr = palacios_x86::Segment {
+        limit: 0x67,
+        type_: TYPE_TSS_BUSY,
+        present: true,
+        ..Default::default()
+    };
+    s.sregs.gdt = gdt;
+    s.sregs.idt = palacios_x86::DescriptorTable { base: 0, limit: 0 };
+    s
+}
+
 /// Write the boot GDT.
 pub(crate) fn write_gdt(mem: &GuestMem) -> Result<palacios_x86::DescriptorTable, LoadError> {
     let gdt = palacios_x86::segment::boot_gdt();

@@ -3,8 +3,7 @@
 
 use palacios_vmm::memory::RegionKind;
 use palacios_vmm::{GuestMem, MemoryMap};
-use palacios_x86::segment::{SEL_CODE32, SEL_DATA, TYPE_CODE, TYPE_DATA, TYPE_TSS_BUSY, flat};
-use palacios_x86::{CpuState, Segment, cr0};
+use palacios_x86::{CpuState, cr0};
 
 use crate::{
     BootParams, INFO_AREA, LoadError, check_boot_area, check_ram, elf, write, write_gdt, zero,
@@ -273,26 +272,7 @@ pub fn write_info(
 
 /// 32-bit protected mode, flat segments, paging off, IF=0; EAX/EBX per the specification.
 fn entry_state(gdt: palacios_x86::DescriptorTable, entry: u64, info: u64) -> CpuState {
-    let mut s = CpuState::reset();
-    s.sregs.cs = flat(SEL_CODE32, TYPE_CODE, false);
-    let data = flat(SEL_DATA, TYPE_DATA, false);
-    for seg in [
-        &mut s.sregs.ds,
-        &mut s.sregs.es,
-        &mut s.sregs.fs,
-        &mut s.sregs.gs,
-        &mut s.sregs.ss,
-    ] {
-        *seg = data;
-    }
-    s.sregs.tr = Segment {
-        limit: 0x67,
-        type_: TYPE_TSS_BUSY,
-        present: true,
-        ..Default::default()
-    };
-    s.sregs.gdt = gdt;
-    s.sregs.idt = palacios_x86::DescriptorTable { base: 0, limit: 0 };
+    let mut s = crate::flat_state(gdt, false);
     s.sregs.cr0 = cr0::PE | cr0::ET;
     s.regs = palacios_x86::Regs {
         rax: u64::from(BOOTLOADER_MAGIC),

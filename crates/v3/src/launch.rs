@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use palacios_boot::{BootParams, Module};
-use palacios_vmm::config::{BackendChoice, VmConfig};
+use palacios_vmm::config::{BackendChoice, BootConfig, VmConfig};
 use palacios_vmm::host::Host;
 use palacios_vmm::vm::RunReport;
 use palacios_vmm::{Backend, BackendError, LinuxHost, Vm, VmError, VmHandle};
@@ -126,21 +126,7 @@ pub fn prepare(
                 })
                 .collect(),
         },
-        (_, Some((kernel, mods)), Some(b)) => BootParams {
-            format: b.format,
-            image: kernel,
-            load_addr: b.load_addr,
-            entry: b.entry,
-            cmdline: &b.cmdline,
-            modules: mods
-                .iter()
-                .zip(&b.modules)
-                .map(|(d, m)| Module {
-                    data: d,
-                    cmdline: &m.cmdline,
-                })
-                .collect(),
-        },
+        (_, Some((kernel, mods)), Some(b)) => boot_params(b, kernel, mods),
         _ => unreachable!("checked above"),
     };
     let what = cfg
@@ -152,6 +138,25 @@ pub fn prepare(
         .map_err(|e| LaunchError::Config(format!("cannot load {what}: {e}")))?;
     vm.set_boot_state(state);
     Ok(Prepared { vm })
+}
+
+/// What the loader needs from a `<boot>` section and the files it names.
+fn boot_params<'a>(b: &'a BootConfig, kernel: &'a [u8], mods: &'a [Vec<u8>]) -> BootParams<'a> {
+    BootParams {
+        format: b.format,
+        image: kernel,
+        load_addr: b.load_addr,
+        entry: b.entry,
+        cmdline: &b.cmdline,
+        modules: mods
+            .iter()
+            .zip(&b.modules)
+            .map(|(d, m)| Module {
+                data: d,
+                cmdline: &m.cmdline,
+            })
+            .collect(),
+    }
 }
 
 /// Validate a config without running anything: the XML, every device's class and options,
@@ -171,21 +176,7 @@ pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
         let mem = map
             .create_memory()
             .map_err(|e| LaunchError::Vm(format!("cannot allocate guest memory: {e}")))?;
-        let params = BootParams {
-            format: b.format,
-            image: &kernel,
-            load_addr: b.load_addr,
-            entry: b.entry,
-            cmdline: &b.cmdline,
-            modules: mods
-                .iter()
-                .zip(&b.modules)
-                .map(|(d, m)| Module {
-                    data: d,
-                    cmdline: &m.cmdline,
-                })
-                .collect(),
-        };
+        let params = boot_params(b, &kernel, &mods);
         palacios_boot::load(&mem, &map, &params)
             .map_err(|e| LaunchError::Config(format!("cannot load {}: {e}", b.kernel.display())))?;
     }
