@@ -73,7 +73,10 @@ mod tests {
         }
         let gdt = read(&mem, crate::GDT_ADDR, 32);
         let code = u64::from_le_bytes(gdt[24..32].try_into().unwrap());
-        assert_eq!(palacios_x86::segment::decode(palacios_x86::segment::SEL_CODE64, code), s.sregs.cs);
+        assert_eq!(
+            palacios_x86::segment::decode(palacios_x86::segment::SEL_CODE64, code),
+            s.sregs.cs
+        );
         assert_eq!(
             read(&mem, s.regs.rbx, 4)[0] & 1,
             1,

@@ -57,6 +57,7 @@ pub fn backend(choice: BackendChoice) -> Result<Box<dyn Backend>, LaunchError> {
 }
 
 /// The guest image: from the config's `<boot>` or given directly (the demo).
+#[derive(Clone)]
 pub enum Image<'a> {
     FromConfig,
     Bytes {

@@ -298,33 +298,51 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
             palacios_vmm::config::vm::MAX_CORES
         )));
     }
-    let backend = launch::backend(cfg.backend)?;
     let raw = std::io::stdin().is_terminal();
-    let host = Arc::new(LinuxHost::new(raw));
-    let prepared = launch::prepare(&cfg, image, backend, host)?;
-    RAW.store(i32::from(raw), Ordering::Relaxed);
-
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
             .map_err(|e| LaunchError::Vm(format!("cannot install signal handlers: {e}")))?;
     let sig_handle = signals.handle();
     let got_signal = Arc::new(AtomicI32::new(0));
-    let got2 = got_signal.clone();
-    let mut watcher = None;
-    let report = launch::run(prepared, a.stats, |h| {
-        watcher = Some(std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                got2.store(sig, Ordering::Release);
+    // The VM a signal stops (it changes when the guest reboots).
+    let current: Arc<std::sync::Mutex<Option<palacios_vmm::VmHandle>>> = Arc::default();
+    let (got2, cur2) = (got_signal.clone(), current.clone());
+    let watcher = std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            got2.store(sig, Ordering::Release);
+            if let Some(h) = cur2.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                 h.stop(Outcome::Stopped);
             }
-        }));
+        }
     });
+    let result = (|| -> Result<palacios_vmm::vm::RunReport, LaunchError> {
+        let mut boots = 0u64;
+        loop {
+            let backend = launch::backend(cfg.backend)?;
+            let host = Arc::new(LinuxHost::new(raw));
+            let prepared = launch::prepare(&cfg, image.clone(), backend, host)?;
+            RAW.store(i32::from(raw), Ordering::Relaxed);
+            let report = launch::run(prepared, a.stats, |h| {
+                if got_signal.load(Ordering::Acquire) != 0 {
+                    h.stop(Outcome::Stopped);
+                }
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+            });
+            if report.outcome != Outcome::Reboot || got_signal.load(Ordering::Acquire) != 0 {
+                return Ok(report);
+            }
+            boots += 1;
+            if report.print_telemetry {
+                eprint!("{}", report.telemetry.render());
+            }
+            tracing::info!("the guest reset the machine: rebooting (reboot {boots})");
+        }
+    })();
     sig_handle.close();
-    if let Some(w) = watcher {
-        let _ = w.join();
-    }
+    let _ = watcher.join();
     restore_terminal();
     RAW.store(0, Ordering::Relaxed);
+    let report = result?;
     if report.print_telemetry {
         eprint!("{}", report.telemetry.render());
     }

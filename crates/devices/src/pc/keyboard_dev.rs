@@ -1,5 +1,6 @@
 //! `KEYBOARD`: the i8042 controller at 0x60/0x64 and port 0x92. The reset line (command 0xFE,
-//! output-port bit 0, port 0x92 bit 0) ends the VM with the "reset" outcome (exit status 0).
+//! output-port bit 0, port 0x92 bit 0) either ends the VM (`on_reset="stop"`, exit status 0) or
+//! reboots it (`on_reset="reset"`: the VMM builds it afresh and loads the guest again).
 
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +16,7 @@ pub struct KeyboardClass;
 
 const OPTIONS: &[DeviceOption] = &[DeviceOption {
     name: "on_reset",
-    help: "what the reset line does: 'stop' (default: the VM ends, exit status 0); 'reset' is not implemented yet",
+    help: "what the reset line does: 'stop' (default: the VM ends, exit status 0) or 'reset' (the VM reboots from power-on state)",
 }];
 
 impl DeviceClass for KeyboardClass {
@@ -29,21 +30,20 @@ impl DeviceClass for KeyboardClass {
         OPTIONS
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
-        match dev.node.val("on_reset")? {
-            None | Some("stop") => {}
-            Some("reset") => {
-                return Err(dev.node.val_err("on_reset", "on_reset=\"reset\" (rebooting the VM in place) is not implemented yet; use \"stop\""));
-            }
+        let outcome = match dev.node.val("on_reset")? {
+            None | Some("stop") => Outcome::Reset,
+            Some("reset") => Outcome::Reboot,
             Some(o) => {
                 return Err(dev.node.val_err(
                     "on_reset",
                     format!("on_reset must be 'stop' or 'reset', not '{o}'"),
                 ));
             }
-        }
+        };
         let kb = Arc::new(Mutex::new(Keyboard {
             i8042: I8042::new(),
             vm: ctx.vm.clone(),
+            on_reset: outcome,
             irq1: ctx.irq_line(1),
             irq12: ctx.irq_line(12),
         }));
@@ -59,6 +59,7 @@ impl DeviceClass for KeyboardClass {
 pub struct Keyboard {
     i8042: I8042,
     vm: VmHandle,
+    on_reset: Outcome,
     irq1: Arc<dyn IrqLine>,
     irq12: Arc<dyn IrqLine>,
 }
@@ -70,7 +71,7 @@ impl Keyboard {
                 I8042Action::None => {}
                 I8042Action::Reset => {
                     tracing::info!("i8042: the guest pulsed the reset line");
-                    self.vm.stop(Outcome::Reset);
+                    self.vm.stop(self.on_reset.clone());
                 }
                 // Guest RAM is not aliased at 1 MiB, so the A20 gate has no visible effect.
                 I8042Action::A20(on) => {
