@@ -54,8 +54,16 @@ pub trait Kick: Send + Sync {
     fn kick(&self);
 }
 
+#[derive(Default)]
+struct WakeState {
+    /// A wake-up not yet consumed by [`Wakers::wait`].
+    pending: bool,
+    /// The core sleeps in [`Wakers::wait`] (a condition-variable notify reaches it; no kick).
+    sleeping: bool,
+}
+
 struct CoreWake {
-    pending: Mutex<bool>,
+    state: Mutex<WakeState>,
     cond: Condvar,
 }
 
@@ -73,7 +81,7 @@ impl Wakers {
             cores: Arc::new(
                 (0..cores)
                     .map(|_| CoreWake {
-                        pending: Mutex::new(false),
+                        state: Mutex::new(WakeState::default()),
                         cond: Condvar::new(),
                     })
                     .collect(),
@@ -100,11 +108,18 @@ impl Wakers {
         let Some(c) = self.cores.get(cpu as usize) else {
             return;
         };
-        *lock(&c.pending) = true;
+        let sleeping = {
+            let mut st = lock(&c.state);
+            st.pending = true;
+            st.sleeping
+        };
         c.cond.notify_all();
-        let k = lock(&self.kickers).get(cpu as usize).cloned().flatten();
-        if let Some(k) = k {
-            k.kick();
+        // A core that is not asleep may be inside the backend's run(): make it return.
+        if !sleeping {
+            let k = lock(&self.kickers).get(cpu as usize).cloned().flatten();
+            if let Some(k) = k {
+                k.kick();
+            }
         }
     }
 
@@ -119,9 +134,10 @@ impl Wakers {
         let Some(c) = self.cores.get(cpu as usize) else {
             return;
         };
-        let mut p = lock(&c.pending);
+        let mut p = lock(&c.state);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        while !*p && !self.stopping.load(Ordering::Acquire) {
+        p.sleeping = true;
+        while !p.pending && !self.stopping.load(Ordering::Acquire) {
             match deadline {
                 None => p = c.cond.wait(p).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
@@ -137,7 +153,8 @@ impl Wakers {
                 }
             }
         }
-        *p = false;
+        p.pending = false;
+        p.sleeping = false;
     }
 }
 
