@@ -12,7 +12,7 @@ use palacios_vmm::{Backend, BackendError, LinuxHost, Vm, VmError, VmHandle};
 use crate::status;
 
 /// Backends compiled into this build, for messages.
-pub const AVAILABLE: &str = "kvm (needs a usable /dev/kvm); the emulator backend is not built yet";
+pub const AVAILABLE: &str = "kvm (needs a usable /dev/kvm), emu (the software x86 emulator)";
 
 /// A failure before the VM runs, with the exit status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +50,24 @@ impl From<VmError> for LaunchError {
 /// Create the backend the config asks for.
 pub fn backend(choice: BackendChoice) -> Result<Box<dyn Backend>, LaunchError> {
     match choice {
-        BackendChoice::Auto | BackendChoice::Kvm => palacios_kvm::KvmBackend::new(AVAILABLE)
+        BackendChoice::Kvm => palacios_kvm::KvmBackend::new(AVAILABLE)
             .map(|b| Box::new(b) as Box<dyn Backend>)
             .map_err(|e| LaunchError::NoBackend(e.to_string())),
+        BackendChoice::Emu => Ok(Box::new(palacios_emu::EmuBackend::new(emu_options()))),
+        BackendChoice::Auto => match palacios_kvm::KvmBackend::new(AVAILABLE) {
+            Ok(b) => Ok(Box::new(b)),
+            Err(e) => {
+                tracing::info!("{e}; using the emulator backend");
+                Ok(Box::new(palacios_emu::EmuBackend::new(emu_options())))
+            }
+        },
+    }
+}
+
+/// Emulator options from the environment (`PALACIOS_EMU_TRACE=FILE` writes an instruction trace).
+fn emu_options() -> palacios_emu::EmuOptions {
+    palacios_emu::EmuOptions {
+        trace: std::env::var_os("PALACIOS_EMU_TRACE").map(Into::into),
     }
 }
 

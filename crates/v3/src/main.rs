@@ -49,6 +49,7 @@ enum FormatArg {
 enum BackendArg {
     Auto,
     Kvm,
+    Emu,
 }
 
 #[derive(clap::Args)]
@@ -221,6 +222,7 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     let backend_override = a.backend.map(|b| match b {
         BackendArg::Auto => BackendChoice::Auto,
         BackendArg::Kvm => BackendChoice::Kvm,
+        BackendArg::Emu => BackendChoice::Emu,
     });
     let demo;
     let (mut cfg, image) = if let Some(path) = &a.config {

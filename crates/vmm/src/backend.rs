@@ -245,6 +245,12 @@ pub trait Vcpu: Send {
         Ok(())
     }
 
+    /// A flag that makes [`Vcpu::run`] return [`Exit::Interrupted`] soon after it is set, for
+    /// backends that a signal alone does not interrupt (the emulator).
+    fn kick_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
+
     /// RIP for messages; 0 if it cannot be read.
     fn rip(&self) -> u64 {
         self.regs().map(|r| r.rip).unwrap_or(0)

@@ -230,14 +230,22 @@ impl Vm {
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let cpu = core.cpu;
+            let flag = vcpu.kick_flag();
             let f = Box::new(move || {
                 let stats = core.run(vcpu);
                 let _ = tx.send(stats);
             });
             match self.host.spawn(&format!("vcpu{cpu}"), f) {
                 Ok(t) => {
-                    self.handle.wakers().set_kicker(cpu, Some(t.kicker()));
-                    threads.push((cpu, t, rx));
+                    let k: Arc<dyn crate::control::Kick> = match flag.clone() {
+                        Some(f) => Arc::new(FlagKick {
+                            signal: t.kicker(),
+                            flag: f,
+                        }),
+                        None => t.kicker(),
+                    };
+                    self.handle.wakers().set_kicker(cpu, Some(k));
+                    threads.push((cpu, t, rx, flag));
                 }
                 Err(e) => {
                     self.handle.stop(Outcome::Failed(format!(
@@ -250,10 +258,13 @@ impl Vm {
         let outcome = self.handle.wait(None).unwrap_or(Outcome::Stopped);
         // Kick every core until its thread has left the backend and finished.
         let mut cores = Vec::new();
-        for (cpu, t, rx) in threads {
+        for (cpu, t, rx, flag) in threads {
             let k = t.kicker();
             while !t.is_finished() {
                 k.kick();
+                if let Some(f) = &flag {
+                    f.store(true, Ordering::Release);
+                }
                 std::thread::sleep(Duration::from_micros(200));
             }
             self.handle.wakers().set_kicker(cpu, None);
@@ -285,6 +296,19 @@ impl Vm {
             telemetry,
             print_telemetry: self.telemetry,
         }
+    }
+}
+
+/// Kicks a core whose backend polls a flag, and signals its thread too (to end a wait).
+struct FlagKick {
+    signal: Arc<dyn crate::control::Kick>,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::control::Kick for FlagKick {
+    fn kick(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.signal.kick();
     }
 }
 

@@ -12,14 +12,17 @@ pub enum BackendChoice {
     #[default]
     Auto,
     Kvm,
+    /// The software x86 emulator.
+    Emu,
 }
 
 impl BackendChoice {
-    pub const NAMES: &'static [&'static str] = &["auto", "kvm"];
+    pub const NAMES: &'static [&'static str] = &["auto", "kvm", "emu"];
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(BackendChoice::Auto),
             "kvm" => Some(BackendChoice::Kvm),
+            "emu" => Some(BackendChoice::Emu),
             _ => None,
         }
     }

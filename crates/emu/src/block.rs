@@ -1,0 +1,338 @@
+//! Basic blocks: guest code decoded once with iced-x86 into records that carry their
+//! handler, cached by physical address and dropped when a page they came from is written.
+
+use std::collections::HashMap;
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+
+use crate::cpu::{CS, Mode};
+use crate::exec::{self, Handler};
+use crate::machine::{Fault, Machine, R, gp};
+use crate::paging::Kind;
+use crate::phys::Target;
+
+/// A decoded instruction with everything the executor needs precomputed.
+pub struct Insn {
+    pub i: Instruction,
+    pub h: Handler,
+    /// RIP after this instruction (wrapped to the code size).
+    pub next: u64,
+    /// Address-size mask of the memory operand (or of string/stack addressing).
+    pub amask: u64,
+    /// Operand size in bytes (of the first operand, or the instruction's data size).
+    pub osz: u8,
+}
+
+/// A run of instructions ending at a control transfer or a state change.
+pub struct Block {
+    pub phys: u64,
+    pub rip: u64,
+    pub bits: u32,
+    /// (code page index, version at decode) of each page the block's bytes came from.
+    pub pages: [(usize, u32); 2],
+    pub npages: u8,
+    pub insns: Box<[Insn]>,
+}
+
+impl Block {
+    fn valid(&self, m: &Machine) -> bool {
+        self.pages[..self.npages as usize]
+            .iter()
+            .all(|&(p, v)| m.phys.code.version(p) == v)
+    }
+}
+
+const FAST: usize = 4096;
+/// The cache is dropped when it holds this many blocks (guests that generate code endlessly).
+const MAX_BLOCKS: usize = 1 << 16;
+/// Longest block.
+const MAX_INSNS: usize = 64;
+
+/// Blocks of one core.
+pub struct BlockCache {
+    map: HashMap<(u64, u64, u32), u32>,
+    pub blocks: Vec<Block>,
+    fast: Box<[u32]>,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache {
+            map: HashMap::new(),
+            blocks: Vec::new(),
+            fast: vec![u32::MAX; FAST].into_boxed_slice(),
+        }
+    }
+}
+
+#[inline]
+fn fast_slot(phys: u64, rip: u64) -> usize {
+    ((phys ^ (phys >> 12) ^ (rip << 3)) as usize) & (FAST - 1)
+}
+
+impl BlockCache {
+    /// The block at the current CS:RIP, decoding it if needed.
+    pub fn lookup(&mut self, m: &mut Machine) -> R<u32> {
+        let rip = m.cpu.rip;
+        let bits = m.cpu.bits;
+        let lin = code_linear(m, rip, 1)?;
+        let phys = match fetch_target(m, lin)? {
+            (p, Target::Ram(..)) => p,
+            (_, Target::Mmio) => {
+                return Err(Fault::Fatal("instruction fetch from memory that is not RAM"));
+            }
+        };
+        let slot = fast_slot(phys, rip);
+        let idx = self.fast[slot];
+        if let Some(b) = self.blocks.get(idx as usize) {
+            if b.phys == phys && b.rip == rip && b.bits == bits {
+                if b.valid(m) {
+                    return Ok(idx);
+                }
+            }
+        }
+        let key = (phys, rip, bits);
+        if let Some(&idx) = self.map.get(&key) {
+            if self.blocks[idx as usize].valid(m) {
+                self.fast[slot] = idx;
+                return Ok(idx);
+            }
+            let b = decode(m, lin, phys, rip, bits)?;
+            self.blocks[idx as usize] = b;
+            self.fast[slot] = idx;
+            return Ok(idx);
+        }
+        if self.blocks.len() >= MAX_BLOCKS {
+            self.clear();
+        }
+        let b = decode(m, lin, phys, rip, bits)?;
+        let idx = self.blocks.len() as u32;
+        self.blocks.push(b);
+        self.map.insert(key, idx);
+        self.fast[slot] = idx;
+        Ok(idx)
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.blocks.clear();
+        self.fast.fill(u32::MAX);
+    }
+}
+
+/// Linear address of CS:`rip`, checking `len` bytes against the CS limit outside 64-bit mode.
+pub fn code_linear(m: &Machine, rip: u64, len: u64) -> R<u64> {
+    let cs = &m.cpu.seg[CS];
+    if m.cpu.mode == Mode::Long64 {
+        return Ok(rip);
+    }
+    if m.cpu.mode != Mode::Real && rip.wrapping_add(len - 1) > u64::from(cs.limit) {
+        return Err(gp(0));
+    }
+    Ok(cs.base.wrapping_add(rip) & 0xffff_ffff)
+}
+
+fn fetch_target(m: &mut Machine, lin: u64) -> R<(u64, Target)> {
+    let user = m.cpu.cpl == 3;
+    m.translate(lin, Kind::Fetch, user)
+}
+
+/// Decode the block at `lin` (physical `phys`), CS:IP = `rip`.
+fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block> {
+    m.stats.blocks_decoded += 1;
+    let Target::Ram(p, page) = m.phys.lookup(phys) else {
+        unreachable!("lookup checked RAM");
+    };
+    let in_page = (0x1000 - (lin & 0xfff)) as usize;
+    let mut bytes = Vec::with_capacity(in_page + 15);
+    // SAFETY: `p` is the host address of `phys`; the rest of its page is backed.
+    bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p, in_page) });
+    // The next page, if it is code-fetchable RAM: instructions may straddle the boundary.
+    let mut second: Option<usize> = None;
+    let next_lin = lin.wrapping_add(in_page as u64);
+    let next_ok = m.cpu.mode == Mode::Long64 || next_lin <= 0xffff_ffff;
+    let mut second_fault = None;
+    if next_ok {
+        match fetch_target(m, if m.cpu.mode == Mode::Long64 { next_lin } else { next_lin & 0xffff_ffff }) {
+            Ok((_, Target::Ram(p2, page2))) => {
+                // SAFETY: `p2` is the start of a backed page; 15 bytes stay within it.
+                bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p2, 15) });
+                second = Some(page2);
+            }
+            Ok((_, Target::Mmio)) => {}
+            Err(f) => second_fault = Some(f),
+        }
+    }
+    // CS limit: do not decode past it.
+    let limit_left = if m.cpu.mode == Mode::Long64 || m.cpu.mode == Mode::Real {
+        usize::MAX
+    } else {
+        (u64::from(m.cpu.seg[CS].limit).saturating_sub(rip) + 1) as usize
+    };
+    let avail = bytes.len().min(limit_left);
+    let mut dec = Decoder::with_ip(bits, &bytes[..avail], rip, DecoderOptions::NONE);
+    let ipmask = match bits {
+        16 => 0xffff,
+        32 => 0xffff_ffff,
+        _ => u64::MAX,
+    };
+    let mut insns = Vec::new();
+    let mut uses_second = false;
+    let mut ins = Instruction::default();
+    while dec.can_decode() && insns.len() < MAX_INSNS {
+        let start = dec.position();
+        if start >= in_page {
+            break;
+        }
+        dec.decode_out(&mut ins);
+        let end = dec.position();
+        let truncated =
+            ins.code() == Code::INVALID && dec.last_error() == iced_x86::DecoderError::NoMoreBytes;
+        if truncated || (end > in_page && second.is_none()) {
+            if !insns.is_empty() {
+                break;
+            }
+            // The first instruction itself cannot be fetched whole.
+            if avail < bytes.len() {
+                return Err(gp(0)); // past the CS limit
+            }
+            return Err(second_fault.unwrap_or(Fault::Fatal(
+                "instruction fetch from memory that is not RAM",
+            )));
+        }
+        if end > in_page {
+            uses_second = true;
+        }
+        let insn = prepare(ins, ipmask, bits);
+        let stop = ends_block(&insn.i);
+        insns.push(insn);
+        if stop || uses_second {
+            break;
+        }
+    }
+    if insns.is_empty() {
+        return Err(gp(0));
+    }
+    m.phys.code.mark_code(page);
+    let mut pages = [(page, m.phys.code.version(page)), (0, 0)];
+    let mut npages = 1;
+    if uses_second {
+        let p2 = second.expect("second page present");
+        m.phys.code.mark_code(p2);
+        pages[1] = (p2, m.phys.code.version(p2));
+        npages = 2;
+    }
+    // The pages are code now: this core must not keep writing them through the TLB.
+    m.sync_code_epoch();
+    Ok(Block {
+        phys,
+        rip,
+        bits,
+        pages,
+        npages,
+        insns: insns.into_boxed_slice(),
+    })
+}
+
+/// Precompute an instruction's record.
+pub fn prepare(i: Instruction, ipmask: u64, bits: u32) -> Insn {
+    let amask = address_mask(&i, bits);
+    let osz = operand_size(&i);
+    Insn {
+        h: exec::handler(&i),
+        next: i.next_ip() & ipmask,
+        amask,
+        osz,
+        i,
+    }
+}
+
+fn reg_mask(r: Register) -> u64 {
+    match r.size() {
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+fn address_mask(i: &Instruction, bits: u32) -> u64 {
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Memory => {
+                if i.memory_base() != Register::None {
+                    return reg_mask(i.memory_base());
+                }
+                if i.memory_index() != Register::None {
+                    return reg_mask(i.memory_index());
+                }
+                return match i.memory_displ_size() {
+                    2 => 0xffff,
+                    4 => 0xffff_ffff,
+                    8 => u64::MAX,
+                    _ => default_mask(bits),
+                };
+            }
+            OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI => return 0xffff,
+            OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI => return 0xffff_ffff,
+            OpKind::MemorySegRSI | OpKind::MemorySegRDI | OpKind::MemoryESRDI => return u64::MAX,
+            _ => {}
+        }
+    }
+    // Instructions with implicit addressing (LOOP's counter, XLAT, JCXZ) carry an address-size prefix.
+    let mut mask = default_mask(bits);
+    if i.mnemonic() == Mnemonic::Xlatb {
+        mask = reg_mask(i.memory_base());
+    }
+    mask
+}
+
+fn default_mask(bits: u32) -> u64 {
+    match bits {
+        16 => 0xffff,
+        32 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+fn operand_size(i: &Instruction) -> u8 {
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if r.is_gpr() {
+                    return r.size() as u8;
+                }
+            }
+            OpKind::Memory => {
+                let s = i.memory_size().size();
+                if s > 0 {
+                    return s.min(16) as u8;
+                }
+            }
+            _ => {}
+        }
+    }
+    // String instructions and others: the memory size of the data.
+    let s = i.memory_size().size();
+    if s > 0 { s.min(16) as u8 } else { 4 }
+}
+
+/// Whether the block must end after `i`.
+fn ends_block(i: &Instruction) -> bool {
+    if i.flow_control() != FlowControl::Next {
+        return true;
+    }
+    use Mnemonic::*;
+    match i.mnemonic() {
+        Mov => {
+            // MOV to a control/debug register or to SS.
+            let r = i.op0_register();
+            i.op0_kind() == OpKind::Register && (r.is_cr() || r.is_dr() || r == Register::SS)
+        }
+        Pop => i.op0_kind() == OpKind::Register && i.op0_register() == Register::SS,
+        Lmsw | Clts | Wrmsr | Popf | Popfd | Popfq | Sti | Cli | Invlpg | Hlt | Lgdt | Lidt | Lldt
+        | Ltr | In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd | Cpuid | Rdmsr | Wbinvd
+        | Invd | Xsetbv | Pause | Mwait | Monitor => true,
+        _ => i.code() == Code::INVALID,
+    }
+}

@@ -1,0 +1,364 @@
+//! The emulator backend: a software x86 CPU that behaves like a hardware virtualization
+//! extension. It runs guest code until something needs the VMM (port I/O, an access to
+//! memory that is not RAM, HLT, a trapped MSR, an interrupt window, a kick) and reports the
+//! same [`Exit`] values as the KVM backend, so devices, loaders and tools are shared.
+//!
+//! Guest code is decoded with iced-x86 once per basic block ([`block`]); each instruction
+//! record carries the handler chosen for it at decode time ([`exec`]). Memory goes through
+//! segmentation, a software TLB and page walks ([`machine`], [`paging`]).
+
+pub mod block;
+pub mod cpu;
+pub mod exec;
+pub mod machine;
+pub mod model;
+pub mod paging;
+pub mod phys;
+pub mod trace;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use palacios_vmm::backend::{Backend, BackendError, Exit, FpuState, IoData, Vcpu};
+use palacios_vmm::time::DEFAULT_TSC_HZ;
+use palacios_vmm::GuestMem;
+use palacios_x86::{Regs, SRegs};
+
+use crate::block::BlockCache;
+use crate::cpu::fl;
+use crate::exec::interrupt::{self, Raised, Source};
+use crate::machine::{Fault, Machine};
+use crate::model::CpuModel;
+use crate::phys::PhysMem;
+
+/// Instructions a `run()` executes at most before returning [`Exit::Interrupted`].
+const SLICE: u64 = 50_000_000;
+
+/// Options of the emulator backend.
+#[derive(Clone, Debug, Default)]
+pub struct EmuOptions {
+    /// Write a per-instruction trace here (see [`trace`]).
+    pub trace: Option<std::path::PathBuf>,
+}
+
+/// The emulator as a [`Backend`].
+pub struct EmuBackend {
+    phys: Mutex<Option<PhysMem>>,
+    trapped: Mutex<Arc<Vec<(u32, u32)>>>,
+    model: Arc<CpuModel>,
+    cores: Arc<AtomicU32>,
+    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    options: EmuOptions,
+}
+
+impl EmuBackend {
+    pub fn new(options: EmuOptions) -> Self {
+        let start = Instant::now();
+        let hz = DEFAULT_TSC_HZ;
+        let clock = Arc::new(move || {
+            let ns = start.elapsed().as_nanos();
+            (ns * u128::from(hz) / 1_000_000_000) as u64
+        });
+        EmuBackend {
+            phys: Mutex::new(None),
+            trapped: Mutex::new(Arc::new(Vec::new())),
+            model: Arc::new(CpuModel::stage1()),
+            cores: Arc::new(AtomicU32::new(0)),
+            clock,
+            options,
+        }
+    }
+}
+
+impl Default for EmuBackend {
+    fn default() -> Self {
+        Self::new(EmuOptions::default())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backend for EmuBackend {
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn map_memory(&self, mem: &GuestMem) -> Result<(), BackendError> {
+        *lock(&self.phys) = Some(PhysMem::new(mem));
+        Ok(())
+    }
+
+    fn tsc_hz(&self) -> Option<u64> {
+        Some(DEFAULT_TSC_HZ)
+    }
+
+    fn trap_msrs(&self, ranges: &[(u32, u32)]) -> Result<(), BackendError> {
+        *lock(&self.trapped) = Arc::new(ranges.to_vec());
+        Ok(())
+    }
+
+    fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
+        let phys = lock(&self.phys).clone().ok_or_else(|| BackendError::Unhandled {
+            vcpu: index,
+            rip: 0,
+            what: "vCPU created before guest memory was mapped".into(),
+        })?;
+        self.cores.fetch_add(1, Ordering::AcqRel);
+        let mut m = Machine::new(phys, self.model.clone(), self.clock.clone());
+        m.vcpu = index;
+        m.cores_shared = self.cores.clone();
+        m.trapped_msrs = lock(&self.trapped).clone();
+        m.cpu.apic_base = 0xfee0_0000 | (1 << 11) | if index == 0 { 1 << 8 } else { 0 };
+        let tracer = match &self.options.trace {
+            Some(p) => Some(trace::Tracer::create(p, index).map_err(|e| BackendError::Host {
+                op: "open the instruction trace",
+                source: e,
+            })?),
+            None => None,
+        };
+        Ok(Box::new(EmuVcpu {
+            m,
+            cache: BlockCache::default(),
+            kick: Arc::new(AtomicBool::new(false)),
+            window: false,
+            nmi_pending: false,
+            last_read: None,
+            tracer,
+        }))
+    }
+}
+
+/// One emulated core.
+pub struct EmuVcpu {
+    pub m: Machine,
+    cache: BlockCache,
+    kick: Arc<AtomicBool>,
+    window: bool,
+    nmi_pending: bool,
+    /// The read exit the next `complete_read` answers.
+    last_read: Option<Exit>,
+    tracer: Option<trace::Tracer>,
+}
+
+impl EmuVcpu {
+    fn fail(&self, what: impl Into<String>) -> BackendError {
+        BackendError::Unhandled {
+            vcpu: self.m.vcpu,
+            rip: self.m.cpu.rip,
+            what: what.into(),
+        }
+    }
+
+    /// Raise an exception; Ok(Some(exit)) for a triple fault.
+    fn raise(&mut self, f: Fault) -> Result<Option<Exit>, BackendError> {
+        match interrupt::deliver_exception(&mut self.m, f) {
+            Raised::Delivered => Ok(None),
+            Raised::Shutdown => Ok(Some(Exit::Shutdown)),
+            Raised::Fatal(s) => Err(self.fail(s)),
+        }
+    }
+
+    fn interrupts_open(&self) -> bool {
+        self.m.cpu.flags & fl::IF != 0 && !self.m.cpu.shadow
+    }
+
+    fn answers_pending(&self) -> bool {
+        self.m.io_answer.is_some()
+            || !self.m.mmio_answers.is_empty()
+            || self.m.msr_answer.is_some()
+            || self.m.msr_write_answer.is_some()
+    }
+
+    /// Execute until an exit.
+    fn execute(&mut self) -> Result<Exit, BackendError> {
+        let mut executed: u64 = 0;
+        loop {
+            if let Some(e) = self.m.exits.pop_front() {
+                self.m.stats.instructions += executed;
+                return Ok(e);
+            }
+            if self.nmi_pending && !self.m.cpu.nmi_blocked && !self.answers_pending() {
+                self.nmi_pending = false;
+                self.m.cpu.nmi_blocked = true;
+                if let Err(f) = interrupt::deliver(&mut self.m, 2, Source::External, None) {
+                    if let Some(e) = self.raise(f)? {
+                        return Ok(e);
+                    }
+                }
+            }
+            if self.kick.swap(false, Ordering::AcqRel) || executed >= SLICE {
+                self.m.stats.instructions += executed;
+                return Ok(Exit::Interrupted);
+            }
+            if self.window && self.interrupts_open() && !self.answers_pending() {
+                self.window = false;
+                self.m.stats.instructions += executed;
+                return Ok(Exit::IrqWindowOpen);
+            }
+            self.m.sync_code_epoch();
+            let idx = match self.cache.lookup(&mut self.m) {
+                Ok(i) => i,
+                Err(Fault::Exit(e)) => return Err(self.fail(format!("unexpected exit while fetching code: {e:?}"))),
+                Err(Fault::Fatal(s)) => return Err(self.fail(s)),
+                Err(f) => {
+                    if let Some(e) = self.raise(f)? {
+                        return Ok(e);
+                    }
+                    continue;
+                }
+            };
+            let single = self.m.cpu.shadow || self.m.cpu.flags & fl::TF != 0;
+            let shadow = self.m.cpu.shadow;
+            let trap = self.m.cpu.flags & fl::TF != 0;
+            let Self { m, cache, tracer, .. } = self;
+            let block = &cache.blocks[idx as usize];
+            m.brk = false;
+            let mut fault = None;
+            for insn in block.insns.iter() {
+                let ip = m.cpu.rip;
+                if let Some(t) = tracer.as_mut() {
+                    t.record(m, insn);
+                }
+                m.cpu.rip = insn.next;
+                match (insn.h)(m, insn) {
+                    Ok(()) => {
+                        executed += 1;
+                        if !m.mmio_answers.is_empty() {
+                            m.mmio_answers.clear();
+                        }
+                    }
+                    Err(f) => {
+                        m.cpu.rip = ip;
+                        fault = Some(f);
+                        break;
+                    }
+                }
+                if m.brk || single {
+                    break;
+                }
+            }
+            if shadow {
+                m.cpu.shadow = false;
+            }
+            match fault {
+                None => {
+                    if trap && single {
+                        // Single-step trap after the instruction.
+                        m.cpu.dr[6] |= 1 << 14;
+                        if let Some(e) = self.raise(Fault::Exc(machine::DB, None))? {
+                            return Ok(e);
+                        }
+                    }
+                }
+                Some(Fault::Exit(e)) => {
+                    self.m.stats.instructions += executed;
+                    self.last_read = Some(e);
+                    return Ok(e);
+                }
+                Some(Fault::Fatal(s)) => return Err(self.fail(s)),
+                Some(f) => {
+                    if let Some(e) = self.raise(f)? {
+                        return Ok(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The flag that makes `run()` return [`Exit::Interrupted`] at the next block boundary.
+    pub fn kick_flag(&self) -> Arc<AtomicBool> {
+        self.kick.clone()
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn index(&self) -> u32 {
+        self.m.vcpu
+    }
+
+    fn run(&mut self) -> Result<Exit, BackendError> {
+        self.execute()
+    }
+
+    fn complete_read(&mut self, data: &[u8]) {
+        // The instruction that exited runs again and picks the answer up.
+        match self.last_read.take() {
+            Some(Exit::MmioRead { addr, .. }) => self.m.mmio_answers.push((addr, IoData::new(data))),
+            _ => self.m.io_answer = Some(IoData::new(data)),
+        }
+    }
+
+    fn regs(&self) -> Result<Regs, BackendError> {
+        Ok(self.m.cpu.regs())
+    }
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        self.m.cpu.set_regs(regs);
+        Ok(())
+    }
+    fn sregs(&self) -> Result<SRegs, BackendError> {
+        Ok(self.m.cpu.sregs())
+    }
+    fn set_sregs(&mut self, sregs: &SRegs) -> Result<(), BackendError> {
+        self.m.cpu.set_sregs(sregs);
+        self.m.tlb.flush_all();
+        Ok(())
+    }
+    fn fpu(&self) -> Result<FpuState, BackendError> {
+        Ok(self.m.cpu.fpu)
+    }
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<(), BackendError> {
+        self.m.cpu.fpu = *fpu;
+        Ok(())
+    }
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, BackendError> {
+        Ok(indices
+            .iter()
+            .filter_map(|&i| exec::read_msr(&self.m, i).map(|v| (i, v)))
+            .collect())
+    }
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<(), BackendError> {
+        for &(i, v) in msrs {
+            if !exec::write_msr(&mut self.m, i, v) {
+                return Err(self.fail(format!("cannot set MSR {i:#x} to {v:#x}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn can_inject(&self) -> bool {
+        self.interrupts_open() && !self.answers_pending() && self.m.exits.is_empty()
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
+        if let Err(f) = interrupt::deliver(&mut self.m, vector, Source::External, None) {
+            if let Some(Exit::Shutdown) = self.raise(f)? {
+                self.m.exits.push_back(Exit::Shutdown);
+            }
+        }
+        Ok(())
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.window = on;
+    }
+
+    fn inject_nmi(&mut self) -> Result<(), BackendError> {
+        self.nmi_pending = true;
+        Ok(())
+    }
+
+    fn complete_msr_read(&mut self, value: Option<u64>) {
+        self.m.msr_answer = Some(value);
+    }
+
+    fn complete_msr_write(&mut self, ok: bool) {
+        self.m.msr_write_answer = Some(ok);
+    }
+
+    fn kick_flag(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.kick.clone())
+    }
+}

@@ -1,0 +1,153 @@
+//! The CPU model: what CPUID reports. It advertises only what the emulator implements.
+
+use std::collections::BTreeMap;
+
+/// CPUID leaves of the emulated CPU.
+#[derive(Clone, Debug)]
+pub struct CpuModel {
+    /// (leaf, subleaf) → EAX, EBX, ECX, EDX. Leaves that depend on the subleaf use it; the
+    /// others are stored with subleaf 0.
+    leaves: BTreeMap<(u32, u32), [u32; 4]>,
+    subleaf_leaves: Vec<u32>,
+}
+
+/// Feature bits of leaf 1 EDX.
+pub mod edx1 {
+    pub const FPU: u32 = 1 << 0;
+    pub const PSE: u32 = 1 << 3;
+    pub const TSC: u32 = 1 << 4;
+    pub const MSR: u32 = 1 << 5;
+    pub const PAE: u32 = 1 << 6;
+    pub const CX8: u32 = 1 << 8;
+    pub const APIC: u32 = 1 << 9;
+    pub const SEP: u32 = 1 << 11;
+    pub const MTRR: u32 = 1 << 12;
+    pub const PGE: u32 = 1 << 13;
+    pub const CMOV: u32 = 1 << 15;
+    pub const PAT: u32 = 1 << 16;
+    pub const CLFSH: u32 = 1 << 19;
+}
+/// Feature bits of leaf 1 ECX.
+pub mod ecx1 {
+    pub const CX16: u32 = 1 << 13;
+    pub const X2APIC: u32 = 1 << 21;
+    pub const MOVBE: u32 = 1 << 22;
+    pub const POPCNT: u32 = 1 << 23;
+    pub const TSC_DEADLINE: u32 = 1 << 24;
+    pub const HYPERVISOR: u32 = 1 << 31;
+}
+
+fn text(s: &[u8]) -> u32 {
+    u32::from_le_bytes([s[0], s[1], s[2], s[3]])
+}
+
+impl CpuModel {
+    /// Stage 1: the integer ISA, system architecture and long mode; no x87/SSE yet.
+    pub fn stage1() -> Self {
+        let mut l = BTreeMap::new();
+        let vendor = b"GenuineIntel";
+        l.insert((0, 0), [0xd, text(&vendor[0..]), text(&vendor[8..]), text(&vendor[4..])]);
+        // Family 6, model 0x3a-like signature; CLFLUSH line size 8 quadwords.
+        let edx = edx1::PSE
+            | edx1::TSC
+            | edx1::MSR
+            | edx1::PAE
+            | edx1::CX8
+            | edx1::APIC
+            | edx1::SEP
+            | edx1::MTRR
+            | edx1::PGE
+            | edx1::CMOV
+            | edx1::PAT
+            | edx1::CLFSH;
+        let ecx = ecx1::CX16
+            | ecx1::X2APIC
+            | ecx1::MOVBE
+            | ecx1::POPCNT
+            | ecx1::TSC_DEADLINE
+            | ecx1::HYPERVISOR;
+        l.insert((1, 0), [0x0003_06a9, 8 << 8, ecx, edx]);
+        l.insert((7, 0), [0, 0, 0, 0]);
+        l.insert((0xd, 0), [0, 0, 0, 0]);
+        l.insert((0x8000_0000, 0), [0x8000_0008, 0, 0, 0]);
+        // LAHF/SAHF in 64-bit mode; SYSCALL, NX, RDTSCP, long mode.
+        l.insert((0x8000_0001, 0), [0, 0, 1, (1 << 11) | (1 << 20) | (1 << 27) | (1 << 29)]);
+        let brand = *b"Palacios-rs emulated x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        for k in 0..3u32 {
+            let b = &brand[(k as usize) * 16..];
+            l.insert(
+                (0x8000_0002 + k, 0),
+                [text(&b[0..]), text(&b[4..]), text(&b[8..]), text(&b[12..])],
+            );
+        }
+        // 40 physical, 48 linear address bits.
+        l.insert((0x8000_0008, 0), [0x3028, 0, 0, 0]);
+        CpuModel {
+            leaves: l,
+            subleaf_leaves: vec![7, 0xd],
+        }
+    }
+
+    /// CPUID for core `apic_id` of `cores`.
+    pub fn cpuid(&self, leaf: u32, subleaf: u32, apic_id: u32, cores: u32) -> [u32; 4] {
+        let max_basic = self.leaves.get(&(0, 0)).map(|v| v[0]).unwrap_or(0);
+        let max_ext = self.leaves.get(&(0x8000_0000, 0)).map(|v| v[0]).unwrap_or(0);
+        // Out-of-range leaves return the highest basic leaf, as Intel CPUs do.
+        let leaf = if leaf >= 0x8000_0000 {
+            if leaf > max_ext { max_basic } else { leaf }
+        } else if leaf > max_basic {
+            max_basic
+        } else {
+            leaf
+        };
+        let sub = if self.subleaf_leaves.contains(&leaf) { subleaf } else { 0 };
+        let mut r = self.leaves.get(&(leaf, sub)).copied().unwrap_or([0; 4]);
+        if leaf == 1 {
+            r[1] = (r[1] & 0xffff) | ((cores.clamp(1, 255)) << 16) | (apic_id << 24);
+            if cores > 1 {
+                r[3] |= 1 << 28; // HTT: the logical-processor count field is valid.
+            }
+        }
+        r
+    }
+
+    /// Whether leaf 1 EDX has `bit`.
+    pub fn has_edx1(&self, bit: u32) -> bool {
+        self.leaves.get(&(1, 0)).is_some_and(|v| v[3] & bit != 0)
+    }
+    /// Whether leaf 1 ECX has `bit`.
+    pub fn has_ecx1(&self, bit: u32) -> bool {
+        self.leaves.get(&(1, 0)).is_some_and(|v| v[2] & bit != 0)
+    }
+
+    /// Remove feature bits of leaf 1 (a configured CPU model that hides something).
+    pub fn hide_leaf1(&mut self, ecx: u32, edx: u32) {
+        if let Some(v) = self.leaves.get_mut(&(1, 0)) {
+            v[2] &= !ecx;
+            v[3] &= !edx;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_brand_and_per_core_apic_id() {
+        let m = CpuModel::stage1();
+        let v = m.cpuid(0, 0, 0, 1);
+        let mut s = Vec::new();
+        for r in [v[1], v[3], v[2]] {
+            s.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&s, b"GenuineIntel");
+        assert_eq!(m.cpuid(1, 0, 3, 4)[1] >> 24, 3);
+        assert_eq!((m.cpuid(1, 0, 3, 4)[1] >> 16) & 0xff, 4);
+        assert_eq!(m.cpuid(1, 0, 0, 1)[3] & edx1::FPU, 0, "no x87 in stage 1");
+        let lm = m.cpuid(0x8000_0001, 0, 0, 1)[3];
+        assert_ne!(lm & (1 << 29), 0);
+        // A leaf past the maximum answers like the highest basic leaf.
+        assert_eq!(m.cpuid(0x4000_0000, 0, 0, 1), m.cpuid(0xd, 0, 0, 1));
+    }
+}

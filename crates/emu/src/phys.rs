@@ -1,0 +1,167 @@
+//! Guest-physical memory as the emulator sees it: host pointers for RAM, and a per-page
+//! record of which pages hold decoded code (shared by every core of the VM).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use palacios_vmm::GuestMem;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+pub const PAGE: u64 = 4096;
+
+/// One backed range of guest-physical memory.
+#[derive(Clone, Copy, Debug)]
+struct Ram {
+    start: u64,
+    len: u64,
+    host: *mut u8,
+    /// Index of the range's first page in the per-page tables.
+    first_page: usize,
+}
+
+/// Code-page bookkeeping: a version per RAM page, bumped on every write to a page that
+/// holds decoded code (decoded blocks remember the versions they were decoded at).
+pub struct CodePages {
+    version: Vec<AtomicU32>,
+    has_code: Vec<AtomicU32>,
+    /// Bumped whenever a page newly holds code: cores then drop their write translations.
+    epoch: AtomicU64,
+}
+
+impl CodePages {
+    fn new(pages: usize) -> Self {
+        CodePages {
+            version: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            has_code: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+    pub fn version(&self, page: usize) -> u32 {
+        self.version[page].load(Ordering::Acquire)
+    }
+    pub fn has_code(&self, page: usize) -> bool {
+        self.has_code[page].load(Ordering::Relaxed) != 0
+    }
+    /// A block was decoded from `page`.
+    pub fn mark_code(&self, page: usize) {
+        if self.has_code[page].swap(1, Ordering::AcqRel) == 0 {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    /// Something wrote to `page`: every block decoded from it is stale.
+    pub fn written(&self, page: usize) {
+        if self.has_code(page) {
+            self.version[page].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Guest-physical memory: the RAM ranges of a VM with their host mappings.
+#[derive(Clone)]
+pub struct PhysMem {
+    ram: Arc<[Ram]>,
+    pub code: Arc<CodePages>,
+    /// Keeps the mappings alive as long as any core uses them.
+    _mem: GuestMem,
+}
+
+// SAFETY: the raw pointers refer to the guest RAM mappings owned by `_mem` (kept alive by
+// this struct); every access through them is bounds-checked against the range's length.
+// Concurrent access by several vCPUs and devices is inherent to guest memory, as with KVM.
+unsafe impl Send for PhysMem {}
+// SAFETY: see above; the struct itself holds no interior state besides atomics.
+unsafe impl Sync for PhysMem {}
+
+/// Where a physical address leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// RAM at this host address; the page index for code bookkeeping.
+    Ram(*mut u8, usize),
+    /// Nothing backs it: the MMIO bus answers.
+    Mmio,
+}
+
+impl PhysMem {
+    pub fn new(mem: &GuestMem) -> Self {
+        let mut ram = Vec::new();
+        let mut pages = 0usize;
+        for region in mem.iter() {
+            let start = region.start_addr().0;
+            let len = region.len();
+            let host = mem
+                .get_host_address(region.start_addr())
+                .expect("a region's start address is mapped");
+            ram.push(Ram {
+                start,
+                len,
+                host,
+                first_page: pages,
+            });
+            pages += len.div_ceil(PAGE) as usize;
+        }
+        PhysMem {
+            ram: ram.into(),
+            code: Arc::new(CodePages::new(pages)),
+            _mem: mem.clone(),
+        }
+    }
+
+    /// Host address of physical `addr` (page granularity: the whole 4 KiB page is backed).
+    #[inline]
+    pub fn lookup(&self, addr: u64) -> Target {
+        for r in self.ram.iter() {
+            let off = addr.wrapping_sub(r.start);
+            if off < r.len {
+                // SAFETY: off < len, so the pointer stays inside the mapping.
+                let p = unsafe { r.host.add(off as usize) };
+                return Target::Ram(p, r.first_page + (off / PAGE) as usize);
+            }
+        }
+        Target::Mmio
+    }
+
+    /// Read `buf.len()` bytes of RAM at `addr`; false if any byte is not RAM.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        for (i, b) in buf.iter_mut().enumerate() {
+            match self.lookup(addr.wrapping_add(i as u64)) {
+                // SAFETY: lookup returned a pointer inside guest RAM.
+                Target::Ram(p, _) => *b = unsafe { p.read_volatile() },
+                Target::Mmio => return false,
+            }
+        }
+        true
+    }
+
+    /// Read a little-endian u64 of RAM (page-table entries); None if not RAM.
+    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+        let mut b = [0; 8];
+        self.read(addr, &mut b).then(|| u64::from_le_bytes(b))
+    }
+    pub fn read_u32(&self, addr: u64) -> Option<u32> {
+        let mut b = [0; 4];
+        self.read(addr, &mut b).then(|| u32::from_le_bytes(b))
+    }
+
+    /// Atomically OR `bits` into the naturally aligned u32 at `addr` (A/D bits); false if not RAM.
+    pub fn or_u32(&self, addr: u64, bits: u32) -> bool {
+        if addr & 3 != 0 {
+            return false;
+        }
+        match self.lookup(addr) {
+            Target::Ram(p, page) => {
+                // SAFETY: 4-byte aligned and inside one page of guest RAM; guest RAM is shared
+                // memory that other threads access concurrently, hence the atomic.
+                let a = unsafe { &*(p as *const AtomicU32) };
+                if a.load(Ordering::Relaxed) & bits != bits {
+                    a.fetch_or(bits, Ordering::AcqRel);
+                    self.code.written(page);
+                }
+                true
+            }
+            Target::Mmio => false,
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Per-instruction trace. Before each instruction it writes the register block in the layout
+//! of QEMU's `-d cpu` dump (RAX= ... / RIP= RFL= lines), followed by the instruction's
+//! address, bytes and disassembly, so `scripts/trace-diff.py` can line the two up and report
+//! the first divergence.
+
+use std::fmt::Write as _;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use iced_x86::{Formatter, NasmFormatter};
+
+use crate::block::Insn;
+use crate::machine::Machine;
+
+pub struct Tracer {
+    out: BufWriter<std::fs::File>,
+    line: String,
+}
+
+impl Tracer {
+    /// `path` with the vCPU index appended for cores other than 0.
+    pub fn create(path: &Path, vcpu: u32) -> std::io::Result<Tracer> {
+        let p = if vcpu == 0 {
+            path.to_path_buf()
+        } else {
+            let mut s = path.as_os_str().to_owned();
+            s.push(format!(".{vcpu}"));
+            s.into()
+        };
+        Ok(Tracer {
+            out: BufWriter::new(std::fs::File::create(p)?),
+            line: String::new(),
+        })
+    }
+
+    pub fn record(&mut self, m: &Machine, x: &Insn) {
+        let g = &m.cpu.gpr;
+        let c = &m.cpu;
+        self.line.clear();
+        let l = &mut self.line;
+        let _ = writeln!(l, "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}", g[0], g[3], g[1], g[2]);
+        let _ = writeln!(l, "RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}", g[6], g[7], g[5], g[4]);
+        let _ = writeln!(l, "R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}", g[8], g[9], g[10], g[11]);
+        let _ = writeln!(l, "R12={:016x} R13={:016x} R14={:016x} R15={:016x}", g[12], g[13], g[14], g[15]);
+        let _ = writeln!(l, "RIP={:016x} RFL={:08x} CPL={}", x.i.ip(), c.flags, c.cpl);
+        let mut text = String::new();
+        // The formatter is not Send, so it cannot live in the core; tracing is slow anyway.
+        NasmFormatter::new().format(&x.i, &mut text);
+        let _ = writeln!(l, "IN: {:016x} {}", m.cs_base().wrapping_add(x.i.ip()), text);
+        let _ = self.out.write_all(l.as_bytes());
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.out.flush();
+    }
+}
