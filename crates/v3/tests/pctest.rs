@@ -43,14 +43,13 @@ fn assert_all_passed(r: &Run, tests: usize) {
 
 #[test]
 fn every_platform_test_passes_on_the_user_space_controllers() {
-    if !kvm() {
-        return;
-    }
-    let r = pctest("user", "cpus=4 ram_mib=128", "4");
-    assert_all_passed(&r, 16);
-    for id in 0..4 {
-        assert!(r.stdout.contains(&format!("apic id {id}")), "{}", r.out());
-    }
+    each_backend(|_b| {
+        let r = pctest("user", "cpus=4 ram_mib=128", "4");
+        assert_all_passed(&r, 16);
+        for id in 0..4 {
+            assert!(r.stdout.contains(&format!("apic id {id}")), "{}", r.out());
+        }
+    });
 }
 
 /// KVM's in-kernel irqchip on this project's reference machines (a software "PVM" KVM) runs
@@ -92,55 +91,54 @@ fn i8042_reset_ends_the_vm_in_both_modes() {
 
 #[test]
 fn reset_line_reboots_when_configured_to() {
-    if !kvm() {
-        return;
-    }
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let d = tmpdir("reboot");
-    std::fs::copy(guest("pctest.elf"), d.join("pctest.elf")).unwrap();
-    std::fs::write(
-        d.join("vm.xml"),
-        r#"<vm class="PC"><memory>32</memory><devices>
-  <device class="8259A" id="pic"/><device class="8254_PIT" id="pit"/><device class="LAPIC" id="lapic"/>
-  <device class="IOAPIC" id="ioapic"/><device class="KEYBOARD" id="kbd" on_reset="reset"/>
-  <device class="SERIAL" id="serial"/><device class="DEBUG_EXIT" id="exit"/>
-</devices><boot kernel="pctest.elf" cmdline="test=i8042_reset"/></vm>"#,
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
-        .args(["run", &d.join("vm.xml").display().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    each_backend(|_b| {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let d = tmpdir("reboot");
+        std::fs::copy(guest("pctest.elf"), d.join("pctest.elf")).unwrap();
+        std::fs::write(
+            d.join("vm.xml"),
+            r#"<vm class="PC"><memory>32</memory><devices>
+      <device class="8259A" id="pic"/><device class="8254_PIT" id="pit"/><device class="LAPIC" id="lapic"/>
+      <device class="IOAPIC" id="ioapic"/><device class="KEYBOARD" id="kbd" on_reset="reset"/>
+      <device class="SERIAL" id="serial"/><device class="DEBUG_EXIT" id="exit"/>
+    </devices><boot kernel="pctest.elf" cmdline="test=i8042_reset"/></vm>"#,
+        )
         .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
+            .args(["run", &d.join("vm.xml").display().to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Each boot prints "pctest: start"; three boots mean the machine rebooted twice.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut boots = 0;
+        while boots < 3 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("pctest: start") => boots += 1,
+                Ok(l) => assert!(!l.contains("FAIL"), "{l}"),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("only {boots} boots seen");
+                }
             }
         }
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "Ctrl-C ends a rebooting VM");
     });
-    // Each boot prints "pctest: start"; three boots mean the machine rebooted twice.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let mut boots = 0;
-    while boots < 3 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains("pctest: start") => boots += 1,
-            Ok(l) => assert!(!l.contains("FAIL"), "{l}"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("only {boots} boots seen");
-            }
-        }
-    }
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "Ctrl-C ends a rebooting VM");
 }

@@ -44,6 +44,49 @@ pub fn kvm() -> bool {
     }
 }
 
+thread_local! {
+    /// The backend `v3` runs and `backend_choice` use inside [`each_backend`].
+    static CURRENT: std::cell::RefCell<Option<&'static str>> = const { std::cell::RefCell::new(None) };
+    /// (status, PASS/FAIL lines) of every `v3` run of the current backend.
+    static RUNS: std::cell::RefCell<Vec<(i32, Vec<String>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The backends to test on: the emulator always, KVM where it is usable.
+pub fn backends() -> Vec<&'static str> {
+    let mut v = vec!["emu"];
+    if kvm() {
+        v.push("kvm");
+    }
+    v
+}
+
+/// The backend of the current [`each_backend`] iteration (`auto` outside one).
+pub fn current_backend() -> &'static str {
+    CURRENT.with(|c| c.borrow().unwrap_or("auto"))
+}
+
+/// Run `f` once per backend, with every `v3 run` inside it on that backend; then check that
+/// the backends agree: the same exit statuses and the same PASS/FAIL lines, run by run.
+pub fn each_backend(f: impl Fn(&'static str)) {
+    let mut results: Vec<(&str, Vec<(i32, Vec<String>)>)> = Vec::new();
+    for b in backends() {
+        CURRENT.with(|c| *c.borrow_mut() = Some(b));
+        RUNS.with(|r| r.borrow_mut().clear());
+        eprintln!("--- backend {b}");
+        f(b);
+        results.push((b, RUNS.with(|r| std::mem::take(&mut *r.borrow_mut()))));
+        CURRENT.with(|c| *c.borrow_mut() = None);
+    }
+    for w in results.windows(2) {
+        let (a, ra) = &w[0];
+        let (b, rb) = &w[1];
+        assert_eq!(
+            ra, rb,
+            "backends {a} and {b} disagree (exit status, PASS/FAIL lines)"
+        );
+    }
+}
+
 /// A scratch directory for one test.
 pub fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("v3-test-{tag}-{}", std::process::id()));
@@ -54,6 +97,26 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 
 /// Run v3 with `args`, feeding `stdin`, killing it after `limit`.
 pub fn v3(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
+    let mut args: Vec<&str> = args.to_vec();
+    let backend = CURRENT.with(|c| *c.borrow());
+    if let (Some(b), Some(&"run")) = (backend, args.first()) {
+        args.insert(1, "--backend");
+        args.insert(2, b);
+    }
+    let r = v3_raw(&args, stdin, limit);
+    if backend.is_some() {
+        let lines = r
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
+            .map(str::to_string)
+            .collect();
+        RUNS.with(|x| x.borrow_mut().push((r.status, lines)));
+    }
+    r
+}
+
+fn v3_raw(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
         .args(args)
         .stdin(Stdio::piped())
