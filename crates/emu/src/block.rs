@@ -21,6 +21,12 @@ pub struct Insn {
     pub amask: u64,
     /// Operand size in bytes (of the first operand, or the instruction's data size).
     pub osz: u8,
+    /// General register number of operand 0 / operand 1 (0xff: not a plain GPR; AH-BH excluded).
+    pub a: u8,
+    pub b: u8,
+    /// Immediate of the last immediate operand, sign-extended and masked to the operand size;
+    /// the target of a near branch.
+    pub imm: u64,
 }
 
 /// A run of instructions ending at a control transfer or a state change.
@@ -48,11 +54,27 @@ const MAX_BLOCKS: usize = 1 << 16;
 /// Longest block.
 const MAX_INSNS: usize = 64;
 
+/// A remembered successor of a block: valid while the TLB generation, CS base, code size
+/// and CPL are what they were when it was made.
+#[derive(Clone, Copy, Default)]
+struct Link {
+    rip: u64,
+    cs_base: u64,
+    generation: u64,
+    idx: u32,
+    cpl: u8,
+    bits: u8,
+    used: bool,
+    /// Code-page write count when the link was made or last checked.
+    writes: u64,
+}
+
 /// Blocks of one core.
 pub struct BlockCache {
     map: HashMap<(u64, u64, u32), u32>,
     pub blocks: Vec<Block>,
     fast: Box<[u32]>,
+    links: Vec<[Link; 2]>,
 }
 
 impl Default for BlockCache {
@@ -61,6 +83,7 @@ impl Default for BlockCache {
             map: HashMap::new(),
             blocks: Vec::new(),
             fast: vec![u32::MAX; FAST].into_boxed_slice(),
+            links: Vec::new(),
         }
     }
 }
@@ -108,6 +131,7 @@ impl BlockCache {
         let b = decode(m, lin, phys, rip, bits)?;
         let idx = self.blocks.len() as u32;
         self.blocks.push(b);
+        self.links.push([Link::default(); 2]);
         self.map.insert(key, idx);
         self.fast[slot] = idx;
         Ok(idx)
@@ -116,7 +140,59 @@ impl BlockCache {
     pub fn clear(&mut self) {
         self.map.clear();
         self.blocks.clear();
+        self.links.clear();
         self.fast.fill(u32::MAX);
+    }
+
+    /// The block after block `prev` (chained when possible, else looked up and linked).
+    #[inline]
+    pub fn next(&mut self, m: &mut Machine, prev: u32) -> R<u32> {
+        let rip = m.cpu.rip;
+        let cs_base = m.cpu.seg[CS].base;
+        let writes = m.phys.code.writes();
+        if let Some(ls) = self.links.get_mut(prev as usize) {
+            for l in ls.iter_mut() {
+                if l.used
+                    && l.rip == rip
+                    && l.generation == m.tlb.generation
+                    && l.cs_base == cs_base
+                    && l.cpl == m.cpu.cpl
+                    && u32::from(l.bits) == m.cpu.bits
+                {
+                    if l.writes == writes {
+                        return Ok(l.idx);
+                    }
+                    if let Some(b) = self.blocks.get(l.idx as usize) {
+                        if b.rip == rip && b.valid(m) {
+                            l.writes = writes;
+                            return Ok(l.idx);
+                        }
+                    }
+                }
+            }
+        }
+        let len_before = self.blocks.len();
+        let idx = self.lookup(m)?;
+        if self.blocks.len() < len_before {
+            return Ok(idx); // the cache was dropped: prev is gone
+        }
+        if let Some(ls) = self.links.get_mut(prev as usize) {
+            let slot = if !ls[0].used || ls[0].rip == rip { 0 } else { 1 };
+            if slot == 1 && ls[1].used && ls[1].rip != rip {
+                ls[1] = ls[0];
+            }
+            ls[slot] = Link {
+                rip,
+                cs_base,
+                generation: m.tlb.generation,
+                idx,
+                cpl: m.cpu.cpl,
+                bits: m.cpu.bits as u8,
+                used: true,
+                writes,
+            };
+        }
+        Ok(idx)
     }
 }
 
@@ -134,6 +210,13 @@ pub fn code_linear(m: &Machine, rip: u64, len: u64) -> R<u64> {
 
 fn fetch_target(m: &mut Machine, lin: u64) -> R<(u64, Target)> {
     let user = m.cpu.cpl == 3;
+    let e = &m.tlb.sets[user as usize][crate::paging::Tlb::slot(lin)];
+    if e.page == lin >> 12 && e.perm & crate::paging::perm::X != 0 {
+        let off = lin & 0xfff;
+        // SAFETY: the entry maps the whole page to host RAM.
+        let p = unsafe { e.host.add(off as usize) };
+        return Ok((e.phys | off, Target::Ram(p, e.code_page)));
+    }
     m.translate(lin, Kind::Fetch, user)
 }
 
@@ -238,11 +321,38 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
 pub fn prepare(i: Instruction, ipmask: u64, bits: u32) -> Insn {
     let amask = address_mask(&i, bits);
     let osz = operand_size(&i);
+    let gpr = |n: u32| -> u8 {
+        if n < i.op_count() && i.op_kind(n) == OpKind::Register {
+            exec::gpr_number(i.op_register(n)).unwrap_or(0xff)
+        } else {
+            0xff
+        }
+    };
+    let mut imm = 0;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                imm = i.near_branch_target()
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => imm = i.immediate(n) & exec::mask(u64::from(osz.min(8))),
+            _ => {}
+        }
+    }
     Insn {
         h: exec::handler(&i),
         next: i.next_ip() & ipmask,
         amask,
         osz,
+        a: gpr(0),
+        b: gpr(1),
+        imm,
         i,
     }
 }

@@ -50,6 +50,7 @@ pub struct EmuBackend {
     cores: Arc<AtomicU32>,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     options: EmuOptions,
+    deterministic: AtomicBool,
 }
 
 impl EmuBackend {
@@ -67,6 +68,7 @@ impl EmuBackend {
             cores: Arc::new(AtomicU32::new(0)),
             clock,
             options,
+            deterministic: AtomicBool::new(false),
         }
     }
 }
@@ -100,6 +102,11 @@ impl Backend for EmuBackend {
         Ok(())
     }
 
+    fn enable_virtual_time(&self) -> bool {
+        self.deterministic.store(true, Ordering::Release);
+        true
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
         let phys = lock(&self.phys).clone().ok_or_else(|| BackendError::Unhandled {
             vcpu: index,
@@ -109,6 +116,7 @@ impl Backend for EmuBackend {
         self.cores.fetch_add(1, Ordering::AcqRel);
         let mut m = Machine::new(phys, self.model.clone(), self.clock.clone());
         m.vcpu = index;
+        m.deterministic = self.deterministic.load(Ordering::Acquire);
         m.cores_shared = self.cores.clone();
         m.trapped_msrs = lock(&self.trapped).clone();
         m.cpu.apic_base = 0xfee0_0000 | (1 << 11) | if index == 0 { 1 << 8 } else { 0 };
@@ -124,11 +132,17 @@ impl Backend for EmuBackend {
             cache: BlockCache::default(),
             kick: Arc::new(AtomicBool::new(false)),
             window: false,
+            deadline: u64::MAX,
             nmi_pending: false,
             last_read: None,
             tracer,
         }))
     }
+}
+
+/// MOV SS or POP SS.
+fn loads_ss(i: &iced_x86::Instruction) -> bool {
+    i.op0_kind() == iced_x86::OpKind::Register && i.op0_register() == iced_x86::Register::SS
 }
 
 /// One emulated core.
@@ -137,6 +151,8 @@ pub struct EmuVcpu {
     cache: BlockCache,
     kick: Arc<AtomicBool>,
     window: bool,
+    /// Deterministic time: return when guest time reaches this.
+    deadline: u64,
     nmi_pending: bool,
     /// The read exit the next `complete_read` answers.
     last_read: Option<Exit>,
@@ -174,10 +190,15 @@ impl EmuVcpu {
 
     /// Execute until an exit.
     fn execute(&mut self) -> Result<Exit, BackendError> {
-        let mut executed: u64 = 0;
+        let start = self.m.icount;
+        let r = self.execute_inner(start);
+        self.m.stats.instructions = self.m.icount;
+        r
+    }
+
+    fn execute_inner(&mut self, start: u64) -> Result<Exit, BackendError> {
         loop {
             if let Some(e) = self.m.exits.pop_front() {
-                self.m.stats.instructions += executed;
                 return Ok(e);
             }
             if self.nmi_pending && !self.m.cpu.nmi_blocked && !self.answers_pending() {
@@ -189,13 +210,14 @@ impl EmuVcpu {
                     }
                 }
             }
-            if self.kick.swap(false, Ordering::AcqRel) || executed >= SLICE {
-                self.m.stats.instructions += executed;
+            if (self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel))
+                || self.m.icount - start >= SLICE
+                || (self.m.deterministic && self.m.virtual_ns() >= self.deadline)
+            {
                 return Ok(Exit::Interrupted);
             }
             if self.window && self.interrupts_open() && !self.answers_pending() {
                 self.window = false;
-                self.m.stats.instructions += executed;
                 return Ok(Exit::IrqWindowOpen);
             }
             self.m.sync_code_epoch();
@@ -213,39 +235,70 @@ impl EmuVcpu {
             let single = self.m.cpu.shadow || self.m.cpu.flags & fl::TF != 0;
             let shadow = self.m.cpu.shadow;
             let trap = self.m.cpu.flags & fl::TF != 0;
-            let Self { m, cache, tracer, .. } = self;
-            let block = &cache.blocks[idx as usize];
-            m.brk = false;
+            // Chain blocks without the checks above while nothing needs them.
+            let chain = !single && self.tracer.is_none() && !self.window && !self.nmi_pending;
+            let limit = if self.m.deterministic {
+                (start + SLICE).min(self.deadline.saturating_sub(self.m.skipped))
+            } else {
+                start + SLICE
+            };
+            let Self { m, cache, tracer, kick, .. } = self;
+            let mut idx = idx;
             let mut fault = None;
-            for insn in block.insns.iter() {
-                let ip = m.cpu.rip;
-                if let Some(t) = tracer.as_mut() {
-                    t.record(m, insn);
-                }
-                m.cpu.rip = insn.next;
-                match (insn.h)(m, insn) {
-                    Ok(()) => {
-                        executed += 1;
-                        if !m.mmio_answers.is_empty() {
-                            m.mmio_answers.clear();
+            loop {
+                let block = &cache.blocks[idx as usize];
+                m.brk = false;
+                let mut done = 0u64;
+                for insn in block.insns.iter() {
+                    let ip = m.cpu.rip;
+                    if let Some(t) = tracer.as_mut() {
+                        t.record(m, insn);
+                    }
+                    m.cpu.rip = insn.next;
+                    match (insn.h)(m, insn) {
+                        Ok(()) => {
+                            done += 1;
+                            if !m.mmio_answers.is_empty() {
+                                m.mmio_answers.clear();
+                            }
+                        }
+                        Err(f) => {
+                            m.cpu.rip = ip;
+                            fault = Some(f);
+                            break;
                         }
                     }
-                    Err(f) => {
-                        m.cpu.rip = ip;
-                        fault = Some(f);
+                    if m.brk || single {
                         break;
                     }
                 }
-                if m.brk || single {
+                m.icount += done;
+                if !chain
+                    || fault.is_some()
+                    || m.brk
+                    || m.icount >= limit
+                    || kick.load(Ordering::Relaxed)
+                    || m.cpu.shadow
+                    || m.cpu.flags & fl::TF != 0
+                {
                     break;
                 }
+                idx = match cache.next(m, idx) {
+                    Ok(i) => i,
+                    Err(f) => {
+                        fault = Some(f);
+                        break;
+                    }
+                };
             }
             if shadow {
                 m.cpu.shadow = false;
             }
+            // MOV SS / POP SS hold the single-step trap back until after the next instruction.
+            let ss_load = single && fault.is_none() && m.cpu.shadow && loads_ss(&cache.blocks[idx as usize].insns[0].i);
             match fault {
                 None => {
-                    if trap && single {
+                    if trap && single && !ss_load {
                         // Single-step trap after the instruction.
                         m.cpu.dr[6] |= 1 << 14;
                         if let Some(e) = self.raise(Fault::Exc(machine::DB, None))? {
@@ -254,7 +307,6 @@ impl EmuVcpu {
                     }
                 }
                 Some(Fault::Exit(e)) => {
-                    self.m.stats.instructions += executed;
                     self.last_read = Some(e);
                     return Ok(e);
                 }
@@ -360,5 +412,32 @@ impl Vcpu for EmuVcpu {
 
     fn kick_flag(&self) -> Option<Arc<AtomicBool>> {
         Some(self.kick.clone())
+    }
+
+    fn virtual_ns(&self) -> Option<u64> {
+        self.m.deterministic.then(|| self.m.virtual_ns())
+    }
+
+    fn set_virtual_deadline(&mut self, ns: u64) {
+        self.deadline = ns;
+    }
+
+    fn skip_to(&mut self, ns: u64) {
+        if self.m.deterministic && ns > self.m.virtual_ns() {
+            self.m.skipped += ns - self.m.virtual_ns();
+        }
+    }
+
+    fn stats(&self) -> Vec<(String, u64)> {
+        let s = &self.m.stats;
+        let mut v = vec![
+            ("emu instructions".to_string(), s.instructions),
+            ("emu blocks decoded".to_string(), s.blocks_decoded),
+            ("emu code-page writes".to_string(), s.smc_invalidations),
+        ];
+        for (name, n) in &s.unimplemented {
+            v.push((format!("emu unimplemented {name} (#UD)"), *n));
+        }
+        v
     }
 }

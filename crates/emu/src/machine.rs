@@ -83,6 +83,12 @@ pub struct Machine {
     pub stats: EmuStats,
     /// The virtual clock behind the TSC.
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Instructions retired by this core.
+    pub icount: u64,
+    /// Deterministic time: guest ns = icount + skipped (one instruction per nanosecond).
+    pub deterministic: bool,
+    /// Guest ns skipped while halted (deterministic time).
+    pub skipped: u64,
     /// This core's index (its APIC ID).
     pub vcpu: u32,
     /// How many cores the VM has (grows while they are created).
@@ -105,6 +111,9 @@ impl Machine {
             trapped_msrs: Arc::new(Vec::new()),
             stats: EmuStats::default(),
             clock,
+            icount: 0,
+            deterministic: false,
+            skipped: 0,
             vcpu: 0,
             cores_shared: Arc::new(std::sync::atomic::AtomicU32::new(1)),
         }
@@ -375,6 +384,11 @@ impl Machine {
             self.tlb.drop_writes();
             self.tlb.code_epoch = e;
         }
+    }
+
+    /// Deterministic guest time in ns.
+    pub fn virtual_ns(&self) -> u64 {
+        self.icount.wrapping_add(self.skipped)
     }
 
     pub fn cs_base(&self) -> u64 {

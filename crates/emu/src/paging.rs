@@ -251,6 +251,8 @@ pub struct Tlb {
     pub sets: [[Entry; TLB_SIZE]; 2],
     /// The code-page epoch this TLB's write permissions were granted under.
     pub code_epoch: u64,
+    /// Bumped by every flush: block chaining trusts a link only within one generation.
+    pub generation: u64,
 }
 
 // SAFETY: the host pointers in the entries point into guest RAM, which lives as long as the
@@ -262,6 +264,7 @@ impl Default for Tlb {
         Tlb {
             sets: [[EMPTY; TLB_SIZE]; 2],
             code_epoch: 0,
+            generation: 0,
         }
     }
 }
@@ -274,11 +277,13 @@ impl Tlb {
 
     /// Drop everything (CR0/CR4 changes, INVLPG of a large page).
     pub fn flush_all(&mut self) {
+        self.generation += 1;
         self.sets = [[EMPTY; TLB_SIZE]; 2];
     }
 
     /// A CR3 write: global entries survive.
     pub fn flush_nonglobal(&mut self) {
+        self.generation += 1;
         for set in &mut self.sets {
             for e in set.iter_mut() {
                 if !e.global {
@@ -292,6 +297,7 @@ impl Tlb {
     /// an exact-page flush is enough.
     pub fn flush_page(&mut self, lin: u64) {
         let page = lin >> 12;
+        self.generation += 1;
         for set in &mut self.sets {
             let e = &mut set[Self::slot(lin)];
             if e.page == page {

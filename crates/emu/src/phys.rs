@@ -26,6 +26,9 @@ pub struct CodePages {
     has_code: Vec<AtomicU32>,
     /// Bumped whenever a page newly holds code: cores then drop their write translations.
     epoch: AtomicU64,
+    /// Bumped on every write to a page that holds code (chained blocks skip their page
+    /// checks while it is unchanged).
+    writes: AtomicU64,
 }
 
 impl CodePages {
@@ -34,6 +37,7 @@ impl CodePages {
             version: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             has_code: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         }
     }
     pub fn epoch(&self) -> u64 {
@@ -55,7 +59,13 @@ impl CodePages {
     pub fn written(&self, page: usize) {
         if self.has_code(page) {
             self.version[page].fetch_add(1, Ordering::AcqRel);
+            self.writes.fetch_add(1, Ordering::AcqRel);
         }
+    }
+    /// How many writes to code pages there have been.
+    #[inline]
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
     }
 }
 

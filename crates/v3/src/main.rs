@@ -83,9 +83,19 @@ struct RunArgs {
     /// (overrides the config's <irqchip>).
     #[arg(long, value_enum)]
     irqchip: Option<IrqchipArg>,
+    /// Guest time: the host's clock, or deterministic time from the instruction count
+    /// (emulator backend, one core; overrides the config's <clock>).
+    #[arg(long, value_enum)]
+    clock: Option<ClockArg>,
     /// Print per-core exit telemetry when the VM ends.
     #[arg(long)]
     stats: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ClockArg {
+    Host,
+    Deterministic,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -282,6 +292,9 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     };
     if let Some(b) = backend_override {
         cfg.backend = b;
+    }
+    if let Some(c) = a.clock {
+        cfg.deterministic = matches!(c, ClockArg::Deterministic);
     }
     if let Some(m) = a.irqchip {
         cfg.irqchip = match m {

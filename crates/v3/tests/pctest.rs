@@ -142,3 +142,67 @@ fn reset_line_reboots_when_configured_to() {
         assert_eq!(status.code(), Some(130), "Ctrl-C ends a rebooting VM");
     });
 }
+
+/// Deterministic time (guest time from the instruction count, idle HLT skipping ahead):
+/// the whole platform test kernel, timers and RTC included, prints exactly the same
+/// thing twice, and the instruction count in the telemetry is the same too.
+#[test]
+fn deterministic_runs_reproduce_exactly() {
+    let k = guest("pctest.elf").display().to_string();
+    let run = || {
+        let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        v3(
+            &[
+                "run",
+                "--backend",
+                "emu",
+                "--clock",
+                "deterministic",
+                "--stats",
+                "--kernel",
+                &k,
+                "--mem",
+                "128",
+                "--cmdline",
+                "cpus=1 ram_mib=128",
+            ],
+            b"",
+            LIMIT,
+        )
+    };
+    let (a, b) = (run(), run());
+    assert_all_passed(&a, 15);
+    assert_eq!(a.stdout, b.stdout, "two deterministic runs differ");
+    let count = |r: &Run| {
+        r.stderr
+            .lines()
+            .find(|l| l.contains("emu instructions"))
+            .map(|l| l.split_whitespace().last().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no instruction count\n{}", r.out()))
+    };
+    assert_eq!(count(&a), count(&b));
+    // Timers fire at exact virtual times: the one-shot LAPIC timer is exactly on time.
+    assert!(a.stdout.contains("fired after 10000 us"), "{}", a.out());
+    // The KVM backend has no deterministic time: a clear configuration error.
+    let r = v3(
+        &[
+            "run",
+            "--backend",
+            "kvm",
+            "--clock",
+            "deterministic",
+            "--kernel",
+            &k,
+        ],
+        b"",
+        LIMIT,
+    );
+    if r.status != 6 {
+        assert_eq!(r.status, 2, "{}", r.out());
+        assert!(
+            r.stderr.contains("needs the emulator backend"),
+            "{}",
+            r.out()
+        );
+    }
+}

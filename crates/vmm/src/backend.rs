@@ -199,6 +199,11 @@ pub trait Backend: Send + Sync {
             })
         }
     }
+    /// Switch to deterministic time (before any vCPU is created): guest time then comes from
+    /// each vCPU's [`Vcpu::virtual_ns`]. False if the backend cannot.
+    fn enable_virtual_time(&self) -> bool {
+        false
+    }
     /// Create vCPU number `index` (its APIC ID is `index`).
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError>;
 }
@@ -249,6 +254,20 @@ pub trait Vcpu: Send {
     /// backends that a signal alone does not interrupt (the emulator).
     fn kick_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
         None
+    }
+
+    /// Deterministic time: this core's guest time in ns (None when time follows the host).
+    fn virtual_ns(&self) -> Option<u64> {
+        None
+    }
+    /// Deterministic time: return [`Exit::Interrupted`] once guest time reaches `ns`.
+    fn set_virtual_deadline(&mut self, _ns: u64) {}
+    /// Deterministic time: an idle (halted) core skips ahead to `ns`.
+    fn skip_to(&mut self, _ns: u64) {}
+
+    /// Backend-specific counters for telemetry (name, value).
+    fn stats(&self) -> Vec<(String, u64)> {
+        Vec::new()
     }
 
     /// RIP for messages; 0 if it cannot be read.

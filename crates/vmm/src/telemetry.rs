@@ -14,6 +14,8 @@ pub struct CoreStats {
     /// Time spent inside the backend's run().
     pub guest_time: Duration,
     pub injected: u64,
+    /// Backend-specific counters (the emulator's instruction count, unimplemented opcodes).
+    pub backend: Vec<(String, u64)>,
 }
 
 impl CoreStats {
@@ -69,6 +71,9 @@ impl Telemetry {
                 c.guest_time.as_secs_f64(),
                 c.injected
             );
+            for (name, v) in &c.backend {
+                let _ = writeln!(s, "  {name:<28} {v:>12}");
+            }
             for k in ExitKind::ALL {
                 let n = c.count(k);
                 if n > 0 {

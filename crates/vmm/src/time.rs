@@ -20,6 +20,8 @@ pub struct GuestClock {
     tsc_hz: AtomicU64,
     /// Guest TSC at guest time 0 (a backend that cannot set the TSC reports where it is).
     tsc_base: AtomicU64,
+    /// Deterministic mode: guest time is this value, advanced by the cores (not the host).
+    virtual_ns: Option<AtomicU64>,
 }
 
 impl GuestClock {
@@ -29,11 +31,34 @@ impl GuestClock {
             offset: AtomicU64::new(0),
             tsc_hz: AtomicU64::new(tsc_hz.max(1)),
             tsc_base: AtomicU64::new(0),
+            virtual_ns: None,
+        }
+    }
+
+    /// A clock that only moves when [`GuestClock::advance_to`] is called.
+    pub fn new_virtual(tsc_hz: u64) -> Self {
+        GuestClock {
+            virtual_ns: Some(AtomicU64::new(0)),
+            ..Self::new(tsc_hz)
+        }
+    }
+
+    pub fn is_virtual(&self) -> bool {
+        self.virtual_ns.is_some()
+    }
+
+    /// Deterministic mode: move guest time forward to `ns` (never backwards).
+    pub fn advance_to(&self, ns: Ns) {
+        if let Some(v) = &self.virtual_ns {
+            v.fetch_max(ns, Ordering::AcqRel);
         }
     }
 
     /// Guest nanoseconds now.
     pub fn now(&self) -> Ns {
+        if let Some(v) = &self.virtual_ns {
+            return v.load(Ordering::Acquire).wrapping_add(self.offset.load(Ordering::Relaxed));
+        }
         (self.start.elapsed().as_nanos() as u64).wrapping_add(self.offset.load(Ordering::Relaxed))
     }
 

@@ -71,6 +71,13 @@ impl TimerQueue {
     /// The timer thread's body: run due callbacks until [`TimerQueue::shutdown`].
     pub fn run(&self) {
         let mut s = lock(&self.state);
+        if self.clock.is_virtual() {
+            // Deterministic time: the cores run due timers themselves ([`TimerQueue::run_due`]).
+            while !self.stop.load(Ordering::Acquire) {
+                s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            return;
+        }
         while !self.stop.load(Ordering::Acquire) {
             let now = self.clock.now();
             match s.heap.peek().copied() {
@@ -100,6 +107,35 @@ impl TimerQueue {
     }
 
     /// Stop the thread (it returns from [`TimerQueue::run`]).
+    /// Run every callback due at guest time `now` on this thread; returns the next deadline.
+    pub fn run_due(&self, now: Ns) -> Option<Ns> {
+        let mut s = lock(&self.state);
+        loop {
+            match s.heap.peek().copied() {
+                Some(Reverse((deadline, id, generation))) if deadline <= now => {
+                    s.heap.pop();
+                    if s.gens[id] != generation {
+                        continue;
+                    }
+                    let Some(cb) = s.callbacks[id].clone() else {
+                        continue;
+                    };
+                    drop(s);
+                    (lock(&cb))(deadline);
+                    s = lock(&self.state);
+                }
+                Some(Reverse((deadline, id, generation))) => {
+                    if s.gens[id] != generation {
+                        s.heap.pop();
+                        continue;
+                    }
+                    return Some(deadline);
+                }
+                None => return None,
+            }
+        }
+    }
+
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         let _s = lock(&self.state);

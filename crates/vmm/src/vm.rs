@@ -108,6 +108,26 @@ impl Vm {
         if let Some(hz) = backend.tsc_hz() {
             ctx.clock.set_tsc_hz(hz);
         }
+        if cfg.deterministic {
+            if cfg.cores != 1 {
+                return Err(ConfigError::new(
+                    None,
+                    "<clock>deterministic</clock> supports one core (cores run on separate threads)",
+                )
+                .in_file(cfg.source.as_deref())
+                .into());
+            }
+            if !backend.enable_virtual_time() {
+                return Err(ConfigError::new(None, format!(
+                    "<clock>deterministic</clock> needs the emulator backend (this is '{}')",
+                    backend.name()
+                ))
+                .in_file(cfg.source.as_deref())
+                .into());
+            }
+            ctx.clock = Arc::new(GuestClock::new_virtual(ctx.clock.tsc_hz()));
+            ctx.timers = TimerQueue::new(ctx.clock.clone());
+        }
         if cfg.irqchip == IrqchipMode::Kernel {
             ctx.kernel_irqchip = Some(backend.create_kernel_irqchip()?);
         }
@@ -225,6 +245,7 @@ impl Vm {
                 msrs: self.msrs.clone(),
                 irq: self.irq.clone(),
                 clock: self.clock.clone(),
+                timers: self.timers.clone(),
                 running: running.clone(),
                 kernel_irqchip: self.kernel_irqchip,
             };
@@ -328,6 +349,7 @@ struct CoreLoop {
     msrs: Arc<MsrBus>,
     irq: Option<Arc<dyn InterruptController>>,
     clock: Arc<GuestClock>,
+    timers: Arc<TimerQueue>,
     /// Started cores that have not halted for good.
     running: Arc<AtomicU32>,
     kernel_irqchip: bool,
@@ -405,6 +427,7 @@ impl CoreLoop {
             return stats;
         }
         let mut buf = [0u8; 8];
+        let virtual_time = self.clock.is_virtual();
         // In HLT with interrupts enabled: the vCPU must not run again until an interrupt is due.
         let mut halted = false;
         while !self.handle.is_stopping() {
@@ -419,10 +442,20 @@ impl CoreLoop {
                     .is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu))
                 {
                     halted = false;
+                } else if let Some(next) = virtual_time.then(|| self.timers.run_due(self.clock.now())).flatten() {
+                    // Deterministic time: an idle core skips ahead to the next timer.
+                    vcpu.skip_to(next);
+                    self.clock.advance_to(next);
+                    self.timers.run_due(next);
+                    continue;
                 } else {
                     self.handle.wakers().wait(self.cpu, None);
                     continue;
                 }
+            }
+            if virtual_time {
+                let next = self.timers.run_due(self.clock.now());
+                vcpu.set_virtual_deadline(next.unwrap_or(u64::MAX));
             }
             if let Err(e) = self.inject(vcpu.as_mut(), &mut stats) {
                 self.fail(e);
@@ -438,6 +471,11 @@ impl CoreLoop {
             };
             let t1 = Instant::now();
             stats.guest_time += t1 - t0;
+            if virtual_time {
+                if let Some(ns) = vcpu.virtual_ns() {
+                    self.clock.advance_to(ns);
+                }
+            }
             match exit {
                 Exit::IoIn { port, size } => {
                     let d = &mut buf[..usize::from(size.min(8))];
@@ -470,6 +508,7 @@ impl CoreLoop {
             }
             stats.record(exit.kind(), t1.elapsed());
         }
+        stats.backend = vcpu.stats();
         stats
     }
 

@@ -30,6 +30,8 @@ impl DeviceClass for NvramClass {
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let start = match dev.node.val("start_time")? {
+            // Deterministic time starts the calendar at 2000-01-01 00:00:00 UTC, for every run.
+            None if ctx.clock.is_virtual() => 946_684_800,
             None | Some("now") => std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)

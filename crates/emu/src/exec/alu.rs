@@ -18,6 +18,17 @@ fn msb(v: u64, size: u64) -> u64 {
     (v >> (size * 8 - 1)) & 1
 }
 
+/// PF for each low byte (set when the number of one bits is even).
+static PARITY: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = if (i as u8).count_ones() % 2 == 0 { fl::PF as u8 } else { 0 };
+        i += 1;
+    }
+    t
+};
+
 /// ZF, SF and PF of a result.
 #[inline(always)]
 pub fn szp(r: u64, size: u64) -> u64 {
@@ -29,10 +40,7 @@ pub fn szp(r: u64, size: u64) -> u64 {
     if msb(r, size) != 0 {
         f |= fl::SF;
     }
-    if (r as u8).count_ones() & 1 == 0 {
-        f |= fl::PF;
-    }
-    f
+    f | u64::from(PARITY[(r & 0xff) as usize])
 }
 
 #[inline(always)]
@@ -269,9 +277,14 @@ fn shift_op<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
     let raw = if x.i.op_count() < 2 { 1 } else { m.rd(x, 1, 1)? };
     let count = raw & if size == 8 { 0x3f } else { 0x1f };
     if count == 0 {
-        // Nothing changes, but a memory operand is still checked for access.
+        // Nothing changes, but a memory operand is still checked for access, and a 32-bit
+        // register is still written (zero-extended), as on hardware.
         if x.i.op0_kind() == OpKind::Memory {
             m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
+        } else if size == 4 {
+            let r0 = x.i.op0_register();
+            let v = m.reg(r0);
+            m.set_reg(r0, v);
         }
         return Ok(());
     }
@@ -302,15 +315,31 @@ fn shiftd<const LEFT: bool>(m: &mut Machine, x: &Insn) -> R<()> {
     let raw = m.rd(x, 2, 1)?;
     let count = raw & if size == 8 { 0x3f } else { 0x1f };
     if count == 0 {
+        // As for shifts: a 32-bit register destination is still zero-extended.
+        if x.i.op0_kind() == OpKind::Register && size == 4 {
+            let r0 = x.i.op0_register();
+            let v = m.reg(r0);
+            m.set_reg(r0, v);
+        }
         return Ok(());
     }
     let flags = m.cpu.flags;
     let f = move |a: u64| -> (u64, u64) {
         let mk = mask(size);
-        // Counts above the operand width (16-bit only) shift through the source again.
+        // The destination and the source side by side (the destination on the side the bits
+        // leave): dest:src:dest for 16/32 bits, where counts above the operand width (16-bit
+        // only) shift the destination in again, and dest:src for 64 bits (count < 64).
         let (a, src) = (a & mk, src & mk);
-        let (r, cf) = if LEFT {
-            let wide = (u128::from(a) << bits) | u128::from(src) | (u128::from(a) << (2 * bits));
+        let (r, cf) = if bits == 64 {
+            if LEFT {
+                let wide = (u128::from(a) << 64) | u128::from(src);
+                (((wide << count) >> 64) as u64, ((wide << (count - 1)) >> 127) as u64 & 1)
+            } else {
+                let wide = (u128::from(src) << 64) | u128::from(a);
+                ((wide >> count) as u64, (wide >> (count - 1)) as u64 & 1)
+            }
+        } else if LEFT {
+            let wide = (u128::from(a) << (2 * bits)) | (u128::from(src) << bits) | u128::from(a);
             let r = ((wide << count) >> (2 * bits)) as u64 & mk;
             let cf = ((wide << (count - 1)) >> (3 * bits - 1)) as u64 & 1;
             (r, cf)

@@ -325,7 +325,12 @@ fn popa(m: &mut Machine, x: &Insn) -> R<()> {
 }
 
 fn enter(m: &mut Machine, x: &Insn) -> R<()> {
-    let size = push_size(x);
+    // ENTER's stack-pointer increment covers the whole frame: the push size is the operand size.
+    let size = match x.i.code() {
+        iced_x86::Code::Enterw_imm16_imm8 => 2,
+        iced_x86::Code::Enterd_imm16_imm8 => 4,
+        _ => 8,
+    };
     let alloc = u64::from(x.i.immediate16());
     let level = u64::from(x.i.immediate8_2nd()) & 31;
     let spm = m.sp_mask();
@@ -371,7 +376,12 @@ fn enter(m: &mut Machine, x: &Insn) -> R<()> {
 }
 
 fn leave(m: &mut Machine, x: &Insn) -> R<()> {
-    let size = x.i.stack_pointer_increment() as u64;
+    // iced-x86 reports no stack-pointer increment for LEAVE (RSP comes from RBP).
+    let size = match x.i.code() {
+        iced_x86::Code::Leavew => 2,
+        iced_x86::Code::Leaved => 4,
+        _ => 8,
+    };
     let spm = m.sp_mask();
     let bp = m.cpu.gpr[5] & spm;
     let v = m.read(SS, bp, size)?;

@@ -90,9 +90,18 @@ fn ret(m: &mut Machine, x: &Insn) -> R<()> {
     Ok(())
 }
 
-/// The count register of LOOP/JCXZ at the instruction's address size.
+/// The count register of LOOP/JCXZ at the instruction's address size (CX, ECX or RCX; an
+/// address-size prefix changes it, which the code tells).
 fn counter_mask(x: &Insn) -> u64 {
-    x.amask
+    use iced_x86::Code::*;
+    match x.i.code() {
+        Loopne_rel8_16_CX | Loopne_rel8_32_CX | Loope_rel8_16_CX | Loope_rel8_32_CX
+        | Loop_rel8_16_CX | Loop_rel8_32_CX | Jcxz_rel8_16 | Jcxz_rel8_32 => 0xffff,
+        Loopne_rel8_16_ECX | Loopne_rel8_32_ECX | Loopne_rel8_64_ECX | Loope_rel8_16_ECX
+        | Loope_rel8_32_ECX | Loope_rel8_64_ECX | Loop_rel8_16_ECX | Loop_rel8_32_ECX
+        | Loop_rel8_64_ECX | Jecxz_rel8_16 | Jecxz_rel8_32 | Jecxz_rel8_64 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
 }
 
 fn loop_<const KIND: u8>(m: &mut Machine, x: &Insn) -> R<()> {

@@ -4,6 +4,7 @@
 
 mod alu;
 mod data;
+mod fast;
 mod flow;
 pub mod interrupt;
 mod muldiv;
@@ -185,11 +186,27 @@ fn invalid(_: &mut Machine, _: &Insn) -> R<()> {
     Err(ud())
 }
 
+/// The general register number of `r` (8/16/32/64-bit forms; AH, CH, DH, BH excluded).
+pub fn gpr_number(r: Register) -> Option<u8> {
+    let n = r as usize;
+    match n {
+        1..=4 => Some((n - 1) as u8),
+        9..=20 => Some((n - 5) as u8),
+        21..=36 => Some((n - 21) as u8),
+        37..=52 => Some((n - 37) as u8),
+        53..=68 => Some((n - 53) as u8),
+        _ => None,
+    }
+}
+
 /// The handler of an instruction.
 pub fn handler(i: &Instruction) -> Handler {
     use Mnemonic::*;
     if i.code() == iced_x86::Code::INVALID {
         return invalid;
+    }
+    if let Some(h) = fast::handler(i) {
+        return h;
     }
     let m = i.mnemonic();
     if let Some(h) = alu::handler(m, i) {

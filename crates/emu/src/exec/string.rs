@@ -36,7 +36,11 @@ fn string<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
         5 => Op::Ins,
         _ => Op::Outs,
     };
-    let size = u64::from(x.osz);
+    // INS/OUTS: the data size, not DX's (the operand-size cache picks the port register).
+    let size = match op {
+        Op::Ins | Op::Outs => x.i.memory_size().size() as u64,
+        _ => u64::from(x.osz),
+    };
     let am = x.amask;
     let rep = x.i.has_rep_prefix() || x.i.has_repne_prefix();
     let repne = x.i.has_repne_prefix();

@@ -475,8 +475,18 @@ fn trapped(m: &Machine, index: u32) -> bool {
     m.trapped_msrs.iter().any(|&(a, b)| index >= a && index <= b)
 }
 
+/// The TSC: from the host clock, or from the instruction count in deterministic mode.
 pub fn tsc(m: &Machine) -> u64 {
-    (m.clock)().wrapping_add(m.cpu.tsc_offset)
+    clock_ticks(m).wrapping_add(m.cpu.tsc_offset)
+}
+
+fn clock_ticks(m: &Machine) -> u64 {
+    if m.deterministic {
+        let hz = palacios_vmm::time::DEFAULT_TSC_HZ as u128;
+        (u128::from(m.virtual_ns()) * hz / 1_000_000_000) as u64
+    } else {
+        (m.clock)()
+    }
 }
 
 /// Read an MSR the core keeps itself.
@@ -552,7 +562,7 @@ pub fn write_msr(m: &mut Machine, index: u32, v: u64) -> bool {
         msr::IA32_SYSENTER_CS => m.cpu.msr.sysenter_cs = v & 0xffff,
         msr::IA32_SYSENTER_ESP => m.cpu.msr.sysenter_esp = v,
         msr::IA32_SYSENTER_EIP => m.cpu.msr.sysenter_eip = v,
-        msr::IA32_TSC => m.cpu.tsc_offset = v.wrapping_sub((m.clock)()),
+        msr::IA32_TSC => m.cpu.tsc_offset = v.wrapping_sub(clock_ticks(m)),
         msr::IA32_PAT => {
             // Each entry must be a valid memory type (0, 1, 4, 5, 6, 7).
             if (0..8).any(|k| matches!((v >> (8 * k)) & 0xff, 2 | 3 | 8..)) {

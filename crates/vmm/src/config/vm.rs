@@ -103,6 +103,9 @@ pub struct VmConfig {
     pub telemetry: bool,
     pub backend: BackendChoice,
     pub irqchip: IrqchipMode,
+    /// `<clock>host|deterministic</clock>`: deterministic guest time comes from the
+    /// instruction count (emulator backend, one core), so a run can be reproduced exactly.
+    pub deterministic: bool,
     pub boot: Option<BootConfig>,
 }
 
@@ -128,6 +131,7 @@ const KNOWN_TOP: &[&str] = &[
     "telemetry",
     "backend",
     "irqchip",
+    "clock",
     "boot",
 ];
 
@@ -143,6 +147,7 @@ impl Default for VmConfig {
             telemetry: false,
             backend: BackendChoice::Auto,
             irqchip: IrqchipMode::User,
+            deterministic: false,
             boot: None,
         }
     }
@@ -241,6 +246,18 @@ impl VmConfig {
                     return Err(root.val_err(
                         "irqchip",
                         format!("<irqchip> must be 'user' or 'kernel', not '{other}'"),
+                    ));
+                }
+            };
+        }
+        if let Some(c) = root.val("clock")? {
+            cfg.deterministic = match c.trim() {
+                "host" => false,
+                "deterministic" => true,
+                other => {
+                    return Err(root.val_err(
+                        "clock",
+                        format!("<clock> must be 'host' or 'deterministic', not '{other}'"),
                     ));
                 }
             };

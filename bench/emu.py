@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Emulator backend CPU benchmarks: v3 --backend emu beside qemu-system-x86_64 -accel tcg, both
+running the same emubench kernel (guests/emubench) in the same invocation of this script.
+
+Workloads (64-bit long mode): dec/jnz loop, memory-heavy loop, call/ret, flag-heavy ALU chain, and
+two mixed C workloads (table-driven CRC-32, byte sieve). For each, every VMM runs the guest with
+N and 2N iterations; each time is taken from the guest's "emubench: start" line to the process
+exit, and T(2N) - T(N) removes boot, translation warm-up and exit costs, so
+    MIPS = (instructions(2N) - instructions(N)) / (T(2N) - T(N)).
+Instruction counts: the emulator's own counter (v3 --stats, "emu instructions") when it prints
+one, else the per-iteration counts below, which are taken from the disassembly (guests/emubench/
+loops.S; crc32_run is 9 instructions per byte at -O2). The two are cross-checked. Times are the
+median of --reps runs; the ratio is ours / QEMU's (higher is better). Both VMMs must print the
+same "emubench: result" value, which checks the emulator's arithmetic and flags on the way.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+# name: (N, instructions per iteration or None when data-dependent, what)
+WORKLOADS = {
+    "dec": (50_000_000, 2, "dec/jnz loop"),
+    "mem": (12_500_000, 8, "loads/stores, 256 KiB buffer"),
+    "call": (25_000_000, 4, "call/ret"),
+    "alu": (6_250_000, 16, "adc/sbb/shift/setcc chain"),
+    "crc32": (12_500_000, 9, "CRC-32, table-driven (C)"),
+    "sieve": (5, None, "byte sieve to 2^20 (C)"),
+}
+LOOPS = ("dec", "mem", "call", "alu")  # target: >= 100 MIPS each
+MIXED = ("crc32", "sieve")  # target: >= 0.3x QEMU TCG
+LOOP_MIPS_TARGET = 100.0
+MIXED_RATIO_TARGET = 0.3
+
+
+def v3_cmd(a, cmdline):
+    return [a.v3, "--log-level", "error", "run", "--backend", "emu", "--stats", "--kernel", a.guest,
+            "--mem", "128", "--cmdline", cmdline]
+
+
+def qemu_cmd(a, cmdline):
+    return [a.qemu, "-accel", "tcg", "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+            "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel", a.guest, "-append", cmdline, "-m", "128"]
+
+
+VMMS = (("v3-emu", v3_cmd), ("qemu-tcg", qemu_cmd))
+
+
+def run(cmd):
+    """(seconds from the guest's start line to the process exit, result string, instruction
+    count or None)."""
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    head = []
+    t0 = None
+    for line in p.stdout:
+        head.append(line)
+        if b"emubench: start" in line:
+            t0 = time.perf_counter()
+            break
+    rest = p.stdout.read()
+    _, status, _ = os.wait4(p.pid, 0)
+    t = time.perf_counter() - (t0 or 0)
+    out = (b"".join(head) + rest).decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if t0 is None or code != 1:
+        sys.exit(f"bench: {' '.join(cmd)} exited {code}, expected 1:\n{out[-1500:]}")
+    m = re.search(r"emubench: result (\S+)", out)
+    n = re.search(r"emu instructions\s+(\d+)", out)
+    return t, (m.group(1) if m else "?"), (int(n.group(1)) if n else None)
+
+
+def fmt_n(n):
+    for div, suf in ((1_000_000, "M"), (1_000, "k")):
+        if n >= div and n % (div // 100) == 0:
+            return f"{n / div:g}{suf}"
+    return str(n)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--v3", required=True)
+    ap.add_argument("--guest", required=True)
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--reps", type=int, default=3, help="runs per size and VMM (median)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every N by this")
+    ap.add_argument("--only", default="", help="comma-separated workloads (default: all)")
+    a = ap.parse_args()
+    names = [w for w in WORKLOADS if not a.only or w in a.only.split(",")]
+    if not names:
+        sys.exit(f"bench: --only names none of {', '.join(WORKLOADS)}")
+
+    print(f"emulator CPU benchmarks: N and 2N iterations, time from the guest's start line to exit, "
+          f"median of {a.reps}", flush=True)
+    rows = []
+    for name in names:
+        base, per_iter, what = WORKLOADS[name]
+        n = max(1, int(base * a.scale))
+        times = {v: {n: [], 2 * n: []} for v, _ in VMMS}
+        results = {}
+        icount = {}
+        for _ in range(a.reps):
+            for vmm, mk in VMMS:
+                for k in (n, 2 * n):
+                    t, res, ins = run(mk(a, f"bench={name} n={k}"))
+                    times[vmm][k].append(t)
+                    results.setdefault(k, {})[vmm] = res
+                    if ins is not None:
+                        icount[k] = ins
+        # Instructions of the extra N iterations.
+        measured = icount[2 * n] - icount[n] if n in icount and 2 * n in icount else None
+        static = per_iter * n if per_iter else None
+        note = ""
+        if measured is not None and static is not None and abs(measured - static) > 0.001 * static:
+            note = f"emu counted {measured / n:.3f} insns/iter, expected {per_iter}"
+        insns = measured if measured is not None else static
+        mips = {}
+        for vmm, _ in VMMS:
+            dt = statistics.median(times[vmm][2 * n]) - statistics.median(times[vmm][n])
+            mips[vmm] = insns / dt / 1e6 if insns and dt > 0 else float("nan")
+        ok = all(len(set(r.values())) == 1 for r in results.values())
+        if not ok:
+            note = (note + "; " if note else "") + "RESULT MISMATCH " + " ".join(
+                f"{v}={r}" for r in results.values() for v, r in r.items())
+        ratio = mips["v3-emu"] / mips["qemu-tcg"]
+        if name in LOOPS:
+            target, met = f">= {LOOP_MIPS_TARGET:g} MIPS", mips["v3-emu"] >= LOOP_MIPS_TARGET
+        else:
+            target, met = f">= {MIXED_RATIO_TARGET}x TCG", ratio >= MIXED_RATIO_TARGET
+        rows.append((name, what, n, insns / n if insns else float("nan"), mips, ratio, target, met, ok, note))
+        print(f"  {name:<6} done: v3-emu {mips['v3-emu']:.1f} MIPS, qemu-tcg {mips['qemu-tcg']:.1f} MIPS",
+              file=sys.stderr, flush=True)
+
+    print(f"{'workload':<7} {'N':>6} {'insn/it':>8} {'v3-emu MIPS':>12} {'qemu-tcg MIPS':>14} {'ratio':>6}  "
+          f"{'target':<15} {'met':<4} {'result':<6} what")
+    for name, what, n, ipi, mips, ratio, target, met, ok, note in rows:
+        print(f"{name:<7} {fmt_n(n):>6} {ipi:>8.2f} {mips['v3-emu']:>12.1f} {mips['qemu-tcg']:>14.1f} {ratio:>6.3f}  "
+              f"{target:<15} {'yes' if met else 'NO':<4} {'same' if ok else 'DIFF':<6} {what}")
+        if note:
+            print(f"        note: {note}")
+    print("ratio = v3-emu MIPS / qemu-tcg MIPS; result: the guest's checksum agrees between the two VMMs")
+
+
+if __name__ == "__main__":
+    main()
