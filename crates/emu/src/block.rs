@@ -102,7 +102,7 @@ impl BlockCache {
         let phys = match fetch_target(m, lin)? {
             (p, Target::Ram(..)) => p,
             (_, Target::Mmio) => {
-                return Err(Fault::Fatal("instruction fetch from memory that is not RAM"));
+                return Err(Fault::Fatal(&"instruction fetch from memory that is not RAM"));
             }
         };
         let slot = fast_slot(phys, rip);
@@ -280,7 +280,7 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
                 return Err(gp(0)); // past the CS limit
             }
             return Err(second_fault.unwrap_or(Fault::Fatal(
-                "instruction fetch from memory that is not RAM",
+                &"instruction fetch from memory that is not RAM",
             )));
         }
         if end > in_page {

@@ -224,7 +224,7 @@ impl EmuVcpu {
             let idx = match self.cache.lookup(&mut self.m) {
                 Ok(i) => i,
                 Err(Fault::Exit(e)) => return Err(self.fail(format!("unexpected exit while fetching code: {e:?}"))),
-                Err(Fault::Fatal(s)) => return Err(self.fail(s)),
+                Err(Fault::Fatal(s)) => return Err(self.fail(*s)),
                 Err(f) => {
                     if let Some(e) = self.raise(f)? {
                         return Ok(e);
@@ -238,7 +238,8 @@ impl EmuVcpu {
             // Chain blocks without the checks above while nothing needs them.
             let chain = !single && self.tracer.is_none() && !self.window && !self.nmi_pending;
             let limit = if self.m.deterministic {
-                (start + SLICE).min(self.deadline.saturating_sub(self.m.skipped))
+                (start + SLICE)
+                    .min(self.deadline.saturating_sub(self.m.skipped).div_ceil(machine::NS_PER_INSN))
             } else {
                 start + SLICE
             };
@@ -307,10 +308,10 @@ impl EmuVcpu {
                     }
                 }
                 Some(Fault::Exit(e)) => {
-                    self.last_read = Some(e);
-                    return Ok(e);
+                    self.last_read = Some(*e);
+                    return Ok(*e);
                 }
-                Some(Fault::Fatal(s)) => return Err(self.fail(s)),
+                Some(Fault::Fatal(s)) => return Err(self.fail(*s)),
                 Some(f) => {
                     if let Some(e) = self.raise(f)? {
                         return Ok(e);

@@ -12,20 +12,33 @@ use crate::paging::{self, Kind, Tlb, perm};
 use crate::phys::{PhysMem, Target};
 
 /// Why an instruction did not complete.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// An exception with its error code (if the vector has one).
     Exc(u8, Option<u32>),
     /// A page fault at a linear address.
     Pf(u64, u32),
     /// The instruction needs the VMM's answer (port read, MMIO read, trapped MSR) and is
-    /// executed again once it is there.
-    Exit(Exit),
+    /// executed again once it is there. (Boxed: handlers return `Result<(), Fault>` in
+    /// registers only while it stays small.)
+    Exit(Box<Exit>),
     /// Something the emulator cannot do (the VM fails with this message).
-    Fatal(&'static str),
+    Fatal(&'static &'static str),
 }
 
+impl Fault {
+    pub fn exit(e: Exit) -> Fault {
+        Fault::Exit(Box::new(e))
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<R<()>>() <= 16, "handler results must fit in two registers");
+
 pub type R<T> = Result<T, Fault>;
+
+/// Deterministic time: guest nanoseconds per instruction (a 100 MIPS virtual CPU, about the
+/// emulator's real speed, so guest timeouts and busy-waits behave as with host time).
+pub const NS_PER_INSN: u64 = 10;
 
 pub const DE: u8 = 0;
 pub const DB: u8 = 1;
@@ -85,7 +98,7 @@ pub struct Machine {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Instructions retired by this core.
     pub icount: u64,
-    /// Deterministic time: guest ns = icount + skipped (one instruction per nanosecond).
+    /// Deterministic time: guest ns = icount * NS_PER_INSN + skipped.
     pub deterministic: bool,
     /// Guest ns skipped while halted (deterministic time).
     pub skipped: u64,
@@ -258,7 +271,7 @@ impl Machine {
             b[..d.as_slice().len()].copy_from_slice(d.as_slice());
             return Ok(u64::from_le_bytes(b));
         }
-        Err(Fault::Exit(Exit::MmioRead {
+        Err(Fault::exit(Exit::MmioRead {
             addr: phys,
             size: size as u8,
         }))
@@ -388,7 +401,7 @@ impl Machine {
 
     /// Deterministic guest time in ns.
     pub fn virtual_ns(&self) -> u64 {
-        self.icount.wrapping_add(self.skipped)
+        self.icount.wrapping_mul(NS_PER_INSN).wrapping_add(self.skipped)
     }
 
     pub fn cs_base(&self) -> u64 {

@@ -13,7 +13,8 @@
 //! addresses agree.
 //!
 //! Environment:
-//! - `PALACIOS_DIFF_CASES`: number of cases (default 20000; `bench/emu-soak.sh` runs 10^6).
+//! - `PALACIOS_DIFF_CASES`: number of cases (default 50000, a few seconds in a debug build;
+//!   `bench/emu-soak.sh` runs 10^6 in release mode).
 //! - `PALACIOS_DIFF_SEED`: seed (decimal or 0x-hex; default fixed). Printed, with every
 //!   mismatch's case number, so a failure can be replayed.
 //! - `PALACIOS_DIFF_FORM`: only run forms whose name contains this text.
@@ -67,6 +68,9 @@ mod host {
     /// The far pointer (offset32, selector) of the 32-bit stub, and the 32-bit stub's saved ESP.
     const FARPTR_OFF: u64 = 0x2300;
     const HOST_ESP32_OFF: u64 = 0x2308;
+    /// DS and ES of the 64-bit code (null on Linux), restored after the 32-bit code.
+    const DS_SAVE_OFF: u64 = 0x2310;
+    const ES_SAVE_OFF: u64 = 0x2318;
     const SCRATCH_TOP_OFF: u64 = 0x3000;
     /// Code page: 64-bit cases, 32-bit cases, and the trampoline into 32-bit code.
     const CODE_OFF: u64 = 0x3000;
@@ -77,8 +81,14 @@ mod host {
     const MAP_LEN: usize = 0x4000;
     /// Guest RAM; every base candidate lies inside it.
     const GUEST_RAM: u64 = 512 << 20;
-    const BASE_CANDIDATES: [u64; 6] =
-        [0x1000_0000, 0x0800_0000, 0x1800_0000, 0x0400_0000, 0x1c00_0000, 0x0c00_0000];
+    const BASE_CANDIDATES: [u64; 6] = [
+        0x1000_0000,
+        0x0800_0000,
+        0x1800_0000,
+        0x0400_0000,
+        0x1c00_0000,
+        0x0c00_0000,
+    ];
     /// Where the boot ELF's (unused) entry point goes.
     const ELF_ENTRY: u64 = 0x10_0000;
 
@@ -109,29 +119,100 @@ mod host {
     ];
     use iced_x86::Register as G;
     const R64: [Register; 16] = [
-        G::RAX, G::RCX, G::RDX, G::RBX, G::RSP, G::RBP, G::RSI, G::RDI, G::R8, G::R9, G::R10,
-        G::R11, G::R12, G::R13, G::R14, G::R15,
+        G::RAX,
+        G::RCX,
+        G::RDX,
+        G::RBX,
+        G::RSP,
+        G::RBP,
+        G::RSI,
+        G::RDI,
+        G::R8,
+        G::R9,
+        G::R10,
+        G::R11,
+        G::R12,
+        G::R13,
+        G::R14,
+        G::R15,
     ];
     const R32: [Register; 16] = [
-        G::EAX, G::ECX, G::EDX, G::EBX, G::ESP, G::EBP, G::ESI, G::EDI, G::R8D, G::R9D, G::R10D,
-        G::R11D, G::R12D, G::R13D, G::R14D, G::R15D,
+        G::EAX,
+        G::ECX,
+        G::EDX,
+        G::EBX,
+        G::ESP,
+        G::EBP,
+        G::ESI,
+        G::EDI,
+        G::R8D,
+        G::R9D,
+        G::R10D,
+        G::R11D,
+        G::R12D,
+        G::R13D,
+        G::R14D,
+        G::R15D,
     ];
     const R16: [Register; 16] = [
-        G::AX, G::CX, G::DX, G::BX, G::SP, G::BP, G::SI, G::DI, G::R8W, G::R9W, G::R10W,
-        G::R11W, G::R12W, G::R13W, G::R14W, G::R15W,
+        G::AX,
+        G::CX,
+        G::DX,
+        G::BX,
+        G::SP,
+        G::BP,
+        G::SI,
+        G::DI,
+        G::R8W,
+        G::R9W,
+        G::R10W,
+        G::R11W,
+        G::R12W,
+        G::R13W,
+        G::R14W,
+        G::R15W,
     ];
     const R8: [Register; 20] = [
-        G::AL, G::CL, G::DL, G::BL, G::SPL, G::BPL, G::SIL, G::DIL, G::R8L, G::R9L, G::R10L,
-        G::R11L, G::R12L, G::R13L, G::R14L, G::R15L, G::AH, G::CH, G::DH, G::BH,
+        G::AL,
+        G::CL,
+        G::DL,
+        G::BL,
+        G::SPL,
+        G::BPL,
+        G::SIL,
+        G::DIL,
+        G::R8L,
+        G::R9L,
+        G::R10L,
+        G::R11L,
+        G::R12L,
+        G::R13L,
+        G::R14L,
+        G::R15L,
+        G::AH,
+        G::CH,
+        G::DH,
+        G::BH,
     ];
 
     fn mask(size: u64) -> u64 {
-        if size >= 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 }
+        if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (size * 8)) - 1
+        }
+    }
+
+    fn sext(v: u64, size: u64) -> i64 {
+        let sh = 64 - size * 8;
+        ((v << sh) as i64) >> sh
     }
 
     fn gpr_index(r: Register) -> usize {
         let full = r.full_register();
-        R64.iter().position(|&x| x == full).expect("a general-purpose register")
+        R64.iter()
+            .position(|&x| x == full)
+            .expect("a general-purpose register")
     }
 
     fn is_high8(r: Register) -> bool {
@@ -218,7 +299,11 @@ mod host {
     impl State {
         fn get(&self, r: Register) -> u64 {
             let v = self.gpr[gpr_index(r)];
-            if is_high8(r) { (v >> 8) & 0xff } else { v & mask(r.size() as u64) }
+            if is_high8(r) {
+                (v >> 8) & 0xff
+            } else {
+                v & mask(r.size() as u64)
+            }
         }
         /// Set the low `r.size()` bits (or the high byte), keeping the rest.
         fn set_low(&mut self, r: Register, v: u64) {
@@ -280,7 +365,11 @@ mod host {
                 };
                 if p as u64 == want {
                     let (pro, epi) = stubs(want).map_err(|e| e.to_string())?;
-                    let s64 = Stub { pro, epi, off: CODE_OFF };
+                    let s64 = Stub {
+                        pro,
+                        epi,
+                        off: CODE_OFF,
+                    };
                     let s32 = if user32_cs_usable() {
                         let (pro, epi, tramp) = stubs32(want).map_err(|e| e.to_string())?;
                         // SAFETY: inside the mapping just made.
@@ -289,15 +378,27 @@ mod host {
                             let fp = b.add(FARPTR_OFF as usize);
                             let off = (want + CODE32_OFF) as u32;
                             std::ptr::copy_nonoverlapping(off.to_le_bytes().as_ptr(), fp, 4);
-                            std::ptr::copy_nonoverlapping(USER32_CS.to_le_bytes().as_ptr(), fp.add(4), 2);
+                            std::ptr::copy_nonoverlapping(
+                                USER32_CS.to_le_bytes().as_ptr(),
+                                fp.add(4),
+                                2,
+                            );
                             let t = b.add(TRAMPOLINE_OFF as usize);
                             std::ptr::copy_nonoverlapping(tramp.as_ptr(), t, tramp.len());
                         }
-                        Some(Stub { pro, epi, off: CODE32_OFF })
+                        Some(Stub {
+                            pro,
+                            epi,
+                            off: CODE32_OFF,
+                        })
                     } else {
                         None
                     };
-                    return Ok(Native { base: want, s64, s32 });
+                    return Ok(Native {
+                        base: want,
+                        s64,
+                        s32,
+                    });
                 }
                 if p != libc::MAP_FAILED {
                     // An old kernel treated the address as a hint.
@@ -306,11 +407,18 @@ mod host {
                 }
                 tried.push(format!("{want:#x}: {}", std::io::Error::last_os_error()));
             }
-            Err(format!("no fixed RWX mapping possible ({})", tried.join("; ")))
+            Err(format!(
+                "no fixed RWX mapping possible ({})",
+                tried.join("; ")
+            ))
         }
 
         fn stub(&self, bits: u32) -> &Stub {
-            if bits == 32 { self.s32.as_ref().expect("32-bit code") } else { &self.s64 }
+            if bits == 32 {
+                self.s32.as_ref().expect("32-bit code")
+            } else {
+                &self.s64
+            }
         }
 
         /// Address of the instruction under test (after the prologue).
@@ -404,7 +512,10 @@ mod host {
         for part in [&pro, &epi] {
             let mut d = Decoder::with_ip(64, part, 0, DecoderOptions::NONE);
             for i in &mut d {
-                assert!(!i.is_ip_rel_memory_operand(), "stub uses RIP-relative addressing: {i}");
+                assert!(
+                    !i.is_ip_rel_memory_operand(),
+                    "stub uses RIP-relative addressing: {i}"
+                );
             }
         }
         Ok((pro, epi))
@@ -425,7 +536,11 @@ mod host {
             );
         }
         // Present, 32-bit (D), not 64-bit (L), DPL 3 code.
-        ok == 1 && ar & (1 << 15) != 0 && ar & (1 << 22) != 0 && ar & (1 << 21) == 0 && (ar >> 13) & 3 == 3
+        ok == 1
+            && ar & (1 << 15) != 0
+            && ar & (1 << 22) != 0
+            && ar & (1 << 21) == 0
+            && (ar >> 13) & 3 == 3
     }
 
     /// The 32-bit stub (prologue, epilogue) and the 64-bit trampoline that far-calls it.
@@ -436,6 +551,11 @@ mod host {
         let out = base + OUT_OFF;
         let host_esp = base + HOST_ESP32_OFF;
         let mut a = CodeAssembler::new(32)?;
+        // 64-bit processes run with null DS/ES, which 32-bit code cannot use: take SS's.
+        a.push(ss)?;
+        a.pop(ds)?;
+        a.push(ss)?;
+        a.pop(es)?;
         a.mov(dword_ptr(host_esp), esp)?;
         a.push(dword_ptr(inp + 16 * 8))?;
         a.popfd()?;
@@ -466,12 +586,24 @@ mod host {
         }
         a.mov(qword_ptr(base + HOST_RSP_OFF), rsp)?;
         a.mov(rsp, base + SCRATCH_TOP_OFF)?;
+        a.mov(word_ptr(base + DS_SAVE_OFF), ds)?;
+        a.mov(word_ptr(base + ES_SAVE_OFF), es)?;
         // CALL m16:32 (the form Intel and AMD both have in 64-bit mode) into compatibility mode;
         // the 32-bit RETF comes back.
         a.add_instruction(Instruction::with1(
             Code::Call_m1632,
-            MemoryOperand::new(G::None, G::None, 1, (base + FARPTR_OFF) as i64, 8, false, G::None),
+            MemoryOperand::new(
+                G::None,
+                G::None,
+                1,
+                (base + FARPTR_OFF) as i64,
+                8,
+                false,
+                G::None,
+            ),
         )?)?;
+        a.mov(ds, word_ptr(base + DS_SAVE_OFF))?;
+        a.mov(es, word_ptr(base + ES_SAVE_OFF))?;
         a.mov(rsp, qword_ptr(base + HOST_RSP_OFF))?;
         a.cld()?;
         for r in [r15, r14, r13, r12, rbp, rbx] {
@@ -481,7 +613,10 @@ mod host {
         let tramp = a.assemble(0)?;
         let mut d = Decoder::with_ip(64, &tramp, 0, DecoderOptions::NONE);
         for i in &mut d {
-            assert!(!i.is_ip_rel_memory_operand(), "trampoline uses RIP-relative addressing: {i}");
+            assert!(
+                !i.is_ip_rel_memory_operand(),
+                "trampoline uses RIP-relative addressing: {i}"
+            );
         }
         Ok((pro, epi, tramp))
     }
@@ -577,7 +712,10 @@ mod host {
             let r = vcpu.regs().map_err(|e| e.to_string())?;
             let end = code_addr + code.len() as u64;
             if r.rip != end {
-                return Err(format!("emulator stopped at RIP {:#x}, expected {end:#x}", r.rip));
+                return Err(format!(
+                    "emulator stopped at RIP {:#x}, expected {end:#x}",
+                    r.rip
+                ));
             }
             let o = State {
                 gpr: [
@@ -599,9 +737,19 @@ mod host {
         /// Operands from the opcode table.
         Code { code: Code, bits: u32 },
         /// A string instruction in an address size (a32: 67h in 64-bit code) with a repeat prefix.
-        Str { code: Code, a32: bool, rep: RepPrefixKind, bits: u32 },
+        Str {
+            code: Code,
+            a32: bool,
+            rep: RepPrefixKind,
+            bits: u32,
+        },
         /// Fixed bytes (branches over an increment, XLAT).
-        Raw { name: String, bytes: Vec<u8>, kind: RawKind, bits: u32 },
+        Raw {
+            name: String,
+            bytes: Vec<u8>,
+            kind: RawKind,
+            bits: u32,
+        },
     }
 
     #[derive(Clone, Copy, PartialEq, Eq)]
@@ -633,7 +781,11 @@ mod host {
                 }
                 Form::Raw { name, .. } => name.clone(),
             };
-            if self.bits() == 32 { format!("compat32 {n}") } else { n }
+            if self.bits() == 32 {
+                format!("compat32 {n}")
+            } else {
+                n
+            }
         }
     }
 
@@ -642,18 +794,119 @@ mod host {
         use Mnemonic::*;
         let common = matches!(
             m,
-            Add | Or | Adc | Sbb | And | Sub | Xor | Cmp | Test | Inc | Dec | Neg | Not | Shl
-                | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd | Mul | Imul | Div
-                | Idiv | Bt | Bts | Btr | Btc | Bsf | Bsr | Popcnt | Mov | Movzx | Movsx
-                | Movsxd | Movbe | Xchg | Xadd | Cmpxchg | Cmpxchg8b | Cmpxchg16b | Bswap | Lea
-                | Cbw | Cwde | Cdqe | Cwd | Cdq | Cqo | Lahf | Sahf | Clc | Stc | Cmc | Cld
-                | Std | Push | Pop | Pushf | Pushfd | Pushfq | Popf | Popfd | Popfq | Enter
-                | Leave | Nop | Pause | Lfence | Mfence | Sfence | Prefetchnta | Prefetcht0
-                | Prefetcht1 | Prefetcht2 | Prefetchw | Clflush | Endbr64 | Endbr32
-                | Seto | Setno | Setb | Setae | Sete | Setne | Setbe | Seta | Sets | Setns
-                | Setp | Setnp | Setl | Setge | Setle | Setg
-                | Cmovo | Cmovno | Cmovb | Cmovae | Cmove | Cmovne | Cmovbe | Cmova | Cmovs
-                | Cmovns | Cmovp | Cmovnp | Cmovl | Cmovge | Cmovle | Cmovg
+            Add | Or
+                | Adc
+                | Sbb
+                | And
+                | Sub
+                | Xor
+                | Cmp
+                | Test
+                | Inc
+                | Dec
+                | Neg
+                | Not
+                | Shl
+                | Sal
+                | Shr
+                | Sar
+                | Rol
+                | Ror
+                | Rcl
+                | Rcr
+                | Shld
+                | Shrd
+                | Mul
+                | Imul
+                | Div
+                | Idiv
+                | Bt
+                | Bts
+                | Btr
+                | Btc
+                | Bsf
+                | Bsr
+                | Popcnt
+                | Mov
+                | Movzx
+                | Movsx
+                | Movsxd
+                | Movbe
+                | Xchg
+                | Xadd
+                | Cmpxchg
+                | Cmpxchg8b
+                | Cmpxchg16b
+                | Bswap
+                | Lea
+                | Cbw
+                | Cwde
+                | Cdqe
+                | Cwd
+                | Cdq
+                | Cqo
+                | Lahf
+                | Sahf
+                | Clc
+                | Stc
+                | Cmc
+                | Cld
+                | Std
+                | Push
+                | Pop
+                | Pushf
+                | Pushfd
+                | Pushfq
+                | Popf
+                | Popfd
+                | Popfq
+                | Enter
+                | Leave
+                | Nop
+                | Pause
+                | Lfence
+                | Mfence
+                | Sfence
+                | Prefetchnta
+                | Prefetcht0
+                | Prefetcht1
+                | Prefetcht2
+                | Prefetchw
+                | Clflush
+                | Endbr64
+                | Endbr32
+                | Seto
+                | Setno
+                | Setb
+                | Setae
+                | Sete
+                | Setne
+                | Setbe
+                | Seta
+                | Sets
+                | Setns
+                | Setp
+                | Setnp
+                | Setl
+                | Setge
+                | Setle
+                | Setg
+                | Cmovo
+                | Cmovno
+                | Cmovb
+                | Cmovae
+                | Cmove
+                | Cmovne
+                | Cmovbe
+                | Cmova
+                | Cmovs
+                | Cmovns
+                | Cmovp
+                | Cmovnp
+                | Cmovl
+                | Cmovge
+                | Cmovle
+                | Cmovg
         );
         // Instructions that only 32-bit code has.
         let legacy = matches!(
@@ -742,14 +995,37 @@ mod host {
                 if !op.op_kinds().iter().all(|&k| supported_kind(k)) {
                     continue;
                 }
+                // The 486's early CMPXCHG opcodes (0F A6/A7) are no longer instructions.
+                if matches!(
+                    code,
+                    Code::Cmpxchg486_rm8_r8 | Code::Cmpxchg486_rm16_r16 | Code::Cmpxchg486_rm32_r32
+                ) {
+                    continue;
+                }
                 v.push(Form::Code { code, bits });
             }
             use Code::*;
             let strings = [
-                Movsb_m8_m8, Movsw_m16_m16, Movsd_m32_m32, Movsq_m64_m64, Cmpsb_m8_m8,
-                Cmpsw_m16_m16, Cmpsd_m32_m32, Cmpsq_m64_m64, Scasb_AL_m8, Scasw_AX_m16,
-                Scasd_EAX_m32, Scasq_RAX_m64, Lodsb_AL_m8, Lodsw_AX_m16, Lodsd_EAX_m32,
-                Lodsq_RAX_m64, Stosb_m8_AL, Stosw_m16_AX, Stosd_m32_EAX, Stosq_m64_RAX,
+                Movsb_m8_m8,
+                Movsw_m16_m16,
+                Movsd_m32_m32,
+                Movsq_m64_m64,
+                Cmpsb_m8_m8,
+                Cmpsw_m16_m16,
+                Cmpsd_m32_m32,
+                Cmpsq_m64_m64,
+                Scasb_AL_m8,
+                Scasw_AX_m16,
+                Scasd_EAX_m32,
+                Scasq_RAX_m64,
+                Lodsb_AL_m8,
+                Lodsw_AX_m16,
+                Lodsd_EAX_m32,
+                Lodsq_RAX_m64,
+                Stosb_m8_AL,
+                Stosw_m16_AX,
+                Stosd_m32_EAX,
+                Stosq_m64_RAX,
             ];
             for code in strings {
                 if bits == 32 && code.op_code().operand_size() == 64 {
@@ -758,8 +1034,17 @@ mod host {
                 // 32-bit code has no address size that reaches the buffer other than its own.
                 let sizes: &[bool] = if bits == 64 { &[false, true] } else { &[false] };
                 for &a32 in sizes {
-                    for rep in [RepPrefixKind::None, RepPrefixKind::Repe, RepPrefixKind::Repne] {
-                        v.push(Form::Str { code, a32, rep, bits });
+                    for rep in [
+                        RepPrefixKind::None,
+                        RepPrefixKind::Repe,
+                        RepPrefixKind::Repne,
+                    ] {
+                        v.push(Form::Str {
+                            code,
+                            a32,
+                            rep,
+                            bits,
+                        });
                     }
                 }
             }
@@ -776,12 +1061,27 @@ mod host {
             for (cc, name) in CC.iter().enumerate() {
                 let mut b = vec![0x70 | cc as u8, 3];
                 b.extend_from_slice(inc);
-                v.push(Form::Raw { name: format!("j{name} rel8 over inc"), bytes: b, kind: RawKind::Branch, bits });
+                v.push(Form::Raw {
+                    name: format!("j{name} rel8 over inc"),
+                    bytes: b,
+                    kind: RawKind::Branch,
+                    bits,
+                });
                 let mut b = vec![0x0f, 0x80 | cc as u8, 3, 0, 0, 0];
                 b.extend_from_slice(inc);
-                v.push(Form::Raw { name: format!("j{name} rel32 over inc"), bytes: b, kind: RawKind::Branch, bits });
+                v.push(Form::Raw {
+                    name: format!("j{name} rel32 over inc"),
+                    bytes: b,
+                    kind: RawKind::Branch,
+                    bits,
+                });
             }
-            for (op, name) in [(0xe0u8, "loopne"), (0xe1, "loope"), (0xe2, "loop"), (0xe3, "jcxz")] {
+            for (op, name) in [
+                (0xe0u8, "loopne"),
+                (0xe1, "loope"),
+                (0xe2, "loop"),
+                (0xe3, "jcxz"),
+            ] {
                 // The address-size prefix selects the count register: ECX in 64-bit code, CX
                 // in 32-bit code.
                 for prefixed in [false, true] {
@@ -801,10 +1101,25 @@ mod host {
                     });
                 }
             }
-            v.push(Form::Raw { name: "xlatb".into(), bytes: vec![0xd7], kind: RawKind::Xlat, bits });
+            v.push(Form::Raw {
+                name: "xlatb".into(),
+                bytes: vec![0xd7],
+                kind: RawKind::Xlat,
+                bits,
+            });
             if bits == 64 {
-                v.push(Form::Raw { name: "rex.w xlatb".into(), bytes: vec![0x48, 0xd7], kind: RawKind::Xlat, bits });
-                v.push(Form::Raw { name: "xlatb a32".into(), bytes: vec![0x67, 0xd7], kind: RawKind::Xlat, bits });
+                v.push(Form::Raw {
+                    name: "rex.w xlatb".into(),
+                    bytes: vec![0x48, 0xd7],
+                    kind: RawKind::Xlat,
+                    bits,
+                });
+                v.push(Form::Raw {
+                    name: "xlatb a32".into(),
+                    bytes: vec![0x67, 0xd7],
+                    kind: RawKind::Xlat,
+                    bits,
+                });
             }
         }
         v
@@ -867,8 +1182,24 @@ mod host {
         use Mnemonic::*;
         matches!(
             m,
-            Add | Or | Adc | Sbb | And | Sub | Xor | Inc | Dec | Neg | Not | Bts | Btr | Btc | Xadd
-                | Cmpxchg | Cmpxchg8b | Cmpxchg16b | Xchg
+            Add | Or
+                | Adc
+                | Sbb
+                | And
+                | Sub
+                | Xor
+                | Inc
+                | Dec
+                | Neg
+                | Not
+                | Bts
+                | Btr
+                | Btc
+                | Xadd
+                | Cmpxchg
+                | Cmpxchg8b
+                | Cmpxchg16b
+                | Xchg
         )
     }
 
@@ -876,14 +1207,30 @@ mod host {
         use Mnemonic::*;
         matches!(
             m,
-            Push | Pop | Pushf | Pushfd | Pushfq | Popf | Popfd | Popfq | Enter | Leave | Call
-                | Ret | Pusha | Pushad | Popa | Popad
+            Push | Pop
+                | Pushf
+                | Pushfd
+                | Pushfq
+                | Popf
+                | Popfd
+                | Popfq
+                | Enter
+                | Leave
+                | Call
+                | Ret
+                | Pusha
+                | Pushad
+                | Popa
+                | Popad
         )
     }
 
     fn is_shift(m: Mnemonic) -> bool {
         use Mnemonic::*;
-        matches!(m, Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd)
+        matches!(
+            m,
+            Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd
+        )
     }
 
     struct Gen<'a> {
@@ -964,7 +1311,15 @@ mod host {
             if offs {
                 // MOV AL/AX/EAX/RAX, moffs: an absolute 64-bit (or 32-bit) address.
                 return (
-                    MemoryOperand::new(G::None, G::None, 1, target as i64, if a32 { 4 } else { 8 }, false, G::None),
+                    MemoryOperand::new(
+                        G::None,
+                        G::None,
+                        1,
+                        target as i64,
+                        if a32 { 4 } else { 8 },
+                        false,
+                        G::None,
+                    ),
                     vec![],
                 );
             }
@@ -972,7 +1327,10 @@ mod host {
             let shape = self.rng.below(16);
             if rip_ok && self.bits == 64 && shape == 0 {
                 let b = if a32 { G::EIP } else { G::RIP };
-                return (MemoryOperand::new(b, G::None, 1, target as i64, 4, false, G::None), vec![]);
+                return (
+                    MemoryOperand::new(b, G::None, 1, target as i64, 4, false, G::None),
+                    vec![],
+                );
             }
             let pool: Vec<usize> = (0..self.nregs()).filter(|i| !avoid.contains(i)).collect();
             let base = if shape == 1 {
@@ -984,8 +1342,11 @@ mod host {
                 Some(self.rng.pick(&p))
             };
             let index = if self.rng.chance(2) || (base.is_none() && self.rng.chance(2)) {
-                let p: Vec<usize> =
-                    pool.iter().copied().filter(|&i| i != RSP && Some(i) != base).collect();
+                let p: Vec<usize> = pool
+                    .iter()
+                    .copied()
+                    .filter(|&i| i != RSP && Some(i) != base)
+                    .collect();
                 Some(self.rng.pick(&p))
             } else {
                 None
@@ -996,14 +1357,22 @@ mod host {
             let mut idx_part = 0u64;
             if let Some(x) = index {
                 let v = self.small_signed() as u64;
-                st.gpr[x] = if a32 { (self.rng.next() << 32) | (v & 0xffff_ffff) } else { v };
+                st.gpr[x] = if a32 {
+                    (self.rng.next() << 32) | (v & 0xffff_ffff)
+                } else {
+                    v
+                };
                 idx_part = v.wrapping_mul(scale);
                 used.push(x);
             }
             let (disp, size) = match base {
                 Some(b) if b == RSP => {
                     let d = target.wrapping_sub(st.gpr[RSP]).wrapping_sub(idx_part) & am;
-                    let d = if a32 { d as u32 as i32 as i64 } else { d as i64 };
+                    let d = if a32 {
+                        d as u32 as i32 as i64
+                    } else {
+                        d as i64
+                    };
                     (d, 4)
                 }
                 Some(b) => {
@@ -1014,25 +1383,52 @@ mod host {
                         _ => self.rng.below(0x20000) as i64 - 0x10000,
                     };
                     let v = target.wrapping_sub(idx_part).wrapping_sub(d as u64);
-                    st.gpr[b] = if a32 { (self.rng.next() << 32) | (v & 0xffff_ffff) } else { v };
+                    st.gpr[b] = if a32 {
+                        (self.rng.next() << 32) | (v & 0xffff_ffff)
+                    } else {
+                        v
+                    };
                     used.push(b);
                     (d, if d == 0 { 0 } else { 1 })
                 }
                 None => {
                     let d = target.wrapping_sub(idx_part) & am;
                     let d = if a32 { d as u32 as i64 } else { d as i64 };
-                    (d, if index.is_some() { 1 } else if a32 { 4 } else { 8 })
+                    (
+                        d,
+                        if index.is_some() {
+                            1
+                        } else if a32 {
+                            4
+                        } else {
+                            8
+                        },
+                    )
                 }
             };
             let br = base.map(|b| regs[b]).unwrap_or(G::None);
             let xr = index.map(|x| regs[x]).unwrap_or(G::None);
-            (MemoryOperand::new(br, xr, scale as u32, disp, size, false, G::None), used)
+            // Sometimes a segment override: all these segments are flat (64-bit code ignores
+            // CS, DS, ES and SS overrides; CS would be read-only in 32-bit code).
+            let seg = if self.rng.chance(12) {
+                if self.bits == 64 {
+                    self.rng.pick(&[G::ES, G::CS, G::SS, G::DS])
+                } else {
+                    self.rng.pick(&[G::ES, G::SS, G::DS])
+                }
+            } else {
+                G::None
+            };
+            (
+                MemoryOperand::new(br, xr, scale as u32, disp, size, false, seg),
+                used,
+            )
         }
 
         fn case(&mut self, form: &Form) -> Option<Case> {
             match form {
-                Form::Code(code) => self.code_case(*code),
-                Form::Str { code, a32, rep } => self.string_case(*code, *a32, *rep),
+                Form::Code { code, .. } => self.code_case(*code),
+                Form::Str { code, a32, rep, .. } => self.string_case(*code, *a32, *rep),
                 Form::Raw { bytes, kind, .. } => self.raw_case(bytes, *kind),
             }
         }
@@ -1048,17 +1444,24 @@ mod host {
                         }
                     }
                 }
-                RawKind::Xlat { a32 } => {
+                RawKind::Xlat => {
                     let t = self.base + 0x200 + self.rng.below(0x1800);
+                    let a32 = self.bits == 32 || bytes[0] == 0x67;
                     st.gpr[RBX] = if a32 { (self.rng.next() << 32) | t } else { t };
                 }
             }
-            let ins = decode_one(bytes, self.ip);
-            Some(Case { bytes: bytes.to_vec(), ins, st, data })
+            let ins = decode_one(self.bits, bytes, self.ip);
+            Some(Case {
+                bytes: bytes.to_vec(),
+                ins,
+                st,
+                data,
+            })
         }
 
         fn string_case(&mut self, code: Code, a32: bool, rep: RepPrefixKind) -> Option<Case> {
             use Mnemonic::*;
+            let a32 = a32 || self.bits == 32;
             let asz = if a32 { 32 } else { 64 };
             let n = G::None;
             let ins = match code {
@@ -1108,7 +1511,12 @@ mod host {
             let m = ins.mnemonic();
             if matches!(m, Scasb | Scasw | Scasd | Scasq) && self.rng.chance(2) {
                 // Look for an element that is there.
-                let v = rd(&data, self.base, di + size * self.rng.below(count + 1), size);
+                let v = rd(
+                    &data,
+                    self.base,
+                    di + size * self.rng.below(count + 1),
+                    size,
+                );
                 st.gpr[RAX] = (st.gpr[RAX] & !mask(size)) | v;
             }
             if matches!(m, Cmpsb | Cmpsw | Cmpsd | Cmpsq) && self.rng.chance(2) {
@@ -1127,9 +1535,14 @@ mod host {
                     wr(&mut data, self.base, d, size, v);
                 }
             }
-            let bytes = encode(&ins, self.ip).ok()?;
-            let ins = decode_one(&bytes, self.ip);
-            Some(Case { bytes, ins, st, data })
+            let bytes = encode(self.bits, &ins, self.ip).ok()?;
+            let ins = decode_one(self.bits, &bytes, self.ip);
+            Some(Case {
+                bytes,
+                ins,
+                st,
+                data,
+            })
         }
 
         fn code_case(&mut self, code: Code) -> Option<Case> {
@@ -1148,8 +1561,10 @@ mod host {
             // Which operand (if any) is memory.
             let mem_n = kinds.iter().position(|&k| {
                 matches!(k, K::mem | K::mem_offs)
-                    || (matches!(k, K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem)
-                        && self.rng.chance(2))
+                    || (matches!(
+                        k,
+                        K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem
+                    ) && self.rng.chance(2))
             });
             let size_of = |k: K| -> u64 {
                 match k {
@@ -1171,13 +1586,37 @@ mod host {
                     K::ax => G::AX,
                     K::eax => G::EAX,
                     K::rax => G::RAX,
+                    K::r8_or_mem | K::r8_reg | K::r8_opcode if self.bits == 32 => {
+                        self.rng
+                            .pick(&[G::AL, G::CL, G::DL, G::BL, G::AH, G::CH, G::DH, G::BH])
+                    }
                     K::r8_or_mem | K::r8_reg | K::r8_opcode => self.rng.pick(&R8),
-                    K::r16_or_mem | K::r16_reg | K::r16_rm | K::r16_opcode => self.rng.pick(&R16),
-                    K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode => self.rng.pick(&R32),
+                    K::r16_or_mem | K::r16_reg | K::r16_rm | K::r16_opcode => {
+                        self.rng.pick(&R16[..self.nregs()])
+                    }
+                    K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode if branch => {
+                        // CALL/JMP through ESP would run the stack.
+                        self.rng
+                            .pick(&[G::EAX, G::ECX, G::EDX, G::EBX, G::EBP, G::ESI, G::EDI])
+                    }
+                    K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode => {
+                        self.rng.pick(&R32[..self.nregs()])
+                    }
                     K::r64_or_mem | K::r64_reg | K::r64_rm | K::r64_opcode => {
                         if branch {
                             // CALL/JMP through RSP would run the stack.
-                            self.rng.pick(&[G::RAX, G::RCX, G::RDX, G::RBX, G::RBP, G::RSI, G::RDI, G::R8, G::R13, G::R15])
+                            self.rng.pick(&[
+                                G::RAX,
+                                G::RCX,
+                                G::RDX,
+                                G::RBX,
+                                G::RBP,
+                                G::RSI,
+                                G::RDI,
+                                G::R8,
+                                G::R13,
+                                G::R15,
+                            ])
                         } else {
                             self.rng.pick(&R64)
                         }
@@ -1205,6 +1644,7 @@ mod host {
                     K::mem => match mn {
                         Cmpxchg8b => 8,
                         Cmpxchg16b => 16,
+                        Bound => 2 * regs[0].size() as u64,
                         _ => 8, // LEA: nothing is accessed
                     },
                     K::mem_offs => size_of(kinds[1 - n]),
@@ -1217,9 +1657,16 @@ mod host {
                     self.target(size, align)
                 };
                 let (m, used) = if mn == Lea {
-                    self.lea_operand(&mut st)
+                    self.lea_operand()
                 } else {
-                    self.memory(&mut st, target, &avoid, rsp_fixed, true, kinds[n] == K::mem_offs)
+                    self.memory(
+                        &mut st,
+                        target,
+                        &avoid,
+                        rsp_fixed,
+                        true,
+                        kinds[n] == K::mem_offs,
+                    )
                 };
                 addr_regs = used;
                 mem_op = Some(m);
@@ -1233,9 +1680,10 @@ mod host {
             }
             let free = |r: usize| !addr_regs.contains(&r);
             // Immediates and the operand list.
-            let width = plan.as_ref().map(|p| p.size).unwrap_or_else(|| {
-                regs.first().map(|r| r.size() as u64).unwrap_or(8).max(1)
-            });
+            let width = plan
+                .as_ref()
+                .map(|p| p.size)
+                .unwrap_or_else(|| regs.first().map(|r| r.size() as u64).unwrap_or(8).max(1));
             let mut ops = Vec::new();
             for (n, &k) in kinds.iter().enumerate() {
                 let o = match k {
@@ -1243,14 +1691,20 @@ mod host {
                         let v = if is_shift(mn) {
                             self.rng.count(width * 8)
                         } else if mn == Enter {
-                            if self.rng.chance(4) { self.rng.below(256) } else { self.rng.below(5) }
+                            if self.rng.chance(4) {
+                                self.rng.below(256)
+                            } else {
+                                self.rng.below(5)
+                            }
                         } else {
                             self.rng.below(256)
                         };
                         Op::I(v as i64)
                     }
                     K::imm8_const_1 => Op::I(1),
-                    K::imm8sex16 | K::imm8sex32 | K::imm8sex64 => Op::I(self.rng.next() as i8 as i64),
+                    K::imm8sex16 | K::imm8sex32 | K::imm8sex64 => {
+                        Op::I(self.rng.next() as i8 as i64)
+                    }
                     // ENTER probes the final stack pointer: its frame stays in the buffer.
                     K::imm16 if mn == Enter => Op::I(if self.rng.chance(2) {
                         self.rng.below(64) as i64
@@ -1264,7 +1718,7 @@ mod host {
                     }),
                     K::imm32 | K::imm32sex64 => Op::I(self.rng.value() as i32 as i64),
                     K::imm64 => Op::I(self.rng.value() as i64),
-                    K::br64_1 | K::br64_4 => Op::I(0),
+                    K::br64_1 | K::br64_4 | K::br32_1 | K::br32_4 => Op::I(0),
                     _ if Some(n) == mem_n => Op::M(mem_op.unwrap()),
                     _ => Op::R(regs[n]),
                 };
@@ -1275,7 +1729,11 @@ mod host {
                 let r = regs[1];
                 let bits = (r.size() * 8) as u64;
                 let off = self.rng.below(0x400 * 8 * 2) as i64 - 0x400 * 8;
-                let upper = if bits == 64 { 0 } else { self.rng.next() & !mask(bits / 8) };
+                let upper = if bits == 64 {
+                    0
+                } else {
+                    self.rng.next() & !mask(bits / 8)
+                };
                 st.gpr[gpr_index(r)] = upper | (off as u64 & mask(bits / 8));
             }
             if is_shift(mn) && kinds.last() == Some(&K::cl) && free(RCX) {
@@ -1287,7 +1745,11 @@ mod host {
                 if free(RDX) && free(RAX) {
                     let lo = st.get(lo_r) & mask(width);
                     let hi = if mn == Idiv {
-                        if (lo >> (width * 8 - 1)) & 1 == 1 { mask(width) } else { 0 }
+                        if (lo >> (width * 8 - 1)) & 1 == 1 {
+                            mask(width)
+                        } else {
+                            0
+                        }
                     } else {
                         self.rng.below(4)
                     };
@@ -1308,8 +1770,12 @@ mod host {
                     }
                 }
             }
-            if matches!(mn, Popf | Popfq) {
-                let size = if code == Code::Popfw { 2 } else { 8 };
+            if matches!(mn, Popf | Popfd | Popfq) {
+                let size = match code {
+                    Code::Popfw => 2,
+                    Code::Popfd => 4,
+                    _ => 8,
+                };
                 let v = (self.rng.next() & (ARITH | DF | 0x8028)) | IF | 2;
                 wr(&mut data, self.base, st.gpr[RSP], size, v);
             }
@@ -1330,6 +1796,21 @@ mod host {
                     }
                 }
             }
+            if mn == Bound {
+                // In range (BOUND raises #BR otherwise): lower <= index <= upper, signed.
+                let p = plan.as_ref().unwrap();
+                let w = p.size / 2;
+                let idx = sext(st.get(regs[0]), w);
+                let (min, max) = (-(1i64 << (w * 8 - 1)), (1i64 << (w * 8 - 1)) - 1);
+                let lo = idx
+                    .saturating_sub(self.rng.below(4) as i64 * self.rng.below(1000) as i64)
+                    .max(min);
+                let hi = idx
+                    .saturating_add(self.rng.below(4) as i64 * self.rng.below(1000) as i64)
+                    .min(max);
+                wr(&mut data, self.base, p.target, w, lo as u64);
+                wr(&mut data, self.base, p.target + w, w, hi as u64);
+            }
             if matches!(mn, Cmpxchg8b | Cmpxchg16b) && self.rng.chance(2) {
                 let p = plan.as_ref().unwrap();
                 let h = p.size / 2;
@@ -1339,8 +1820,15 @@ mod host {
             }
 
             // Encode (branch targets: the next instruction).
-            let mut ins = if matches!(kinds.first(), Some(K::br64_1 | K::br64_4)) {
-                let len = if kinds[0] == K::br64_1 { 2 } else { 5 };
+            let mut ins = if matches!(
+                kinds.first(),
+                Some(K::br64_1 | K::br64_4 | K::br32_1 | K::br32_4)
+            ) {
+                let len = if matches!(kinds[0], K::br64_1 | K::br32_1) {
+                    2
+                } else {
+                    5
+                };
                 Instruction::with_branch(code, self.ip + len).ok()?
             } else {
                 build(code, &ops).ok()?
@@ -1348,68 +1836,114 @@ mod host {
             if lockable(mn) && mem_n == Some(0) && self.rng.chance(2) {
                 ins.set_has_lock_prefix(true);
             }
-            let bytes = encode(&ins, self.ip).ok()?;
-            let ins = decode_one(&bytes, self.ip);
+            let bytes = encode(self.bits, &ins, self.ip).ok()?;
+            let ins = decode_one(self.bits, &bytes, self.ip);
             if ins.len() != bytes.len() || ins.code() != code {
                 return None;
             }
             let next = self.ip + bytes.len() as u64;
             // Indirect branches and returns go to the next instruction.
+            let w = u64::from(self.bits / 8);
             match code {
-                Code::Call_rm64 | Code::Jmp_rm64 => match &plan {
-                    Some(p) => wr(&mut data, self.base, p.target, 8, next),
-                    None => {
-                        if !free(gpr_index(regs[0])) {
-                            return None;
+                Code::Call_rm64 | Code::Jmp_rm64 | Code::Call_rm32 | Code::Jmp_rm32 => {
+                    match &plan {
+                        Some(p) => wr(&mut data, self.base, p.target, w, next),
+                        None => {
+                            if !free(gpr_index(regs[0])) {
+                                return None;
+                            }
+                            st.gpr[gpr_index(regs[0])] = next;
                         }
-                        st.gpr[gpr_index(regs[0])] = next;
                     }
-                },
-                Code::Retnq | Code::Retnq_imm16 => wr(&mut data, self.base, st.gpr[RSP], 8, next),
+                }
+                Code::Retnq | Code::Retnq_imm16 | Code::Retnd | Code::Retnd_imm16 => {
+                    wr(&mut data, self.base, st.gpr[RSP] & mask(w), w, next)
+                }
                 _ => {}
             }
             if !valid(&ins, &st, &data, self.base, plan.as_ref()) {
                 return None;
             }
-            Some(Case { bytes, ins, st, data })
+            Some(Case {
+                bytes,
+                ins,
+                st,
+                data,
+            })
         }
 
-        /// LEA's operand: any registers and displacement, any address size, RIP-relative too.
-        fn lea_operand(&mut self, st: &mut State) -> (MemoryOperand, Vec<usize>) {
-            let a32 = self.rng.chance(3);
-            let regs = if a32 { &R32 } else { &R64 };
+        /// LEA's operand: any registers and displacement, any address size (16-bit in 32-bit
+        /// code too: LEA does not access memory), RIP-relative too.
+        fn lea_operand(&mut self) -> (MemoryOperand, Vec<usize>) {
             let disp = match self.rng.below(3) {
                 0 => 0,
                 1 => self.rng.below(256) as i64 - 128,
                 _ => self.rng.next() as i32 as i64,
             };
-            if self.rng.chance(10) {
-                let b = if a32 { G::EIP } else { G::RIP };
-                let t = self.ip.wrapping_add(disp as u64) & if a32 { 0xffff_ffff } else { u64::MAX };
-                return (MemoryOperand::new(b, G::None, 1, t as i64, 4, false, G::None), vec![]);
+            if self.bits == 32 && self.rng.chance(3) {
+                let base = self.rng.pick(&[G::BX, G::BP, G::None]);
+                let index = self.rng.pick(&[G::SI, G::DI, G::None]);
+                let size = if base == G::None && index == G::None {
+                    2
+                } else if disp as i16 as i64 == disp as i8 as i64 {
+                    1
+                } else {
+                    2
+                };
+                return (
+                    MemoryOperand::new(base, index, 1, disp as u16 as i64, size, false, G::None),
+                    vec![],
+                );
             }
-            let base = if self.rng.chance(8) { None } else { Some(self.rng.below(16) as usize) };
+            let a32 = self.bits == 32 || self.rng.chance(3);
+            let regs = if a32 { &R32 } else { &R64 };
+            if self.bits == 64 && self.rng.chance(10) {
+                let b = if a32 { G::EIP } else { G::RIP };
+                let t =
+                    self.ip.wrapping_add(disp as u64) & if a32 { 0xffff_ffff } else { u64::MAX };
+                return (
+                    MemoryOperand::new(b, G::None, 1, t as i64, 4, false, G::None),
+                    vec![],
+                );
+            }
+            let n = self.nregs() as u64;
+            let base = if self.rng.chance(8) {
+                None
+            } else {
+                Some(self.rng.below(n) as usize)
+            };
             let index = if self.rng.chance(2) {
-                let p: Vec<usize> = (0..16).filter(|&i| i != RSP && Some(i) != base).collect();
+                let p: Vec<usize> = (0..n as usize)
+                    .filter(|&i| i != RSP && Some(i) != base)
+                    .collect();
                 Some(self.rng.pick(&p))
             } else {
                 None
             };
             let scale = self.rng.pick(&[1u32, 2, 4, 8]);
-            let _ = st;
             let (disp, size) = match base {
                 Some(_) => (disp, if disp == 0 { 0 } else { 1 }),
+                None if index.is_some() => (if a32 { disp as u32 as i64 } else { disp }, 1),
                 None if a32 => (disp as u32 as i64, 4),
                 None => (disp, 8),
             };
             let br = base.map(|b| regs[b]).unwrap_or(G::None);
             let xr = index.map(|x| regs[x]).unwrap_or(G::None);
-            (MemoryOperand::new(br, xr, scale, disp, size, false, G::None), vec![])
+            (
+                MemoryOperand::new(br, xr, scale, disp, size, false, G::None),
+                vec![],
+            )
         }
     }
 
     /// Whether the case is defined and does not fault natively.
-    fn valid(ins: &Instruction, st: &State, data: &[u8], base: u64, plan: Option<&MemPlan>) -> bool {
+    fn valid(
+        ins: &Instruction,
+        st: &State,
+        data: &[u8],
+        base: u64,
+        plan: Option<&MemPlan>,
+    ) -> bool {
         use Mnemonic::*;
         match ins.mnemonic() {
             Div | Idiv => {
@@ -1444,6 +1978,8 @@ mod host {
                     q >= -(1i128 << (bits - 1)) && q < (1i128 << (bits - 1))
                 }
             }
+            // AAM 0 divides by zero.
+            Aam => ins.immediate8() != 0,
             Shld | Shrd => {
                 // A 16-bit count above 16 leaves the result undefined.
                 let size = op_size(ins);
@@ -1462,7 +1998,11 @@ mod host {
 
     /// The raw shift count of a shift, rotate or double shift.
     fn shift_count(ins: &Instruction, st: &State) -> u64 {
-        let n = if matches!(ins.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd) { 2 } else { 1 };
+        let n = if matches!(ins.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd) {
+            2
+        } else {
+            1
+        };
         if ins.op_count() <= n {
             return 1;
         }
@@ -1497,16 +2037,26 @@ mod host {
             Div | Idiv => ARITH,
             Bt | Bts | Btr | Btc => OF | SF | AF | PF,
             Bsf | Bsr => CF | OF | SF | AF | PF,
+            Daa | Das => OF,
+            Aaa | Aas => OF | SF | ZF | PF,
+            Aam | Aad => OF | AF | CF,
             _ => 0,
         }
     }
 
     /// Register bits the SDM leaves undefined after `ins`: (register, bits not compared).
-    fn undefined_reg_bits(ins: &Instruction, st: &State, data: &[u8], base: u64) -> Option<(usize, u64)> {
+    fn undefined_reg_bits(
+        ins: &Instruction,
+        st: &State,
+        data: &[u8],
+        base: u64,
+    ) -> Option<(usize, u64)> {
         use Mnemonic::*;
         match ins.mnemonic() {
             // BSWAP of a 16-bit register (Intel and AMD clear it, but the SDM says undefined).
-            Bswap if ins.op0_register().size() == 2 => Some((gpr_index(ins.op0_register()), 0xffff)),
+            Bswap if ins.op0_register().size() == 2 => {
+                Some((gpr_index(ins.op0_register()), 0xffff))
+            }
             // BSF/BSR of zero: the destination is undefined. Cores keep it, but Intel's clear the
             // upper half of a 32-bit destination and AMD's do not: the low 32 bits are compared.
             Bsf | Bsr if ins.op0_register().size() == 4 => {
@@ -1555,7 +2105,10 @@ mod host {
     }
 
     fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn env_u64(name: &str) -> Option<u64> {
@@ -1570,7 +2123,7 @@ mod host {
     }
 
     pub fn run() {
-        let cases = env_u64("PALACIOS_DIFF_CASES").unwrap_or(20_000);
+        let cases = env_u64("PALACIOS_DIFF_CASES").unwrap_or(50_000);
         let seed = env_u64("PALACIOS_DIFF_SEED").unwrap_or(0x5eed_0000_d1ff);
         let show = env_u64("PALACIOS_DIFF_SHOW").unwrap_or(30);
         let filter = std::env::var("PALACIOS_DIFF_FORM").ok();
@@ -1581,9 +2134,13 @@ mod host {
         };
         let emu = Emu::new();
         let base = native.base;
-        let code_addr = base + CODE_OFF;
-        let ip = native.insn_addr();
-        let mut forms = forms();
+        let compat = native.s32.is_some();
+        if !compat {
+            println!(
+                "differential: the host has no 32-bit user code segment; compatibility-mode forms skipped"
+            );
+        }
+        let mut forms = forms(compat);
         if let Some(f) = &filter {
             forms.retain(|x| x.name().contains(f.as_str()));
             assert!(!forms.is_empty(), "no form matches PALACIOS_DIFF_FORM={f}");
@@ -1592,21 +2149,57 @@ mod host {
             "differential: {} instruction forms, {cases} cases, seed {seed:#x}, buffer at {base:#x}",
             forms.len()
         );
+        // Registers compared: all 64 bits of 16 in 64-bit code, the low halves of 8 in 32-bit code.
+        let reg_mask = |bits: u32| -> [u64; 16] {
+            let mut m = [u64::MAX; 16];
+            if bits == 32 {
+                for (i, v) in m.iter_mut().enumerate() {
+                    *v = if i < 8 { 0xffff_ffff } else { 0 };
+                }
+            }
+            m
+        };
+        let same = |a: &State, b: &State, m: &[u64; 16]| {
+            (0..16).all(|i| (a.gpr[i] ^ b.gpr[i]) & m[i] == 0)
+        };
 
         // The harness itself: a NOP returns the inputs unchanged on both sides.
-        {
+        for bits in [64u32, 32] {
+            if bits == 32 && !compat {
+                continue;
+            }
+            let stub = native.stub(bits);
+            let ip = native.insn_addr(bits);
             let mut rng = Rng(seed);
-            let mut g = Gen { rng: &mut rng, base, ip };
+            let mut g = Gen {
+                rng: &mut rng,
+                base,
+                ip,
+                bits,
+            };
             let (st, data) = g.random_state();
-            let (n, nd) = native.run(&[0x90], &st, &data);
-            assert_eq!(n.gpr, st.gpr, "native harness changed registers");
-            assert_eq!(n.flags & COMPARED, st.flags & COMPARED, "native harness changed flags");
-            assert!(nd == data, "native harness changed memory");
-            let mut code = native.prologue.clone();
+            let m = reg_mask(bits);
+            let (n, nd) = native.run(bits, &[0x90], &st, &data);
+            assert!(
+                same(&n, &st, &m),
+                "native {bits}-bit harness changed registers"
+            );
+            assert_eq!(
+                n.flags & COMPARED,
+                st.flags & COMPARED,
+                "native {bits}-bit harness changed flags"
+            );
+            assert!(nd == data, "native {bits}-bit harness changed memory");
+            let mut code = stub.pro.clone();
             code.extend_from_slice(&[0x90, 0xf4]);
-            let (e, ed) = emu.run(base, code_addr, &code, ip, &st, &data).expect("emulator runs a NOP");
-            assert_eq!(e.gpr, st.gpr, "emulator harness changed registers");
-            assert!(ed == data, "emulator harness changed memory");
+            let (e, ed) = emu
+                .run(bits, base, base + stub.off, &code, ip, &st, &data)
+                .expect("emulator runs a NOP");
+            assert!(
+                same(&e, &st, &m),
+                "emulator {bits}-bit harness changed registers"
+            );
+            assert!(ed == data, "emulator {bits}-bit harness changed memory");
         }
 
         let start = Instant::now();
@@ -1616,8 +2209,16 @@ mod host {
         let mut per_form: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for case in 0..cases {
             let form = &forms[(case % forms.len() as u64) as usize];
+            let bits = form.bits();
+            let stub = native.stub(bits);
+            let ip = native.insn_addr(bits);
             let mut rng = Rng(seed ^ case.wrapping_mul(0xd605_bbb5_8c8a_bbd9));
-            let mut g = Gen { rng: &mut rng, base, ip };
+            let mut g = Gen {
+                rng: &mut rng,
+                base,
+                ip,
+                bits,
+            };
             let mut c = None;
             for _ in 0..200 {
                 c = g.case(form);
@@ -1631,16 +2232,21 @@ mod host {
             };
             ran += 1;
             if trace {
-                eprintln!("case {case} {}: {} [{}]", form.name(), nasm(&c.ins), hex(&c.bytes));
+                eprintln!(
+                    "case {case} {}: {} [{}]",
+                    form.name(),
+                    nasm(&c.ins),
+                    hex(&c.bytes)
+                );
             }
-            let (n_st, n_data) = native.run(&c.bytes, &c.st, &c.data);
-            let mut code = native.prologue.clone();
+            let (n_st, n_data) = native.run(bits, &c.bytes, &c.st, &c.data);
+            let mut code = stub.pro.clone();
             code.extend_from_slice(&c.bytes);
             code.push(0xf4);
-            let emu_out = emu.run(base, code_addr, &code, ip, &c.st, &c.data);
+            let emu_out = emu.run(bits, base, base + stub.off, &code, ip, &c.st, &c.data);
             let undefined = undefined_flags(&c.ins, &c.st);
             let fmask = COMPARED & !undefined;
-            let mut rmask = [u64::MAX; 16];
+            let mut rmask = reg_mask(bits);
             if let Some((r, bits)) = undefined_reg_bits(&c.ins, &c.st, &c.data, base) {
                 rmask[r] &= !bits;
             }
@@ -1668,7 +2274,8 @@ mod host {
                             (n_st.flags ^ e_st.flags) & fmask
                         );
                     }
-                    let diffs: Vec<usize> = (0..DATA_LEN).filter(|&k| n_data[k] != e_data[k]).collect();
+                    let diffs: Vec<usize> =
+                        (0..DATA_LEN).filter(|&k| n_data[k] != e_data[k]).collect();
                     for &k in diffs.iter().take(16) {
                         let _ = writeln!(
                             report,
@@ -1725,8 +2332,11 @@ mod host {
         // Every form must have produced cases (a generator that never finds valid operands
         // would silently test nothing).
         if cases >= 4 * forms.len() as u64 {
-            let idle: Vec<String> =
-                forms.iter().map(|f| f.name()).filter(|n| !per_form.contains_key(n)).collect();
+            let idle: Vec<String> = forms
+                .iter()
+                .map(|f| f.name())
+                .filter(|n| !per_form.contains_key(n))
+                .collect();
             assert!(idle.is_empty(), "forms that never ran: {idle:?}");
         }
         let bad: Vec<_> = per_form.iter().filter(|(_, v)| v.1 > 0).collect();
@@ -1741,6 +2351,9 @@ mod host {
              {mismatches} mismatches, {secs:.1} s, seed {seed:#x}",
             per_form.len()
         );
-        assert_eq!(mismatches, 0, "the emulator disagrees with the host CPU (seed {seed:#x})");
+        assert_eq!(
+            mismatches, 0,
+            "the emulator disagrees with the host CPU (seed {seed:#x})"
+        );
     }
 }

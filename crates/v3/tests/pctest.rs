@@ -181,8 +181,15 @@ fn deterministic_runs_reproduce_exactly() {
             .unwrap_or_else(|| panic!("no instruction count\n{}", r.out()))
     };
     assert_eq!(count(&a), count(&b));
-    // Timers fire at exact virtual times: the one-shot LAPIC timer is exactly on time.
-    assert!(a.stdout.contains("fired after 10000 us"), "{}", a.out());
+    // Timers fire at virtual times, to within the few instructions of a block.
+    let fired: u64 = a
+        .stdout
+        .split("fired after ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no one-shot timer line\n{}", a.out()));
+    assert!((10_000..=10_010).contains(&fired), "{}", a.out());
     // The KVM backend has no deterministic time: a clear configuration error.
     let r = v3(
         &[

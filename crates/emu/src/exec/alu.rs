@@ -578,13 +578,13 @@ fn bcd<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
             nf |= szp(v & 0xff, 1);
             new_ax = v & 0xffff;
         }
-        // AAS
+        // AAS: AX -= 6 (a borrow from AL reaches AH), then AH -= 1, as current cores do.
         3 => {
             let mut v = ax;
             if (al & 0xf) > 9 || af {
-                let lo = al.wrapping_sub(6) & 0xff;
-                let hi = ((ax >> 8).wrapping_sub(1)) & 0xff;
-                v = (hi << 8) | lo;
+                let t = ax.wrapping_sub(6) & 0xffff;
+                let hi = ((t >> 8).wrapping_sub(1)) & 0xff;
+                v = (hi << 8) | (t & 0xff);
                 nf |= fl::AF | fl::CF;
             }
             v &= 0xff0f;

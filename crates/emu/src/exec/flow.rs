@@ -4,10 +4,11 @@ use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::alu::cond;
 use super::interrupt::{self, Source};
+use super::muldiv::sext;
 use super::{Handler, mask};
 use crate::block::Insn;
 use crate::cpu::{CS, Mode, fl};
-use crate::machine::{Machine, OF, R, canonical, gp, ud};
+use crate::machine::{BR, Fault, Machine, OF, R, canonical, gp, ud};
 
 /// Set RIP to a near target after the CS limit (or canonical) check.
 #[inline]
@@ -151,6 +152,22 @@ fn into(m: &mut Machine, _: &Insn) -> R<()> {
     Ok(())
 }
 
+/// BOUND: #BR unless lower <= index <= upper, signed at the operand size (the bounds pair is
+/// in memory).
+fn bound(m: &mut Machine, x: &Insn) -> R<()> {
+    let r = x.i.op0_register();
+    let size = r.size() as u64;
+    let seg = m.mseg(x);
+    let off = m.ea(x);
+    let lo = sext(m.read(seg, off, size)?, size);
+    let hi = sext(m.read(seg, off.wrapping_add(size) & x.amask, size)?, size);
+    let idx = sext(m.reg(r), size);
+    if idx < lo || idx > hi {
+        return Err(Fault::Exc(BR, None));
+    }
+    Ok(())
+}
+
 fn ud2(_: &mut Machine, _: &Insn) -> R<()> {
     Err(ud())
 }
@@ -230,6 +247,7 @@ pub fn handler(mn: Mnemonic, i: &Instruction) -> Option<Handler> {
         Int3 => int3,
         Int1 => int1,
         Into => into,
+        Bound => bound,
         Ud0 | Ud1 | Ud2 => ud2,
         Iret | Iretd | Iretq => iret,
         _ => return None,

@@ -38,7 +38,7 @@ fn idt_fault(v: u8, vector: u8, src: Source) -> Fault {
 pub fn deliver(m: &mut Machine, vector: u8, src: Source, code: Option<u32>) -> R<()> {
     match m.cpu.mode {
         Mode::Real => deliver_real(m, vector),
-        Mode::Virtual8086 => Err(Fault::Fatal("virtual-8086 mode is not implemented")),
+        Mode::Virtual8086 => Err(Fault::Fatal(&"virtual-8086 mode is not implemented")),
         Mode::Protected => deliver_protected(m, vector, src, code),
         Mode::Long64 | Mode::Compat => deliver_long(m, vector, src, code),
     }
@@ -106,7 +106,7 @@ fn deliver_protected(m: &mut Machine, vector: u8, src: Source, code: Option<u32>
         return Err(idt_fault(NP, vector, src));
     }
     if kind == 0x5 {
-        return Err(Fault::Fatal("task gates are not implemented"));
+        return Err(Fault::Fatal(&"task gates are not implemented"));
     }
     let size: u64 = if kind & 8 != 0 { 4 } else { 2 };
     let sel = ((raw >> 16) & 0xffff) as u16;
@@ -272,7 +272,7 @@ pub fn deliver_exception(m: &mut Machine, f: Fault) -> Raised {
                 m.cpu.cr2 = lin;
                 (14, Some(c))
             }
-            Fault::Fatal(s) => return Raised::Fatal(s),
+            Fault::Fatal(s) => return Raised::Fatal(*s),
             Fault::Exit(_) => return Raised::Fatal("device access while delivering an exception"),
         };
         if let Some(prev) = first {

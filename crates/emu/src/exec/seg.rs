@@ -225,7 +225,7 @@ pub fn far_jump(m: &mut Machine, sel: u16, off: u64, call: Option<u64>) -> R<()>
     let is_call_gate = if long { gate_type == 0xc } else { gate_type == 0xc || gate_type == 0x4 };
     if !is_call_gate {
         if matches!(gate_type, 0x1 | 0x9 | 0x5) {
-            return Err(Fault::Fatal("hardware task switches are not implemented"));
+            return Err(Fault::Fatal(&"hardware task switches are not implemented"));
         }
         return Err(sel_fault(crate::machine::GP, sel));
     }
@@ -525,19 +525,19 @@ pub fn iret(m: &mut Machine, size: u64) -> R<()> {
         return Ok(());
     }
     if m.cpu.mode == Mode::Virtual8086 {
-        return Err(Fault::Fatal("virtual-8086 mode is not implemented"));
+        return Err(Fault::Fatal(&"virtual-8086 mode is not implemented"));
     }
     if old_flags & fl::NT != 0 {
         if m.cpu.long_mode() {
             return Err(gp(0));
         }
-        return Err(Fault::Fatal("hardware task switches (IRET with NT) are not implemented"));
+        return Err(Fault::Fatal(&"hardware task switches (IRET with NT) are not implemented"));
     }
     let ip = m.peek(0, size)? & mask(size);
     let sel = m.peek(size, size)? as u16;
     let f = m.peek(2 * size, size)?;
     if f & fl::VM != 0 && m.cpu.cpl == 0 && !m.cpu.long_mode() {
-        return Err(Fault::Fatal("virtual-8086 mode is not implemented"));
+        return Err(Fault::Fatal(&"virtual-8086 mode is not implemented"));
     }
     let (addr, raw, d) = return_cs(m, sel)?;
     let rpl = (sel & 3) as u8;

@@ -94,7 +94,7 @@ fn string<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
                 let Some(d) = m.io_answer else {
                     // Check the destination first, so a fault comes before the port read.
                     m.probe_write(ES, di, size)?;
-                    return Err(Fault::Exit(Exit::IoIn {
+                    return Err(Fault::exit(Exit::IoIn {
                         port,
                         size: size as u8,
                     }));

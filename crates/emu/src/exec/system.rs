@@ -60,7 +60,7 @@ fn in_(m: &mut Machine, x: &Insn) -> R<()> {
             m.set_reg(r, u64::from_le_bytes(b) & mask(size));
             Ok(())
         }
-        None => Err(Fault::Exit(Exit::IoIn {
+        None => Err(Fault::exit(Exit::IoIn {
             port,
             size: size as u8,
         })),
@@ -134,6 +134,9 @@ pub fn write_cr0(m: &mut Machine, v: u64) -> R<()> {
         return Err(gp(0));
     }
     let old = m.cpu.cr0;
+    if v & cr0::PG != 0 && old & cr0::PG == 0 && m.cpu.efer & efer::LME == 0 {
+        check_pdptes(m, m.cpu.cr3, m.cpu.cr4)?;
+    }
     if v & cr0::PG != 0 && old & cr0::PG == 0 && m.cpu.efer & efer::LME != 0 {
         if m.cpu.cr4 & cr4::PAE == 0 || m.cpu.seg[CS].l {
             return Err(gp(0));
@@ -154,9 +157,27 @@ pub fn write_cr0(m: &mut Machine, v: u64) -> R<()> {
     Ok(())
 }
 
+/// PAE paging (outside IA-32e mode) loads the four PDPTEs on MOV to CR0, CR3 and CR4: one that
+/// is present with a reserved bit set makes the MOV #GP(0).
+fn check_pdptes(m: &Machine, cr3: u64, cr4: u64) -> R<()> {
+    if cr4 & cr4::PAE == 0 || m.cpu.long_mode() {
+        return Ok(());
+    }
+    for i in 0..4 {
+        let e = m.phys.read_u64((cr3 & 0xffff_ffe0) + i * 8).unwrap_or(0);
+        if e & 1 != 0 && (e & 0x1e6 != 0 || e >> PHYS_BITS != 0) {
+            return Err(gp(0));
+        }
+    }
+    Ok(())
+}
+
 fn write_cr3(m: &mut Machine, v: u64) -> R<()> {
     if m.cpu.long_mode() && v >> PHYS_BITS != 0 {
         return Err(gp(0));
+    }
+    if m.cpu.cr0 & cr0::PG != 0 {
+        check_pdptes(m, v & 0xffff_ffff, m.cpu.cr4)?;
     }
     m.cpu.cr3 = if m.cpu.long_mode() { v } else { v & 0xffff_ffff };
     m.tlb.flush_nonglobal();
@@ -168,6 +189,9 @@ fn write_cr4(m: &mut Machine, v: u64) -> R<()> {
         return Err(gp(0));
     }
     let old = m.cpu.cr4;
+    if m.cpu.cr0 & cr0::PG != 0 && (old ^ v) & (cr4::PSE | cr4::PAE | cr4::PGE) != 0 {
+        check_pdptes(m, m.cpu.cr3, v)?;
+    }
     m.cpu.cr4 = v;
     if (old ^ v) & (cr4::PSE | cr4::PAE | cr4::PGE) != 0 {
         m.tlb.flush_all();
@@ -589,7 +613,7 @@ fn rdmsr(m: &mut Machine, _: &Insn) -> R<()> {
         match m.msr_answer.take() {
             Some(Some(v)) => v,
             Some(None) => return Err(gp(0)),
-            None => return Err(Fault::Exit(Exit::MsrRead { index })),
+            None => return Err(Fault::exit(Exit::MsrRead { index })),
         }
     } else {
         read_msr(m, index).ok_or(gp(0))?
@@ -612,7 +636,7 @@ fn wrmsr(m: &mut Machine, _: &Insn) -> R<()> {
                 Ok(())
             }
             Some(false) => Err(gp(0)),
-            None => Err(Fault::Exit(Exit::MsrWrite { index, value: v })),
+            None => Err(Fault::exit(Exit::MsrWrite { index, value: v })),
         };
     }
     if write_msr(m, index, v) { Ok(()) } else { Err(gp(0)) }
