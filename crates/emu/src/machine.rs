@@ -399,6 +399,20 @@ impl Machine {
         }
     }
 
+    /// Read code bytes at linear `lin` through the TLB without side effects (for traces).
+    pub fn peek_code(&self, lin: u64, out: &mut [u8]) -> bool {
+        for (i, b) in out.iter_mut().enumerate() {
+            let l = lin.wrapping_add(i as u64);
+            let e = &self.tlb.sets[self.user() as usize][Tlb::slot(l)];
+            if e.page != l >> 12 || e.host.is_null() {
+                return false;
+            }
+            // SAFETY: the entry maps this linear page to a host RAM page.
+            *b = unsafe { *e.host.add((l & 0xfff) as usize) };
+        }
+        true
+    }
+
     /// Deterministic guest time in ns.
     pub fn virtual_ns(&self) -> u64 {
         self.icount.wrapping_mul(NS_PER_INSN).wrapping_add(self.skipped)

@@ -46,7 +46,18 @@ impl Tracer {
         let mut text = String::new();
         // The formatter is not Send, so it cannot live in the core; tracing is slow anyway.
         NasmFormatter::new().format(&x.i, &mut text);
-        let _ = writeln!(l, "IN: {:016x} {}", m.cs_base().wrapping_add(x.i.ip()), text);
+        let _ = write!(l, "IN: {:016x} ", m.cs_base().wrapping_add(x.i.ip()));
+        // The instruction's bytes, read back from guest memory (best effort).
+        let lin = m.cs_base().wrapping_add(x.i.ip());
+        let mut bytes = [0u8; 15];
+        let n = x.i.len().min(15);
+        if m.peek_code(lin, &mut bytes[..n]) {
+            for b in &bytes[..n] {
+                let _ = write!(l, "{b:02x}");
+            }
+            let _ = write!(l, " ");
+        }
+        let _ = writeln!(l, "{text}");
         let _ = self.out.write_all(l.as_bytes());
     }
 }

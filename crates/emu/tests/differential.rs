@@ -1,16 +1,24 @@
 //! Differential testing of the emulator against the host CPU.
 //!
-//! Every general-purpose integer instruction form that user mode can execute (the forms of the
-//! chosen mnemonics are enumerated from iced-x86's opcode tables, in all operand sizes and
-//! with register and memory operands; string instructions with and without REP in both
-//! address sizes; near control transfers) runs with random registers, arithmetic flags and
-//! memory, natively inside this test process and in the emulator. All 16 GPRs, the flags the
-//! Intel SDM defines for the instruction, and the memory buffer must agree.
+//! Every general-purpose integer instruction form that user mode can execute runs with random
+//! registers, arithmetic flags (and DF) and memory, natively inside this test process and in
+//! the emulator; the general-purpose registers, the flags the Intel SDM defines for the
+//! instruction, and the memory buffer must agree. The forms of the chosen mnemonics are
+//! enumerated from iced-x86's opcode tables (every encoding, operand size, register and
+//! memory operand, LOCK where allowed), plus string instructions with and without REP in each
+//! address size, near branches, calls and returns, JCC/LOOP/JCXZ and XLAT. They run in 64-bit
+//! code and, where the host has Linux's 32-bit user code segment, in 32-bit compatibility-mode
+//! code too (which adds BCD arithmetic, PUSHA/POPA, BOUND, ARPL and 16-bit LEA).
 //!
-//! Both sides use the same addresses: the test maps its data buffer, scratch area and code at
-//! a fixed low address (MAP_FIXED_NOREPLACE), and the guest has RAM there with the identity
-//! map the 64-bit ELF loader builds, so memory operands, RIP-relative addressing and return
-//! addresses agree.
+//! Memory operands use random bases, indexes, scales, displacements, 32-bit address sizes,
+//! RIP-relative addressing and segment overrides, aimed at a buffer whose accesses may cross a
+//! page boundary. Both sides use the same addresses: the test maps its data buffer, scratch
+//! area and code at a fixed low address (MAP_FIXED_NOREPLACE), and the guest has RAM there
+//! with the identity map of the 64-bit ELF loader's entry state, so memory operands,
+//! RIP-relative addressing and return addresses agree.
+//!
+//! Flags and register bits the SDM leaves undefined are not compared (see `undefined_flags`
+//! and `undefined_reg_bits`); cases that would fault natively (#DE, #BR) are not generated.
 //!
 //! Environment:
 //! - `PALACIOS_DIFF_CASES`: number of cases (default 50000, a few seconds in a debug build;
@@ -371,7 +379,7 @@ mod host {
                         off: CODE_OFF,
                     };
                     let s32 = if user32_cs_usable() {
-                        let (pro, epi, tramp) = stubs32(want).map_err(|e| e.to_string())?;
+                        let (stub, tramp) = stubs32(want).map_err(|e| e.to_string())?;
                         // SAFETY: inside the mapping just made.
                         unsafe {
                             let b = want as *mut u8;
@@ -386,11 +394,7 @@ mod host {
                             let t = b.add(TRAMPOLINE_OFF as usize);
                             std::ptr::copy_nonoverlapping(tramp.as_ptr(), t, tramp.len());
                         }
-                        Some(Stub {
-                            pro,
-                            epi,
-                            off: CODE32_OFF,
-                        })
+                        Some(stub)
                     } else {
                         None
                     };
@@ -544,7 +548,7 @@ mod host {
     }
 
     /// The 32-bit stub (prologue, epilogue) and the 64-bit trampoline that far-calls it.
-    fn stubs32(base: u64) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), IcedError> {
+    fn stubs32(base: u64) -> Result<(Stub, Vec<u8>), IcedError> {
         use iced_x86::code_asm::*;
         let regs = [eax, ecx, edx, ebx, esp, ebp, esi, edi];
         let inp = base + IN_OFF;
@@ -618,19 +622,28 @@ mod host {
                 "trampoline uses RIP-relative addressing: {i}"
             );
         }
-        Ok((pro, epi, tramp))
+        Ok((
+            Stub {
+                pro,
+                epi,
+                off: CODE32_OFF,
+            },
+            tramp,
+        ))
     }
 
     // ---- the emulator side ----------------------------------------------------------------------
 
     struct Emu {
+        /// The fixed base address (guest-physical and linear, as natively).
+        base: u64,
         mem: GuestMem,
         backend: EmuBackend,
         boot: CpuState,
     }
 
     impl Emu {
-        fn new() -> Emu {
+        fn new(base: u64) -> Emu {
             let map = MemoryMap::pc(GUEST_RAM);
             let mem = map.create_memory().expect("guest memory");
             // The 64-bit ELF loader's entry state: boot GDT, 64-bit code segment, identity map.
@@ -646,7 +659,12 @@ mod host {
             let boot = elf64::load(&mem, &map, &params).expect("long-mode entry state");
             let backend = EmuBackend::default();
             backend.map_memory(&mem).expect("map guest memory");
-            Emu { mem, backend, boot }
+            Emu {
+                base,
+                mem,
+                backend,
+                boot,
+            }
         }
 
         /// Run `code` (placed at `code_addr`) from `rip` until HLT, in 64-bit mode or (bits 32)
@@ -654,13 +672,13 @@ mod host {
         fn run(
             &self,
             bits: u32,
-            base: u64,
             code_addr: u64,
             code: &[u8],
             rip: u64,
             st: &State,
             data: &[u8],
         ) -> Result<(State, Vec<u8>), String> {
+            let base = self.base;
             self.mem.write_slice(data, GuestAddress(base)).unwrap();
             self.mem.write_slice(code, GuestAddress(code_addr)).unwrap();
             // A fresh core per case: no decoded blocks of earlier cases' code survive.
@@ -2132,7 +2150,7 @@ mod host {
             Ok(n) => n,
             Err(e) => panic!("differential test: {e}"),
         };
-        let emu = Emu::new();
+        let emu = Emu::new(native.base);
         let base = native.base;
         let compat = native.s32.is_some();
         if !compat {
@@ -2193,7 +2211,7 @@ mod host {
             let mut code = stub.pro.clone();
             code.extend_from_slice(&[0x90, 0xf4]);
             let (e, ed) = emu
-                .run(bits, base, base + stub.off, &code, ip, &st, &data)
+                .run(bits, base + stub.off, &code, ip, &st, &data)
                 .expect("emulator runs a NOP");
             assert!(
                 same(&e, &st, &m),
@@ -2243,7 +2261,7 @@ mod host {
             let mut code = stub.pro.clone();
             code.extend_from_slice(&c.bytes);
             code.push(0xf4);
-            let emu_out = emu.run(bits, base, base + stub.off, &code, ip, &c.st, &c.data);
+            let emu_out = emu.run(bits, base + stub.off, &code, ip, &c.st, &c.data);
             let undefined = undefined_flags(&c.ins, &c.st);
             let fmask = COMPARED & !undefined;
             let mut rmask = reg_mask(bits);
@@ -2303,11 +2321,11 @@ mod host {
                         nasm(&c.ins),
                         hex(&c.bytes)
                     );
-                    for i in 0..16 {
+                    for (i, (name, v)) in NAMES.iter().zip(c.st.gpr).enumerate() {
                         if i % 4 == 0 {
                             s.push_str("\n   ");
                         }
-                        let _ = write!(s, " {:>3}={:#018x}", NAMES[i], c.st.gpr[i]);
+                        let _ = write!(s, " {name:>3}={v:#018x}");
                     }
                     let _ = write!(s, "\n    flags={:#06x}\n", c.st.flags & COMPARED);
                     if let Ok((e_st, _)) = &emu_out {

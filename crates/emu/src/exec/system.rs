@@ -455,7 +455,7 @@ fn desc_query<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
             && match OP {
                 0 | 1 => {
                     d.s || match d.type_ {
-                        1 | 3 | 9 | 0xb | 2 => OP == 1 || true,
+                        1 | 3 | 9 | 0xb | 2 => true,
                         4 | 5 | 0xc => OP == 0 && !(long && d.type_ != 0xc),
                         _ => false,
                     } && !(long && matches!(d.type_, 1 | 3))
