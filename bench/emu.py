@@ -4,12 +4,14 @@ running the same emubench kernel (guests/emubench) in the same invocation of thi
 
 Workloads (64-bit long mode): dec/jnz loop, memory-heavy loop, call/ret, flag-heavy ALU chain, and
 two mixed C workloads (table-driven CRC-32, byte sieve). For each, every VMM runs the guest with
-N and 2N iterations; each time is taken from the guest's "emubench: start" line to the process
-exit, and T(2N) - T(N) removes boot, translation warm-up and exit costs, so
-    MIPS = (instructions(2N) - instructions(N)) / (T(2N) - T(N)).
+0 and N iterations; each time is taken from the guest's "emubench: start" line to the process
+exit (so boot is left out), and T(N) - T(0) also removes the exit and the rest, so
+    MIPS = (instructions(N) - instructions(0)) / (T(N) - T(0)).
+(A zero-iteration baseline rather than N and 2N: the host noise grows with the run time, and the
+difference of two long runs has the noise of both.)
 The same runs also give CPU time of the VMM process (all threads) over the same interval: the
 threads' run time from /proc/PID/task/*/schedstat at the start line, user+system from wait4 at the
-exit. Its 2N - N difference is less sensitive to other load on the host; it is printed second.
+exit. Its N - 0 difference is less sensitive to other load on the host; it is printed second.
 Instruction counts: the emulator's own counter (v3 --stats, "emu instructions") when it prints
 one, else the per-iteration counts below, which are taken from the disassembly (guests/emubench/
 loops.S; crc32_run is 9 instructions per byte at -O2). The two are cross-checked. Times are the
@@ -24,14 +26,15 @@ import subprocess
 import sys
 import time
 
-# name: (N, instructions per iteration or None when data-dependent, what)
+# name: (N, instructions per iteration or None when data-dependent, what); N is about 200 million
+# instructions: a few seconds in the emulator, about 0.2-0.7 s in QEMU TCG.
 WORKLOADS = {
-    "dec": (50_000_000, 2, "dec/jnz loop"),
-    "mem": (12_500_000, 8, "loads/stores, 256 KiB buffer"),
-    "call": (25_000_000, 4, "call/ret"),
-    "alu": (6_250_000, 16, "adc/sbb/shift/setcc chain"),
-    "crc32": (12_500_000, 9, "CRC-32, table-driven (C)"),
-    "sieve": (5, None, "byte sieve to 2^20 (C)"),
+    "dec": (100_000_000, 2, "dec/jnz loop"),
+    "mem": (25_000_000, 8, "loads/stores, 256 KiB buffer"),
+    "call": (50_000_000, 4, "call/ret"),
+    "alu": (12_500_000, 16, "adc/sbb/shift/setcc chain"),
+    "crc32": (25_000_000, 9, "CRC-32, table-driven (C)"),
+    "sieve": (10, None, "byte sieve to 2^20 (C)"),
 }
 LOOPS = ("dec", "mem", "call", "alu")  # target: >= 100 MIPS each
 MIXED = ("crc32", "sieve")  # target: >= 0.3x QEMU TCG
@@ -112,26 +115,27 @@ def main():
     if not names:
         sys.exit(f"bench: --only names none of {', '.join(WORKLOADS)}")
 
-    print(f"emulator CPU benchmarks: N and 2N iterations, MIPS from the 2N - N differences, {a.stat} of "
+    print(f"emulator CPU benchmarks: 0 and N iterations, MIPS from the N - 0 differences, {a.stat} of "
           f"{a.reps} runs each", flush=True)
     rows = []
     for name in names:
         base, per_iter, what = WORKLOADS[name]
         n = max(1, int(base * a.scale))
-        times = {c: {v: {n: [], 2 * n: []} for v, _ in VMMS} for c in CLOCKS}
+        sizes = (0, n)
+        times = {c: {v: {k: [] for k in sizes} for v, _ in VMMS} for c in CLOCKS}
         results = {}
         icount = {}
         for _ in range(a.reps):
             for vmm, mk in VMMS:
-                for k in (n, 2 * n):
+                for k in sizes:
                     wall, cpu, res, ins = run(mk(a, f"bench={name} n={k}"))
                     times["wall"][vmm][k].append(wall)
                     times["cpu"][vmm][k].append(cpu)
                     results.setdefault(k, {})[vmm] = res
                     if ins is not None:
                         icount[k] = ins
-        # Instructions of the extra N iterations.
-        measured = icount[2 * n] - icount[n] if n in icount and 2 * n in icount else None
+        # Instructions of the N iterations.
+        measured = icount[n] - icount[0] if n in icount and 0 in icount else None
         static = per_iter * n if per_iter else None
         note = ""
         if measured is not None and static is not None and abs(measured - static) > 0.001 * static:
@@ -141,16 +145,17 @@ def main():
         for c in CLOCKS:
             for vmm, _ in VMMS:
                 pick = statistics.median if a.stat == "median" else min
-                dt = pick(times[c][vmm][2 * n]) - pick(times[c][vmm][n])
+                dt = pick(times[c][vmm][n]) - pick(times[c][vmm][0])
                 mips[c, vmm] = insns / dt / 1e6 if insns and dt > 0 else float("nan")
         ok = all(len(set(r.values())) == 1 for r in results.values())
         if not ok:
             note = (note + "; " if note else "") + "RESULT MISMATCH " + " ".join(
                 f"{v}={r}" for r in results.values() for v, r in r.items())
         rows.append((name, what, n, insns / n if insns else float("nan"), mips, ok, note))
+        spread = {v: (max(t) - min(t)) / statistics.median(t) * 100 for v, _ in VMMS for t in [times["wall"][v][n]]}
         print(f"  {name:<6} done: v3-emu {mips['wall', 'v3-emu']:.1f} MIPS, qemu-tcg {mips['wall', 'qemu-tcg']:.1f} MIPS "
-              f"(by CPU time {mips['cpu', 'v3-emu']:.1f} / {mips['cpu', 'qemu-tcg']:.1f})",
-              file=sys.stderr, flush=True)
+              f"(by CPU time {mips['cpu', 'v3-emu']:.1f} / {mips['cpu', 'qemu-tcg']:.1f}; spread of the N runs "
+              f"{spread['v3-emu']:.0f}% / {spread['qemu-tcg']:.0f}%)", file=sys.stderr, flush=True)
 
     for c in CLOCKS:
         table(rows, c)

@@ -112,9 +112,24 @@ impl PhysMem {
             });
             pages += len.div_ceil(PAGE) as usize;
         }
+        let code = Arc::new(CodePages::new(pages));
+        // Writes by devices and the VMM (through vm-memory) make cached code stale too.
+        for (region, r) in mem.iter().zip(ram.iter()) {
+            let code = code.clone();
+            let first = r.first_page;
+            region.bitmap().set_hook(Arc::new(move |off: usize, len: usize| {
+                if len == 0 {
+                    return;
+                }
+                let (a, b) = (off / PAGE as usize, (off + len - 1) / PAGE as usize);
+                for p in a..=b {
+                    code.written(first + p);
+                }
+            }));
+        }
         PhysMem {
             ram: ram.into(),
-            code: Arc::new(CodePages::new(pages)),
+            code,
             _mem: mem.clone(),
         }
     }

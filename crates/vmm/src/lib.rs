@@ -19,6 +19,7 @@ pub mod telemetry;
 pub mod time;
 pub mod timer;
 pub mod vm;
+pub mod write_watch;
 
 pub use backend::{Backend, BackendError, Exit, IoData, Vcpu};
 pub use bus::{Bus, BusDevice, BusError};

@@ -2,8 +2,9 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-/// Guest RAM as every part of the VMM sees it.
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest RAM as every part of the VMM sees it. Writes made through it can be watched
+/// ([`crate::write_watch`]).
+pub type GuestMem = GuestMemoryMmap<crate::write_watch::WriteWatch>;
 
 /// RAM below 4 GiB ends here; the rest of the low 4 GiB is the MMIO hole (PCI windows,
 /// IOAPIC at 0xFEC00000, LAPIC at 0xFEE00000, firmware at the top).
