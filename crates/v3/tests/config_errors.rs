@@ -214,18 +214,30 @@ fn overlapping_ports_name_both_devices() {
 
 #[test]
 fn missing_kvm_is_one_clear_line_naming_the_backends() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_v3"));
-    child.env("PALACIOS_KVM_DEVICE", "/nonexistent/kvm").args([
-        "run",
-        "--kernel",
-        &guest("mbtest.elf").display().to_string(),
-    ]);
-    let out = child.output().unwrap();
+    let run = |backend: &[&str]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_v3"));
+        let k = guest("mbtest.elf").display().to_string();
+        let mut args = vec!["run", "--kernel", &k];
+        args.extend_from_slice(backend);
+        child
+            .env("PALACIOS_KVM_DEVICE", "/nonexistent/kvm")
+            .args(&args);
+        child.output().unwrap()
+    };
+    // Asked for KVM explicitly: one line, naming the backends there are.
+    let out = run(&["--backend", "kvm"]);
     assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("/nonexistent/kvm does not exist") && err.contains("available backends: kvm"),
+        err.contains("/nonexistent/kvm does not exist")
+            && err.contains("available backends: kvm")
+            && err.contains("emu"),
         "{err}"
     );
+    // `auto` (the default) falls back to the emulator and says so.
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("using the emulator backend"), "{err}");
 }
