@@ -24,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 # name: (N, instructions per iteration or None when data-dependent, what); N is about 200 million
@@ -55,6 +56,7 @@ def qemu_cmd(a, cmdline):
 
 VMMS = (("v3-emu", v3_cmd), ("qemu-tcg", qemu_cmd))
 CLOCKS = ("wall", "cpu")
+TIMEOUT = 600  # seconds a single VMM run may take
 
 
 def cpu_seconds(pid):
@@ -73,6 +75,8 @@ def run(cmd):
     """(wall and CPU seconds from the guest's start line to the process exit, result string,
     instruction count or None)."""
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(TIMEOUT, p.kill)
+    watchdog.start()
     head = []
     t0 = None
     for line in p.stdout:
@@ -84,6 +88,7 @@ def run(cmd):
     rest = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
     t = time.perf_counter() - (t0 or 0)
+    watchdog.cancel()
     out = (b"".join(head) + rest).decode(errors="replace")
     code = os.waitstatus_to_exitcode(status)
     if t0 is None or code != 1:

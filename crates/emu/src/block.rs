@@ -147,6 +147,9 @@ impl BlockCache {
     /// The block after block `prev` (chained when possible, else looked up and linked).
     #[inline]
     pub fn next(&mut self, m: &mut Machine, prev: u32) -> R<u32> {
+        // A page that another core just turned into code loses its write translations here
+        // too, so cross-modifying writes are seen while this core keeps chaining.
+        m.sync_code_epoch();
         let rip = m.cpu.rip;
         let cs_base = m.cpu.seg[CS].base;
         let writes = m.phys.code.writes();
