@@ -232,7 +232,10 @@ impl EmuVcpu {
                     continue;
                 }
             };
-            let single = self.m.cpu.shadow || self.m.cpu.flags & fl::TF != 0;
+            // One instruction at a time while an answer from the VMM is pending (it belongs to
+            // the first instruction), in an interrupt shadow, or single-stepping.
+            let answering = self.answers_pending();
+            let single = self.m.cpu.shadow || self.m.cpu.flags & fl::TF != 0 || answering;
             let shadow = self.m.cpu.shadow;
             let trap = self.m.cpu.flags & fl::TF != 0;
             // Chain blocks without the checks above while nothing needs them.
@@ -249,38 +252,24 @@ impl EmuVcpu {
             loop {
                 let block = &cache.blocks[idx as usize];
                 m.brk = false;
-                let mut done = 0u64;
-                for insn in block.insns.iter() {
-                    let ip = m.cpu.rip;
-                    if let Some(t) = tracer.as_mut() {
-                        t.record(m, insn);
-                    }
-                    m.cpu.rip = insn.next;
-                    match (insn.h)(m, insn) {
-                        Ok(()) => {
-                            done += 1;
-                            if !m.mmio_answers.is_empty() {
-                                m.mmio_answers.clear();
-                            }
-                        }
-                        Err(f) => {
-                            m.cpu.rip = ip;
-                            fault = Some(f);
-                            break;
-                        }
-                    }
-                    if m.brk || single {
-                        break;
-                    }
-                }
+                let (done, f) = match tracer.as_mut() {
+                    Some(t) => run_block(m, &block.insns, single, |m, insn| t.record(m, insn)),
+                    None => run_block(m, &block.insns, single, |_, _| {}),
+                };
                 m.icount += done;
+                if answering {
+                    m.mmio_answers.clear();
+                }
+                if f.is_some() {
+                    fault = f;
+                    break;
+                }
                 if !chain
-                    || fault.is_some()
                     || m.brk
-                    || m.icount >= limit
-                    || kick.load(Ordering::Relaxed)
                     || m.cpu.shadow
                     || m.cpu.flags & fl::TF != 0
+                    || m.icount >= limit
+                    || kick.load(Ordering::Relaxed)
                 {
                     break;
                 }
@@ -325,6 +314,32 @@ impl EmuVcpu {
     pub fn kick_flag(&self) -> Arc<AtomicBool> {
         self.kick.clone()
     }
+}
+
+/// Execute a block's instructions until its end, a fault, or `brk` (after one instruction when
+/// `single`). Returns how many retired and the fault, if any.
+#[inline(always)]
+fn run_block(
+    m: &mut Machine,
+    insns: &[block::Insn],
+    single: bool,
+    mut trace: impl FnMut(&Machine, &block::Insn),
+) -> (u64, Option<Fault>) {
+    let mut done = 0u64;
+    for insn in insns {
+        trace(m, insn);
+        let ip = m.cpu.rip;
+        m.cpu.rip = insn.next;
+        if let Err(f) = (insn.h)(m, insn) {
+            m.cpu.rip = ip;
+            return (done, Some(f));
+        }
+        done += 1;
+        if m.brk || single {
+            break;
+        }
+    }
+    (done, None)
 }
 
 impl Vcpu for EmuVcpu {

@@ -142,16 +142,22 @@ impl Machine {
 
     /// Linear address of `off` in segment `seg` for an access of `size` bytes, with the
     /// limit and type checks of the current mode.
-    #[inline]
+    #[inline(always)]
     pub fn linear(&self, seg: usize, off: u64, size: u64, kind: Kind) -> R<u64> {
-        let s = &self.cpu.seg[seg];
         if self.cpu.mode == Mode::Long64 {
-            let lin = if seg >= 4 { s.base.wrapping_add(off) } else { off };
+            let lin = if seg >= 4 { self.cpu.seg[seg].base.wrapping_add(off) } else { off };
             if !canonical(lin) || !canonical(lin.wrapping_add(size - 1)) {
                 return Err(seg_fault(seg, 0));
             }
             return Ok(lin);
         }
+        self.linear_legacy(seg, off, size, kind)
+    }
+
+    /// [`Machine::linear`] outside 64-bit mode.
+    #[inline(never)]
+    fn linear_legacy(&self, seg: usize, off: u64, size: u64, kind: Kind) -> R<u64> {
+        let s = &self.cpu.seg[seg];
         let protected = matches!(self.cpu.mode, Mode::Protected | Mode::Compat);
         if protected {
             if s.unusable || (s.selector & !3 == 0 && seg != CS && seg != SS && !s.present) {
@@ -216,7 +222,7 @@ impl Machine {
     // ---- linear-address access ----------------------------------------------------------
 
     /// Read `size` (1, 2, 4, 8) bytes at linear `lin`.
-    #[inline]
+    #[inline(always)]
     pub fn read_lin(&mut self, lin: u64, size: u64) -> R<u64> {
         if let Some(p) = self.fast(lin, size, perm::R) {
             // SAFETY: `fast` checked that all `size` bytes lie in one mapped RAM page.
@@ -278,7 +284,7 @@ impl Machine {
     }
 
     /// Write `size` bytes of `val` at linear `lin`.
-    #[inline]
+    #[inline(always)]
     pub fn write_lin(&mut self, lin: u64, size: u64, val: u64) -> R<()> {
         if let Some(p) = self.fast(lin, size, perm::W) {
             // SAFETY: `fast` checked that all `size` bytes lie in one writable RAM page.
@@ -326,9 +332,25 @@ impl Machine {
         Ok(())
     }
 
-    /// Read-modify-write of `size` bytes at `lin`; atomic (for LOCK and XCHG) when the
-    /// operand is naturally aligned RAM. Returns the old value.
-    pub fn rmw_lin(&mut self, lin: u64, size: u64, mut f: impl FnMut(u64) -> u64) -> R<u64> {
+    /// Read-modify-write of `size` bytes at `lin`; atomic when `locked` (LOCK prefix, XCHG)
+    /// and the operand is naturally aligned RAM. Returns the old value.
+    #[inline]
+    pub fn rmw_lin(
+        &mut self,
+        lin: u64,
+        size: u64,
+        locked: bool,
+        mut f: impl FnMut(u64) -> u64,
+    ) -> R<u64> {
+        if !locked {
+            // Translate for writing first, so a read-only page faults as a write.
+            if self.fast(lin, size, perm::W).is_none() {
+                self.probe_lin_write(lin, size)?;
+            }
+            let old = self.read_lin(lin, size)?;
+            self.write_lin(lin, size, f(old))?;
+            return Ok(old);
+        }
         let p = match self.fast(lin, size, perm::W) {
             Some(p) => Some(p),
             None if (lin & 0xfff) + size <= 0x1000 => {
@@ -353,13 +375,13 @@ impl Machine {
 
     // ---- segment-relative access --------------------------------------------------------
 
-    #[inline]
+    #[inline(always)]
     pub fn read(&mut self, seg: usize, off: u64, size: u64) -> R<u64> {
         let lin = self.linear(seg, off, size, Kind::Read)?;
         self.read_lin(lin, size)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn write(&mut self, seg: usize, off: u64, size: u64, val: u64) -> R<()> {
         let lin = self.linear(seg, off, size, Kind::Write)?;
         self.write_lin(lin, size, val)
@@ -374,6 +396,16 @@ impl Machine {
         self.translate(lin, Kind::Write, self.user())?;
         if (lin & 0xfff) + size > 0x1000 {
             self.translate((lin | 0xfff) + 1, Kind::Write, self.user())?;
+        }
+        Ok(())
+    }
+
+    /// Check that a write of `size` bytes at linear `lin` would succeed.
+    fn probe_lin_write(&mut self, lin: u64, size: u64) -> R<()> {
+        let user = self.user();
+        self.translate(lin, Kind::Write, user)?;
+        if (lin & 0xfff) + size > 0x1000 {
+            self.translate((lin | 0xfff).wrapping_add(1), Kind::Write, user)?;
         }
         Ok(())
     }

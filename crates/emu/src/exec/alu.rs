@@ -134,7 +134,7 @@ fn binop<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
             if writes {
                 let lin = m.linear(seg, off, size, Kind::Write)?;
                 let mut flags = 0;
-                m.rmw_lin(lin, size, |a| {
+                m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| {
                     let (r, f) = calc(OP, a, src, cf, size);
                     flags = f;
                     r
@@ -182,7 +182,7 @@ fn unop<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
         let mut out = 0;
-        m.rmw_lin(lin, size, |a| {
+        m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| {
             let (r, fl_) = f(a);
             out = fl_;
             r
@@ -197,16 +197,16 @@ fn unop<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
 
 // ---- shifts and rotates ------------------------------------------------------------------
 
-const SHL: u8 = 0;
-const SHR: u8 = 1;
-const SAR: u8 = 2;
-const ROL: u8 = 3;
-const ROR: u8 = 4;
-const RCL: u8 = 5;
-const RCR: u8 = 6;
+pub const SHL: u8 = 0;
+pub const SHR: u8 = 1;
+pub const SAR: u8 = 2;
+pub const ROL: u8 = 3;
+pub const ROR: u8 = 4;
+pub const RCL: u8 = 5;
+pub const RCR: u8 = 6;
 
 /// Result and new flags (None: flags unchanged) of a shift by an already masked count.
-fn shift(op: u8, a: u64, count: u64, size: u64, flags: u64) -> (u64, u64) {
+pub fn shift(op: u8, a: u64, count: u64, size: u64, flags: u64) -> (u64, u64) {
     let bits = size * 8;
     let m = mask(size);
     let a = a & m;
@@ -297,7 +297,7 @@ fn shift_op<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
         let mut out = flags;
-        m.rmw_lin(lin, size, |a| {
+        m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| {
             let (r, f) = shift(OP, a, count, size, flags);
             out = f;
             r
@@ -360,7 +360,7 @@ fn shiftd<const LEFT: bool>(m: &mut Machine, x: &Insn) -> R<()> {
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
         let mut out = flags;
-        m.rmw_lin(lin, size, |a| {
+        m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| {
             let (r, fl_) = f(a);
             out = fl_;
             r
@@ -412,7 +412,7 @@ fn bitop<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
             cf = (m.read(seg, ea, size)? >> bit) & 1;
         } else {
             let lin = m.linear(seg, ea, size, Kind::Write)?;
-            let old = m.rmw_lin(lin, size, |a| apply(a, bit))?;
+            let old = m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| apply(a, bit))?;
             cf = (old >> bit) & 1;
         }
     }

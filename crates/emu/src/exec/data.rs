@@ -132,7 +132,7 @@ fn xchg(m: &mut Machine, x: &Insn) -> R<()> {
     let _ = mem_n;
     let v = m.reg(reg);
     let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
-    let old = m.rmw_lin(lin, size, |_| v)?;
+    let old = m.rmw_lin(lin, size, true, |_| v)?;
     m.set_reg(reg, old);
     Ok(())
 }
@@ -150,7 +150,7 @@ fn xadd(m: &mut Machine, x: &Insn) -> R<()> {
         (old, r)
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
-        let old = m.rmw_lin(lin, size, |a| a.wrapping_add(src))? & mask(size);
+        let old = m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| a.wrapping_add(src))? & mask(size);
         m.set_reg(src_r, old);
         (old, old.wrapping_add(src) & mask(size))
     };
@@ -171,7 +171,7 @@ fn cmpxchg(m: &mut Machine, x: &Insn) -> R<()> {
         old
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
-        m.rmw_lin(lin, size, |a| if a & mask(size) == acc { src } else { a })? & mask(size)
+        m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| if a & mask(size) == acc { src } else { a })? & mask(size)
     };
     let r = acc.wrapping_sub(old) & mask(size);
     m.cpu.flags = (m.cpu.flags & !fl::ARITH) | sub_flags(acc, old, r, size);
@@ -201,7 +201,7 @@ fn cmpxchg_wide(m: &mut Machine, x: &Insn) -> R<()> {
     if !wide {
         let want = ax | (dx << 32);
         let new = bx | (cx << 32);
-        let old = m.rmw_lin(lin, 8, |a| if a == want { new } else { a })?;
+        let old = m.rmw_lin(lin, 8, x.i.has_lock_prefix(), |a| if a == want { new } else { a })?;
         lo = old & mk;
         hi = old >> 32;
         equal = old == want;

@@ -5,7 +5,12 @@
 
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind};
 
-use super::alu::{ADC, ADD, AND, CMP, OR, SBB, SUB, TEST, XOR, add_flags, calc, cond, sub_flags};
+use super::alu::{
+    ADC, ADD, AND, CMP, OR, RCL, RCR, ROL, ROR, SAR, SBB, SHL, SHR, SUB, TEST, XOR, add_flags,
+    calc, cond, shift, sub_flags,
+};
+use super::muldiv::sext;
+use crate::paging::Kind;
 use super::flow::set_rip;
 use super::{Handler, gpr_number};
 use crate::block::Insn;
@@ -146,6 +151,81 @@ fn ret_near<const S: u64>(m: &mut Machine, _: &Insn) -> R<()> {
     Ok(())
 }
 
+/// ALU r/m, reg or r/m, imm with a memory destination (no LOCK).
+fn alu_m<const OP: u8, const S: u64, const IMM: bool>(m: &mut Machine, x: &Insn) -> R<()> {
+    let seg = m.mseg(x);
+    let off = m.ea(x);
+    let b = if IMM { x.imm } else { m.cpu.gpr[x.b as usize] };
+    let cf = m.cpu.flags & fl::CF;
+    let f = if writes(OP) {
+        let lin = m.linear(seg, off, S, Kind::Write)?;
+        let mut flags = 0;
+        m.rmw_lin(lin, S, false, |a| {
+            let (r, f) = calc(OP, a, b, cf, S);
+            flags = f;
+            r
+        })?;
+        flags
+    } else {
+        let a = m.read(seg, off, S)?;
+        calc(OP, a, b, cf, S).1
+    };
+    m.cpu.flags = (m.cpu.flags & !fl::ARITH) | f;
+    Ok(())
+}
+
+/// Shift or rotate of a register by an immediate (or 1) or by CL.
+fn shift_r<const OP: u8, const S: u64, const CL: bool>(m: &mut Machine, x: &Insn) -> R<()> {
+    let raw = if CL { m.cpu.gpr[1] } else { x.imm };
+    let count = raw & if S == 8 { 0x3f } else { 0x1f };
+    let a = m.cpu.gpr[x.a as usize];
+    if count == 0 {
+        // Flags stay; a 32-bit destination is still written (zero-extended).
+        m.set_gpr(x.a as usize, S, a);
+        return Ok(());
+    }
+    let (r, f) = shift(OP, a, count, S, m.cpu.flags);
+    m.set_gpr(x.a as usize, S, r);
+    m.cpu.flags = f;
+    Ok(())
+}
+
+fn setcc_r(m: &mut Machine, x: &Insn) -> R<()> {
+    let v = cond(x.i.condition_code(), m.cpu.flags) as u64;
+    m.set_gpr(x.a as usize, 1, v);
+    Ok(())
+}
+
+/// MOVZX/MOVSX from a register or memory of `SRC` bytes.
+fn movx<const SRC: u64, const SIGN: bool>(m: &mut Machine, x: &Insn) -> R<()> {
+    let v = if x.b != 0xff {
+        m.cpu.gpr[x.b as usize]
+    } else {
+        let off = m.ea(x);
+        m.read(m.mseg(x), off, SRC)?
+    };
+    let v = if SIGN { sext(v, SRC) as u64 } else { v & super::mask(SRC) };
+    m.set_gpr(x.a as usize, u64::from(x.osz), v);
+    Ok(())
+}
+
+fn mov_mi<const S: u64>(m: &mut Machine, x: &Insn) -> R<()> {
+    let off = m.ea(x);
+    m.write(m.mseg(x), off, S, x.imm)
+}
+
+fn push_i<const S: u64>(m: &mut Machine, x: &Insn) -> R<()> {
+    // The immediate is sign-extended to the stack width (not to `Insn::osz`).
+    m.push(x.i.immediate(0) & super::mask(S), S)
+}
+
+fn lea_r(m: &mut Machine, x: &Insn) -> R<()> {
+    let a = m.ea(x);
+    let s = u64::from(x.osz);
+    m.set_gpr(x.a as usize, s, a & super::mask(s));
+    Ok(())
+}
+
 macro_rules! by_size {
     ($f:ident, $s:expr $(, $c:expr)?) => {
         match $s {
@@ -212,6 +292,43 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
         return None;
     }
     if let Some(op) = alu_op(mn) {
+        if i.op_count() == 2 && i.op0_kind() == OpKind::Memory {
+            let s = i.memory_size().size() as u64;
+            if !matches!(s, 1 | 2 | 4 | 8) {
+                return None;
+            }
+            macro_rules! m_forms {
+                ($imm:expr) => {
+                    match (op, s) {
+                        (ADD, 1) => alu_m::<ADD, 1, $imm>, (ADD, 2) => alu_m::<ADD, 2, $imm>,
+                        (ADD, 4) => alu_m::<ADD, 4, $imm>, (ADD, _) => alu_m::<ADD, 8, $imm>,
+                        (OR, 1) => alu_m::<OR, 1, $imm>, (OR, 2) => alu_m::<OR, 2, $imm>,
+                        (OR, 4) => alu_m::<OR, 4, $imm>, (OR, _) => alu_m::<OR, 8, $imm>,
+                        (ADC, 1) => alu_m::<ADC, 1, $imm>, (ADC, 2) => alu_m::<ADC, 2, $imm>,
+                        (ADC, 4) => alu_m::<ADC, 4, $imm>, (ADC, _) => alu_m::<ADC, 8, $imm>,
+                        (SBB, 1) => alu_m::<SBB, 1, $imm>, (SBB, 2) => alu_m::<SBB, 2, $imm>,
+                        (SBB, 4) => alu_m::<SBB, 4, $imm>, (SBB, _) => alu_m::<SBB, 8, $imm>,
+                        (AND, 1) => alu_m::<AND, 1, $imm>, (AND, 2) => alu_m::<AND, 2, $imm>,
+                        (AND, 4) => alu_m::<AND, 4, $imm>, (AND, _) => alu_m::<AND, 8, $imm>,
+                        (SUB, 1) => alu_m::<SUB, 1, $imm>, (SUB, 2) => alu_m::<SUB, 2, $imm>,
+                        (SUB, 4) => alu_m::<SUB, 4, $imm>, (SUB, _) => alu_m::<SUB, 8, $imm>,
+                        (XOR, 1) => alu_m::<XOR, 1, $imm>, (XOR, 2) => alu_m::<XOR, 2, $imm>,
+                        (XOR, 4) => alu_m::<XOR, 4, $imm>, (XOR, _) => alu_m::<XOR, 8, $imm>,
+                        (CMP, 1) => alu_m::<CMP, 1, $imm>, (CMP, 2) => alu_m::<CMP, 2, $imm>,
+                        (CMP, 4) => alu_m::<CMP, 4, $imm>, (CMP, _) => alu_m::<CMP, 8, $imm>,
+                        (_, 1) => alu_m::<TEST, 1, $imm>, (_, 2) => alu_m::<TEST, 2, $imm>,
+                        (_, 4) => alu_m::<TEST, 4, $imm>, (_, _) => alu_m::<TEST, 8, $imm>,
+                    }
+                };
+            }
+            if reg(1) && size(1) == s {
+                return Some(m_forms!(false));
+            }
+            if is_imm(i.op1_kind()) {
+                return Some(m_forms!(true));
+            }
+            return None;
+        }
         if i.op_count() == 2 && reg(0) {
             let s = size(0);
             if reg(1) {
@@ -239,6 +356,65 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
         Mov if reg(0) && is_imm(i.op1_kind()) => by_size!(mov_ri, size(0)),
         Mov if reg(0) && i.op1_kind() == OpKind::Memory => by_size!(mov_rm, size(0)),
         Mov if i.op0_kind() == OpKind::Memory && reg(1) => by_size!(mov_mr, size(1)),
+        Mov if i.op0_kind() == OpKind::Memory && is_imm(i.op1_kind()) => {
+            by_size!(mov_mi, i.memory_size().size() as u64)
+        }
+        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr if reg(0) => {
+            let cl = i.op_count() == 2 && i.op1_kind() == OpKind::Register;
+            if i.op_count() == 2 && !cl && !is_imm(i.op1_kind()) {
+                return None;
+            }
+            let op = match mn {
+                Shl | Sal => SHL,
+                Shr => SHR,
+                Sar => SAR,
+                Rol => ROL,
+                Ror => ROR,
+                Rcl => RCL,
+                _ => RCR,
+            };
+            macro_rules! sh {
+                ($cl:expr) => {
+                    match (op, size(0)) {
+                        (SHL, 1) => shift_r::<SHL, 1, $cl>, (SHL, 2) => shift_r::<SHL, 2, $cl>,
+                        (SHL, 4) => shift_r::<SHL, 4, $cl>, (SHL, _) => shift_r::<SHL, 8, $cl>,
+                        (SHR, 1) => shift_r::<SHR, 1, $cl>, (SHR, 2) => shift_r::<SHR, 2, $cl>,
+                        (SHR, 4) => shift_r::<SHR, 4, $cl>, (SHR, _) => shift_r::<SHR, 8, $cl>,
+                        (SAR, 1) => shift_r::<SAR, 1, $cl>, (SAR, 2) => shift_r::<SAR, 2, $cl>,
+                        (SAR, 4) => shift_r::<SAR, 4, $cl>, (SAR, _) => shift_r::<SAR, 8, $cl>,
+                        (ROL, 1) => shift_r::<ROL, 1, $cl>, (ROL, 2) => shift_r::<ROL, 2, $cl>,
+                        (ROL, 4) => shift_r::<ROL, 4, $cl>, (ROL, _) => shift_r::<ROL, 8, $cl>,
+                        (ROR, 1) => shift_r::<ROR, 1, $cl>, (ROR, 2) => shift_r::<ROR, 2, $cl>,
+                        (ROR, 4) => shift_r::<ROR, 4, $cl>, (ROR, _) => shift_r::<ROR, 8, $cl>,
+                        (RCL, 1) => shift_r::<RCL, 1, $cl>, (RCL, 2) => shift_r::<RCL, 2, $cl>,
+                        (RCL, 4) => shift_r::<RCL, 4, $cl>, (RCL, _) => shift_r::<RCL, 8, $cl>,
+                        (_, 1) => shift_r::<RCR, 1, $cl>, (_, 2) => shift_r::<RCR, 2, $cl>,
+                        (_, 4) => shift_r::<RCR, 4, $cl>, (_, _) => shift_r::<RCR, 8, $cl>,
+                    }
+                };
+            }
+            if cl { sh!(true) } else { sh!(false) }
+        }
+        Seto | Setno | Setb | Setae | Sete | Setne | Setbe | Seta | Sets | Setns | Setp | Setnp
+        | Setl | Setge | Setle | Setg
+            if reg(0) =>
+        {
+            setcc_r
+        }
+        Movzx | Movsx if reg(0) && (reg(1) || i.op1_kind() == OpKind::Memory) => {
+            let src = if reg(1) { size(1) } else { i.memory_size().size() as u64 };
+            match (mn == Movsx, src) {
+                (false, 1) => movx::<1, false>,
+                (false, _) => movx::<2, false>,
+                (true, 1) => movx::<1, true>,
+                (true, _) => movx::<2, true>,
+            }
+        }
+        Movsxd if reg(0) && size(0) == 8 && (reg(1) || i.op1_kind() == OpKind::Memory) => {
+            movx::<4, true>
+        }
+        Push if is_imm(i.op0_kind()) => by_size!(push_i, (-i.stack_pointer_increment()) as u64),
+        Lea if reg(0) => lea_r,
         Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle | Jg => {
             let cc = i.condition_code() as u8 - ConditionCode::o as u8;
             match cc {
