@@ -124,6 +124,9 @@ fn jmp(m: &mut Machine, x: &Insn) -> R<()> {
 
 fn push_r<const S: u64>(m: &mut Machine, x: &Insn) -> R<()> {
     let v = m.cpu.gpr[x.a as usize];
+    if S == 8 && m.cpu.mode == crate::cpu::Mode::Long64 {
+        return push64(m, v);
+    }
     m.push(v & super::mask(S), S)
 }
 
@@ -133,8 +136,28 @@ fn pop_r<const S: u64>(m: &mut Machine, x: &Insn) -> R<()> {
     Ok(())
 }
 
+/// 64-bit mode: push a quadword (SS has no base or limit there).
+#[inline(always)]
+fn push64(m: &mut Machine, v: u64) -> R<()> {
+    let sp = m.cpu.gpr[4].wrapping_sub(8);
+    if !crate::machine::canonical(sp) {
+        return Err(crate::machine::Fault::Exc(crate::machine::SSF, Some(0)));
+    }
+    m.write_lin(sp, 8, v)?;
+    m.cpu.gpr[4] = sp;
+    Ok(())
+}
+
 fn call_rel<const S: u64>(m: &mut Machine, x: &Insn) -> R<()> {
     let ret = m.cpu.rip;
+    if S == 8 && m.cpu.mode == crate::cpu::Mode::Long64 {
+        if !crate::machine::canonical(x.imm) {
+            return Err(crate::machine::gp(0));
+        }
+        push64(m, ret)?;
+        m.cpu.rip = x.imm;
+        return Ok(());
+    }
     set_rip(m, x.imm)?;
     if let Err(e) = m.push(ret, S) {
         m.cpu.rip = ret;
@@ -144,6 +167,19 @@ fn call_rel<const S: u64>(m: &mut Machine, x: &Insn) -> R<()> {
 }
 
 fn ret_near<const S: u64>(m: &mut Machine, _: &Insn) -> R<()> {
+    if S == 8 && m.cpu.mode == crate::cpu::Mode::Long64 {
+        let sp = m.cpu.gpr[4];
+        if !crate::machine::canonical(sp) || !crate::machine::canonical(sp.wrapping_add(7)) {
+            return Err(crate::machine::Fault::Exc(crate::machine::SSF, Some(0)));
+        }
+        let t = m.read_lin(sp, 8)?;
+        if !crate::machine::canonical(t) {
+            return Err(crate::machine::gp(0));
+        }
+        m.cpu.rip = t;
+        m.cpu.gpr[4] = sp.wrapping_add(8);
+        return Ok(());
+    }
     let t = m.peek(0, S)? & super::mask(S);
     set_rip(m, t)?;
     let sp = m.cpu.gpr[4].wrapping_add(S);
