@@ -46,7 +46,7 @@ pub struct EmuOptions {
 pub struct EmuBackend {
     phys: Mutex<Option<PhysMem>>,
     trapped: Mutex<Arc<Vec<(u32, u32)>>>,
-    model: Arc<CpuModel>,
+    model: Mutex<Arc<CpuModel>>,
     cores: Arc<AtomicU32>,
     clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     options: EmuOptions,
@@ -64,7 +64,7 @@ impl EmuBackend {
         EmuBackend {
             phys: Mutex::new(None),
             trapped: Mutex::new(Arc::new(Vec::new())),
-            model: Arc::new(CpuModel::stage1()),
+            model: Mutex::new(Arc::new(CpuModel::stage1())),
             cores: Arc::new(AtomicU32::new(0)),
             clock,
             options,
@@ -102,6 +102,21 @@ impl Backend for EmuBackend {
         Ok(())
     }
 
+    fn hide_cpu_features(&self, names: &[String]) -> Result<(), BackendError> {
+        let mut model = (**lock(&self.model)).clone();
+        for n in names {
+            if !model.hide(n) {
+                return Err(BackendError::Unhandled {
+                    vcpu: 0,
+                    rip: 0,
+                    what: format!("unknown CPU feature '{n}'"),
+                });
+            }
+        }
+        *lock(&self.model) = Arc::new(model);
+        Ok(())
+    }
+
     fn enable_virtual_time(&self) -> bool {
         self.deterministic.store(true, Ordering::Release);
         true
@@ -114,7 +129,8 @@ impl Backend for EmuBackend {
             what: "vCPU created before guest memory was mapped".into(),
         })?;
         self.cores.fetch_add(1, Ordering::AcqRel);
-        let mut m = Machine::new(phys, self.model.clone(), self.clock.clone());
+        let model = lock(&self.model).clone();
+        let mut m = Machine::new(phys, model, self.clock.clone());
         m.vcpu = index;
         m.deterministic = self.deterministic.load(Ordering::Acquire);
         m.cores_shared = self.cores.clone();

@@ -127,6 +127,40 @@ impl CpuModel {
             v[3] &= !edx;
         }
     }
+
+    /// Hide a feature by its /proc/cpuinfo name; false if the name is unknown.
+    pub fn hide(&mut self, name: &str) -> bool {
+        let (leaf, reg, bit) = match name {
+            "pse" => (1, 3, edx1::PSE),
+            "tsc" => (1, 3, edx1::TSC),
+            "msr" => (1, 3, edx1::MSR),
+            "pae" => (1, 3, edx1::PAE),
+            "cx8" => (1, 3, edx1::CX8),
+            "apic" => (1, 3, edx1::APIC),
+            "sep" => (1, 3, edx1::SEP),
+            "mtrr" => (1, 3, edx1::MTRR),
+            "pge" => (1, 3, edx1::PGE),
+            "cmov" => (1, 3, edx1::CMOV),
+            "pat" => (1, 3, edx1::PAT),
+            "clflush" => (1, 3, edx1::CLFSH),
+            "cx16" => (1, 2, ecx1::CX16),
+            "x2apic" => (1, 2, ecx1::X2APIC),
+            "movbe" => (1, 2, ecx1::MOVBE),
+            "popcnt" => (1, 2, ecx1::POPCNT),
+            "tsc_deadline" => (1, 2, ecx1::TSC_DEADLINE),
+            "hypervisor" => (1, 2, ecx1::HYPERVISOR),
+            "syscall" => (0x8000_0001, 3, 1 << 11),
+            "nx" => (0x8000_0001, 3, 1 << 20),
+            "rdtscp" => (0x8000_0001, 3, 1 << 27),
+            "lm" => (0x8000_0001, 3, 1 << 29),
+            "lahf_lm" => (0x8000_0001, 2, 1),
+            _ => return false,
+        };
+        if let Some(v) = self.leaves.get_mut(&(leaf, 0)) {
+            v[reg] &= !bit;
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +181,12 @@ mod tests {
         assert_eq!(m.cpuid(1, 0, 0, 1)[3] & edx1::FPU, 0, "no x87 in stage 1");
         let lm = m.cpuid(0x8000_0001, 0, 0, 1)[3];
         assert_ne!(lm & (1 << 29), 0);
+        let mut hidden = CpuModel::stage1();
+        assert!(hidden.hide("x2apic") && hidden.hide("lm"));
+        assert!(!hidden.hide("avx512"));
+        assert_eq!(hidden.cpuid(1, 0, 0, 1)[2] & ecx1::X2APIC, 0);
+        assert_eq!(hidden.cpuid(0x8000_0001, 0, 0, 1)[3] & (1 << 29), 0);
+        assert_ne!(hidden.cpuid(1, 0, 0, 1)[2] & ecx1::POPCNT, 0);
         // A leaf past the maximum answers like the highest basic leaf.
         assert_eq!(m.cpuid(0x4000_0000, 0, 0, 1), m.cpuid(0xd, 0, 0, 1));
     }

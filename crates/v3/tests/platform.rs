@@ -654,3 +654,32 @@ fn apic_base_relocates_and_disables() {
         );
     });
 }
+
+/// The emulator's CPU model is configurable: `<cpu hide="...">` takes features out of CPUID.
+#[test]
+fn cpu_features_can_be_hidden_on_the_emulator() {
+    let x2apic_bit = |xml: &str| {
+        real_mode_value(xml, |a| {
+            a.mov(eax, 1).unwrap();
+            a.cpuid().unwrap();
+            a.mov(eax, ecx).unwrap();
+            a.shr(eax, 21).unwrap();
+            a.and(eax, 1).unwrap();
+            a.mov(dx, 0xf4).unwrap();
+        })
+    };
+    let base = r#"<vm class="PC"><backend>emu</backend><memory>16</memory>
+        <devices><device class="DEBUG_EXIT" id="exit"/></devices>"#;
+    assert_eq!(x2apic_bit(&format!("{base}</vm>")), Outcome::DebugExit(1));
+    assert_eq!(
+        x2apic_bit(&format!(r#"{base}<cpu hide="x2apic, popcnt"/></vm>"#)),
+        Outcome::DebugExit(0)
+    );
+    let err = palacios::vmm::VmConfig::parse(
+        r#"<vm class="PC"><cpu hide="avx512"/></vm>"#,
+        std::path::Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown CPU feature 'avx512'") && err.contains("1:"), "{err}");
+}

@@ -164,6 +164,13 @@ pub struct FpuState {
     pub mxcsr: u32,
 }
 
+/// CPUID feature names a config may hide (`<cpu hide="...">`).
+pub const CPU_FEATURES: &[&str] = &[
+    "pse", "tsc", "msr", "pae", "cx8", "apic", "sep", "mtrr", "pge", "cmov", "pat", "clflush",
+    "cx16", "x2apic", "movbe", "popcnt", "tsc_deadline", "hypervisor", "syscall", "nx", "rdtscp",
+    "lm", "lahf_lm",
+];
+
 /// Interrupt controllers emulated inside the backend (KVM's in-kernel irqchip and PIT).
 pub trait KernelIrqchip: Send + Sync {
     /// Set the level of GSI `gsi` (ISA IRQs 0-15 reach both the PIC and the IOAPIC).
@@ -196,6 +203,19 @@ pub trait Backend: Send + Sync {
                 vcpu: 0,
                 rip: 0,
                 what: format!("backend '{}' cannot trap MSRs", self.name()),
+            })
+        }
+    }
+    /// Leave these CPUID features (names from [`CPU_FEATURES`]) out of the CPU model, before
+    /// any vCPU is created.
+    fn hide_cpu_features(&self, names: &[String]) -> Result<(), BackendError> {
+        if names.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Unhandled {
+                vcpu: 0,
+                rip: 0,
+                what: format!("backend '{}' has a fixed CPU model (<cpu hide> needs the emulator)", self.name()),
             })
         }
     }

@@ -133,6 +133,7 @@ impl Vm {
         }
         create_devices(cfg, registry, &mut ctx)?;
         backend.trap_msrs(&ctx.msrs.ranges())?;
+        backend.hide_cpu_features(&cfg.cpu_hide)?;
         let vcpus = (0..cfg.cores)
             .map(|i| backend.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;

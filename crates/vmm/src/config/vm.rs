@@ -106,6 +106,9 @@ pub struct VmConfig {
     /// `<clock>host|deterministic</clock>`: deterministic guest time comes from the
     /// instruction count (emulator backend, one core), so a run can be reproduced exactly.
     pub deterministic: bool,
+    /// `<cpu hide="x2apic,popcnt"/>`: CPUID feature names the CPU model leaves out
+    /// (emulator backend; the names are listed by [`crate::backend::CPU_FEATURES`]).
+    pub cpu_hide: Vec<String>,
     pub boot: Option<BootConfig>,
 }
 
@@ -132,6 +135,7 @@ const KNOWN_TOP: &[&str] = &[
     "backend",
     "irqchip",
     "clock",
+    "cpu",
     "boot",
 ];
 
@@ -148,6 +152,7 @@ impl Default for VmConfig {
             backend: BackendChoice::Auto,
             irqchip: IrqchipMode::User,
             deterministic: false,
+            cpu_hide: Vec::new(),
             boot: None,
         }
     }
@@ -261,6 +266,23 @@ impl VmConfig {
                     ));
                 }
             };
+        }
+        if let Some(c) = root.child("cpu") {
+            if let Some(h) = c.val("hide")? {
+                for name in h.split([',', ' ']).map(str::trim).filter(|n| !n.is_empty()) {
+                    let name = name.to_ascii_lowercase();
+                    if !crate::backend::CPU_FEATURES.contains(&name.as_str()) {
+                        return Err(c.val_err(
+                            "hide",
+                            format!(
+                                "unknown CPU feature '{name}' (known: {})",
+                                crate::backend::CPU_FEATURES.join(", ")
+                            ),
+                        ));
+                    }
+                    cfg.cpu_hide.push(name);
+                }
+            }
         }
         if let Some(d) = root.child("devices") {
             cfg.parse_devices(d)?;
