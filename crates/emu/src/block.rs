@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
+};
 
 use crate::cpu::{CS, Mode};
 use crate::exec::{self, Handler};
@@ -102,17 +104,20 @@ impl BlockCache {
         let phys = match fetch_target(m, lin)? {
             (p, Target::Ram(..)) => p,
             (_, Target::Mmio) => {
-                return Err(Fault::Fatal(&"instruction fetch from memory that is not RAM"));
+                return Err(Fault::Fatal(
+                    &"instruction fetch from memory that is not RAM",
+                ));
             }
         };
         let slot = fast_slot(phys, rip);
         let idx = self.fast[slot];
-        if let Some(b) = self.blocks.get(idx as usize) {
-            if b.phys == phys && b.rip == rip && b.bits == bits {
-                if b.valid(m) {
-                    return Ok(idx);
-                }
-            }
+        if let Some(b) = self.blocks.get(idx as usize)
+            && b.phys == phys
+            && b.rip == rip
+            && b.bits == bits
+            && b.valid(m)
+        {
+            return Ok(idx);
         }
         let key = (phys, rip, bits);
         if let Some(&idx) = self.map.get(&key) {
@@ -165,11 +170,12 @@ impl BlockCache {
                     if l.writes == writes {
                         return Ok(l.idx);
                     }
-                    if let Some(b) = self.blocks.get(l.idx as usize) {
-                        if b.rip == rip && b.valid(m) {
-                            l.writes = writes;
-                            return Ok(l.idx);
-                        }
+                    if let Some(b) = self.blocks.get(l.idx as usize)
+                        && b.rip == rip
+                        && b.valid(m)
+                    {
+                        l.writes = writes;
+                        return Ok(l.idx);
                     }
                 }
             }
@@ -180,7 +186,11 @@ impl BlockCache {
             return Ok(idx); // the cache was dropped: prev is gone
         }
         if let Some(ls) = self.links.get_mut(prev as usize) {
-            let slot = if !ls[0].used || ls[0].rip == rip { 0 } else { 1 };
+            let slot = if !ls[0].used || ls[0].rip == rip {
+                0
+            } else {
+                1
+            };
             if slot == 1 && ls[1].used && ls[1].rip != rip {
                 ls[1] = ls[0];
             }
@@ -239,7 +249,14 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
     let next_ok = m.cpu.mode == Mode::Long64 || next_lin <= 0xffff_ffff;
     let mut second_fault = None;
     if next_ok {
-        match fetch_target(m, if m.cpu.mode == Mode::Long64 { next_lin } else { next_lin & 0xffff_ffff }) {
+        match fetch_target(
+            m,
+            if m.cpu.mode == Mode::Long64 {
+                next_lin
+            } else {
+                next_lin & 0xffff_ffff
+            },
+        ) {
             Ok((_, Target::Ram(p2, page2))) => {
                 // SAFETY: `p2` is the start of a backed page; 15 bytes stay within it.
                 bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p2, 15) });
@@ -386,7 +403,9 @@ fn address_mask(i: &Instruction, bits: u32) -> u64 {
                 };
             }
             OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI => return 0xffff,
-            OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI => return 0xffff_ffff,
+            OpKind::MemorySegESI | OpKind::MemorySegEDI | OpKind::MemoryESEDI => {
+                return 0xffff_ffff;
+            }
             OpKind::MemorySegRSI | OpKind::MemorySegRDI | OpKind::MemoryESRDI => return u64::MAX,
             _ => {}
         }
@@ -443,9 +462,9 @@ fn ends_block(i: &Instruction) -> bool {
             i.op0_kind() == OpKind::Register && (r.is_cr() || r.is_dr() || r == Register::SS)
         }
         Pop => i.op0_kind() == OpKind::Register && i.op0_register() == Register::SS,
-        Lmsw | Clts | Wrmsr | Popf | Popfd | Popfq | Sti | Cli | Invlpg | Hlt | Lgdt | Lidt | Lldt
-        | Ltr | In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd | Cpuid | Rdmsr | Wbinvd
-        | Invd | Xsetbv | Pause | Mwait | Monitor => true,
+        Lmsw | Clts | Wrmsr | Popf | Popfd | Popfq | Sti | Cli | Invlpg | Hlt | Lgdt | Lidt
+        | Lldt | Ltr | In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd | Cpuid | Rdmsr
+        | Wbinvd | Invd | Xsetbv | Pause | Mwait | Monitor => true,
         _ => i.code() == Code::INVALID,
     }
 }

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use palacios_vmm::GuestMem;
 use palacios_vmm::backend::{Backend, BackendError, Exit, FpuState, IoData, Vcpu};
 use palacios_vmm::time::DEFAULT_TSC_HZ;
-use palacios_vmm::GuestMem;
 use palacios_x86::{Regs, SRegs};
 
 use crate::block::BlockCache;
@@ -123,11 +123,13 @@ impl Backend for EmuBackend {
     }
 
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
-        let phys = lock(&self.phys).clone().ok_or_else(|| BackendError::Unhandled {
-            vcpu: index,
-            rip: 0,
-            what: "vCPU created before guest memory was mapped".into(),
-        })?;
+        let phys = lock(&self.phys)
+            .clone()
+            .ok_or_else(|| BackendError::Unhandled {
+                vcpu: index,
+                rip: 0,
+                what: "vCPU created before guest memory was mapped".into(),
+            })?;
         self.cores.fetch_add(1, Ordering::AcqRel);
         let model = lock(&self.model).clone();
         let mut m = Machine::new(phys, model, self.clock.clone());
@@ -137,10 +139,12 @@ impl Backend for EmuBackend {
         m.trapped_msrs = lock(&self.trapped).clone();
         m.cpu.apic_base = 0xfee0_0000 | (1 << 11) | if index == 0 { 1 << 8 } else { 0 };
         let tracer = match &self.options.trace {
-            Some(p) => Some(trace::Tracer::create(p, index).map_err(|e| BackendError::Host {
-                op: "open the instruction trace",
-                source: e,
-            })?),
+            Some(p) => Some(
+                trace::Tracer::create(p, index).map_err(|e| BackendError::Host {
+                    op: "open the instruction trace",
+                    source: e,
+                })?,
+            ),
             None => None,
         };
         Ok(Box::new(EmuVcpu {
@@ -220,10 +224,10 @@ impl EmuVcpu {
             if self.nmi_pending && !self.m.cpu.nmi_blocked && !self.answers_pending() {
                 self.nmi_pending = false;
                 self.m.cpu.nmi_blocked = true;
-                if let Err(f) = interrupt::deliver(&mut self.m, 2, Source::External, None) {
-                    if let Some(e) = self.raise(f)? {
-                        return Ok(e);
-                    }
+                if let Err(f) = interrupt::deliver(&mut self.m, 2, Source::External, None)
+                    && let Some(e) = self.raise(f)?
+                {
+                    return Ok(e);
                 }
             }
             if (self.kick.load(Ordering::Relaxed) && self.kick.swap(false, Ordering::AcqRel))
@@ -239,7 +243,9 @@ impl EmuVcpu {
             self.m.sync_code_epoch();
             let idx = match self.cache.lookup(&mut self.m) {
                 Ok(i) => i,
-                Err(Fault::Exit(e)) => return Err(self.fail(format!("unexpected exit while fetching code: {e:?}"))),
+                Err(Fault::Exit(e)) => {
+                    return Err(self.fail(format!("unexpected exit while fetching code: {e:?}")));
+                }
                 Err(Fault::Fatal(s)) => return Err(self.fail(*s)),
                 Err(f) => {
                     if let Some(e) = self.raise(f)? {
@@ -257,12 +263,21 @@ impl EmuVcpu {
             // Chain blocks without the checks above while nothing needs them.
             let chain = !single && self.tracer.is_none() && !self.window && !self.nmi_pending;
             let limit = if self.m.deterministic {
-                (start + SLICE)
-                    .min(self.deadline.saturating_sub(self.m.skipped).div_ceil(machine::NS_PER_INSN))
+                (start + SLICE).min(
+                    self.deadline
+                        .saturating_sub(self.m.skipped)
+                        .div_ceil(machine::NS_PER_INSN),
+                )
             } else {
                 start + SLICE
             };
-            let Self { m, cache, tracer, kick, .. } = self;
+            let Self {
+                m,
+                cache,
+                tracer,
+                kick,
+                ..
+            } = self;
             let mut idx = idx;
             let mut fault = None;
             loop {
@@ -301,7 +316,10 @@ impl EmuVcpu {
                 m.cpu.shadow = false;
             }
             // MOV SS / POP SS hold the single-step trap back until after the next instruction.
-            let ss_load = single && fault.is_none() && m.cpu.shadow && loads_ss(&cache.blocks[idx as usize].insns[0].i);
+            let ss_load = single
+                && fault.is_none()
+                && m.cpu.shadow
+                && loads_ss(&cache.blocks[idx as usize].insns[0].i);
             match fault {
                 None => {
                     if trap && single && !ss_load {
@@ -370,7 +388,9 @@ impl Vcpu for EmuVcpu {
     fn complete_read(&mut self, data: &[u8]) {
         // The instruction that exited runs again and picks the answer up.
         match self.last_read.take() {
-            Some(Exit::MmioRead { addr, .. }) => self.m.mmio_answers.push((addr, IoData::new(data))),
+            Some(Exit::MmioRead { addr, .. }) => {
+                self.m.mmio_answers.push((addr, IoData::new(data)))
+            }
             _ => self.m.io_answer = Some(IoData::new(data)),
         }
     }
@@ -417,10 +437,10 @@ impl Vcpu for EmuVcpu {
     }
 
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
-        if let Err(f) = interrupt::deliver(&mut self.m, vector, Source::External, None) {
-            if let Some(Exit::Shutdown) = self.raise(f)? {
-                self.m.exits.push_back(Exit::Shutdown);
-            }
+        if let Err(f) = interrupt::deliver(&mut self.m, vector, Source::External, None)
+            && let Some(Exit::Shutdown) = self.raise(f)?
+        {
+            self.m.exits.push_back(Exit::Shutdown);
         }
         Ok(())
     }

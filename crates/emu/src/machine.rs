@@ -32,7 +32,10 @@ impl Fault {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<R<()>>() <= 16, "handler results must fit in two registers");
+const _: () = assert!(
+    std::mem::size_of::<R<()>>() <= 16,
+    "handler results must fit in two registers"
+);
 
 pub type R<T> = Result<T, Fault>;
 
@@ -109,7 +112,11 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(phys: PhysMem, model: Arc<CpuModel>, clock: Arc<dyn Fn() -> u64 + Send + Sync>) -> Self {
+    pub fn new(
+        phys: PhysMem,
+        model: Arc<CpuModel>,
+        clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Self {
         Machine {
             cpu: Cpu::default(),
             phys,
@@ -145,7 +152,11 @@ impl Machine {
     #[inline(always)]
     pub fn linear(&self, seg: usize, off: u64, size: u64, kind: Kind) -> R<u64> {
         if self.cpu.mode == Mode::Long64 {
-            let lin = if seg >= 4 { self.cpu.seg[seg].base.wrapping_add(off) } else { off };
+            let lin = if seg >= 4 {
+                self.cpu.seg[seg].base.wrapping_add(off)
+            } else {
+                off
+            };
             if !canonical(lin) || !canonical(lin.wrapping_add(size - 1)) {
                 return Err(seg_fault(seg, 0));
             }
@@ -189,7 +200,8 @@ impl Machine {
 
     /// Translate `lin` for `kind`, filling the TLB for RAM.
     pub fn translate(&mut self, lin: u64, kind: Kind, user: bool) -> R<(u64, Target)> {
-        let t = paging::walk(&self.cpu, &self.phys, lin, kind, user).map_err(|code| Fault::Pf(lin, code))?;
+        let t = paging::walk(&self.cpu, &self.phys, lin, kind, user)
+            .map_err(|code| Fault::Pf(lin, code))?;
         let target = self.phys.lookup(t.phys);
         let code = match target {
             Target::Ram(_, page) => self.phys.code.has_code(page),
@@ -249,16 +261,20 @@ impl Machine {
         } else {
             None
         };
-        if let (_, Target::Mmio) = first {
-            if !split {
-                let v = self.mmio_read(first.0, size)?;
-                buf.copy_from_slice(&v.to_le_bytes()[..buf.len()]);
-                return Ok(());
-            }
+        if let (_, Target::Mmio) = first
+            && !split
+        {
+            let v = self.mmio_read(first.0, size)?;
+            buf.copy_from_slice(&v.to_le_bytes()[..buf.len()]);
+            return Ok(());
         }
         for (i, b) in buf.iter_mut().enumerate() {
             let l = lin.wrapping_add(i as u64);
-            let (tphys, target) = if (l ^ lin) & !0xfff == 0 { first } else { second.unwrap() };
+            let (tphys, target) = if (l ^ lin) & !0xfff == 0 {
+                first
+            } else {
+                second.unwrap()
+            };
             let phys = (tphys & !0xfff) | (l & 0xfff);
             *b = match target {
                 // SAFETY: the translation's host pointer is for `tphys`; the page is backed,
@@ -305,9 +321,9 @@ impl Machine {
         } else {
             None
         };
-        let parts = [(lin, first, 0usize)].into_iter().chain(
-            second.map(|s| (l2, s, (0x1000 - (lin & 0xfff)) as usize)),
-        );
+        let parts = [(lin, first, 0usize)]
+            .into_iter()
+            .chain(second.map(|s| (l2, s, (0x1000 - (lin & 0xfff)) as usize)));
         let parts: Vec<_> = parts.collect();
         for (k, &(l, (phys, target), start)) in parts.iter().enumerate() {
             let end = parts.get(k + 1).map(|p| p.2).unwrap_or(data.len());
@@ -412,12 +428,20 @@ impl Machine {
 
     /// Supervisor-privilege read of system structures (GDT, IDT, TSS) by linear address.
     pub fn read_sys(&mut self, lin: u64, size: u64) -> R<u64> {
-        let lin = if self.cpu.long_mode() { lin } else { lin & 0xffff_ffff };
+        let lin = if self.cpu.long_mode() {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        };
         self.read_lin_slow(lin, size, false)
     }
 
     pub fn write_sys(&mut self, lin: u64, size: u64, val: u64) -> R<()> {
-        let lin = if self.cpu.long_mode() { lin } else { lin & 0xffff_ffff };
+        let lin = if self.cpu.long_mode() {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        };
         self.write_bytes(lin, &val.to_le_bytes()[..size as usize], false)
     }
 
@@ -447,7 +471,9 @@ impl Machine {
 
     /// Deterministic guest time in ns.
     pub fn virtual_ns(&self) -> u64 {
-        self.icount.wrapping_mul(NS_PER_INSN).wrapping_add(self.skipped)
+        self.icount
+            .wrapping_mul(NS_PER_INSN)
+            .wrapping_add(self.skipped)
     }
 
     pub fn cs_base(&self) -> u64 {

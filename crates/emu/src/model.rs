@@ -46,7 +46,15 @@ impl CpuModel {
     pub fn stage1() -> Self {
         let mut l = BTreeMap::new();
         let vendor = b"GenuineIntel";
-        l.insert((0, 0), [0xd, text(&vendor[0..]), text(&vendor[8..]), text(&vendor[4..])]);
+        l.insert(
+            (0, 0),
+            [
+                0xd,
+                text(&vendor[0..]),
+                text(&vendor[8..]),
+                text(&vendor[4..]),
+            ],
+        );
         // Family 6, model 0x3a-like signature; CLFLUSH line size 8 quadwords.
         let edx = edx1::PSE
             | edx1::TSC
@@ -71,7 +79,10 @@ impl CpuModel {
         l.insert((0xd, 0), [0, 0, 0, 0]);
         l.insert((0x8000_0000, 0), [0x8000_0008, 0, 0, 0]);
         // LAHF/SAHF in 64-bit mode; SYSCALL, NX, RDTSCP, long mode.
-        l.insert((0x8000_0001, 0), [0, 0, 1, (1 << 11) | (1 << 20) | (1 << 27) | (1 << 29)]);
+        l.insert(
+            (0x8000_0001, 0),
+            [0, 0, 1, (1 << 11) | (1 << 20) | (1 << 27) | (1 << 29)],
+        );
         let brand = *b"Palacios-rs emulated x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
         for k in 0..3u32 {
             let b = &brand[(k as usize) * 16..];
@@ -91,7 +102,11 @@ impl CpuModel {
     /// CPUID for core `apic_id` of `cores`.
     pub fn cpuid(&self, leaf: u32, subleaf: u32, apic_id: u32, cores: u32) -> [u32; 4] {
         let max_basic = self.leaves.get(&(0, 0)).map(|v| v[0]).unwrap_or(0);
-        let max_ext = self.leaves.get(&(0x8000_0000, 0)).map(|v| v[0]).unwrap_or(0);
+        let max_ext = self
+            .leaves
+            .get(&(0x8000_0000, 0))
+            .map(|v| v[0])
+            .unwrap_or(0);
         // Out-of-range leaves return the highest basic leaf, as Intel CPUs do.
         let leaf = if leaf >= 0x8000_0000 {
             if leaf > max_ext { max_basic } else { leaf }
@@ -100,7 +115,11 @@ impl CpuModel {
         } else {
             leaf
         };
-        let sub = if self.subleaf_leaves.contains(&leaf) { subleaf } else { 0 };
+        let sub = if self.subleaf_leaves.contains(&leaf) {
+            subleaf
+        } else {
+            0
+        };
         let mut r = self.leaves.get(&(leaf, sub)).copied().unwrap_or([0; 4]);
         if leaf == 1 {
             r[1] = (r[1] & 0xffff) | ((cores.clamp(1, 255)) << 16) | (apic_id << 24);

@@ -48,7 +48,13 @@ pub mod perm {
 
 /// Translate linear `lin` for an access of `kind` by privilege `user`; sets accessed and dirty
 /// bits. Errors are page-fault error codes.
-pub fn walk(cpu: &Cpu, mem: &PhysMem, lin: u64, kind: Kind, user: bool) -> Result<Translation, u32> {
+pub fn walk(
+    cpu: &Cpu,
+    mem: &PhysMem,
+    lin: u64,
+    kind: Kind,
+    user: bool,
+) -> Result<Translation, u32> {
     if cpu.cr0 & cr0::PG == 0 {
         return Ok(Translation {
             phys: lin & 0xffff_ffff,

@@ -117,15 +117,17 @@ impl PhysMem {
         for (region, r) in mem.iter().zip(ram.iter()) {
             let code = code.clone();
             let first = r.first_page;
-            region.bitmap().set_hook(Arc::new(move |off: usize, len: usize| {
-                if len == 0 {
-                    return;
-                }
-                let (a, b) = (off / PAGE as usize, (off + len - 1) / PAGE as usize);
-                for p in a..=b {
-                    code.written(first + p);
-                }
-            }));
+            region
+                .bitmap()
+                .set_hook(Arc::new(move |off: usize, len: usize| {
+                    if len == 0 {
+                        return;
+                    }
+                    let (a, b) = (off / PAGE as usize, (off + len - 1) / PAGE as usize);
+                    for p in a..=b {
+                        code.written(first + p);
+                    }
+                }));
         }
         PhysMem {
             ram: ram.into(),

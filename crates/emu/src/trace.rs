@@ -38,10 +38,26 @@ impl Tracer {
         let c = &m.cpu;
         self.line.clear();
         let l = &mut self.line;
-        let _ = writeln!(l, "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}", g[0], g[3], g[1], g[2]);
-        let _ = writeln!(l, "RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}", g[6], g[7], g[5], g[4]);
-        let _ = writeln!(l, "R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}", g[8], g[9], g[10], g[11]);
-        let _ = writeln!(l, "R12={:016x} R13={:016x} R14={:016x} R15={:016x}", g[12], g[13], g[14], g[15]);
+        let _ = writeln!(
+            l,
+            "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}",
+            g[0], g[3], g[1], g[2]
+        );
+        let _ = writeln!(
+            l,
+            "RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}",
+            g[6], g[7], g[5], g[4]
+        );
+        let _ = writeln!(
+            l,
+            "R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}",
+            g[8], g[9], g[10], g[11]
+        );
+        let _ = writeln!(
+            l,
+            "R12={:016x} R13={:016x} R14={:016x} R15={:016x}",
+            g[12], g[13], g[14], g[15]
+        );
         let _ = writeln!(l, "RIP={:016x} RFL={:08x} CPL={}", x.i.ip(), c.flags, c.cpl);
         let mut text = String::new();
         // The formatter is not Send, so it cannot live in the core; tracing is slow anyway.

@@ -2,8 +2,8 @@
 //! DMA or the VMM, writing through vm-memory — changes the page it was decoded from.
 
 use palacios_emu::EmuBackend;
-use palacios_vmm::backend::{Backend, Exit};
 use palacios_vmm::MemoryMap;
+use palacios_vmm::backend::{Backend, Exit};
 use palacios_x86::CpuState;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -29,7 +29,11 @@ fn a_vmm_write_to_cached_code_is_seen_by_the_guest() {
     let mut v = b.create_vcpu(0).unwrap();
     v.set_state(&CpuState::real_mode_at(0x8000)).unwrap();
     assert_eq!(next_out(v.as_mut()), 0x11);
-    assert_eq!(next_out(v.as_mut()), 0x11, "the loop runs from the block cache");
+    assert_eq!(
+        next_out(v.as_mut()),
+        0x11,
+        "the loop runs from the block cache"
+    );
     // Patch the immediate behind the guest's back, as a DMA transfer would.
     mem.write_obj(0x22u8, GuestAddress(0x8001)).unwrap();
     assert_eq!(next_out(v.as_mut()), 0x22);

@@ -681,5 +681,8 @@ fn cpu_features_can_be_hidden_on_the_emulator() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("unknown CPU feature 'avx512'") && err.contains("1:"), "{err}");
+    assert!(
+        err.contains("unknown CPU feature 'avx512'") && err.contains("1:"),
+        "{err}"
+    );
 }

@@ -166,9 +166,29 @@ pub struct FpuState {
 
 /// CPUID feature names a config may hide (`<cpu hide="...">`).
 pub const CPU_FEATURES: &[&str] = &[
-    "pse", "tsc", "msr", "pae", "cx8", "apic", "sep", "mtrr", "pge", "cmov", "pat", "clflush",
-    "cx16", "x2apic", "movbe", "popcnt", "tsc_deadline", "hypervisor", "syscall", "nx", "rdtscp",
-    "lm", "lahf_lm",
+    "pse",
+    "tsc",
+    "msr",
+    "pae",
+    "cx8",
+    "apic",
+    "sep",
+    "mtrr",
+    "pge",
+    "cmov",
+    "pat",
+    "clflush",
+    "cx16",
+    "x2apic",
+    "movbe",
+    "popcnt",
+    "tsc_deadline",
+    "hypervisor",
+    "syscall",
+    "nx",
+    "rdtscp",
+    "lm",
+    "lahf_lm",
 ];
 
 /// Interrupt controllers emulated inside the backend (KVM's in-kernel irqchip and PIT).
@@ -215,7 +235,10 @@ pub trait Backend: Send + Sync {
             Err(BackendError::Unhandled {
                 vcpu: 0,
                 rip: 0,
-                what: format!("backend '{}' has a fixed CPU model (<cpu hide> needs the emulator)", self.name()),
+                what: format!(
+                    "backend '{}' has a fixed CPU model (<cpu hide> needs the emulator)",
+                    self.name()
+                ),
             })
         }
     }

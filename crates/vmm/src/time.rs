@@ -57,7 +57,9 @@ impl GuestClock {
     /// Guest nanoseconds now.
     pub fn now(&self) -> Ns {
         if let Some(v) = &self.virtual_ns {
-            return v.load(Ordering::Acquire).wrapping_add(self.offset.load(Ordering::Relaxed));
+            return v
+                .load(Ordering::Acquire)
+                .wrapping_add(self.offset.load(Ordering::Relaxed));
         }
         (self.start.elapsed().as_nanos() as u64).wrapping_add(self.offset.load(Ordering::Relaxed))
     }

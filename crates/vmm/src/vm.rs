@@ -118,10 +118,13 @@ impl Vm {
                 .into());
             }
             if !backend.enable_virtual_time() {
-                return Err(ConfigError::new(None, format!(
-                    "<clock>deterministic</clock> needs the emulator backend (this is '{}')",
-                    backend.name()
-                ))
+                return Err(ConfigError::new(
+                    None,
+                    format!(
+                        "<clock>deterministic</clock> needs the emulator backend (this is '{}')",
+                        backend.name()
+                    ),
+                )
                 .in_file(cfg.source.as_deref())
                 .into());
             }
@@ -443,7 +446,10 @@ impl CoreLoop {
                     .is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu))
                 {
                     halted = false;
-                } else if let Some(next) = virtual_time.then(|| self.timers.run_due(self.clock.now())).flatten() {
+                } else if let Some(next) = virtual_time
+                    .then(|| self.timers.run_due(self.clock.now()))
+                    .flatten()
+                {
                     // Deterministic time: an idle core skips ahead to the next timer.
                     vcpu.skip_to(next);
                     self.clock.advance_to(next);

@@ -84,9 +84,13 @@ mod tests {
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let region = mem.iter().next().unwrap();
-        assert!(region.bitmap().set_hook(std::sync::Arc::new(move |off, len| {
-            s.lock().unwrap().push((off, len));
-        })));
+        assert!(
+            region
+                .bitmap()
+                .set_hook(std::sync::Arc::new(move |off, len| {
+                    s.lock().unwrap().push((off, len));
+                }))
+        );
         mem.write_obj(0x1234_5678u32, GuestAddress(0x5000)).unwrap();
         mem.write_slice(&[1, 2, 3], GuestAddress(0x9000)).unwrap();
         let mut b = [0u8; 4];

@@ -23,7 +23,11 @@ static PARITY: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut i = 0;
     while i < 256 {
-        t[i] = if (i as u8).count_ones() % 2 == 0 { fl::PF as u8 } else { 0 };
+        t[i] = if (i as u8).count_ones().is_multiple_of(2) {
+            fl::PF as u8
+        } else {
+            0
+        };
         i += 1;
     }
     t
@@ -215,13 +219,21 @@ pub fn shift(op: u8, a: u64, count: u64, size: u64, flags: u64) -> (u64, u64) {
     match op {
         SHL => {
             let r = if count >= bits { 0 } else { (a << count) & m };
-            let cf = if count > bits { 0 } else { ((u128::from(a) << count) >> bits) as u64 & 1 };
+            let cf = if count > bits {
+                0
+            } else {
+                ((u128::from(a) << count) >> bits) as u64 & 1
+            };
             let of = msb(r, size) ^ cf;
             (r, keep | szp(r, size) | cf | (of << 11))
         }
         SHR => {
             let r = if count >= 64 { 0 } else { a >> count };
-            let cf = if count > bits { 0 } else { (a >> (count - 1)) & 1 };
+            let cf = if count > bits {
+                0
+            } else {
+                (a >> (count - 1)) & 1
+            };
             let of = if count == 1 { msb(a, size) } else { 0 };
             (r, keep | szp(r, size) | cf | (of << 11))
         }
@@ -234,14 +246,22 @@ pub fn shift(op: u8, a: u64, count: u64, size: u64, flags: u64) -> (u64, u64) {
         }
         ROL => {
             let c = count % bits;
-            let r = if c == 0 { a } else { ((a << c) | (a >> (bits - c))) & m };
+            let r = if c == 0 {
+                a
+            } else {
+                ((a << c) | (a >> (bits - c))) & m
+            };
             let cf = r & 1;
             let of = msb(r, size) ^ cf;
             (r, (flags & !(fl::CF | fl::OF)) | cf | (of << 11))
         }
         ROR => {
             let c = count % bits;
-            let r = if c == 0 { a } else { ((a >> c) | (a << (bits - c))) & m };
+            let r = if c == 0 {
+                a
+            } else {
+                ((a >> c) | (a << (bits - c))) & m
+            };
             let cf = msb(r, size);
             let of = msb(r, size) ^ ((r >> (bits - 2)) & 1);
             (r, (flags & !(fl::CF | fl::OF)) | cf | (of << 11))
@@ -274,7 +294,11 @@ pub fn shift(op: u8, a: u64, count: u64, size: u64, flags: u64) -> (u64, u64) {
 
 fn shift_op<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
     let size = u64::from(x.osz);
-    let raw = if x.i.op_count() < 2 { 1 } else { m.rd(x, 1, 1)? };
+    let raw = if x.i.op_count() < 2 {
+        1
+    } else {
+        m.rd(x, 1, 1)?
+    };
     let count = raw & if size == 8 { 0x3f } else { 0x1f };
     if count == 0 {
         // Nothing changes, but a memory operand is still checked for access, and a 32-bit
@@ -333,7 +357,10 @@ fn shiftd<const LEFT: bool>(m: &mut Machine, x: &Insn) -> R<()> {
         let (r, cf) = if bits == 64 {
             if LEFT {
                 let wide = (u128::from(a) << 64) | u128::from(src);
-                (((wide << count) >> 64) as u64, ((wide << (count - 1)) >> 127) as u64 & 1)
+                (
+                    ((wide << count) >> 64) as u64,
+                    ((wide << (count - 1)) >> 127) as u64 & 1,
+                )
             } else {
                 let wide = (u128::from(src) << 64) | u128::from(a);
                 ((wide >> count) as u64, (wide >> (count - 1)) as u64 & 1)
@@ -677,7 +704,10 @@ mod tests {
     fn add_and_sub_flags() {
         let (r, f) = calc(ADD, 0xff, 1, 0, 1);
         assert_eq!(r, 0);
-        assert_eq!(f & (fl::CF | fl::ZF | fl::AF | fl::PF), fl::CF | fl::ZF | fl::AF | fl::PF);
+        assert_eq!(
+            f & (fl::CF | fl::ZF | fl::AF | fl::PF),
+            fl::CF | fl::ZF | fl::AF | fl::PF
+        );
         let (_, f) = calc(ADD, 0x7f, 1, 0, 1);
         assert_ne!(f & fl::OF, 0);
         let (r, f) = calc(SUB, 0, 1, 0, 4);

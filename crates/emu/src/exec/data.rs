@@ -150,7 +150,8 @@ fn xadd(m: &mut Machine, x: &Insn) -> R<()> {
         (old, r)
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
-        let old = m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| a.wrapping_add(src))? & mask(size);
+        let old =
+            m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| a.wrapping_add(src))? & mask(size);
         m.set_reg(src_r, old);
         (old, old.wrapping_add(src) & mask(size))
     };
@@ -171,7 +172,9 @@ fn cmpxchg(m: &mut Machine, x: &Insn) -> R<()> {
         old
     } else {
         let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
-        m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| if a & mask(size) == acc { src } else { a })? & mask(size)
+        m.rmw_lin(lin, size, x.i.has_lock_prefix(), |a| {
+            if a & mask(size) == acc { src } else { a }
+        })? & mask(size)
     };
     let r = acc.wrapping_sub(old) & mask(size);
     m.cpu.flags = (m.cpu.flags & !fl::ARITH) | sub_flags(acc, old, r, size);
@@ -201,7 +204,9 @@ fn cmpxchg_wide(m: &mut Machine, x: &Insn) -> R<()> {
     if !wide {
         let want = ax | (dx << 32);
         let new = bx | (cx << 32);
-        let old = m.rmw_lin(lin, 8, x.i.has_lock_prefix(), |a| if a == want { new } else { a })?;
+        let old = m.rmw_lin(lin, 8, x.i.has_lock_prefix(), |a| {
+            if a == want { new } else { a }
+        })?;
         lo = old & mk;
         hi = old >> 32;
         equal = old == want;
@@ -297,7 +302,11 @@ fn pop(m: &mut Machine, x: &Insn) -> R<()> {
 }
 
 fn pusha(m: &mut Machine, x: &Insn) -> R<()> {
-    let size = if x.i.mnemonic() == Mnemonic::Pushad { 4 } else { 2 };
+    let size = if x.i.mnemonic() == Mnemonic::Pushad {
+        4
+    } else {
+        2
+    };
     let sp = m.cpu.gpr[4];
     let top = sp.wrapping_sub(8 * size) & m.sp_mask();
     m.probe_write(SS, top, 8 * size)?;
@@ -309,7 +318,11 @@ fn pusha(m: &mut Machine, x: &Insn) -> R<()> {
 }
 
 fn popa(m: &mut Machine, x: &Insn) -> R<()> {
-    let size = if x.i.mnemonic() == Mnemonic::Popad { 4 } else { 2 };
+    let size = if x.i.mnemonic() == Mnemonic::Popad {
+        4
+    } else {
+        2
+    };
     let mut vals = [0u64; 8];
     for (k, v) in vals.iter_mut().enumerate() {
         *v = m.peek(k as u64 * size, size)?;
@@ -334,7 +347,11 @@ fn enter(m: &mut Machine, x: &Insn) -> R<()> {
     let alloc = u64::from(x.i.immediate16());
     let level = u64::from(x.i.immediate8_2nd()) & 31;
     let spm = m.sp_mask();
-    let bp_mask = if m.cpu.mode == Mode::Long64 { u64::MAX } else { spm };
+    let bp_mask = if m.cpu.mode == Mode::Long64 {
+        u64::MAX
+    } else {
+        spm
+    };
     let old_sp = m.cpu.gpr[4];
     let old_bp = m.cpu.gpr[5];
     // Check the whole frame is writable before changing anything.
@@ -363,11 +380,11 @@ fn enter(m: &mut Machine, x: &Insn) -> R<()> {
             return Err(e);
         }
     }
-    if level > 0 {
-        if let Err(e) = m.push(frame, size) {
-            m.cpu.gpr[4] = old_sp;
-            return Err(e);
-        }
+    if level > 0
+        && let Err(e) = m.push(frame, size)
+    {
+        m.cpu.gpr[4] = old_sp;
+        return Err(e);
     }
     m.set_gpr(5, size.min(if spm == 0xffff { 2 } else { 8 }), frame);
     let sp = (m.cpu.gpr[4].wrapping_sub(alloc)) & spm;
@@ -395,12 +412,12 @@ fn leave(m: &mut Machine, x: &Insn) -> R<()> {
 fn convert<const OP: u8>(m: &mut Machine, _: &Insn) -> R<()> {
     let a = m.cpu.gpr[0];
     match OP {
-        0 => m.set_gpr(0, 2, sext(a, 1) as u64),            // CBW
-        1 => m.set_gpr(0, 4, sext(a, 2) as u64),            // CWDE
-        2 => m.set_gpr(0, 8, sext(a, 4) as u64),            // CDQE
-        3 => m.set_gpr(2, 2, (sext(a, 2) >> 16) as u64),    // CWD
-        4 => m.set_gpr(2, 4, (sext(a, 4) >> 32) as u64),    // CDQ
-        _ => m.set_gpr(2, 8, ((a as i64) >> 63) as u64),    // CQO
+        0 => m.set_gpr(0, 2, sext(a, 1) as u64),         // CBW
+        1 => m.set_gpr(0, 4, sext(a, 2) as u64),         // CWDE
+        2 => m.set_gpr(0, 8, sext(a, 4) as u64),         // CDQE
+        3 => m.set_gpr(2, 2, (sext(a, 2) >> 16) as u64), // CWD
+        4 => m.set_gpr(2, 4, (sext(a, 4) >> 32) as u64), // CDQ
+        _ => m.set_gpr(2, 8, ((a as i64) >> 63) as u64), // CQO
     }
     Ok(())
 }
@@ -437,8 +454,11 @@ pub fn handler(mn: Mnemonic, i: &Instruction) -> Option<Handler> {
                 match k1 {
                     OpKind::Register if i.op1_register().is_gpr() => mov_rr,
                     OpKind::Memory => mov_r_mem,
-                    OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32
-                    | OpKind::Immediate64 | OpKind::Immediate32to64 => mov_r_imm,
+                    OpKind::Immediate8
+                    | OpKind::Immediate16
+                    | OpKind::Immediate32
+                    | OpKind::Immediate64
+                    | OpKind::Immediate32to64 => mov_r_imm,
                     _ => return None, // control/debug registers: system
                 }
             } else if k0 == OpKind::Memory && k1 == OpKind::Register && i.op1_register().is_gpr() {

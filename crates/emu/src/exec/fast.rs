@@ -9,13 +9,13 @@ use super::alu::{
     ADC, ADD, AND, CMP, OR, RCL, RCR, ROL, ROR, SAR, SBB, SHL, SHR, SUB, TEST, XOR, add_flags,
     calc, cond, shift, sub_flags,
 };
-use super::muldiv::sext;
-use crate::paging::Kind;
 use super::flow::set_rip;
+use super::muldiv::sext;
 use super::{Handler, gpr_number};
 use crate::block::Insn;
 use crate::cpu::fl;
 use crate::machine::{Machine, R};
+use crate::paging::Kind;
 
 #[inline(always)]
 fn writes(op: u8) -> bool {
@@ -240,7 +240,11 @@ fn movx<const SRC: u64, const SIGN: bool>(m: &mut Machine, x: &Insn) -> R<()> {
         let off = m.ea(x);
         m.read(m.mseg(x), off, SRC)?
     };
-    let v = if SIGN { sext(v, SRC) as u64 } else { v & super::mask(SRC) };
+    let v = if SIGN {
+        sext(v, SRC) as u64
+    } else {
+        v & super::mask(SRC)
+    };
     m.set_gpr(x.a as usize, u64::from(x.osz), v);
     Ok(())
 }
@@ -336,24 +340,42 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
             macro_rules! m_forms {
                 ($imm:expr) => {
                     match (op, s) {
-                        (ADD, 1) => alu_m::<ADD, 1, $imm>, (ADD, 2) => alu_m::<ADD, 2, $imm>,
-                        (ADD, 4) => alu_m::<ADD, 4, $imm>, (ADD, _) => alu_m::<ADD, 8, $imm>,
-                        (OR, 1) => alu_m::<OR, 1, $imm>, (OR, 2) => alu_m::<OR, 2, $imm>,
-                        (OR, 4) => alu_m::<OR, 4, $imm>, (OR, _) => alu_m::<OR, 8, $imm>,
-                        (ADC, 1) => alu_m::<ADC, 1, $imm>, (ADC, 2) => alu_m::<ADC, 2, $imm>,
-                        (ADC, 4) => alu_m::<ADC, 4, $imm>, (ADC, _) => alu_m::<ADC, 8, $imm>,
-                        (SBB, 1) => alu_m::<SBB, 1, $imm>, (SBB, 2) => alu_m::<SBB, 2, $imm>,
-                        (SBB, 4) => alu_m::<SBB, 4, $imm>, (SBB, _) => alu_m::<SBB, 8, $imm>,
-                        (AND, 1) => alu_m::<AND, 1, $imm>, (AND, 2) => alu_m::<AND, 2, $imm>,
-                        (AND, 4) => alu_m::<AND, 4, $imm>, (AND, _) => alu_m::<AND, 8, $imm>,
-                        (SUB, 1) => alu_m::<SUB, 1, $imm>, (SUB, 2) => alu_m::<SUB, 2, $imm>,
-                        (SUB, 4) => alu_m::<SUB, 4, $imm>, (SUB, _) => alu_m::<SUB, 8, $imm>,
-                        (XOR, 1) => alu_m::<XOR, 1, $imm>, (XOR, 2) => alu_m::<XOR, 2, $imm>,
-                        (XOR, 4) => alu_m::<XOR, 4, $imm>, (XOR, _) => alu_m::<XOR, 8, $imm>,
-                        (CMP, 1) => alu_m::<CMP, 1, $imm>, (CMP, 2) => alu_m::<CMP, 2, $imm>,
-                        (CMP, 4) => alu_m::<CMP, 4, $imm>, (CMP, _) => alu_m::<CMP, 8, $imm>,
-                        (_, 1) => alu_m::<TEST, 1, $imm>, (_, 2) => alu_m::<TEST, 2, $imm>,
-                        (_, 4) => alu_m::<TEST, 4, $imm>, (_, _) => alu_m::<TEST, 8, $imm>,
+                        (ADD, 1) => alu_m::<ADD, 1, $imm>,
+                        (ADD, 2) => alu_m::<ADD, 2, $imm>,
+                        (ADD, 4) => alu_m::<ADD, 4, $imm>,
+                        (ADD, _) => alu_m::<ADD, 8, $imm>,
+                        (OR, 1) => alu_m::<OR, 1, $imm>,
+                        (OR, 2) => alu_m::<OR, 2, $imm>,
+                        (OR, 4) => alu_m::<OR, 4, $imm>,
+                        (OR, _) => alu_m::<OR, 8, $imm>,
+                        (ADC, 1) => alu_m::<ADC, 1, $imm>,
+                        (ADC, 2) => alu_m::<ADC, 2, $imm>,
+                        (ADC, 4) => alu_m::<ADC, 4, $imm>,
+                        (ADC, _) => alu_m::<ADC, 8, $imm>,
+                        (SBB, 1) => alu_m::<SBB, 1, $imm>,
+                        (SBB, 2) => alu_m::<SBB, 2, $imm>,
+                        (SBB, 4) => alu_m::<SBB, 4, $imm>,
+                        (SBB, _) => alu_m::<SBB, 8, $imm>,
+                        (AND, 1) => alu_m::<AND, 1, $imm>,
+                        (AND, 2) => alu_m::<AND, 2, $imm>,
+                        (AND, 4) => alu_m::<AND, 4, $imm>,
+                        (AND, _) => alu_m::<AND, 8, $imm>,
+                        (SUB, 1) => alu_m::<SUB, 1, $imm>,
+                        (SUB, 2) => alu_m::<SUB, 2, $imm>,
+                        (SUB, 4) => alu_m::<SUB, 4, $imm>,
+                        (SUB, _) => alu_m::<SUB, 8, $imm>,
+                        (XOR, 1) => alu_m::<XOR, 1, $imm>,
+                        (XOR, 2) => alu_m::<XOR, 2, $imm>,
+                        (XOR, 4) => alu_m::<XOR, 4, $imm>,
+                        (XOR, _) => alu_m::<XOR, 8, $imm>,
+                        (CMP, 1) => alu_m::<CMP, 1, $imm>,
+                        (CMP, 2) => alu_m::<CMP, 2, $imm>,
+                        (CMP, 4) => alu_m::<CMP, 4, $imm>,
+                        (CMP, _) => alu_m::<CMP, 8, $imm>,
+                        (_, 1) => alu_m::<TEST, 1, $imm>,
+                        (_, 2) => alu_m::<TEST, 2, $imm>,
+                        (_, 4) => alu_m::<TEST, 4, $imm>,
+                        (_, _) => alu_m::<TEST, 8, $imm>,
                     }
                 };
             }
@@ -412,20 +434,34 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
             macro_rules! sh {
                 ($cl:expr) => {
                     match (op, size(0)) {
-                        (SHL, 1) => shift_r::<SHL, 1, $cl>, (SHL, 2) => shift_r::<SHL, 2, $cl>,
-                        (SHL, 4) => shift_r::<SHL, 4, $cl>, (SHL, _) => shift_r::<SHL, 8, $cl>,
-                        (SHR, 1) => shift_r::<SHR, 1, $cl>, (SHR, 2) => shift_r::<SHR, 2, $cl>,
-                        (SHR, 4) => shift_r::<SHR, 4, $cl>, (SHR, _) => shift_r::<SHR, 8, $cl>,
-                        (SAR, 1) => shift_r::<SAR, 1, $cl>, (SAR, 2) => shift_r::<SAR, 2, $cl>,
-                        (SAR, 4) => shift_r::<SAR, 4, $cl>, (SAR, _) => shift_r::<SAR, 8, $cl>,
-                        (ROL, 1) => shift_r::<ROL, 1, $cl>, (ROL, 2) => shift_r::<ROL, 2, $cl>,
-                        (ROL, 4) => shift_r::<ROL, 4, $cl>, (ROL, _) => shift_r::<ROL, 8, $cl>,
-                        (ROR, 1) => shift_r::<ROR, 1, $cl>, (ROR, 2) => shift_r::<ROR, 2, $cl>,
-                        (ROR, 4) => shift_r::<ROR, 4, $cl>, (ROR, _) => shift_r::<ROR, 8, $cl>,
-                        (RCL, 1) => shift_r::<RCL, 1, $cl>, (RCL, 2) => shift_r::<RCL, 2, $cl>,
-                        (RCL, 4) => shift_r::<RCL, 4, $cl>, (RCL, _) => shift_r::<RCL, 8, $cl>,
-                        (_, 1) => shift_r::<RCR, 1, $cl>, (_, 2) => shift_r::<RCR, 2, $cl>,
-                        (_, 4) => shift_r::<RCR, 4, $cl>, (_, _) => shift_r::<RCR, 8, $cl>,
+                        (SHL, 1) => shift_r::<SHL, 1, $cl>,
+                        (SHL, 2) => shift_r::<SHL, 2, $cl>,
+                        (SHL, 4) => shift_r::<SHL, 4, $cl>,
+                        (SHL, _) => shift_r::<SHL, 8, $cl>,
+                        (SHR, 1) => shift_r::<SHR, 1, $cl>,
+                        (SHR, 2) => shift_r::<SHR, 2, $cl>,
+                        (SHR, 4) => shift_r::<SHR, 4, $cl>,
+                        (SHR, _) => shift_r::<SHR, 8, $cl>,
+                        (SAR, 1) => shift_r::<SAR, 1, $cl>,
+                        (SAR, 2) => shift_r::<SAR, 2, $cl>,
+                        (SAR, 4) => shift_r::<SAR, 4, $cl>,
+                        (SAR, _) => shift_r::<SAR, 8, $cl>,
+                        (ROL, 1) => shift_r::<ROL, 1, $cl>,
+                        (ROL, 2) => shift_r::<ROL, 2, $cl>,
+                        (ROL, 4) => shift_r::<ROL, 4, $cl>,
+                        (ROL, _) => shift_r::<ROL, 8, $cl>,
+                        (ROR, 1) => shift_r::<ROR, 1, $cl>,
+                        (ROR, 2) => shift_r::<ROR, 2, $cl>,
+                        (ROR, 4) => shift_r::<ROR, 4, $cl>,
+                        (ROR, _) => shift_r::<ROR, 8, $cl>,
+                        (RCL, 1) => shift_r::<RCL, 1, $cl>,
+                        (RCL, 2) => shift_r::<RCL, 2, $cl>,
+                        (RCL, 4) => shift_r::<RCL, 4, $cl>,
+                        (RCL, _) => shift_r::<RCL, 8, $cl>,
+                        (_, 1) => shift_r::<RCR, 1, $cl>,
+                        (_, 2) => shift_r::<RCR, 2, $cl>,
+                        (_, 4) => shift_r::<RCR, 4, $cl>,
+                        (_, _) => shift_r::<RCR, 8, $cl>,
                     }
                 };
             }
@@ -438,7 +474,11 @@ pub fn handler(i: &Instruction) -> Option<Handler> {
             setcc_r
         }
         Movzx | Movsx if reg(0) && (reg(1) || i.op1_kind() == OpKind::Memory) => {
-            let src = if reg(1) { size(1) } else { i.memory_size().size() as u64 };
+            let src = if reg(1) {
+                size(1)
+            } else {
+                i.memory_size().size() as u64
+            };
             match (mn == Movsx, src) {
                 (false, 1) => movx::<1, false>,
                 (false, _) => movx::<2, false>,

@@ -83,7 +83,11 @@ fn ret(m: &mut Machine, x: &Insn) -> R<()> {
     } else {
         x.i.stack_pointer_increment() as u64
     };
-    let extra = if x.i.op_count() == 1 { u64::from(x.i.immediate16()) } else { 0 };
+    let extra = if x.i.op_count() == 1 {
+        u64::from(x.i.immediate16())
+    } else {
+        0
+    };
     let t = m.peek(0, size)? & mask(size);
     set_rip(m, t)?;
     let sp = m.cpu.gpr[4].wrapping_add(size + extra);
@@ -202,7 +206,11 @@ fn far_pointer(m: &mut Machine, x: &Insn) -> R<(u16, u64)> {
 }
 
 fn retf(m: &mut Machine, x: &Insn) -> R<()> {
-    let imm = if x.i.op_count() == 1 { u64::from(x.i.immediate16()) } else { 0 };
+    let imm = if x.i.op_count() == 1 {
+        u64::from(x.i.immediate16())
+    } else {
+        0
+    };
     use iced_x86::Code;
     let size = match x.i.code() {
         Code::Retfw | Code::Retfw_imm16 => 2,
@@ -230,7 +238,9 @@ pub fn handler(mn: Mnemonic, i: &Instruction) -> Option<Handler> {
             OpKind::Memory if is_far_mem(i) => jmp_far,
             _ => jmp_ind,
         },
-        Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle | Jg => jcc,
+        Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle | Jg => {
+            jcc
+        }
         Call => match i.op0_kind() {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => call_rel,
             OpKind::FarBranch16 | OpKind::FarBranch32 => call_far,
@@ -257,6 +267,8 @@ pub fn handler(mn: Mnemonic, i: &Instruction) -> Option<Handler> {
 fn is_far_mem(i: &Instruction) -> bool {
     matches!(
         i.memory_size(),
-        iced_x86::MemorySize::SegPtr16 | iced_x86::MemorySize::SegPtr32 | iced_x86::MemorySize::SegPtr64
+        iced_x86::MemorySize::SegPtr16
+            | iced_x86::MemorySize::SegPtr32
+            | iced_x86::MemorySize::SegPtr64
     )
 }

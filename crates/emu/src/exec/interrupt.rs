@@ -25,7 +25,10 @@ pub enum Source {
 
 impl Source {
     fn ext(self) -> u32 {
-        matches!(self, Source::Exception | Source::External | Source::Privileged) as u32
+        matches!(
+            self,
+            Source::Exception | Source::External | Source::Privileged
+        ) as u32
     }
 }
 
@@ -76,7 +79,8 @@ fn gate_target(m: &mut Machine, sel: u16, vector: u8, src: Source) -> R<Segment>
     if sel & 0xfffc == 0 {
         return Err(Fault::Exc(GP, Some(src.ext())));
     }
-    let (_, raw) = read_desc(m, sel).map_err(|_| Fault::Exc(GP, Some(u32::from(sel & 0xfffc) + src.ext())))?;
+    let (_, raw) =
+        read_desc(m, sel).map_err(|_| Fault::Exc(GP, Some(u32::from(sel & 0xfffc) + src.ext())))?;
     let d = decode(sel, raw);
     if !d.s || d.type_ & 8 == 0 || d.dpl > m.cpu.cpl {
         return Err(Fault::Exc(GP, Some(u32::from(sel & 0xfffc) + src.ext())));
@@ -267,12 +271,19 @@ pub fn deliver_exception(m: &mut Machine, f: Fault) -> Raised {
     let mut first: Option<u8> = None;
     for _ in 0..8 {
         let (vector, code) = match current {
-            Fault::Exc(v, c) => (v, if has_error_code(v) { Some(c.unwrap_or(0)) } else { None }),
+            Fault::Exc(v, c) => (
+                v,
+                if has_error_code(v) {
+                    Some(c.unwrap_or(0))
+                } else {
+                    None
+                },
+            ),
             Fault::Pf(lin, c) => {
                 m.cpu.cr2 = lin;
                 (14, Some(c))
             }
-            Fault::Fatal(s) => return Raised::Fatal(*s),
+            Fault::Fatal(s) => return Raised::Fatal(s),
             Fault::Exit(_) => return Raised::Fatal("device access while delivering an exception"),
         };
         if let Some(prev) = first {

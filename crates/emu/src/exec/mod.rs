@@ -27,7 +27,11 @@ pub type Handler = fn(&mut Machine, &Insn) -> R<()>;
 /// Size mask for `size` bytes.
 #[inline(always)]
 pub fn mask(size: u64) -> u64 {
-    if size >= 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 }
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
 }
 
 impl Machine {
@@ -86,7 +90,10 @@ impl Machine {
         }
         let idx = i.memory_index();
         if idx != Register::None {
-            a = a.wrapping_add(self.reg(idx).wrapping_mul(u64::from(i.memory_index_scale())));
+            a = a.wrapping_add(
+                self.reg(idx)
+                    .wrapping_mul(u64::from(i.memory_index_scale())),
+            );
         }
         a & x.amask
     }
@@ -94,7 +101,9 @@ impl Machine {
     /// Segment register index of the memory operand.
     #[inline(always)]
     pub fn mseg(&self, x: &Insn) -> usize {
-        (x.i.memory_segment() as usize).wrapping_sub(Register::ES as usize).min(5)
+        (x.i.memory_segment() as usize)
+            .wrapping_sub(Register::ES as usize)
+            .min(5)
     }
 
     /// Read operand `n` (`size` bytes; immediates are masked to it).

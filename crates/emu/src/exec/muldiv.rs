@@ -97,7 +97,11 @@ fn div(m: &mut Machine, x: &Insn) -> R<()> {
     } else {
         acc(m, size)
     };
-    let n = if size == 1 { u128::from(lo) } else { (u128::from(hi) << bits) | u128::from(lo) };
+    let n = if size == 1 {
+        u128::from(lo)
+    } else {
+        (u128::from(hi) << bits) | u128::from(lo)
+    };
     let q = n / u128::from(d);
     let r = n % u128::from(d);
     if q > u128::from(mask(size)) {

@@ -202,7 +202,11 @@ pub fn far_jump(m: &mut Machine, sel: u16, off: u64, call: Option<u64>) -> R<()>
             return Err(sel_fault(NP, sel));
         }
         let size = call.unwrap_or(4);
-        let off = if m.cpu.long_mode() && d.l { off } else { off & mask(size.max(2)) };
+        let off = if m.cpu.long_mode() && d.l {
+            off
+        } else {
+            off & mask(size.max(2))
+        };
         check_target(m, &d, off)?;
         if let Some(size) = call {
             let old_cs = u64::from(m.cpu.seg[CS].selector);
@@ -222,7 +226,11 @@ pub fn far_jump(m: &mut Machine, sel: u16, off: u64, call: Option<u64>) -> R<()>
     // System descriptor: only call gates are supported.
     let long = m.cpu.long_mode();
     let gate_type = d.type_;
-    let is_call_gate = if long { gate_type == 0xc } else { gate_type == 0xc || gate_type == 0x4 };
+    let is_call_gate = if long {
+        gate_type == 0xc
+    } else {
+        gate_type == 0xc || gate_type == 0x4
+    };
     if !is_call_gate {
         if matches!(gate_type, 0x1 | 0x9 | 0x5) {
             return Err(Fault::Fatal(&"hardware task switches are not implemented"));
@@ -531,7 +539,9 @@ pub fn iret(m: &mut Machine, size: u64) -> R<()> {
         if m.cpu.long_mode() {
             return Err(gp(0));
         }
-        return Err(Fault::Fatal(&"hardware task switches (IRET with NT) are not implemented"));
+        return Err(Fault::Fatal(
+            &"hardware task switches (IRET with NT) are not implemented",
+        ));
     }
     let ip = m.peek(0, size)? & mask(size);
     let sel = m.peek(size, size)? as u16;
@@ -570,7 +580,11 @@ pub fn iret(m: &mut Machine, size: u64) -> R<()> {
             };
         } else {
             // With CPL already the target level, the usual SS checks apply.
-            m.cpu.mode = if m.cpu.long_mode() { Mode::Compat } else { Mode::Protected };
+            m.cpu.mode = if m.cpu.long_mode() {
+                Mode::Compat
+            } else {
+                Mode::Protected
+            };
             load_data_seg(m, SS, new_ss)?;
         }
         Ok(())

@@ -44,7 +44,11 @@ fn string<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
     let am = x.amask;
     let rep = x.i.has_rep_prefix() || x.i.has_repne_prefix();
     let repne = x.i.has_repne_prefix();
-    let step = if m.cpu.flags & fl::DF != 0 { size.wrapping_neg() } else { size };
+    let step = if m.cpu.flags & fl::DF != 0 {
+        size.wrapping_neg()
+    } else {
+        size
+    };
     let src_seg = m.mseg(x);
     let port = (m.cpu.gpr[2] & 0xffff) as u16;
     if matches!(op, Op::Ins | Op::Outs) {
@@ -150,7 +154,11 @@ fn ipmask(m: &Machine) -> u64 {
 #[inline(always)]
 fn adv(m: &mut Machine, reg: usize, step: u64, am: u64) {
     let v = m.cpu.gpr[reg].wrapping_add(step) & am;
-    m.cpu.gpr[reg] = if am == 0xffff_ffff { v } else { (m.cpu.gpr[reg] & !am) | v };
+    m.cpu.gpr[reg] = if am == 0xffff_ffff {
+        v
+    } else {
+        (m.cpu.gpr[reg] & !am) | v
+    };
 }
 
 pub fn handler(mn: Mnemonic) -> Option<Handler> {

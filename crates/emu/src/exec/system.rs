@@ -126,11 +126,24 @@ fn popf(m: &mut Machine, x: &Insn) -> R<()> {
 // ---- control and debug registers ----------------------------------------------------------
 
 /// CR4 bits this CPU accepts.
-const CR4_OK: u64 = 0x1 | 0x2 | 0x4 | 0x8 | cr4::PSE | cr4::PAE | 0x40 | cr4::PGE | 0x100 | cr4::OSFXSR | cr4::OSXMMEXCPT;
+const CR4_OK: u64 = 0x1
+    | 0x2
+    | 0x4
+    | 0x8
+    | cr4::PSE
+    | cr4::PAE
+    | 0x40
+    | cr4::PGE
+    | 0x100
+    | cr4::OSFXSR
+    | cr4::OSXMMEXCPT;
 
 pub fn write_cr0(m: &mut Machine, v: u64) -> R<()> {
     let v = v | cr0::ET;
-    if v >> 32 != 0 || (v & cr0::PG != 0 && v & cr0::PE == 0) || (v & cr0::NW != 0 && v & cr0::CD == 0) {
+    if v >> 32 != 0
+        || (v & cr0::PG != 0 && v & cr0::PE == 0)
+        || (v & cr0::NW != 0 && v & cr0::CD == 0)
+    {
         return Err(gp(0));
     }
     let old = m.cpu.cr0;
@@ -179,7 +192,11 @@ fn write_cr3(m: &mut Machine, v: u64) -> R<()> {
     if m.cpu.cr0 & cr0::PG != 0 {
         check_pdptes(m, v & 0xffff_ffff, m.cpu.cr4)?;
     }
-    m.cpu.cr3 = if m.cpu.long_mode() { v } else { v & 0xffff_ffff };
+    m.cpu.cr3 = if m.cpu.long_mode() {
+        v
+    } else {
+        v & 0xffff_ffff
+    };
     m.tlb.flush_nonglobal();
     Ok(())
 }
@@ -274,7 +291,11 @@ fn lmsw(m: &mut Machine, x: &Insn) -> R<()> {
 }
 
 fn smsw(m: &mut Machine, x: &Insn) -> R<()> {
-    let size = if x.i.op0_kind() == OpKind::Register { x.i.op0_register().size() as u64 } else { 2 };
+    let size = if x.i.op0_kind() == OpKind::Register {
+        x.i.op0_register().size() as u64
+    } else {
+        2
+    };
     let v = m.cpu.cr0 & mask(size);
     m.wr(x, 0, size, v)
 }
@@ -290,7 +311,11 @@ fn invlpg(m: &mut Machine, x: &Insn) -> R<()> {
     let off = m.ea(x);
     let s = &m.cpu.seg[m.mseg(x)];
     let lin = if m.cpu.mode == Mode::Long64 {
-        if m.mseg(x) >= FS { s.base.wrapping_add(off) } else { off }
+        if m.mseg(x) >= FS {
+            s.base.wrapping_add(off)
+        } else {
+            off
+        }
     } else {
         s.base.wrapping_add(off) & 0xffff_ffff
     };
@@ -360,7 +385,10 @@ fn lldt(m: &mut Machine, x: &Insn) -> R<()> {
         return Err(gp(u32::from(sel & 0xfffc)));
     }
     if !d.present {
-        return Err(Fault::Exc(crate::machine::NP, Some(u32::from(sel & 0xfffc))));
+        return Err(Fault::Exc(
+            crate::machine::NP,
+            Some(u32::from(sel & 0xfffc)),
+        ));
     }
     m.cpu.ldtr = Segment {
         base: d.base | base_hi,
@@ -385,12 +413,19 @@ fn ltr(m: &mut Machine, x: &Insn) -> R<()> {
         (a, lo, 0)
     };
     let d = decode(sel, lo);
-    let available = if m.cpu.long_mode() { d.type_ == 9 } else { d.type_ == 1 || d.type_ == 9 };
+    let available = if m.cpu.long_mode() {
+        d.type_ == 9
+    } else {
+        d.type_ == 1 || d.type_ == 9
+    };
     if d.s || !available {
         return Err(gp(u32::from(sel & 0xfffc)));
     }
     if !d.present {
-        return Err(Fault::Exc(crate::machine::NP, Some(u32::from(sel & 0xfffc))));
+        return Err(Fault::Exc(
+            crate::machine::NP,
+            Some(u32::from(sel & 0xfffc)),
+        ));
     }
     // Mark it busy in the GDT.
     m.write_sys(addr + 5, 1, (lo >> 40) | 2)?;
@@ -406,7 +441,11 @@ fn sldt_str<const TR: bool>(m: &mut Machine, x: &Insn) -> R<()> {
     if !protected(m) {
         return Err(ud());
     }
-    let sel = u64::from(if TR { m.cpu.tr.selector } else { m.cpu.ldtr.selector });
+    let sel = u64::from(if TR {
+        m.cpu.tr.selector
+    } else {
+        m.cpu.ldtr.selector
+    });
     if x.i.op0_kind() == OpKind::Register {
         let r = x.i.op0_register();
         m.set_reg(r, sel);
@@ -466,7 +505,11 @@ fn desc_query<const OP: u8>(m: &mut Machine, x: &Insn) -> R<()> {
         if OP == 2 || OP == 3 {
             ok = ok && (d.s && (conforming && OP == 2 || (d.dpl >= m.cpu.cpl && d.dpl >= rpl)));
         }
-        value = if OP == 0 { raw >> 32 & 0x00f0_ff00 } else { u64::from(d.limit) };
+        value = if OP == 0 {
+            raw >> 32 & 0x00f0_ff00
+        } else {
+            u64::from(d.limit)
+        };
     }
     if ok {
         m.cpu.flags |= fl::ZF;
@@ -496,7 +539,9 @@ fn load_far<const SEG: usize>(m: &mut Machine, x: &Insn) -> R<()> {
 // ---- MSRs, CPUID, TSC ---------------------------------------------------------------------
 
 fn trapped(m: &Machine, index: u32) -> bool {
-    m.trapped_msrs.iter().any(|&(a, b)| index >= a && index <= b)
+    m.trapped_msrs
+        .iter()
+        .any(|&(a, b)| index >= a && index <= b)
 }
 
 /// The TSC: from the host clock, or from the instruction count in deterministic mode.
@@ -571,7 +616,10 @@ pub fn write_msr(m: &mut Machine, index: u32, v: u64) -> bool {
             m.cpu.update_mode();
         }
         msr::IA32_STAR => m.cpu.msr.star = v,
-        msr::IA32_LSTAR | msr::IA32_CSTAR | msr::IA32_KERNEL_GS_BASE | msr::IA32_FS_BASE
+        msr::IA32_LSTAR
+        | msr::IA32_CSTAR
+        | msr::IA32_KERNEL_GS_BASE
+        | msr::IA32_FS_BASE
         | msr::IA32_GS_BASE
             if !canonical(v) =>
         {
@@ -639,7 +687,11 @@ fn wrmsr(m: &mut Machine, _: &Insn) -> R<()> {
             None => Err(Fault::exit(Exit::MsrWrite { index, value: v })),
         };
     }
-    if write_msr(m, index, v) { Ok(()) } else { Err(gp(0)) }
+    if write_msr(m, index, v) {
+        Ok(())
+    } else {
+        Err(gp(0))
+    }
 }
 
 fn cpuid(m: &mut Machine, _: &Insn) -> R<()> {
@@ -710,7 +762,11 @@ fn syscall(m: &mut Machine, _: &Insn) -> R<()> {
     }
     let star = m.cpu.msr.star;
     let sel = ((star >> 32) & 0xfffc) as u16;
-    let target = if m.cpu.mode == Mode::Long64 { m.cpu.msr.lstar } else { m.cpu.msr.cstar };
+    let target = if m.cpu.mode == Mode::Long64 {
+        m.cpu.msr.lstar
+    } else {
+        m.cpu.msr.cstar
+    };
     m.cpu.gpr[1] = m.cpu.rip;
     m.cpu.gpr[11] = m.cpu.flags & !fl::RF;
     m.cpu.flags &= !(m.cpu.msr.fmask | fl::RF);
@@ -735,7 +791,11 @@ fn sysret(m: &mut Machine, x: &Insn) -> R<()> {
     if wide && !canonical(rip) {
         return Err(gp(0));
     }
-    let (cs, long) = if wide { (base + 16, true) } else { (base, false) };
+    let (cs, long) = if wide {
+        (base + 16, true)
+    } else {
+        (base, false)
+    };
     m.cpu.seg[CS] = flat_code(cs | 3, 3, long);
     let mut ss = flat_stack((base + 8) | 3, 3);
     ss.selector = (base + 8) | 3;
@@ -759,8 +819,16 @@ fn sysenter(m: &mut Machine, _: &Insn) -> R<()> {
     m.cpu.seg[CS] = flat_code(cs, 0, long);
     m.cpu.seg[SS] = flat_stack(cs + 8, 0);
     m.cpu.update_mode();
-    m.cpu.rip = if long { m.cpu.msr.sysenter_eip } else { m.cpu.msr.sysenter_eip & 0xffff_ffff };
-    m.cpu.gpr[4] = if long { m.cpu.msr.sysenter_esp } else { m.cpu.msr.sysenter_esp & 0xffff_ffff };
+    m.cpu.rip = if long {
+        m.cpu.msr.sysenter_eip
+    } else {
+        m.cpu.msr.sysenter_eip & 0xffff_ffff
+    };
+    m.cpu.gpr[4] = if long {
+        m.cpu.msr.sysenter_esp
+    } else {
+        m.cpu.msr.sysenter_esp & 0xffff_ffff
+    };
     Ok(())
 }
 
@@ -770,7 +838,11 @@ fn sysexit(m: &mut Machine, x: &Insn) -> R<()> {
         return Err(gp(0));
     }
     let wide = x.i.code() == iced_x86::Code::Sysexitq;
-    let (sel, long) = if wide { (cs + 32, true) } else { (cs + 16, false) };
+    let (sel, long) = if wide {
+        (cs + 32, true)
+    } else {
+        (cs + 16, false)
+    };
     m.cpu.seg[CS] = flat_code(sel | 3, 3, long);
     m.cpu.seg[SS] = flat_stack((sel + 8) | 3, 3);
     m.cpu.update_mode();
