@@ -15,6 +15,7 @@
 pub mod elf;
 pub mod elf64;
 pub mod flat;
+pub mod linux;
 pub mod multiboot;
 
 use palacios_vmm::config::BootFormat;
@@ -85,7 +86,9 @@ pub struct BootParams<'a> {
 
 /// Guess the format: a Multiboot header in the first 8 KiB, else a 64-bit ELF, else flat.
 pub fn detect(image: &[u8]) -> BootFormat {
-    if matches!(multiboot::find_header(image), Ok(Some(_)) | Err(_)) {
+    if linux::is_bzimage(image) {
+        BootFormat::Linux
+    } else if matches!(multiboot::find_header(image), Ok(Some(_)) | Err(_)) {
         BootFormat::Multiboot
     } else if elf::is_elf64(image) {
         BootFormat::Elf64
@@ -101,15 +104,22 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     } else {
         p.format
     };
-    if format != BootFormat::Multiboot && format != BootFormat::Elf64 && !p.modules.is_empty() {
+    let linux_initrd = format == BootFormat::Linux && p.modules.len() <= 1;
+    if format != BootFormat::Multiboot
+        && format != BootFormat::Elf64
+        && !linux_initrd
+        && !p.modules.is_empty()
+    {
         return Err(LoadError::Invalid(
-            "modules are only passed to multiboot and elf64 kernels".into(),
+            "modules are only passed to multiboot and elf64 kernels (a Linux kernel takes one initrd)"
+                .into(),
         ));
     }
     match format {
         BootFormat::Flat => flat::load(mem, map, p),
         BootFormat::Multiboot => multiboot::load(mem, map, p),
         BootFormat::Elf64 => elf64::load(mem, map, p),
+        BootFormat::Linux => linux::load(mem, map, p),
         BootFormat::Auto => unreachable!("resolved above"),
     }
 }

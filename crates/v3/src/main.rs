@@ -43,6 +43,7 @@ enum FormatArg {
     Flat,
     Multiboot,
     Elf64,
+    Linux,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +77,9 @@ struct RunArgs {
     /// Multiboot module (repeatable); its string is the file name.
     #[arg(long = "module", requires = "kernel")]
     modules: Vec<PathBuf>,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// CPU backend (overrides the config's <backend>).
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
@@ -253,10 +257,11 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
             FormatArg::Flat => BootFormat::Flat,
             FormatArg::Multiboot => BootFormat::Multiboot,
             FormatArg::Elf64 => BootFormat::Elf64,
+            FormatArg::Linux => BootFormat::Linux,
         };
         boot.load_addr = a.load_addr;
         boot.cmdline = a.cmdline.clone();
-        for m in &a.modules {
+        for m in a.initrd.iter().chain(&a.modules) {
             if !m.is_file() {
                 return Err(LaunchError::Config(format!(
                     "module file not found: {}",

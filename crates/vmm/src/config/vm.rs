@@ -47,16 +47,19 @@ pub enum BootFormat {
     Flat,
     Multiboot,
     Elf64,
+    /// A bzImage through Linux's 64-bit boot protocol (the first module is the initrd).
+    Linux,
 }
 
 impl BootFormat {
-    pub const NAMES: &'static [&'static str] = &["auto", "flat", "multiboot", "elf64"];
+    pub const NAMES: &'static [&'static str] = &["auto", "flat", "multiboot", "elf64", "linux"];
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(BootFormat::Auto),
             "flat" => Some(BootFormat::Flat),
             "multiboot" => Some(BootFormat::Multiboot),
             "elf64" => Some(BootFormat::Elf64),
+            "linux" => Some(BootFormat::Linux),
             _ => None,
         }
     }
@@ -389,6 +392,7 @@ impl VmConfig {
                 "entry",
                 "cmdline",
                 "module",
+                "initrd",
             ],
         )?;
         let format = match b.val("format")? {
@@ -405,6 +409,14 @@ impl VmConfig {
         };
         let kernel = self.file_ref(b, "kernel", b.req("kernel")?, base_dir)?;
         let mut modules = Vec::new();
+        // `initrd` (Linux): handed to the loader as the first module.
+        if let Some(i) = b.val("initrd")? {
+            let path = self.file_ref(b, "initrd", i, base_dir)?;
+            modules.push(ModuleConfig {
+                path,
+                cmdline: "initrd".into(),
+            });
+        }
         for m in b.children_named("module") {
             m.check_options("<module>", &["file", "cmdline"])?;
             let path = self.file_ref(m, "file", m.req("file")?, base_dir)?;
