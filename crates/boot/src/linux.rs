@@ -34,13 +34,17 @@ const LOADED_HIGH: u8 = 1;
 
 /// Whether `image` is a bzImage ("HdrS" at 0x202, boot protocol 2.00 or later).
 pub fn is_bzimage(image: &[u8]) -> bool {
-    image.len() > 0x206 && &image[0x202..0x206] == b"HdrS" && image.get(0x1fe..0x200) == Some(&[0x55, 0xaa])
+    image.len() > 0x206
+        && &image[0x202..0x206] == b"HdrS"
+        && image.get(0x1fe..0x200) == Some(&[0x55, 0xaa])
 }
 
 /// Load a bzImage and its initrd (`p.modules[0]`, if any).
 pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState, LoadError> {
     if !is_bzimage(p.image) {
-        return Err(LoadError::Invalid("not a Linux bzImage (no 'HdrS' setup header)".into()));
+        return Err(LoadError::Invalid(
+            "not a Linux bzImage (no 'HdrS' setup header)".into(),
+        ));
     }
     let version = u16::from_le_bytes([p.image[0x206], p.image[0x207]]);
     if version < 0x020c {
@@ -62,10 +66,18 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
         .ok_or_else(|| LoadError::Invalid("the bzImage has no setup header".into()))?;
     // XLF_KERNEL_64: the kernel has the 64-bit entry point at +0x200.
     if hdr.xloadflags & 1 == 0 {
-        return Err(LoadError::Invalid("the kernel has no 64-bit entry point (xloadflags)".into()));
+        return Err(LoadError::Invalid(
+            "the kernel has no 64-bit entry point (xloadflags)".into(),
+        ));
     }
-    let kernel_end = loaded.kernel_load.0 + u64::from(hdr.init_size).max(loaded.kernel_end - loaded.kernel_load.0);
-    check_ram(map, "the kernel (init_size)", loaded.kernel_load.0, kernel_end - loaded.kernel_load.0)?;
+    let kernel_end = loaded.kernel_load.0
+        + u64::from(hdr.init_size).max(loaded.kernel_end - loaded.kernel_load.0);
+    check_ram(
+        map,
+        "the kernel (init_size)",
+        loaded.kernel_load.0,
+        kernel_end - loaded.kernel_load.0,
+    )?;
 
     // Command line.
     let cmdline = p.cmdline.as_bytes();
@@ -135,7 +147,11 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     .map_err(|e| LoadError::Invalid(format!("cannot write the zero page: {e}")))?;
 
     let gdt = write_gdt(mem)?;
-    write(mem, PAGE_TABLES_ADDR, &paging::identity_tables(PAGE_TABLES_ADDR, 4))?;
+    write(
+        mem,
+        PAGE_TABLES_ADDR,
+        &paging::identity_tables(PAGE_TABLES_ADDR, 4),
+    )?;
     let mut s = crate::flat_state(gdt, true);
     s.sregs.cr0 = cr0::PE | cr0::ET | cr0::PG | cr0::WP;
     s.sregs.cr3 = PAGE_TABLES_ADDR;
@@ -198,7 +214,8 @@ mod tests {
         assert_eq!(zp.hdr.type_of_loader, 0xff);
         assert_eq!({ zp.hdr.cmd_line_ptr }, CMDLINE as u32);
         assert_eq!(read(&mem, CMDLINE, 14), b"console=ttyS0\0");
-        let (start, size) = ({ zp.hdr.ramdisk_image } as u64, { zp.hdr.ramdisk_size } as u64);
+        let (start, size) = ({ zp.hdr.ramdisk_image } as u64, { zp.hdr.ramdisk_size }
+            as u64);
         assert_eq!(size, 10_000);
         assert_eq!(start & 0xfff, 0);
         assert!(start + size <= 64 << 20 && start >= KERNEL_ADDR + 0x40_0000);
@@ -219,11 +236,15 @@ mod tests {
         let (mem, map) = vm(64);
         let mut p = params(b"not a kernel at all");
         p.format = palacios_vmm::config::BootFormat::Linux;
-        assert!(matches!(load(&mem, &map, &p), Err(LoadError::Invalid(m)) if m.contains("bzImage")));
+        assert!(
+            matches!(load(&mem, &map, &p), Err(LoadError::Invalid(m)) if m.contains("bzImage"))
+        );
         let old = fake_bzimage(0x0206, 1);
         let mut p = params(&old);
         p.format = palacios_vmm::config::BootFormat::Linux;
-        assert!(matches!(load(&mem, &map, &p), Err(LoadError::Invalid(m)) if m.contains("too old")));
+        assert!(
+            matches!(load(&mem, &map, &p), Err(LoadError::Invalid(m)) if m.contains("too old"))
+        );
         let no64 = fake_bzimage(0x020f, 0);
         let mut p = params(&no64);
         p.format = palacios_vmm::config::BootFormat::Linux;
@@ -233,6 +254,8 @@ mod tests {
         let mut p = params(&img);
         p.format = palacios_vmm::config::BootFormat::Linux;
         p.cmdline = &long;
-        assert!(matches!(load(&mem, &map, &p), Err(LoadError::Invalid(m)) if m.contains("command line")));
+        assert!(
+            matches!(load(&mem, &map, &p), Err(LoadError::Invalid(m)) if m.contains("command line"))
+        );
     }
 }
