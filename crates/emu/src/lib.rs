@@ -343,11 +343,6 @@ impl EmuVcpu {
             }
         }
     }
-
-    /// The flag that makes `run()` return [`Exit::Interrupted`] at the next block boundary.
-    pub fn kick_flag(&self) -> Arc<AtomicBool> {
-        self.kick.clone()
-    }
 }
 
 /// Execute a block's instructions until its end, a fault, or `brk` (after one instruction when

@@ -124,12 +124,11 @@ fn xchg(m: &mut Machine, x: &Insn) -> R<()> {
         m.set_reg(b, va);
         return Ok(());
     }
-    let (mem_n, reg) = if x.i.op0_kind() == OpKind::Memory {
-        (0, x.i.op1_register())
+    let reg = if x.i.op0_kind() == OpKind::Memory {
+        x.i.op1_register()
     } else {
-        (1, x.i.op0_register())
+        x.i.op0_register()
     };
-    let _ = mem_n;
     let v = m.reg(reg);
     let lin = m.linear(m.mseg(x), m.ea(x), size, Kind::Write)?;
     let old = m.rmw_lin(lin, size, true, |_| v)?;

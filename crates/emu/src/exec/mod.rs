@@ -16,7 +16,7 @@ use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use crate::block::Insn;
 use crate::cpu::{Mode, SS};
-use crate::machine::{Fault, Machine, R, ud};
+use crate::machine::{Machine, R, ud};
 
 pub use interrupt::deliver_exception;
 pub use system::{read_msr, write_msr};
@@ -239,15 +239,5 @@ pub fn handler(i: &Instruction) -> Handler {
     match m {
         INVALID => invalid,
         _ => unimplemented,
-    }
-}
-
-/// Convert an exception for reporting.
-pub fn fault_name(f: &Fault) -> String {
-    match f {
-        Fault::Exc(v, c) => format!("exception {v} ({c:?})"),
-        Fault::Pf(l, c) => format!("page fault at {l:#x} (code {c:#x})"),
-        Fault::Exit(e) => format!("exit {e:?}"),
-        Fault::Fatal(s) => s.to_string(),
     }
 }
