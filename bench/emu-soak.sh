@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Emulator soak: differential testing against the host CPU (crates/emu/tests/differential.rs)
+# Emulator soak: differential testing against the host CPU (crates/emu/tests/differential/)
 # in release mode, a million random cases by default. Every general-purpose integer instruction
 # form runs natively and in the emulator; registers, defined flags and memory must agree.
 # Usage: bench/emu-soak.sh [cases] [seed]     (default: 1000000 cases, a random seed)
