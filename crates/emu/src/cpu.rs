@@ -94,7 +94,7 @@ pub struct Cpu {
     pub shadow: bool,
     /// An NMI handler is running (until IRET).
     pub nmi_blocked: bool,
-    pub fpu: palacios_vmm::backend::FpuState,
+    pub fpu: crate::fpu::Fpu,
     /// Cached: current privilege level.
     pub cpl: u8,
     /// Cached: current mode.

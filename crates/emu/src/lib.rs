@@ -10,6 +10,7 @@
 pub mod block;
 pub mod cpu;
 pub mod exec;
+pub mod fpu;
 pub mod machine;
 pub mod model;
 pub mod paging;
@@ -40,6 +41,9 @@ const SLICE: u64 = 50_000_000;
 pub struct EmuOptions {
     /// Write a per-instruction trace here (see [`trace`]).
     pub trace: Option<std::path::PathBuf>,
+    /// Write a sampled guest-RIP profile here when the core is dropped (see
+    /// [`trace::Profile`]).
+    pub profile: Option<std::path::PathBuf>,
 }
 
 /// The emulator as a [`Backend`].
@@ -64,7 +68,7 @@ impl EmuBackend {
         EmuBackend {
             phys: Mutex::new(None),
             trapped: Mutex::new(Arc::new(Vec::new())),
-            model: Mutex::new(Arc::new(CpuModel::stage1())),
+            model: Mutex::new(Arc::new(CpuModel::emulated())),
             cores: Arc::new(AtomicU32::new(0)),
             clock,
             options,
@@ -147,7 +151,14 @@ impl Backend for EmuBackend {
             ),
             None => None,
         };
+        let profile = self
+            .options
+            .profile
+            .as_ref()
+            .map(|p| trace::Profile::new(p, index));
         Ok(Box::new(EmuVcpu {
+            sample_at: if profile.is_some() { 0 } else { u64::MAX },
+            profile,
             m,
             cache: BlockCache::default(),
             kick: Arc::new(AtomicBool::new(false)),
@@ -177,6 +188,9 @@ pub struct EmuVcpu {
     /// The read exit the next `complete_read` answers.
     last_read: Option<Exit>,
     tracer: Option<trace::Tracer>,
+    profile: Option<trace::Profile>,
+    /// Instruction count of the next profile sample (u64::MAX: not profiling).
+    sample_at: u64,
 }
 
 impl EmuVcpu {
@@ -276,6 +290,8 @@ impl EmuVcpu {
                 cache,
                 tracer,
                 kick,
+                profile,
+                sample_at,
                 ..
             } = self;
             let mut idx = idx;
@@ -288,6 +304,12 @@ impl EmuVcpu {
                     None => run_block(m, &block.insns, single, |_, _| {}),
                 };
                 m.icount += done;
+                if m.icount >= *sample_at
+                    && let Some(p) = profile.as_mut()
+                {
+                    p.sample(m.cpu.rip);
+                    *sample_at = m.icount + trace::Profile::PERIOD;
+                }
                 if answering {
                     m.mmio_answers.clear();
                 }
@@ -406,10 +428,10 @@ impl Vcpu for EmuVcpu {
         Ok(())
     }
     fn fpu(&self) -> Result<FpuState, BackendError> {
-        Ok(self.m.cpu.fpu)
+        Ok(self.m.cpu.fpu.to_state())
     }
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<(), BackendError> {
-        self.m.cpu.fpu = *fpu;
+        self.m.cpu.fpu.set_state(fpu);
         Ok(())
     }
     fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, BackendError> {

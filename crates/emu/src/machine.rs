@@ -403,6 +403,37 @@ impl Machine {
         self.write_lin(lin, size, val)
     }
 
+    /// Read `buf.len()` bytes (up to a page) at seg:off: 80-bit, 128-bit and FXSAVE-image
+    /// operands. `align` (a power of two, or 1) is checked on the linear address: #GP(0).
+    pub fn read_buf(&mut self, seg: usize, off: u64, buf: &mut [u8], align: u64) -> R<()> {
+        let len = buf.len() as u64;
+        let lin = self.linear(seg, off, len, Kind::Read)?;
+        if lin & (align - 1) != 0 {
+            return Err(gp(0));
+        }
+        if let Some(p) = self.fast(lin, len, perm::R) {
+            // SAFETY: `fast` checked that all `len` bytes lie in one mapped RAM page.
+            unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+            return Ok(());
+        }
+        self.read_bytes(lin, buf, self.user())
+    }
+
+    /// Write `data` (up to a page) at seg:off; nothing is written unless all of it can be.
+    pub fn write_buf(&mut self, seg: usize, off: u64, data: &[u8], align: u64) -> R<()> {
+        let len = data.len() as u64;
+        let lin = self.linear(seg, off, len, Kind::Write)?;
+        if lin & (align - 1) != 0 {
+            return Err(gp(0));
+        }
+        if let Some(p) = self.fast(lin, len, perm::W) {
+            // SAFETY: `fast` checked that all `len` bytes lie in one writable RAM page.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            return Ok(());
+        }
+        self.write_bytes(lin, data, self.user())
+    }
+
     /// Check that a write of `size` bytes at seg:off would succeed, without writing.
     pub fn probe_write(&mut self, seg: usize, off: u64, size: u64) -> R<()> {
         let lin = self.linear(seg, off, size, Kind::Write)?;

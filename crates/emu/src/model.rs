@@ -26,6 +26,10 @@ pub mod edx1 {
     pub const CMOV: u32 = 1 << 15;
     pub const PAT: u32 = 1 << 16;
     pub const CLFSH: u32 = 1 << 19;
+    pub const MMX: u32 = 1 << 23;
+    pub const FXSR: u32 = 1 << 24;
+    pub const SSE: u32 = 1 << 25;
+    pub const SSE2: u32 = 1 << 26;
 }
 /// Feature bits of leaf 1 ECX.
 pub mod ecx1 {
@@ -42,8 +46,9 @@ fn text(s: &[u8]) -> u32 {
 }
 
 impl CpuModel {
-    /// Stage 1: the integer ISA, system architecture and long mode; no x87/SSE yet.
-    pub fn stage1() -> Self {
+    /// The emulated CPU: the integer ISA, system architecture and long mode, x87, MMX, SSE
+    /// and SSE2 with FXSAVE. No SSE3 or later, no XSAVE/AVX.
+    pub fn emulated() -> Self {
         let mut l = BTreeMap::new();
         let vendor = b"GenuineIntel";
         l.insert(
@@ -56,7 +61,8 @@ impl CpuModel {
             ],
         );
         // Family 6, model 0x3a-like signature; CLFLUSH line size 8 quadwords.
-        let edx = edx1::PSE
+        let edx = edx1::FPU
+            | edx1::PSE
             | edx1::TSC
             | edx1::MSR
             | edx1::PAE
@@ -67,7 +73,11 @@ impl CpuModel {
             | edx1::PGE
             | edx1::CMOV
             | edx1::PAT
-            | edx1::CLFSH;
+            | edx1::CLFSH
+            | edx1::MMX
+            | edx1::FXSR
+            | edx1::SSE
+            | edx1::SSE2;
         let ecx = ecx1::CX16
             | ecx1::X2APIC
             | ecx1::MOVBE
@@ -150,6 +160,7 @@ impl CpuModel {
     /// Hide a feature by its /proc/cpuinfo name; false if the name is unknown.
     pub fn hide(&mut self, name: &str) -> bool {
         let (leaf, reg, bit) = match name {
+            "fpu" => (1, 3, edx1::FPU),
             "pse" => (1, 3, edx1::PSE),
             "tsc" => (1, 3, edx1::TSC),
             "msr" => (1, 3, edx1::MSR),
@@ -162,6 +173,10 @@ impl CpuModel {
             "cmov" => (1, 3, edx1::CMOV),
             "pat" => (1, 3, edx1::PAT),
             "clflush" => (1, 3, edx1::CLFSH),
+            "mmx" => (1, 3, edx1::MMX),
+            "fxsr" => (1, 3, edx1::FXSR),
+            "sse" => (1, 3, edx1::SSE),
+            "sse2" => (1, 3, edx1::SSE2),
             "cx16" => (1, 2, ecx1::CX16),
             "x2apic" => (1, 2, ecx1::X2APIC),
             "movbe" => (1, 2, ecx1::MOVBE),
@@ -188,7 +203,7 @@ mod tests {
 
     #[test]
     fn vendor_brand_and_per_core_apic_id() {
-        let m = CpuModel::stage1();
+        let m = CpuModel::emulated();
         let v = m.cpuid(0, 0, 0, 1);
         let mut s = Vec::new();
         for r in [v[1], v[3], v[2]] {
@@ -197,10 +212,13 @@ mod tests {
         assert_eq!(&s, b"GenuineIntel");
         assert_eq!(m.cpuid(1, 0, 3, 4)[1] >> 24, 3);
         assert_eq!((m.cpuid(1, 0, 3, 4)[1] >> 16) & 0xff, 4);
-        assert_eq!(m.cpuid(1, 0, 0, 1)[3] & edx1::FPU, 0, "no x87 in stage 1");
+        let edx = m.cpuid(1, 0, 0, 1)[3];
+        let sse2 = edx1::FPU | edx1::MMX | edx1::FXSR | edx1::SSE | edx1::SSE2;
+        assert_eq!(edx & sse2, sse2, "x87, MMX, FXSR, SSE, SSE2");
+        assert_eq!(m.cpuid(1, 0, 0, 1)[2] & 1, 0, "no SSE3");
         let lm = m.cpuid(0x8000_0001, 0, 0, 1)[3];
         assert_ne!(lm & (1 << 29), 0);
-        let mut hidden = CpuModel::stage1();
+        let mut hidden = CpuModel::emulated();
         assert!(hidden.hide("x2apic") && hidden.hide("lm"));
         assert!(!hidden.hide("avx512"));
         assert_eq!(hidden.cpuid(1, 0, 0, 1)[2] & ecx1::X2APIC, 0);

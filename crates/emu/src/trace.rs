@@ -83,3 +83,44 @@ impl Drop for Tracer {
         let _ = self.out.flush();
     }
 }
+
+/// A sampling profile of guest RIPs: the RIP after the block that crossed each multiple of
+/// [`Profile::PERIOD`] instructions. Written when the core is dropped, most frequent first,
+/// as "count rip" lines (look them up in the guest's symbol map).
+pub struct Profile {
+    path: std::path::PathBuf,
+    counts: std::collections::HashMap<u64, u64>,
+}
+
+impl Profile {
+    pub const PERIOD: u64 = 10_000;
+
+    pub fn new(path: &Path, vcpu: u32) -> Profile {
+        let mut p = path.as_os_str().to_owned();
+        if vcpu != 0 {
+            p.push(format!(".{vcpu}"));
+        }
+        Profile {
+            path: p.into(),
+            counts: Default::default(),
+        }
+    }
+
+    pub fn sample(&mut self, rip: u64) {
+        *self.counts.entry(rip).or_default() += 1;
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        let mut v: Vec<_> = self.counts.iter().map(|(r, c)| (*c, *r)).collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        let mut s = String::new();
+        for (c, r) in v {
+            let _ = writeln!(s, "{c} {r:#x}");
+        }
+        if let Err(e) = std::fs::write(&self.path, s) {
+            tracing::warn!("cannot write the profile {}: {e}", self.path.display());
+        }
+    }
+}

@@ -64,10 +64,12 @@ pub fn backend(choice: BackendChoice) -> Result<Box<dyn Backend>, LaunchError> {
     }
 }
 
-/// Emulator options from the environment (`PALACIOS_EMU_TRACE=FILE` writes an instruction trace).
+/// Emulator options from the environment: `PALACIOS_EMU_TRACE=FILE` writes an instruction
+/// trace, `PALACIOS_EMU_PROFILE=FILE` a sampled profile of guest RIPs.
 fn emu_options() -> palacios_emu::EmuOptions {
     palacios_emu::EmuOptions {
         trace: std::env::var_os("PALACIOS_EMU_TRACE").map(Into::into),
+        profile: std::env::var_os("PALACIOS_EMU_PROFILE").map(Into::into),
     }
 }
 

@@ -166,6 +166,7 @@ pub struct FpuState {
 
 /// CPUID feature names a config may hide (`<cpu hide="...">`).
 pub const CPU_FEATURES: &[&str] = &[
+    "fpu",
     "pse",
     "tsc",
     "msr",
@@ -178,6 +179,10 @@ pub const CPU_FEATURES: &[&str] = &[
     "cmov",
     "pat",
     "clflush",
+    "mmx",
+    "fxsr",
+    "sse",
+    "sse2",
     "cx16",
     "x2apic",
     "movbe",

@@ -6,11 +6,15 @@ mod alu;
 mod data;
 mod fast;
 mod flow;
+mod fxsave;
 pub mod interrupt;
 mod muldiv;
 mod seg;
+pub mod sse;
+pub mod ssefp;
 mod string;
 mod system;
+mod x87;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -215,6 +219,13 @@ pub fn handler(i: &Instruction) -> Handler {
         return invalid;
     }
     if let Some(h) = fast::handler(i) {
+        return h;
+    }
+    if let Some(h) = sse::handler(i)
+        .or_else(|| ssefp::handler(i))
+        .or_else(|| x87::handler(i))
+        .or_else(|| fxsave::handler(i))
+    {
         return h;
     }
     let m = i.mnemonic();
