@@ -40,6 +40,8 @@ pub fn register_all(r: &mut Registry) {
     r.register(Box::new(pc::mptable_dev::MpTableClass));
     #[cfg(feature = "pm-timer")]
     r.register(Box::new(pc::pm_timer_dev::PmTimerClass));
+    #[cfg(feature = "acpi")]
+    r.register(Box::new(pc::acpi_dev::AcpiClass));
 }
 
 /// A registry holding every compiled-in class.

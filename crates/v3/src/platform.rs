@@ -16,7 +16,7 @@ fn device(class: &str, id: &str) -> DeviceConfig {
 }
 
 /// The devices of the standard PC: the PIC pair, PIT, LAPICs, IOAPIC, MP table, CMOS/RTC,
-/// i8042, fw_cfg, pc-testdev, PM timer, COM1–COM4 (COM1 on the console), the
+/// i8042, fw_cfg, pc-testdev, PM timer, ACPI tables and PM1 registers, COM1–COM4 (COM1 on the console), the
 /// Bochs and OS debug ports, and the debug-exit port at 0xf4.
 pub fn standard_devices() -> Vec<DeviceConfig> {
     vec![
@@ -30,6 +30,7 @@ pub fn standard_devices() -> Vec<DeviceConfig> {
         device("FW_CFG", "fw_cfg"),
         device("PC_TESTDEV", "pc_testdev"),
         device("PM_TIMER", "pm_timer"),
+        device("ACPI", "acpi"),
         device("SERIAL", "serial"),
         device("BOCHS_DEBUG", "bochs_debug"),
         device("OS_DEBUG", "os_debug"),

@@ -17,6 +17,8 @@ pub enum Outcome {
     Stopped,
     /// The guest asked for a reset and the VM is configured to stop on reset.
     Reset,
+    /// The guest powered the machine off (ACPI sleep state S5).
+    PowerOff,
     /// The guest asked for a reset and the VM is configured to reboot: the embedder builds
     /// the VM afresh (power-on state, guest image reloaded) and runs it again.
     Reboot,
@@ -40,6 +42,7 @@ impl std::fmt::Display for Outcome {
             Outcome::DebugExit(v) => write!(f, "guest wrote {v:#x} to the debug-exit port"),
             Outcome::Stopped => write!(f, "stopped by request"),
             Outcome::Reset => write!(f, "guest requested a reset"),
+            Outcome::PowerOff => write!(f, "guest powered off (ACPI S5)"),
             Outcome::Reboot => write!(f, "guest reset the machine (rebooting)"),
             Outcome::Shutdown { vcpu, rip } => {
                 write!(f, "vCPU {vcpu}: triple fault / shutdown at RIP {rip:#x}")

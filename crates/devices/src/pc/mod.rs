@@ -1,5 +1,7 @@
 //! PC platform devices.
 
+#[cfg(feature = "acpi")]
+pub mod acpi_dev;
 #[cfg(feature = "apic")]
 pub mod apic_dev;
 #[cfg(feature = "bochs-debug")]

@@ -256,3 +256,128 @@ fn v3_raw(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
 }
 
 pub const LIMIT: Duration = Duration::from_secs(120);
+
+/// An interactive `v3` run: the test types on its console and reads what it prints.
+pub struct Session {
+    child: std::process::Child,
+    input: Option<std::process::ChildStdin>,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    start: Instant,
+}
+
+impl Session {
+    pub fn start(args: &[&str]) -> Session {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start v3");
+        let input = child.stdin.take();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for (mut r, sink) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+                seen.clone(),
+            ),
+            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
+        ] {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Session {
+            child,
+            input,
+            seen,
+            stderr,
+            start: Instant::now(),
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            self.output(),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// Wait until `needle` appears at or after byte `from` of the output; returns the offset
+    /// just past it. Panics (with the output) after `limit` or if v3 exits first.
+    pub fn wait_for(&mut self, needle: &str, from: usize, limit: Duration) -> usize {
+        let t = Instant::now();
+        loop {
+            {
+                let s = self.seen.lock().unwrap();
+                if let Some(p) = s.get(from..).and_then(|tail| tail.find(needle)) {
+                    return from + p + needle.len();
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "v3 exited ({st}) before printing {needle:?}\n{}",
+                    self.describe()
+                );
+            }
+            if t.elapsed() > limit {
+                panic!(
+                    "no {needle:?} within {limit:?} ({:?} into the run)\n{}",
+                    self.start.elapsed(),
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Type a line on the console.
+    pub fn send(&mut self, line: &str) {
+        let i = self.input.as_mut().expect("stdin open");
+        i.write_all(line.as_bytes()).unwrap();
+        i.write_all(b"\n").unwrap();
+        i.flush().unwrap();
+    }
+
+    /// Wait for v3 to exit; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            if t.elapsed() > limit {
+                panic!("v3 did not exit within {limit:?}\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
