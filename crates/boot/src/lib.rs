@@ -17,6 +17,7 @@ pub mod elf64;
 pub mod flat;
 pub mod linux;
 pub mod multiboot;
+pub mod pvh;
 
 use palacios_vmm::config::BootFormat;
 use palacios_vmm::{GuestMem, MemoryMap};
@@ -104,7 +105,8 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     } else {
         p.format
     };
-    let linux_initrd = format == BootFormat::Linux && p.modules.len() <= 1;
+    let linux_initrd =
+        matches!(format, BootFormat::Linux | BootFormat::Pvh) && p.modules.len() <= 1;
     if format != BootFormat::Multiboot
         && format != BootFormat::Elf64
         && !linux_initrd
@@ -120,6 +122,7 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
         BootFormat::Multiboot => multiboot::load(mem, map, p),
         BootFormat::Elf64 => elf64::load(mem, map, p),
         BootFormat::Linux => linux::load(mem, map, p),
+        BootFormat::Pvh => pvh::load(mem, map, p),
         BootFormat::Auto => unreachable!("resolved above"),
     }
 }

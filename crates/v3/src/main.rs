@@ -44,6 +44,8 @@ enum FormatArg {
     Multiboot,
     Elf64,
     Linux,
+    /// PVH entry: an ELF vmlinux, or the vmlinux extracted from a bzImage.
+    Pvh,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -258,6 +260,7 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
             FormatArg::Multiboot => BootFormat::Multiboot,
             FormatArg::Elf64 => BootFormat::Elf64,
             FormatArg::Linux => BootFormat::Linux,
+            FormatArg::Pvh => BootFormat::Pvh,
         };
         boot.load_addr = a.load_addr;
         boot.cmdline = a.cmdline.clone();

@@ -166,3 +166,44 @@ fn debian_kernel_boots_to_a_shell_takes_commands_and_powers_off() {
         "the VM did not end by ACPI S5\n{stderr}"
     );
 }
+
+#[test]
+fn debian_kernel_boots_through_pvh_entry_extracted_from_the_bzimage() {
+    let Some((kernel, initrd, release)) = linux_guest() else {
+        return;
+    };
+    let (k, i) = (kernel.display().to_string(), initrd.display().to_string());
+    let mut s = Session::start(&[
+        "run",
+        "--backend",
+        "emu",
+        "--format",
+        "pvh",
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+        "--mem",
+        "256",
+        "--cmdline",
+        "console=ttyS0 nokaslr cryptomgr.notests",
+    ]);
+    let ready = s.wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(150));
+    let out = s.output();
+    let version = release.split('-').next().unwrap_or("");
+    assert!(
+        out.contains(&format!("Linux version {version}")),
+        "{}",
+        s.describe()
+    );
+    // The PVH path hands over the memory map in hvm_start_info.
+    assert!(
+        out.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+        "{}",
+        s.describe()
+    );
+    assert!(out.contains("RAMDISK: [mem"), "{}", s.describe());
+    s.wait_for("# ", ready, Duration::from_secs(60));
+    s.send("poweroff -f");
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), 0, "{}", s.describe());
+}

@@ -578,6 +578,8 @@ pub fn read_msr(m: &Machine, index: u32) -> Option<u64> {
         msr::IA32_MISC_ENABLE => f.misc_enable | 1,
         msr::IA32_APIC_BASE => m.cpu.apic_base,
         0xc000_0103 => f.tsc_aux,
+        // IA32_BIOS_SIGN_ID: the microcode revision (1) in the high half.
+        0x8b => 1 << 32,
         // MTRRcap: 8 variable ranges, fixed ranges, write-combining.
         0xfe => 0x508,
         0x2ff => f.mtrr_def_type,
@@ -645,6 +647,9 @@ pub fn write_msr(m: &mut Machine, index: u32, v: u64) -> bool {
         msr::IA32_MISC_ENABLE => m.cpu.msr.misc_enable = v,
         msr::IA32_APIC_BASE => m.cpu.apic_base = v,
         0xc000_0103 => m.cpu.msr.tsc_aux = v & 0xffff_ffff,
+        // Writing IA32_BIOS_SIGN_ID (zero, before CPUID) is how software asks for the
+        // revision; there is nothing to update.
+        0x8b => {}
         0x2ff => m.cpu.msr.mtrr_def_type = v,
         0x200..=0x20f => m.cpu.msr.mtrr_var[(index - 0x200) as usize] = v,
         0x250 | 0x258 | 0x259 | 0x268..=0x26f => m.cpu.msr.mtrr_fixed[fixed_mtrr(index)] = v,

@@ -49,10 +49,13 @@ pub enum BootFormat {
     Elf64,
     /// A bzImage through Linux's 64-bit boot protocol (the first module is the initrd).
     Linux,
+    /// PVH entry of an ELF vmlinux, or of the vmlinux the VMM extracts from a bzImage.
+    Pvh,
 }
 
 impl BootFormat {
-    pub const NAMES: &'static [&'static str] = &["auto", "flat", "multiboot", "elf64", "linux"];
+    pub const NAMES: &'static [&'static str] =
+        &["auto", "flat", "multiboot", "elf64", "linux", "pvh"];
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(BootFormat::Auto),
@@ -60,6 +63,7 @@ impl BootFormat {
             "multiboot" => Some(BootFormat::Multiboot),
             "elf64" => Some(BootFormat::Elf64),
             "linux" => Some(BootFormat::Linux),
+            "pvh" => Some(BootFormat::Pvh),
             _ => None,
         }
     }
