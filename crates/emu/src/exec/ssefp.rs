@@ -9,7 +9,7 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 use palacios_x86::cr4;
-use rustc_apfloat::ieee::{Double, Single};
+use rustc_apfloat::ieee::{Double, Quad, Single};
 use rustc_apfloat::{Float, FloatConvert, Round, Status, StatusAnd};
 
 use super::Handler;
@@ -169,6 +169,15 @@ pub const RSQRT: u8 = 8;
 /// the exact residual).
 fn sqrt(p: P, v: u64, rc: Round) -> StatusAnd<u64> {
     if p == D {
+        if (v >> 52) & 0x7ff == 0 {
+            // A denormal: scale by 2^108 so the residual below stays representable, then
+            // scale the (normal) root back by 2^-54, which is exact.
+            let scaled = sqrt(p, (f64::from_bits(v) * 2f64.powi(108)).to_bits(), rc);
+            return StatusAnd {
+                status: scaled.status,
+                value: (f64::from_bits(scaled.value) * 2f64.powi(-54)).to_bits(),
+            };
+        }
         let x = f64::from_bits(v);
         let mut r = x.sqrt();
         let res = (-r).mul_add(r, x); // x - r*r, exact sign
@@ -220,13 +229,14 @@ pub fn arith(env: &mut Env, p: P, op: u8, a: u64, b: u64, mxcsr: u32) -> u64 {
                 }
                 return p.quiet(b);
             }
-            let b = env.input(p, b);
-            if p.is_zero(b) {
-                return b;
-            }
-            if p.sign(b) != 0 {
+            // Invalid (a negative operand) takes priority over the denormal flag.
+            if p.sign(b) != 0 && !p.is_zero(b) && !(env.daz && p.is_denormal(b)) {
                 env.flags |= mx::IE;
                 return p.indefinite();
+            }
+            let b = env.input(p, b);
+            if p.is_zero(b) || p.exp(b) == p.exp_max() {
+                return b; // ±0 and +infinity are their own exact roots
             }
             let r = sqrt(p, b, env.rc);
             return env.output(p, r, mxcsr);
@@ -250,11 +260,17 @@ pub fn arith(env: &mut Env, p: P, op: u8, a: u64, b: u64, mxcsr: u32) -> u64 {
         MIN | MAX => {
             if p.is_nan(a) || p.is_nan(b) {
                 env.flags |= mx::IE;
-                return b0;
+                // The source, flushed to zero under DAZ.
+                return if env.daz && p.is_denormal(b0) {
+                    p.sign(b0)
+                } else {
+                    b0
+                };
             }
             let (x, y) = (env.input(p, a), env.input(p, b));
             if p.is_zero(x) && p.is_zero(y) {
-                return b0;
+                // The source (flushed to zero under DAZ).
+                return y;
             }
             let (fx, fy) = if p == D {
                 (f64::from_bits(x), f64::from_bits(y))
@@ -280,13 +296,73 @@ pub fn arith(env: &mut Env, p: P, op: u8, a: u64, b: u64, mxcsr: u32) -> u64 {
             p.quiet(b0)
         };
     }
+    // Divide-by-zero takes priority over the denormal flag (SDM vol. 1, 11.5.2).
+    let zero_divide = op == DIV
+        && (p.is_zero(b) || (env.daz && p.is_denormal(b)))
+        && !p.is_zero(a)
+        && !(env.daz && p.is_denormal(a))
+        && p.exp(a) != p.exp_max();
+    let before = env.flags;
     let (x, y) = (env.input(p, a), env.input(p, b));
-    let r = if p == D {
+    if zero_divide {
+        env.flags = before | (env.flags & !mx::DE);
+    }
+    let mut r = if p == D {
         ap::<Double>(op, x, y, env.rc)
     } else {
         ap::<Single>(op, x, y, env.rc)
     };
+    if at_largest(p, &r) {
+        // Rounding toward zero turned an overflow into the largest finite value without
+        // reporting it: overflow is when the exact result reaches 2^(emax+1). Single
+        // operations are exact enough in double precision, double ones in quad precision.
+        let wide = if p == D {
+            quad_abs_ge_pow2(op, x, y, 1024)
+        } else {
+            let f = |v: u64| f64::from(f32::from_bits(v as u32));
+            let w = match op {
+                ADD => f(x) + f(y),
+                SUB => f(x) - f(y),
+                MUL => f(x) * f(y),
+                _ => f(x) / f(y),
+            };
+            w.abs() >= 2f64.powi(128)
+        };
+        if wide {
+            r.status |= Status::OVERFLOW;
+        }
+    }
     env.output(p, r, mxcsr)
+}
+
+/// Whether `r` is ±(largest finite) from an inexact operation (a possible hidden overflow).
+pub fn at_largest(p: P, r: &StatusAnd<u64>) -> bool {
+    let largest = ((p.exp_max() - 1) << p.man) | ((1 << p.man) - 1);
+    r.status.contains(Status::INEXACT)
+        && !r.status.contains(Status::OVERFLOW)
+        && r.value & (p.mask() >> 1) == largest
+}
+
+/// |x OP y| >= 2^k for doubles x, y, computed in IEEE quad precision.
+fn quad_abs_ge_pow2(op: u8, x: u64, y: u64, k: i32) -> bool {
+    let mut lost = false;
+    let mut q = |v: u64| -> Quad {
+        Double::from_bits(u128::from(v))
+            .convert_r(Round::NearestTiesToEven, &mut lost)
+            .value
+    };
+    let (a, b) = (q(x), q(y));
+    let rc = Round::NearestTiesToEven;
+    let r = match op {
+        ADD => a.add_r(b, rc),
+        SUB => a.sub_r(b, rc),
+        MUL => a.mul_r(b, rc),
+        _ => a.div_r(b, rc),
+    }
+    .value
+    .abs();
+    let pow = Quad::from_bits(((16383 + k) as u128) << 112);
+    r >= pow
 }
 
 /// Apply the flags of an instruction: unmasked ones raise #XM (or #UD without
@@ -464,7 +540,7 @@ fn convert(env: &mut Env, from: P, to: P, v: u64, mxcsr: u32) -> u64 {
     }
     let v = env.input(from, v);
     let mut lost = false;
-    let r = if from == S {
+    let mut r = if from == S {
         Single::from_bits(u128::from(v))
             .convert_r(env.rc, &mut lost)
             .map(|f: Double| f.to_bits() as u64)
@@ -473,6 +549,10 @@ fn convert(env: &mut Env, from: P, to: P, v: u64, mxcsr: u32) -> u64 {
             .convert_r(env.rc, &mut lost)
             .map(|f: Single| f.to_bits() as u64)
     };
+    // Narrowing toward zero: overflow when the (exact) source reaches 2^128.
+    if to == S && at_largest(S, &r) && f64::from_bits(v).abs() >= 2f64.powi(128) {
+        r.status |= Status::OVERFLOW;
+    }
     env.output(to, r, mxcsr)
 }
 

@@ -8,7 +8,8 @@
 //!   so a double rounding can differ from hardware by one unit in the last place;
 //! - FSQRT is two Newton steps in extended precision (may differ by one ulp);
 //! - FSIN, FCOS, FSINCOS, FPTAN, FPATAN, F2XM1, FYL2X, FYL2XP1 are computed in double precision;
-//! - C1 reports stack overflow/underflow but not the rounding direction;
+//! - C1 reports stack overflow and rounding up for arithmetic and FST/FSTP to m32/m64;
+//! - FSCALE scales exactly but does not report overflow, underflow or precision;
 //! - FBLD/FBSTP (packed BCD) raise #UD as unimplemented.
 
 use iced_x86::{Instruction, MemorySize, Mnemonic, OpKind, Register};
@@ -249,7 +250,26 @@ fn narrow(ex: &mut Ex, fcw: u16, p: super::ssefp::P, v: u128) -> u64 {
             .convert_r(round_of(fcw), &mut lost)
             .map(|f: Double| f.to_bits() as u64)
     };
+    let mut r = r;
+    // Rounding toward zero turns an overflow into the largest finite value without
+    // reporting it: overflow is when the source reaches 2^(emax+1).
+    let emax1 = if p.bits == 32 { 128 } else { 1024 };
+    if super::ssefp::at_largest(p, &r) && ((v >> 64) & 0x7fff) as i32 >= 16383 + emax1 {
+        r.status |= Status::OVERFLOW;
+    }
     ex.status(r.status);
+    if r.status.contains(Status::INEXACT) {
+        let z: StatusAnd<u64> = if p.bits == 32 {
+            X::from_bits(v)
+                .convert_r(Round::TowardZero, &mut lost)
+                .map(|f: Single| f.to_bits() as u64)
+        } else {
+            X::from_bits(v)
+                .convert_r(Round::TowardZero, &mut lost)
+                .map(|f: Double| f.to_bits() as u64)
+        };
+        ex.c1 = z.value != r.value;
+    }
     r.value
 }
 
@@ -346,6 +366,18 @@ fn arith(ex: &mut Ex, fcw: u16, op: u8, a: u128, b: u128) -> u128 {
     if r.status.contains(Status::INVALID_OP) {
         return INDEF;
     }
+    if r.status.contains(Status::INEXACT) {
+        // C1: the result was rounded up (away from zero).
+        let z = match op {
+            ADD => x.add_r(y, Round::TowardZero),
+            SUB => x.sub_r(y, Round::TowardZero),
+            SUBR => y.sub_r(x, Round::TowardZero),
+            MUL => x.mul_r(y, Round::TowardZero),
+            DIV => x.div_r(y, Round::TowardZero),
+            _ => y.div_r(x, Round::TowardZero),
+        };
+        ex.c1 = z.value.to_bits() != r.value.to_bits();
+    }
     precision(fcw, ex, r.value.to_bits())
 }
 
@@ -427,6 +459,13 @@ fn fconst<const K: u8>(m: &mut Machine, x: &Insn) -> R<()> {
         4 => 0x3ffd_9a20_9a84_fbcf_f799,
         5 => 0x3ffe_b172_17f7_d1cf_79ac,
         _ => 0,
+    };
+    // The internal constants have more bits than fit; the loaded value follows FCW.RC. All
+    // but log2(10) round up to nearest.
+    let v = match (K, round_of(m.cpu.fpu.fcw)) {
+        (2..=5, Round::TowardNegative | Round::TowardZero) => v - 1,
+        (1, Round::TowardPositive) => v + 1,
+        _ => v,
     };
     let mut ex = Ex::default();
     m.fpu_push(&mut ex, v);
@@ -552,6 +591,10 @@ fn funary<const K: u8>(m: &mut Machine, x: &Insn) -> R<()> {
                 }
                 let r = X::from_bits(v).round_to_integral(round_of(fcw));
                 ex.status(r.status & Status::INEXACT);
+                if r.status.contains(Status::INEXACT) {
+                    let z = X::from_bits(v).round_to_integral(Round::TowardZero);
+                    ex.c1 = z.value.to_bits() != r.value.to_bits();
+                }
                 r.value.to_bits()
             }
             _ => {
@@ -778,13 +821,17 @@ fn fprem<const ONE: bool>(m: &mut Machine, x: &Insn) -> R<()> {
         } else {
             let r = if ONE { xa.ieee_rem(xb) } else { xa.c_fmod(xb) };
             let rv = r.value;
-            let q = xa
-                .sub_r(rv, Round::NearestTiesToEven)
-                .value
-                .div_r(xb, Round::NearestTiesToEven)
-                .value
-                .abs();
-            let qi = q.to_u128(64).value as u64;
+            // The quotient's low bits from the significands: a/b = (ma / mb) * 2^(ea-eb).
+            let (ma, mb) = (u128::from(a as u64), u128::from(b as u64));
+            let d = ea.max(1) - eb.max(1);
+            let qi = if d < -1 {
+                0
+            } else {
+                let (num, den) = (ma << (d + 1), mb << 1);
+                let (q, rem) = (num / den, num % den);
+                let up = ONE && (2 * rem > den || (2 * rem == den && q & 1 == 1));
+                (q + u128::from(up)) as u64
+            };
             c.0 = qi & 4 != 0;
             c.3 = qi & 2 != 0;
             c.1 = qi & 1 != 0;
@@ -814,6 +861,44 @@ fn fpair<const K: u8>(m: &mut Machine, x: &Insn) -> R<()> {
         m.fpu_finish(&ex);
         return Ok(());
     }
+    if K == 1 {
+        // FXTRACT: ST0 = exponent, then push the significand (with the sign).
+        let (exp, sig) = match class(a) {
+            Class::Zero => {
+                ex.flags |= sw::ZE;
+                (0xffff_8000_0000_0000_0000u128, a) // -infinity, the zero
+            }
+            Class::Inf => (0x7fff_8000_0000_0000_0000u128, a),
+            Class::QNan | Class::SNan | Class::Unsupported => {
+                if class(a) != Class::QNan {
+                    ex.flags |= sw::IE;
+                }
+                let n = if class(a) == Class::Unsupported {
+                    INDEF
+                } else {
+                    quiet80(a)
+                };
+                (n, n)
+            }
+            c => {
+                if c == Class::Denormal {
+                    ex.flags |= sw::DE;
+                }
+                let mut e = 0;
+                let sig = X::from_bits(a).frexp(&mut e).scalbn(1);
+                (
+                    X::from_i128(i128::from(e - 1)).value.to_bits(),
+                    sig.to_bits(),
+                )
+            }
+        };
+        if m.fpu_finish(&ex) {
+            m.fpu_set_st(0, exp);
+            m.fpu_push(&mut ex, sig);
+            m.fpu_finish(&ex);
+        }
+        return finish_c2(m, x, false);
+    }
     if let Some(n) = nan_result(&mut ex, a, if K <= 4 { b } else { a }) {
         if m.fpu_finish(&ex) {
             m.fpu_set_st(0, n);
@@ -828,15 +913,6 @@ fn fpair<const K: u8>(m: &mut Machine, x: &Insn) -> R<()> {
             if m.fpu_finish(&ex) {
                 m.fpu_set_st(0, r);
             }
-        }
-        1 => {
-            // FXTRACT: ST0 = exponent, then push the significand.
-            let mut e = 0;
-            let sig = X::from_bits(a).frexp(&mut e).scalbn(1);
-            let exp = X::from_i128(i128::from(e - 1)).value.to_bits();
-            m.fpu_set_st(0, exp);
-            m.fpu_push(&mut ex, sig.to_bits());
-            m.fpu_finish(&ex);
         }
         2..=4 => {
             // FPATAN: ST1 = atan2(ST1, ST0); FYL2X: ST1 * log2(ST0); FYL2XP1: ST1 * log2(ST0 + 1).
