@@ -310,7 +310,12 @@ impl EmuVcpu {
                     p.sample(m.cpu.rip);
                     *sample_at = m.icount + trace::Profile::PERIOD;
                 }
-                if answering {
+                // Answers belong to the instruction being re-executed: keep them while it
+                // still asks for more (an operand wider than one exit, or one that crosses
+                // into a second MMIO page).
+                let more =
+                    matches!(&f, Some(Fault::Exit(e)) if matches!(**e, Exit::MmioRead { .. }));
+                if answering && !more {
                     m.mmio_answers.clear();
                 }
                 if f.is_some() {

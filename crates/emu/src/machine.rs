@@ -264,8 +264,11 @@ impl Machine {
         if let (_, Target::Mmio) = first
             && !split
         {
-            let v = self.mmio_read(first.0, size)?;
-            buf.copy_from_slice(&v.to_le_bytes()[..buf.len()]);
+            // Operands wider than 8 bytes (x87, SSE, FXRSTOR) are read in 8-byte pieces.
+            for (k, piece) in buf.chunks_mut(8).enumerate() {
+                let v = self.mmio_read(first.0 + 8 * k as u64, piece.len() as u64)?;
+                piece.copy_from_slice(&v.to_le_bytes()[..piece.len()]);
+            }
             return Ok(());
         }
         for (i, b) in buf.iter_mut().enumerate() {
@@ -339,10 +342,15 @@ impl Machine {
                     }
                     let _ = l;
                 }
-                Target::Mmio => self.exit_after(Exit::MmioWrite {
-                    addr: phys,
-                    data: IoData::new(chunk),
-                }),
+                Target::Mmio => {
+                    // One exit per 8 bytes (an exit carries at most 8).
+                    for (k, piece) in chunk.chunks(8).enumerate() {
+                        self.exit_after(Exit::MmioWrite {
+                            addr: phys + 8 * k as u64,
+                            data: IoData::new(piece),
+                        });
+                    }
+                }
             }
         }
         Ok(())

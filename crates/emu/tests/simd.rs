@@ -475,3 +475,78 @@ mod host {
             .join(" ")
     }
 }
+
+/// 16-byte SSE accesses to MMIO go out as 8-byte exits (and never crash the VMM).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn sse_operands_on_mmio_are_split_into_8_byte_exits() {
+    use iced_x86::code_asm::*;
+    use palacios_vmm::backend::{Backend, Exit};
+    use vm_memory::{Bytes, GuestAddress};
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0xfec0_0000u64).unwrap();
+    a.movdqu(xmm0, xmmword_ptr(rax)).unwrap();
+    a.movdqu(xmmword_ptr(rax + 0x10), xmm0).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(0x2_0000).unwrap();
+    let emu = host_emu();
+    emu.0.write_slice(&code, GuestAddress(0x2_0000)).unwrap();
+    let mut v = emu.1.create_vcpu(0).unwrap();
+    let mut s = emu.2.clone();
+    s.regs.rip = 0x2_0000;
+    v.set_state(&s).unwrap();
+    let mut reads = Vec::new();
+    let mut writes = Vec::new();
+    loop {
+        match v.run().unwrap() {
+            Exit::MmioRead { addr, size } => {
+                reads.push((addr, size));
+                assert!(reads.len() < 10, "MMIO reads repeat: {reads:x?}");
+                let val = if addr == 0xfec0_0000 {
+                    0x1111_2222_3333_4444u64
+                } else {
+                    0x5555_6666_7777_8888
+                };
+                v.complete_read(&val.to_le_bytes()[..size as usize]);
+            }
+            Exit::MmioWrite { addr, data } => writes.push((addr, data.as_slice().to_vec())),
+            Exit::Hlt => break,
+            Exit::Interrupted => {}
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+    assert_eq!(reads, [(0xfec0_0000, 8), (0xfec0_0008, 8)]);
+    assert_eq!(
+        writes,
+        [
+            (0xfec0_0010, 0x1111_2222_3333_4444u64.to_le_bytes().to_vec()),
+            (0xfec0_0018, 0x5555_6666_7777_8888u64.to_le_bytes().to_vec()),
+        ]
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+fn host_emu() -> (
+    palacios_vmm::GuestMem,
+    palacios_emu::EmuBackend,
+    palacios_x86::CpuState,
+) {
+    use palacios_boot::{BootParams, elf::build_test_elf, elf64};
+    use palacios_vmm::backend::Backend;
+    let map = palacios_vmm::MemoryMap::pc(16 << 20);
+    let mem = map.create_memory().unwrap();
+    let elf = build_test_elf(true, 0x10_0000, &[(0x10_0000, &[0xf4], 1)]);
+    let p = BootParams {
+        format: palacios_vmm::config::BootFormat::Elf64,
+        image: &elf,
+        load_addr: None,
+        entry: None,
+        cmdline: "",
+        modules: Vec::new(),
+    };
+    let mut boot = elf64::load(&mem, &map, &p).unwrap();
+    boot.sregs.cr4 |= palacios_x86::cr4::OSFXSR;
+    let b = palacios_emu::EmuBackend::default();
+    b.map_memory(&mem).unwrap();
+    (mem, b, boot)
+}
