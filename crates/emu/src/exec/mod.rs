@@ -15,6 +15,7 @@ pub mod ssefp;
 mod string;
 mod system;
 mod x87;
+mod x87num;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
