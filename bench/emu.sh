@@ -5,11 +5,7 @@
 #        (installs Debian's qemu-system-x86 if it is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "bench: installing qemu-system-x86 (the reference)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q qemu-system-x86 >/dev/null
-fi
+source bench/need-qemu.sh
 cargo build --release -q -p v3
 bash guests/build.sh bench/out/guests >/dev/null
 exec python3 bench/emu.py --v3 target/release/v3 --guest bench/out/guests/emubench.elf "$@"

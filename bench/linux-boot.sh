@@ -7,11 +7,7 @@
 #        qemu-system-x86 if it is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "bench: installing qemu-system-x86 (the reference)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q qemu-system-x86 >/dev/null
-fi
+source bench/need-qemu.sh
 cargo build --release -q -p v3
 bash scripts/fetch-linux-guest.sh
 exec python3 bench/linux_boot.py --v3 target/release/v3 --dir guests/linux "$@"

@@ -39,6 +39,36 @@ pub fn is_bzimage(image: &[u8]) -> bool {
         && image.get(0x1fe..0x200) == Some(&[0x55, 0xaa])
 }
 
+/// Write the initrd page aligned as high as possible in RAM below 4 GiB and below `limit`,
+/// above `kernel_end`; returns its address.
+pub(crate) fn place_initrd(
+    mem: &GuestMem,
+    map: &MemoryMap,
+    data: &[u8],
+    limit: u64,
+    kernel_end: u64,
+) -> Result<u64, LoadError> {
+    let size = data.len() as u64;
+    let low_end = map
+        .regions()
+        .iter()
+        .filter(|r| r.kind == RegionKind::Ram && r.end() <= 1 << 32)
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0);
+    let start = low_end.min(limit).saturating_sub(size) & !0xfff;
+    if size == 0 || start < kernel_end {
+        return Err(LoadError::OutsideRam {
+            what: "the initrd".into(),
+            start,
+            end: start + size,
+            ram_mib: map.ram_bytes() >> 20,
+        });
+    }
+    write(mem, start, data)?;
+    Ok(start)
+}
+
 /// Load a bzImage and its initrd (`p.modules[0]`, if any).
 pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState, LoadError> {
     if !is_bzimage(p.image) {
@@ -94,27 +124,10 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
 
     // Initrd: page aligned, as high as allowed below the 4 GiB hole.
     if let Some(initrd) = p.modules.first() {
-        let size = initrd.data.len() as u64;
-        let low_end = map
-            .regions()
-            .iter()
-            .filter(|r| r.kind == RegionKind::Ram && r.end() <= 1 << 32)
-            .map(|r| r.end())
-            .max()
-            .unwrap_or(0);
-        let limit = low_end.min(u64::from(hdr.initrd_addr_max) + 1);
-        let start = limit.saturating_sub(size) & !0xfff;
-        if size == 0 || start < kernel_end {
-            return Err(LoadError::OutsideRam {
-                what: "the initrd".into(),
-                start,
-                end: start + size,
-                ram_mib: map.ram_bytes() >> 20,
-            });
-        }
-        write(mem, start, initrd.data)?;
+        let limit = u64::from(hdr.initrd_addr_max) + 1;
+        let start = place_initrd(mem, map, initrd.data, limit, kernel_end)?;
         hdr.ramdisk_image = start as u32;
-        hdr.ramdisk_size = size as u32;
+        hdr.ramdisk_size = initrd.data.len() as u32;
     }
 
     hdr.type_of_loader = 0xff;

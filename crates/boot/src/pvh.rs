@@ -149,23 +149,7 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
     let mut modules = Vec::new();
     if let Some(initrd) = p.modules.first() {
         let size = initrd.data.len() as u64;
-        let low_end = map
-            .regions()
-            .iter()
-            .filter(|r| r.kind == RegionKind::Ram && r.end() <= 1 << 32)
-            .map(|r| r.end())
-            .max()
-            .unwrap_or(0);
-        let start = low_end.saturating_sub(size) & !0xfff;
-        if size == 0 || start < loaded.kernel_end {
-            return Err(LoadError::OutsideRam {
-                what: "the initrd".into(),
-                start,
-                end: start + size,
-                ram_mib: map.ram_bytes() >> 20,
-            });
-        }
-        write(mem, start, initrd.data)?;
+        let start = crate::linux::place_initrd(mem, map, initrd.data, u64::MAX, loaded.kernel_end)?;
         modules.push(hvm_modlist_entry {
             paddr: start,
             size,

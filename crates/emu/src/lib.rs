@@ -313,9 +313,9 @@ impl EmuVcpu {
                 // Answers belong to the instruction being re-executed: keep them while it
                 // still asks for more (an operand wider than one exit, or one that crosses
                 // into a second MMIO page).
-                let more =
-                    matches!(&f, Some(Fault::Exit(e)) if matches!(**e, Exit::MmioRead { .. }));
-                if answering && !more {
+                if answering
+                    && !matches!(&f, Some(Fault::Exit(e)) if matches!(**e, Exit::MmioRead { .. }))
+                {
                     m.mmio_answers.clear();
                 }
                 if f.is_some() {

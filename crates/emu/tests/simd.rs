@@ -338,14 +338,15 @@ mod host {
         out
     }
 
-    struct Emu {
-        mem: GuestMem,
-        backend: EmuBackend,
-        boot: CpuState,
+    /// A long-mode core with CR4.OSFXSR/OSXMMEXCPT (the 64-bit ELF loader's entry state).
+    pub struct Emu {
+        pub mem: GuestMem,
+        pub backend: EmuBackend,
+        pub boot: CpuState,
     }
 
     impl Emu {
-        fn new() -> Emu {
+        pub fn new() -> Emu {
             let map = MemoryMap::pc(16 << 20);
             let mem = map.create_memory().unwrap();
             let elf = build_test_elf(true, 0x10_0000, &[(0x10_0000, &[0xf4], 1)]);
@@ -489,10 +490,10 @@ fn sse_operands_on_mmio_are_split_into_8_byte_exits() {
     a.movdqu(xmmword_ptr(rax + 0x10), xmm0).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(0x2_0000).unwrap();
-    let emu = host_emu();
-    emu.0.write_slice(&code, GuestAddress(0x2_0000)).unwrap();
-    let mut v = emu.1.create_vcpu(0).unwrap();
-    let mut s = emu.2.clone();
+    let emu = host::Emu::new();
+    emu.mem.write_slice(&code, GuestAddress(0x2_0000)).unwrap();
+    let mut v = emu.backend.create_vcpu(0).unwrap();
+    let mut s = emu.boot.clone();
     s.regs.rip = 0x2_0000;
     v.set_state(&s).unwrap();
     let mut reads = Vec::new();
@@ -523,30 +524,4 @@ fn sse_operands_on_mmio_are_split_into_8_byte_exits() {
             (0xfec0_0018, 0x5555_6666_7777_8888u64.to_le_bytes().to_vec()),
         ]
     );
-}
-
-#[cfg(target_arch = "x86_64")]
-fn host_emu() -> (
-    palacios_vmm::GuestMem,
-    palacios_emu::EmuBackend,
-    palacios_x86::CpuState,
-) {
-    use palacios_boot::{BootParams, elf::build_test_elf, elf64};
-    use palacios_vmm::backend::Backend;
-    let map = palacios_vmm::MemoryMap::pc(16 << 20);
-    let mem = map.create_memory().unwrap();
-    let elf = build_test_elf(true, 0x10_0000, &[(0x10_0000, &[0xf4], 1)]);
-    let p = BootParams {
-        format: palacios_vmm::config::BootFormat::Elf64,
-        image: &elf,
-        load_addr: None,
-        entry: None,
-        cmdline: "",
-        modules: Vec::new(),
-    };
-    let mut boot = elf64::load(&mem, &map, &p).unwrap();
-    boot.sregs.cr4 |= palacios_x86::cr4::OSFXSR;
-    let b = palacios_emu::EmuBackend::default();
-    b.map_memory(&mem).unwrap();
-    (mem, b, boot)
 }

@@ -70,6 +70,21 @@ impl P {
     }
 }
 
+/// The exception flags of an IEEE status: IE, ZE, OE, UE, PE at the bit positions that
+/// MXCSR and the x87 status word share (0, 2, 3, 4, 5).
+pub fn exception_bits(s: Status) -> u16 {
+    [
+        (Status::INVALID_OP, 1 << 0),
+        (Status::DIV_BY_ZERO, 1 << 2),
+        (Status::OVERFLOW, 1 << 3),
+        (Status::UNDERFLOW, 1 << 4),
+        (Status::INEXACT, 1 << 5),
+    ]
+    .iter()
+    .filter(|(f, _)| s.contains(*f))
+    .fold(0, |a, (_, b)| a | b)
+}
+
 /// One instruction's MXCSR context: rounding, DAZ/FTZ, and the flags raised so far.
 pub struct Env {
     pub rc: Round,
@@ -109,21 +124,7 @@ impl Env {
     }
 
     fn status(&mut self, s: Status) {
-        if s.contains(Status::INVALID_OP) {
-            self.flags |= mx::IE;
-        }
-        if s.contains(Status::DIV_BY_ZERO) {
-            self.flags |= mx::ZE;
-        }
-        if s.contains(Status::OVERFLOW) {
-            self.flags |= mx::OE;
-        }
-        if s.contains(Status::UNDERFLOW) {
-            self.flags |= mx::UE;
-        }
-        if s.contains(Status::INEXACT) {
-            self.flags |= mx::PE;
-        }
+        self.flags |= u32::from(exception_bits(s));
     }
 
     /// A computed result: invalid gives the indefinite NaN; FTZ flushes tiny results when

@@ -89,21 +89,7 @@ pub(super) struct Ex {
 
 impl Ex {
     pub(super) fn status(&mut self, s: Status) {
-        if s.contains(Status::INVALID_OP) {
-            self.flags |= sw::IE;
-        }
-        if s.contains(Status::DIV_BY_ZERO) {
-            self.flags |= sw::ZE;
-        }
-        if s.contains(Status::OVERFLOW) {
-            self.flags |= sw::OE;
-        }
-        if s.contains(Status::UNDERFLOW) {
-            self.flags |= sw::UE;
-        }
-        if s.contains(Status::INEXACT) {
-            self.flags |= sw::PE;
-        }
+        self.flags |= super::ssefp::exception_bits(s);
     }
 }
 

@@ -116,69 +116,6 @@ pub fn v3(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     r
 }
 
-/// Run v3 until its standard output contains `needle` (then stop it with SIGTERM), or until
-/// `limit` (a panic). Returns what it printed.
-pub fn v3_until(args: &[&str], needle: &str, limit: Duration) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start v3");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let e = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let needle = needle.to_string();
-    let o = std::thread::spawn(move || {
-        let mut seen = String::new();
-        let mut buf = [0u8; 4096];
-        let mut found = false;
-        loop {
-            match out.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-                    if !found && seen.contains(&needle) {
-                        found = true;
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        }
-        seen
-    });
-    let start = Instant::now();
-    let status = loop {
-        if rx.try_recv().is_ok() {
-            // SAFETY: plain kill(2) of our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "v3 {args:?} did not print the line within {limit:?}; stderr: {}",
-                e.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        status: status.code().unwrap_or(-1),
-        stdout: o.join().unwrap(),
-        stderr: e.join().unwrap(),
-    }
-}
-
 /// The Linux guest built by scripts/fetch-linux-guest.sh (bzImage, initramfs, release), or
 /// None (with a SKIP message) where it cannot be built here.
 pub fn linux_guest() -> Option<(PathBuf, PathBuf, String)> {
