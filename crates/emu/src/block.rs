@@ -40,6 +40,10 @@ pub struct Block {
     pub pages: [(usize, u32); 2],
     pub npages: u8,
     pub insns: Box<[Insn]>,
+    /// Executions so far (counted until the block is translated).
+    pub hits: u32,
+    /// The block's host-code translation.
+    pub jit: Option<crate::jit::Code>,
 }
 
 impl Block {
@@ -77,6 +81,9 @@ pub struct BlockCache {
     pub blocks: Vec<Block>,
     fast: Box<[u32]>,
     links: Vec<[Link; 2]>,
+    pub jit: crate::jit::Jit,
+    /// Executions before a block is translated.
+    threshold: u32,
 }
 
 impl Default for BlockCache {
@@ -86,6 +93,8 @@ impl Default for BlockCache {
             blocks: Vec::new(),
             fast: vec![u32::MAX; FAST].into_boxed_slice(),
             links: Vec::new(),
+            jit: crate::jit::Jit::default(),
+            threshold: crate::jit::THRESHOLD,
         }
     }
 }
@@ -96,8 +105,18 @@ fn fast_slot(phys: u64, rip: u64) -> usize {
 }
 
 impl BlockCache {
+    pub fn with_threshold(threshold: u32) -> Self {
+        BlockCache {
+            threshold: threshold.max(1),
+            ..Default::default()
+        }
+    }
+
     /// The block at the current CS:RIP, decoding it if needed.
     pub fn lookup(&mut self, m: &mut Machine) -> R<u32> {
+        if self.jit.full {
+            self.clear();
+        }
         let rip = m.cpu.rip;
         let bits = m.cpu.bits;
         let lin = code_linear(m, rip, 1)?;
@@ -147,6 +166,37 @@ impl BlockCache {
         self.blocks.clear();
         self.links.clear();
         self.fast.fill(u32::MAX);
+        self.jit.reset();
+    }
+
+    /// Run block `idx` through its translation, translating it once it is hot. None when
+    /// the interpreter should run it (not hot yet, not translatable, another CPL).
+    pub fn run_jit(
+        &mut self,
+        idx: u32,
+        m: &mut Machine,
+        budget: u64,
+        kick: &std::sync::atomic::AtomicBool,
+    ) -> Option<(u64, Option<Fault>)> {
+        let b = self.blocks.get_mut(idx as usize)?;
+        if b.jit.is_none() {
+            if b.hits >= self.threshold {
+                return None; // translation was refused
+            }
+            b.hits += 1;
+            if b.hits < self.threshold {
+                return None;
+            }
+            b.jit = self.jit.compile(b, m);
+            if b.jit.is_some() {
+                m.stats.blocks_translated += 1;
+            }
+        }
+        let c = b.jit.as_ref()?;
+        if c.cpl != m.cpu.cpl {
+            return None;
+        }
+        Some(crate::jit::run(c, m, budget, kick))
     }
 
     /// The block after block `prev` (chained when possible, else looked up and linked).
@@ -334,6 +384,8 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
         pages,
         npages,
         insns: insns.into_boxed_slice(),
+        hits: 0,
+        jit: None,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod block;
 pub mod cpu;
 pub mod exec;
 pub mod fpu;
+pub mod jit;
 pub mod machine;
 pub mod model;
 pub mod paging;
@@ -44,6 +45,11 @@ pub struct EmuOptions {
     /// Write a sampled guest-RIP profile here when the core is dropped (see
     /// [`trace::Profile`]).
     pub profile: Option<std::path::PathBuf>,
+    /// Run everything through the interpreter (no block translation; see [`jit`]).
+    pub no_jit: bool,
+    /// Executions before a block is translated (default [`jit::THRESHOLD`]; tests use 1 to
+    /// translate everything at once).
+    pub jit_threshold: Option<u32>,
 }
 
 /// The emulator as a [`Backend`].
@@ -160,13 +166,14 @@ impl Backend for EmuBackend {
             sample_at: if profile.is_some() { 0 } else { u64::MAX },
             profile,
             m,
-            cache: BlockCache::default(),
+            cache: BlockCache::with_threshold(self.options.jit_threshold.unwrap_or(jit::THRESHOLD)),
             kick: Arc::new(AtomicBool::new(false)),
             window: false,
             deadline: u64::MAX,
             nmi_pending: false,
             last_read: None,
             tracer,
+            jit: !self.options.no_jit,
         }))
     }
 }
@@ -191,6 +198,8 @@ pub struct EmuVcpu {
     profile: Option<trace::Profile>,
     /// Instruction count of the next profile sample (u64::MAX: not profiling).
     sample_at: u64,
+    /// Translate hot blocks to host code.
+    jit: bool,
 }
 
 impl EmuVcpu {
@@ -292,16 +301,34 @@ impl EmuVcpu {
                 kick,
                 profile,
                 sample_at,
+                jit,
                 ..
             } = self;
             let mut idx = idx;
             let mut fault = None;
             loop {
-                let block = &cache.blocks[idx as usize];
                 m.brk = false;
-                let (done, f) = match tracer.as_mut() {
-                    Some(t) => run_block(m, &block.insns, single, |m, insn| t.record(m, insn)),
-                    None => run_block(m, &block.insns, single, |_, _| {}),
+                let translated = if *jit && !single && tracer.is_none() {
+                    let budget = if chain {
+                        limit.saturating_sub(m.icount)
+                    } else {
+                        0
+                    };
+                    cache.run_jit(idx, m, budget, kick)
+                } else {
+                    None
+                };
+                let (done, f) = match translated {
+                    Some(r) => r,
+                    None => {
+                        let block = &cache.blocks[idx as usize];
+                        match tracer.as_mut() {
+                            Some(t) => {
+                                run_block(m, &block.insns, single, |m, insn| t.record(m, insn))
+                            }
+                            None => run_block(m, &block.insns, single, |_, _| {}),
+                        }
+                    }
                 };
                 m.icount += done;
                 if m.icount >= *sample_at
@@ -508,6 +535,7 @@ impl Vcpu for EmuVcpu {
             ("emu instructions".to_string(), s.instructions),
             ("emu blocks decoded".to_string(), s.blocks_decoded),
             ("emu code-page writes".to_string(), s.smc_invalidations),
+            ("emu blocks translated".to_string(), s.blocks_translated),
         ];
         for (name, n) in &s.unimplemented {
             v.push((format!("emu unimplemented {name} (#UD)"), *n));

@@ -74,6 +74,7 @@ pub struct EmuStats {
     pub instructions: u64,
     pub blocks_decoded: u64,
     pub smc_invalidations: u64,
+    pub blocks_translated: u64,
     /// Instructions that raised #UD because the emulator does not implement them, by mnemonic.
     pub unimplemented: std::collections::BTreeMap<String, u64>,
 }
@@ -109,6 +110,8 @@ pub struct Machine {
     pub vcpu: u32,
     /// How many cores the VM has (grows while they are created).
     pub cores_shared: Arc<std::sync::atomic::AtomicU32>,
+    /// The fault a translated block stopped at (see [`crate::jit`]).
+    pub jit_fault: Option<Fault>,
 }
 
 impl Machine {
@@ -136,6 +139,7 @@ impl Machine {
             skipped: 0,
             vcpu: 0,
             cores_shared: Arc::new(std::sync::atomic::AtomicU32::new(1)),
+            jit_fault: None,
         }
     }
 

@@ -62,6 +62,13 @@ impl CodePages {
             self.writes.fetch_add(1, Ordering::AcqRel);
         }
     }
+    /// The counters themselves, for translated code.
+    pub fn writes_counter(&self) -> &AtomicU64 {
+        &self.writes
+    }
+    pub fn epoch_counter(&self) -> &AtomicU64 {
+        &self.epoch
+    }
     /// How many writes to code pages there have been.
     #[inline]
     pub fn writes(&self) -> u64 {

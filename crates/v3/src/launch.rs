@@ -65,11 +65,13 @@ pub fn backend(choice: BackendChoice) -> Result<Box<dyn Backend>, LaunchError> {
 }
 
 /// Emulator options from the environment: `PALACIOS_EMU_TRACE=FILE` writes an instruction
-/// trace, `PALACIOS_EMU_PROFILE=FILE` a sampled profile of guest RIPs.
+/// trace, `PALACIOS_EMU_PROFILE=FILE` a sampled profile of guest RIPs, `PALACIOS_EMU_JIT=0`
+/// turns block translation off (everything is interpreted).
 fn emu_options() -> palacios_emu::EmuOptions {
     palacios_emu::EmuOptions {
         trace: std::env::var_os("PALACIOS_EMU_TRACE").map(Into::into),
         profile: std::env::var_os("PALACIOS_EMU_PROFILE").map(Into::into),
+        no_jit: std::env::var("PALACIOS_EMU_JIT").is_ok_and(|v| v == "0"),
     }
 }
 

@@ -237,9 +237,12 @@ impl Vm {
         };
         let running = Arc::new(AtomicU32::new(0));
         let mut threads = Vec::new();
+        // Cores the VM ended before starting still get a (zero) line in the telemetry.
+        let mut not_started = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             if self.handle.is_stopping() {
-                break;
+                not_started.push(vcpu.index());
+                continue;
             }
             let core = CoreLoop {
                 cpu: vcpu.index(),
@@ -298,6 +301,8 @@ impl Vm {
             }
             cores.push(rx.try_recv().unwrap_or_else(|_| CoreStats::new(cpu)));
         }
+        cores.extend(not_started.into_iter().map(CoreStats::new));
+        cores.sort_by_key(|c| c.core);
         self.timers.shutdown();
         if let Some(t) = timer_thread {
             if let Err(p) = t.join() {

@@ -8,10 +8,17 @@ pub(crate) struct Emu {
     pub(crate) mem: GuestMem,
     pub(crate) backend: EmuBackend,
     pub(crate) boot: CpuState,
+    /// Blocks the translator translated, over all cases.
+    pub(crate) translated: std::cell::Cell<u64>,
+    /// Fill the TLB for the data pages before a 64-bit case, so that translated memory
+    /// accesses take their inline path rather than the handler.
+    warm: bool,
 }
 
 impl Emu {
-    pub(crate) fn new(base: u64) -> Emu {
+    /// `translate`: every block goes through the block translator ([`palacios_emu::jit`])
+    /// the first time it runs; otherwise everything is interpreted.
+    pub(crate) fn new(base: u64, translate: bool) -> Emu {
         let map = MemoryMap::pc(GUEST_RAM);
         let mem = map.create_memory().expect("guest memory");
         // The 64-bit ELF loader's entry state: boot GDT, 64-bit code segment, identity map.
@@ -25,13 +32,19 @@ impl Emu {
             modules: Vec::new(),
         };
         let boot = elf64::load(&mem, &map, &params).expect("long-mode entry state");
-        let backend = EmuBackend::default();
+        let backend = EmuBackend::new(palacios_emu::EmuOptions {
+            no_jit: !translate,
+            jit_threshold: Some(1),
+            ..Default::default()
+        });
         backend.map_memory(&mem).expect("map guest memory");
         Emu {
             base,
             mem,
             backend,
             boot,
+            translated: std::cell::Cell::new(0),
+            warm: translate,
         }
     }
 
@@ -77,7 +90,30 @@ impl Emu {
             rip,
             rflags: st.flags,
         };
-        vcpu.set_state(&s).map_err(|e| e.to_string())?;
+        if self.warm && bits == 64 {
+            // `add byte [page], 0` on each page the cases use, then HLT; the TLB survives
+            // the register reload below.
+            let mut warm = Vec::new();
+            for page in 0..3u64 {
+                let a = u32::try_from(base + page * 0x1000).expect("buffer below 4 GiB");
+                warm.extend_from_slice(&[0x80, 0x04, 0x25]);
+                warm.extend_from_slice(&a.to_le_bytes());
+                warm.push(0);
+            }
+            warm.push(0xf4);
+            let at = base + TRAMPOLINE_OFF;
+            self.mem.write_slice(&warm, GuestAddress(at)).unwrap();
+            let mut w = s.clone();
+            w.regs.rip = at;
+            vcpu.set_state(&w).map_err(|e| e.to_string())?;
+            match vcpu.run() {
+                Ok(Exit::Hlt) => {}
+                other => return Err(format!("TLB warm-up: {other:?}")),
+            }
+            vcpu.set_regs(&s.regs).map_err(|e| e.to_string())?;
+        } else {
+            vcpu.set_state(&s).map_err(|e| e.to_string())?;
+        }
         let mut n = 0;
         loop {
             match vcpu.run() {
@@ -93,6 +129,11 @@ impl Emu {
                     return Err(msg);
                 }
                 Err(e) => return Err(format!("emulator error: {e}")),
+            }
+        }
+        for (k, v) in vcpu.stats() {
+            if k == "emu blocks translated" {
+                self.translated.set(self.translated.get() + v);
             }
         }
         let r = vcpu.regs().map_err(|e| e.to_string())?;

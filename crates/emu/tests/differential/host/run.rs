@@ -37,7 +37,12 @@ pub fn run() {
         Ok(n) => n,
         Err(e) => panic!("differential test: {e}"),
     };
-    let emu = Emu::new(native.base);
+    // Both engines of the emulator: the interpreter, and the block translator with every
+    // block translated on its first run.
+    let engines = [
+        ("interpreter", Emu::new(native.base, false)),
+        ("translator", Emu::new(native.base, true)),
+    ];
     let base = native.base;
     let compat = native.s32.is_some();
     if !compat {
@@ -96,14 +101,19 @@ pub fn run() {
         assert!(nd == data, "native {bits}-bit harness changed memory");
         let mut code = stub.pro.clone();
         code.extend_from_slice(&[0x90, 0xf4]);
-        let (e, ed) = emu
-            .run(bits, base + stub.off, &code, ip, &st, &data)
-            .expect("emulator runs a NOP");
-        assert!(
-            same(&e, &st, &m),
-            "emulator {bits}-bit harness changed registers"
-        );
-        assert!(ed == data, "emulator {bits}-bit harness changed memory");
+        for (name, emu) in &engines {
+            let (e, ed) = emu
+                .run(bits, base + stub.off, &code, ip, &st, &data)
+                .expect("emulator runs a NOP");
+            assert!(
+                same(&e, &st, &m),
+                "emulator ({name}) {bits}-bit harness changed registers"
+            );
+            assert!(
+                ed == data,
+                "emulator ({name}) {bits}-bit harness changed memory"
+            );
+        }
     }
 
     let start = Instant::now();
@@ -147,7 +157,15 @@ pub fn run() {
         let mut code = stub.pro.clone();
         code.extend_from_slice(&c.bytes);
         code.push(0xf4);
-        let emu_out = emu.run(bits, base + stub.off, &code, ip, &c.st, &c.data);
+        let outs: Vec<_> = engines
+            .iter()
+            .map(|(name, emu)| {
+                (
+                    *name,
+                    emu.run(bits, base + stub.off, &code, ip, &c.st, &c.data),
+                )
+            })
+            .collect();
         let undefined = undefined_flags(&c.ins, &c.st);
         let fmask = COMPARED & !undefined;
         let mut rmask = reg_mask(bits);
@@ -155,43 +173,58 @@ pub fn run() {
             rmask[r] &= !bits;
         }
         let mut report = String::new();
-        match &emu_out {
-            Err(e) => {
-                let _ = writeln!(report, "  emulator failed: {e}");
-            }
-            Ok((e_st, e_data)) => {
-                for i in 0..16 {
-                    if (n_st.gpr[i] ^ e_st.gpr[i]) & rmask[i] != 0 {
+        for (engine, emu_out) in &outs {
+            let report_len = report.len();
+            match emu_out {
+                Err(e) => {
+                    let _ = writeln!(report, "  emulator failed: {e}");
+                }
+                Ok((e_st, e_data)) => {
+                    for i in 0..16 {
+                        if (n_st.gpr[i] ^ e_st.gpr[i]) & rmask[i] != 0 {
+                            let _ = writeln!(
+                                report,
+                                "  {:>4}: native {:#018x}  emu {:#018x}",
+                                NAMES[i], n_st.gpr[i], e_st.gpr[i]
+                            );
+                        }
+                    }
+                    if (n_st.flags ^ e_st.flags) & fmask != 0 {
                         let _ = writeln!(
                             report,
-                            "  {:>4}: native {:#018x}  emu {:#018x}",
-                            NAMES[i], n_st.gpr[i], e_st.gpr[i]
+                            "  flags: native {:#06x}  emu {:#06x}  (compared {fmask:#06x}, differ {:#06x})",
+                            n_st.flags & COMPARED,
+                            e_st.flags & COMPARED,
+                            (n_st.flags ^ e_st.flags) & fmask
+                        );
+                    }
+                    let diffs: Vec<usize> =
+                        (0..DATA_LEN).filter(|&k| n_data[k] != e_data[k]).collect();
+                    for &k in diffs.iter().take(16) {
+                        let _ = writeln!(
+                            report,
+                            "  mem {:#x}: was {:02x} native {:02x} emu {:02x}",
+                            base + k as u64,
+                            c.data[k],
+                            n_data[k],
+                            e_data[k]
+                        );
+                    }
+                    if diffs.len() > 16 {
+                        let _ = writeln!(report, "  ... {} differing bytes", diffs.len());
+                    }
+                    if report.len() > report_len {
+                        let _ = writeln!(
+                            report,
+                            "  out flags: native {:#06x} emu {:#06x}",
+                            n_st.flags & COMPARED,
+                            e_st.flags & COMPARED
                         );
                     }
                 }
-                if (n_st.flags ^ e_st.flags) & fmask != 0 {
-                    let _ = writeln!(
-                        report,
-                        "  flags: native {:#06x}  emu {:#06x}  (compared {fmask:#06x}, differ {:#06x})",
-                        n_st.flags & COMPARED,
-                        e_st.flags & COMPARED,
-                        (n_st.flags ^ e_st.flags) & fmask
-                    );
-                }
-                let diffs: Vec<usize> = (0..DATA_LEN).filter(|&k| n_data[k] != e_data[k]).collect();
-                for &k in diffs.iter().take(16) {
-                    let _ = writeln!(
-                        report,
-                        "  mem {:#x}: was {:02x} native {:02x} emu {:02x}",
-                        base + k as u64,
-                        c.data[k],
-                        n_data[k],
-                        e_data[k]
-                    );
-                }
-                if diffs.len() > 16 {
-                    let _ = writeln!(report, "  ... {} differing bytes", diffs.len());
-                }
+            }
+            if report.len() > report_len {
+                report.insert_str(report_len, &format!("  [{engine}]\n"));
             }
         }
         let e = per_form.entry(form.name()).or_default();
@@ -213,14 +246,6 @@ pub fn run() {
                     let _ = write!(s, " {name:>3}={v:#018x}");
                 }
                 let _ = write!(s, "\n    flags={:#06x}\n", c.st.flags & COMPARED);
-                if let Ok((e_st, _)) = &emu_out {
-                    let _ = writeln!(
-                        s,
-                        "  out flags: native {:#06x} emu {:#06x}",
-                        n_st.flags & COMPARED,
-                        e_st.flags & COMPARED
-                    );
-                }
                 s.push_str(&report);
                 println!("{s}");
             }
@@ -253,6 +278,12 @@ pub fn run() {
         "differential: {ran} cases run ({skipped} skipped: no valid operands), {} forms, \
          {mismatches} mismatches, {secs:.1} s, seed {seed:#x}",
         per_form.len()
+    );
+    let translated = engines[1].1.translated.get();
+    println!("differential: the translator translated {translated} blocks");
+    assert!(
+        translated >= ran / 5,
+        "the translator translated only {translated} blocks in {ran} cases"
     );
     assert_eq!(
         mismatches, 0,
