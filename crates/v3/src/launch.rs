@@ -72,6 +72,7 @@ fn emu_options() -> palacios_emu::EmuOptions {
         trace: std::env::var_os("PALACIOS_EMU_TRACE").map(Into::into),
         profile: std::env::var_os("PALACIOS_EMU_PROFILE").map(Into::into),
         no_jit: std::env::var("PALACIOS_EMU_JIT").is_ok_and(|v| v == "0"),
+        jit_threshold: None,
     }
 }
 
