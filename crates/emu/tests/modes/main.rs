@@ -659,6 +659,8 @@ struct Hooks<'a> {
     on_val: Option<OnVal<'a>>,
     /// Vector to inject when an interrupt window opens.
     on_window: Option<u8>,
+    /// Backend options (default: [`EmuBackend::default`]).
+    options: Option<palacios_emu::EmuOptions>,
 }
 
 struct Outcome {
@@ -680,7 +682,10 @@ fn run_with(g: &Guest, hooks: Hooks) -> Outcome {
 
 /// Run until HLT, shutdown or an emulator error (returned with the events before it).
 fn try_run(g: &Guest, hooks: Hooks) -> (Outcome, Option<String>) {
-    let backend = EmuBackend::default();
+    let backend = hooks
+        .options
+        .clone()
+        .map_or_else(EmuBackend::default, EmuBackend::new);
     backend.map_memory(&g.mem).unwrap();
     let mut vcpu = backend.create_vcpu(0).unwrap();
     vcpu.set_state(&g.state).unwrap();
@@ -794,6 +799,7 @@ mod protected;
 mod real;
 mod shadows;
 mod syscalls;
+mod translator;
 mod unimplemented;
 
 // Helpers a later section reuses from an earlier one.
