@@ -84,6 +84,9 @@ pub struct BlockCache {
     pub jit: crate::jit::Jit,
     /// Executions before a block is translated.
     threshold: u32,
+    /// Bumped whenever a block is dropped or replaced: translations' links made before are
+    /// void ([`crate::jit::Slot`]).
+    link_epoch: u64,
 }
 
 impl Default for BlockCache {
@@ -95,6 +98,7 @@ impl Default for BlockCache {
             links: Vec::new(),
             jit: crate::jit::Jit::default(),
             threshold: crate::jit::THRESHOLD,
+            link_epoch: 0,
         }
     }
 }
@@ -145,6 +149,7 @@ impl BlockCache {
                 return Ok(idx);
             }
             let b = decode(m, lin, phys, rip, bits)?;
+            self.link_epoch += 1;
             self.blocks[idx as usize] = b;
             self.fast[slot] = idx;
             return Ok(idx);
@@ -167,6 +172,7 @@ impl BlockCache {
         self.links.clear();
         self.fast.fill(u32::MAX);
         self.jit.reset();
+        self.link_epoch += 1;
     }
 
     /// Run block `idx` through its translation, translating it once it is hot. None when
@@ -177,7 +183,7 @@ impl BlockCache {
         m: &mut Machine,
         budget: u64,
         kick: &std::sync::atomic::AtomicBool,
-    ) -> Option<(u64, Option<Fault>)> {
+    ) -> Option<crate::jit::Ran> {
         let b = self.blocks.get_mut(idx as usize)?;
         if b.jit.is_none() {
             if b.hits >= self.threshold {
@@ -196,7 +202,26 @@ impl BlockCache {
         if c.cpl != m.cpu.cpl {
             return None;
         }
-        Some(crate::jit::run(c, m, budget, kick))
+        Some(crate::jit::run(c, m, budget, kick, self.link_epoch))
+    }
+
+    pub fn link_epoch(&self) -> u64 {
+        self.link_epoch
+    }
+
+    /// After a translation's exit went back to the dispatcher through `slot` and block
+    /// `to` (at the current RIP) was found: link them if `to` is translated. `epoch`: the
+    /// link epoch when the translation ran.
+    pub fn link(&self, slot: *mut crate::jit::Slot, epoch: u64, to: u32, m: &Machine) {
+        if slot.is_null() || epoch != self.link_epoch {
+            return; // the slot's block may be gone
+        }
+        if let Some(c) = self.blocks.get(to as usize).and_then(|b| b.jit.as_ref())
+            && c.cpl == m.cpu.cpl
+        {
+            // SAFETY: the epoch is unchanged since the run, so the slot's block is alive.
+            unsafe { crate::jit::link(slot, c, m, epoch) };
+        }
     }
 
     /// The block after block `prev` (chained when possible, else looked up and linked).

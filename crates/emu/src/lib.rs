@@ -308,6 +308,8 @@ impl EmuVcpu {
             let mut fault = None;
             loop {
                 m.brk = false;
+                let epoch = cache.link_epoch();
+                let mut slot = std::ptr::null_mut();
                 let translated = if *jit && !single && tracer.is_none() {
                     let budget = if chain {
                         limit.saturating_sub(m.icount)
@@ -319,7 +321,10 @@ impl EmuVcpu {
                     None
                 };
                 let (done, f) = match translated {
-                    Some(r) => r,
+                    Some(r) => {
+                        slot = r.slot;
+                        (r.done, r.fault)
+                    }
                     None => {
                         let block = &cache.blocks[idx as usize];
                         match tracer.as_mut() {
@@ -365,6 +370,7 @@ impl EmuVcpu {
                         break;
                     }
                 };
+                cache.link(slot, epoch, idx, m);
             }
             if shadow {
                 m.cpu.shadow = false;

@@ -13,7 +13,7 @@ use iced_x86::{
     Mnemonic, OpAccess, OpKind, Register, RflagsBits,
 };
 
-use super::{Ctx, exec_one};
+use super::{Ctx, Slot, exec_one};
 use crate::block::{Block, Insn};
 use crate::machine::Machine;
 use crate::paging::{Entry, TLB_SIZE, perm};
@@ -169,6 +169,7 @@ struct Layout {
     gpr: i32,
     rip: i32,
     flags: i32,
+    generation: i32,
     seg_base: [i32; 6],
     /// This privilege level's TLB half.
     set: i32,
@@ -188,6 +189,7 @@ impl Layout {
             gpr: offset_of!(Machine, cpu.gpr) as i32,
             rip: offset_of!(Machine, cpu.rip) as i32,
             flags: offset_of!(Machine, cpu.flags) as i32,
+            generation: offset_of!(Machine, tlb.generation) as i32,
             seg_base: std::array::from_fn(|s| (seg0 + s * seg_size + base) as i32),
             set: (offset_of!(Machine, tlb.sets) + user * TLB_SIZE * size_of::<Entry>()) as i32,
             entry: size_of::<Entry>() as i32,
@@ -223,21 +225,33 @@ struct T<'a> {
     outs: Vec<(usize, CodeLabel)>,
     pure: bool,
     info: InstructionInfoFactory,
+    /// The block's link slots and how many exits use them so far.
+    slots: *mut Slot,
+    next_slot: usize,
 }
 
-/// Translate `b` for code that runs at privilege `cpl`, placed at host address `ip`.
-pub fn translate(b: &Block, cpl: u8, ip: u64) -> Option<Vec<u8>> {
+/// Translate `b` for code that runs at privilege `cpl`, placed at host address `ip`, with
+/// its exits' link slots at `slots` ([`super::SLOTS`] of them). Returns the code and the
+/// offset of the entry for chained jumps (past the prologue).
+pub fn translate(b: &Block, cpl: u8, ip: u64, slots: *mut Slot) -> Option<(Vec<u8>, u64)> {
     let n = b.insns.len();
     if (0..n).all(|k| matches!(kind(&b.insns[k], k + 1 == n), Kind::Helper | Kind::Skip)) {
         return None; // nothing would run natively: the interpreter is as fast
     }
-    let mut t = T::new(b, cpl).ok()?;
+    let mut t = T::new(b, cpl, slots).ok()?;
     t.body().ok()?;
-    t.a.assemble(ip).ok()
+    let r =
+        t.a.assemble_options(
+            ip,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .ok()?;
+    let chain = r.label_ip(&t.top).ok()? - ip;
+    Some((r.inner.code_buffer, chain))
 }
 
 impl<'a> T<'a> {
-    fn new(b: &'a Block, cpl: u8) -> Res<T<'a>> {
+    fn new(b: &'a Block, cpl: u8, slots: *mut Slot) -> Res<T<'a>> {
         let mut a = CodeAssembler::new(64)?;
         let epilogue = a.create_label();
         let top = a.create_label();
@@ -253,6 +267,8 @@ impl<'a> T<'a> {
             outs: Vec::new(),
             pure: false,
             info: InstructionInfoFactory::new(),
+            slots,
+            next_slot: 0,
         })
     }
 
@@ -284,6 +300,7 @@ impl<'a> T<'a> {
         self.a.xor(r13d, r13d)?;
         let mut top = self.top;
         self.bind(&mut top)?;
+        self.top = top;
         for k in 0..n {
             match kinds[k] {
                 Kind::Skip => {}
@@ -574,10 +591,8 @@ impl<'a> T<'a> {
         self.a.mov(qword_ptr(r11), rax)?;
         self.a.mov(self.rsp(), rsi)?;
         self.resume(k)?;
-        self.set_rip(x.imm)?;
-        self.a
-            .lea(rax, qword_ptr(r13 + self.b.insns.len() as i32))?;
-        self.a.jmp(self.epilogue)
+        self.a.mov(rax, x.imm)?;
+        self.exit_to(self.b.insns.len())
     }
 
     /// The block's final RET / RET imm16.
@@ -604,8 +619,52 @@ impl<'a> T<'a> {
         self.a.mov(self.rsp(), rsi)?;
         self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
         self.resume(k)?;
+        self.a.mov(rax, qword_ptr(rbx + self.l.rip))?;
+        self.exit_to(self.b.insns.len())
+    }
+
+    /// Leave the block for guest RIP = RAX after `n` instructions: straight into the
+    /// translation of the block there when this exit's link slot holds one that is still
+    /// valid and nothing asks the run to stop, else back to the dispatcher (which may then
+    /// fill the slot).
+    fn exit_to(&mut self, n: usize) -> Res<()> {
+        let slot = self.next_slot;
+        assert!(slot < super::SLOTS, "more exits than link slots");
+        self.next_slot += 1;
+        // SAFETY: `slots` points at SLOTS slots (checked above); only the address is taken.
+        let s = unsafe { self.slots.add(slot) } as u64;
+        let mut out = self.a.create_label();
+        let c = |f: usize| r14 + f as i32;
+        let sl = |f: usize| rcx + f as i32;
+        self.a.add(r13, n as i32)?;
+        self.a.mov(rcx, s)?;
+        self.a.cmp(rax, qword_ptr(sl(offset_of!(Slot, rip))))?;
+        self.a.jne(out)?;
+        self.a.mov(rdx, qword_ptr(sl(offset_of!(Slot, epoch))))?;
+        self.a.cmp(rdx, qword_ptr(c(offset_of!(Ctx, link_epoch))))?;
+        self.a.jne(out)?;
+        self.a.mov(rdx, qword_ptr(rbx + self.l.generation))?;
         self.a
-            .lea(rax, qword_ptr(r13 + self.b.insns.len() as i32))?;
+            .cmp(rdx, qword_ptr(sl(offset_of!(Slot, generation))))?;
+        self.a.jne(out)?;
+        self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, writes))))?;
+        self.a.mov(rdx, qword_ptr(rdx))?;
+        self.a.cmp(rdx, qword_ptr(sl(offset_of!(Slot, writes))))?;
+        self.a.jne(out)?;
+        self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, epoch))))?;
+        self.a.mov(rdx, qword_ptr(rdx))?;
+        self.a.cmp(rdx, qword_ptr(c(offset_of!(Ctx, epoch0))))?;
+        self.a.jne(out)?;
+        self.a.cmp(r13, qword_ptr(c(offset_of!(Ctx, budget))))?;
+        self.a.jae(out)?;
+        self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, kick))))?;
+        self.a.cmp(byte_ptr(rdx), 0)?;
+        self.a.jne(out)?;
+        self.a.jmp(qword_ptr(sl(offset_of!(Slot, target))))?;
+        self.bind(&mut out)?;
+        self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
+        self.a.mov(qword_ptr(c(offset_of!(Ctx, last_slot))), rcx)?;
+        self.a.mov(rax, r13)?;
         self.a.jmp(self.epilogue)
     }
 
@@ -712,9 +771,8 @@ impl<'a> T<'a> {
     /// Continue at guest `rip` after `n` instructions: loop when it is this block's start.
     fn go(&mut self, rip: u64, n: usize) -> Res<()> {
         if !(self.pure && rip == self.b.rip) {
-            self.set_rip(rip)?;
-            self.a.lea(rax, qword_ptr(r13 + n as i32))?;
-            return self.a.jmp(self.epilogue);
+            self.a.mov(rax, rip)?;
+            return self.exit_to(n);
         }
         let mut stop = self.a.create_label();
         let c = |f: usize| r14 + f as i32;

@@ -44,6 +44,28 @@ pub struct Ctx {
     pub epoch: *const AtomicU64,
     pub writes0: u64,
     pub epoch0: u64,
+    /// The block cache's link epoch ([`Slot::epoch`]).
+    pub link_epoch: u64,
+    /// Set by an exit that went back to the dispatcher: its link slot, to fill.
+    pub last_slot: *mut Slot,
+}
+
+/// How many exits with a link slot a block has at most (a conditional branch's two).
+pub const SLOTS: usize = 2;
+
+/// Where an exit of a translation goes when it chains: valid while the block cache, the
+/// TLB and the code pages are as they were when it was filled.
+#[repr(C)]
+#[derive(Default)]
+pub struct Slot {
+    /// Chained entry of the next block's translation.
+    pub target: u64,
+    /// The guest RIP it is for (a RET's target varies).
+    pub rip: u64,
+    /// Block cache link epoch, TLB generation and code-write count when filled.
+    pub epoch: u64,
+    pub generation: u64,
+    pub writes: u64,
 }
 
 type Entry = unsafe extern "sysv64" fn(*mut Machine, *const Ctx) -> u64;
@@ -51,8 +73,22 @@ type Entry = unsafe extern "sysv64" fn(*mut Machine, *const Ctx) -> u64;
 /// A block's translation.
 pub struct Code {
     entry: Entry,
+    /// Entry for a jump from another translation (past the prologue).
+    chain: u64,
+    /// Link slots of the exits: only the code reads them, through the addresses it was
+    /// assembled with; this keeps them allocated.
+    #[allow(dead_code)]
+    slots: Box<[Slot; SLOTS]>,
     /// The privilege level it was made for (it reads that half of the TLB).
     pub cpl: u8,
+}
+
+/// What a translation's run ended with.
+pub struct Ran {
+    pub done: u64,
+    pub fault: Option<Fault>,
+    /// The exit's link slot when it went back to the dispatcher unlinked.
+    pub slot: *mut Slot,
 }
 
 /// A core's translations.
@@ -76,7 +112,9 @@ impl Jit {
                 self.arena = Some(mem::Arena::new()?);
             }
             let arena = self.arena.as_mut()?;
-            let bytes = emit::translate(b, m.cpu.cpl, arena.next_addr())?;
+            let mut slots = Box::new([Slot::default(), Slot::default()]);
+            let (bytes, chain) =
+                emit::translate(b, m.cpu.cpl, arena.next_addr(), slots.as_mut_ptr())?;
             let Some(p) = arena.install(&bytes) else {
                 self.full = true;
                 return None;
@@ -85,6 +123,8 @@ impl Jit {
             let entry = unsafe { std::mem::transmute::<*const u8, Entry>(p) };
             Some(Code {
                 entry,
+                chain: p as u64 + chain,
+                slots,
                 cpl: m.cpu.cpl,
             })
         }
@@ -105,9 +145,9 @@ impl Jit {
     }
 }
 
-/// Run a translation. Returns the instructions retired and the fault that stopped it, as
-/// `run_block` does.
-pub fn run(c: &Code, m: &mut Machine, budget: u64, kick: &AtomicBool) -> (u64, Option<Fault>) {
+/// Run a translation (and the ones it chains to). Returns the instructions retired and the
+/// fault that stopped it, as `run_block` does.
+pub fn run(c: &Code, m: &mut Machine, budget: u64, kick: &AtomicBool, link_epoch: u64) -> Ran {
     let code = &m.phys.code;
     let ctx = Ctx {
         budget,
@@ -116,6 +156,8 @@ pub fn run(c: &Code, m: &mut Machine, budget: u64, kick: &AtomicBool) -> (u64, O
         epoch: code.epoch_counter(),
         writes0: code.writes(),
         epoch0: code.epoch(),
+        link_epoch,
+        last_slot: std::ptr::null_mut(),
     };
     // SAFETY: the translation belongs to a block of this core's cache, which is alive (it
     // points at the block's instruction records); it only touches the machine through the
@@ -125,10 +167,36 @@ pub fn run(c: &Code, m: &mut Machine, budget: u64, kick: &AtomicBool) -> (u64, O
         let f = m.jit_fault.take().unwrap_or(Fault::Fatal(
             &"translated block reported a fault it did not keep",
         ));
-        (r & !FAULT, Some(f))
+        Ran {
+            done: r & !FAULT,
+            fault: Some(f),
+            slot: std::ptr::null_mut(),
+        }
     } else {
-        (r, None)
+        Ran {
+            done: r,
+            fault: None,
+            slot: ctx.last_slot,
+        }
     }
+}
+
+/// Fill `slot` (of a translation in the cache, whose link epoch is `link_epoch`) with
+/// `to`, the translation of the block at the current RIP.
+///
+/// # Safety
+/// `slot` must come from a [`Ran`] of a translation whose block is still in the cache
+/// (the cache's link epoch has not changed since that run).
+pub unsafe fn link(slot: *mut Slot, to: &Code, m: &Machine, link_epoch: u64) {
+    // SAFETY: the caller guarantees the slot's translation (and so its slots) is alive.
+    let s = unsafe { &mut *slot };
+    *s = Slot {
+        target: to.chain,
+        rip: m.cpu.rip,
+        epoch: link_epoch,
+        generation: m.tlb.generation,
+        writes: m.phys.code.writes(),
+    };
 }
 
 /// Called from translated code for an instruction it does not run natively: the

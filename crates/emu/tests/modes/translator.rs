@@ -1,8 +1,10 @@
 //! The block translator against the interpreter: one 64-bit guest with loops that keep
 //! flags pending across memory operands, read them with ADC/SBB/SETcc/CMOVcc, shift by a
 //! CL count that is sometimes 0, keep CF across INC, use 8/16-bit registers, PUSH/POP and
-//! CALL/RET, loop inside one block, and page-fault in the middle of a translated block.
-//! Both engines must report the same values and the same fault.
+//! CALL/RET (one leaf returning to two call sites, so chained RETs must check their
+//! target), loop inside one block, patch an instruction of a translated and linked block,
+//! and page-fault in the middle of a translated block. Both engines must report the same
+//! values and the same fault.
 
 use super::long::lm64_init;
 use super::*;
@@ -22,6 +24,8 @@ fn guest() -> Guest {
         let mut leaf = a.create_label();
         let mut skip_fault = a.create_label();
         let mut after_leaf = a.create_label();
+        let mut patch = a.create_label();
+        let mut skip_patch = a.create_label();
         a.mov(rbx, 0x1234_5678_9abc_def1u64)?;
         a.mov(rdx, 0x0f0f_1234_8765_4321u64)?;
         a.mov(rsi, 1u64)?;
@@ -57,6 +61,11 @@ fn guest() -> Guest {
         a.add(r9, r10)?;
         a.inc(r11)?;
         a.adc(rbx, 0)?;
+        // A second call site of the same leaf: its RET goes to two places. The ADD after it
+        // is patched by the guest at iteration 100.
+        a.call(leaf)?;
+        a.set_label(&mut patch)?;
+        a.add(rbx, 5)?;
         // Partial registers through memory.
         a.add(al, dl)?;
         a.mov(byte_ptr(r15 + 16), al)?;
@@ -98,6 +107,12 @@ fn guest() -> Guest {
         a.and(eax, 0x8c5)?;
         a.rep_eax()?;
         a.set_label(&mut skip_fault)?;
+        // Self-modifying code: the ADD's imm8 (REX.W 83 /0 ib) becomes 9.
+        a.cmp(r12, 100)?;
+        a.jne(skip_patch)?;
+        a.lea(rax, ptr(patch))?;
+        a.mov(byte_ptr(rax + 3), 9)?;
+        a.set_label(&mut skip_patch)?;
         a.dec(r12)?;
         a.jnz(top)?;
         for r in [rbx, rdx, rsi, r8, r9, r11, r14] {
