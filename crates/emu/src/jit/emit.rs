@@ -482,7 +482,11 @@ impl<'a> T<'a> {
                     h.set_op_register(n, sized(pool(r, &map), r.size()));
                 }
             }
-            if reads != 0 {
+            if reads == 0x1 {
+                // Only CF is read (ADC, SBB, RCL/RCR by an immediate): BT sets it without
+                // the cost of POPF.
+                self.a.bt(qword_ptr(rbx + self.l.flags), 0)?;
+            } else if reads != 0 {
                 self.a.mov(r10, qword_ptr(rbx + self.l.flags))?;
                 self.a.and(r10d, ARITH as i32)?;
                 self.a.push(r10)?;
