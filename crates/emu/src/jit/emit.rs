@@ -385,7 +385,10 @@ impl<'a> T<'a> {
         if is_shift(i.mnemonic()) && i.op1_kind() == OpKind::Register {
             reads |= mods; // a count of 0 in CL leaves the flags alone
         }
-        if reads != 0 || self.pend & !mods != 0 {
+        // Write pending flags back before a reader, and before this instruction's own flags
+        // replace R15 when some pending ones would be lost (a TLB miss path writes them back
+        // by itself).
+        if reads != 0 || (mods != 0 && self.pend & !mods != 0) {
             self.flush()?;
         }
         let info = self.info.info(i);
