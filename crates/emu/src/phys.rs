@@ -26,8 +26,8 @@ pub struct CodePages {
     has_code: Vec<AtomicU32>,
     /// Bumped whenever a page newly holds code: cores then drop their write translations.
     epoch: AtomicU64,
-    /// Bumped on every write to a page that holds code (chained blocks skip their page
-    /// checks while it is unchanged).
+    /// Bumped on every write to a page that holds code, and whenever `epoch` is (chained
+    /// blocks skip their page checks while it is unchanged).
     writes: AtomicU64,
 }
 
@@ -53,6 +53,9 @@ impl CodePages {
     pub fn mark_code(&self, page: usize) {
         if self.has_code[page].swap(1, Ordering::AcqRel) == 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            // Also counted as a write, so that one counter tells translated code (and
+            // chained blocks) that anything about code pages changed.
+            self.writes.fetch_add(1, Ordering::AcqRel);
         }
     }
     /// Something wrote to `page`: every block decoded from it is stale.
@@ -62,12 +65,9 @@ impl CodePages {
             self.writes.fetch_add(1, Ordering::AcqRel);
         }
     }
-    /// The counters themselves, for translated code.
+    /// The write counter itself, for translated code.
     pub fn writes_counter(&self) -> &AtomicU64 {
         &self.writes
-    }
-    pub fn epoch_counter(&self) -> &AtomicU64 {
-        &self.epoch
     }
     /// How many writes to code pages there have been.
     #[inline]

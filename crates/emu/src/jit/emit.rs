@@ -658,10 +658,6 @@ impl<'a> T<'a> {
         self.a.mov(rdx, qword_ptr(rdx))?;
         self.a.cmp(rdx, qword_ptr(sl(offset_of!(Slot, writes))))?;
         self.a.jne(out)?;
-        self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, epoch))))?;
-        self.a.mov(rdx, qword_ptr(rdx))?;
-        self.a.cmp(rdx, qword_ptr(c(offset_of!(Ctx, epoch0))))?;
-        self.a.jne(out)?;
         self.a.cmp(r13, qword_ptr(c(offset_of!(Ctx, budget))))?;
         self.a.jae(out)?;
         self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, kick))))?;
@@ -761,14 +757,21 @@ impl<'a> T<'a> {
 
     /// The block's final direct jump.
     fn branch(&mut self, k: usize) -> Res<()> {
+        let pend = self.pend;
         self.flush()?;
         let x: &Insn = &self.b.insns[k];
         let n = self.b.insns.len();
         if x.i.is_jmp_short_or_near() {
             return self.go(x.imm, n);
         }
-        self.a.mov(r10, qword_ptr(rbx + self.l.flags))?;
         let mut taken = self.a.create_label();
+        let reads = eflags(x.i.rflags_read()) & ARITH;
+        if reads & !pend == 0 {
+            // The flags it reads are still in R15 (the write-back above left it alone).
+            self.a.mov(r10, r15)?;
+        } else {
+            self.a.mov(r10, qword_ptr(rbx + self.l.flags))?;
+        }
         self.cond(x.i.condition_code(), taken)?;
         self.go(x.next, n)?;
         self.bind(&mut taken)?;
@@ -792,10 +795,6 @@ impl<'a> T<'a> {
         self.a.mov(rax, qword_ptr(c(offset_of!(Ctx, writes))))?;
         self.a.mov(rax, qword_ptr(rax))?;
         self.a.cmp(rax, qword_ptr(c(offset_of!(Ctx, writes0))))?;
-        self.a.jne(stop)?;
-        self.a.mov(rax, qword_ptr(c(offset_of!(Ctx, epoch))))?;
-        self.a.mov(rax, qword_ptr(rax))?;
-        self.a.cmp(rax, qword_ptr(c(offset_of!(Ctx, epoch0))))?;
         self.a.jne(stop)?;
         self.a.jmp(self.top)?;
         self.bind(&mut stop)?;

@@ -38,12 +38,10 @@ pub struct Ctx {
     pub budget: u64,
     /// Set by another thread to make the core return.
     pub kick: *const AtomicBool,
-    /// Code-page write counter and code epoch, shared by all cores, with their values when
-    /// the translation was entered: a change ends a loop.
+    /// Code-page write counter (also bumped when a page becomes code), shared by all
+    /// cores, and its value when the translation was entered: a change ends a loop.
     pub writes: *const AtomicU64,
-    pub epoch: *const AtomicU64,
     pub writes0: u64,
-    pub epoch0: u64,
     /// The block cache's link epoch ([`Slot::epoch`]).
     pub link_epoch: u64,
     /// Set by an exit that went back to the dispatcher: its link slot, to fill.
@@ -153,9 +151,7 @@ pub fn run(c: &Code, m: &mut Machine, budget: u64, kick: &AtomicBool, link_epoch
         budget,
         kick,
         writes: code.writes_counter(),
-        epoch: code.epoch_counter(),
         writes0: code.writes(),
-        epoch0: code.epoch(),
         link_epoch,
         last_slot: std::ptr::null_mut(),
     };
