@@ -6,7 +6,9 @@
 //! guest registers, with memory operands resolved through the software TLB inline; a TLB
 //! miss, and every other instruction, calls the instruction's interpreter handler. A block
 //! that ends in a conditional or direct jump back to its own start loops inside the
-//! translation while the caller's instruction budget lasts and nothing asks it to stop.
+//! translation while the caller's instruction budget lasts and nothing asks it to stop; its
+//! other exits (and RET) jump into the next block's translation through link slots the
+//! dispatcher fills ([`Slot`]), under the same conditions.
 //!
 //! The translation keeps the interpreter's contract: registers, flags and RIP are exact at
 //! every point where control leaves it (a fault, an exit, the block's end), and a fault
