@@ -250,7 +250,7 @@ const EMPTY: Entry = Entry {
     code_page: 0,
 };
 
-pub const TLB_SIZE: usize = 256;
+pub const TLB_SIZE: usize = 1024;
 
 /// Direct-mapped software TLB, one half for supervisor and one for user accesses.
 pub struct Tlb {

@@ -28,7 +28,7 @@ mod emit;
 mod mem;
 
 /// Executions of a block before it is translated.
-pub const THRESHOLD: u32 = 16;
+pub const THRESHOLD: u32 = 256;
 /// Set in a translation's result when the instruction at the count raised a fault
 /// ([`Machine::jit_fault`]).
 pub const FAULT: u64 = 1 << 63;
