@@ -119,7 +119,12 @@ fn kind(x: &Insn, last: bool) -> Kind {
         return Kind::Skip;
     }
     if last && (i.is_jcc_short_or_near() || i.is_jmp_short_or_near()) {
-        return Kind::Branch;
+        // A non-canonical target is the handler's #GP at the branch.
+        return if canonical(x.imm) {
+            Kind::Branch
+        } else {
+            Kind::Helper
+        };
     }
     match i.code() {
         Op::Push_r64 => return Kind::Push,
