@@ -74,6 +74,9 @@ enum Kind {
     Pop,
     Call,
     Ret,
+    /// The block's final JMP r64 / CALL r64.
+    JmpReg,
+    CallReg,
 }
 
 fn canonical(v: u64) -> bool {
@@ -131,6 +134,8 @@ fn kind(x: &Insn, last: bool) -> Kind {
         Op::Pop_r64 if i.op0_register() != Register::RSP => return Kind::Pop,
         Op::Call_rel32_64 if last && canonical(x.imm) => return Kind::Call,
         Op::Retnq | Op::Retnq_imm16 if last => return Kind::Ret,
+        Op::Jmp_rm64 if last && i.op0_kind() == OpKind::Register => return Kind::JmpReg,
+        Op::Call_rm64 if last && i.op0_kind() == OpKind::Register => return Kind::CallReg,
         _ => {}
     }
     if !whitelisted(i) || i.has_rep_prefix() || i.has_repne_prefix() {
@@ -318,10 +323,14 @@ impl<'a> T<'a> {
                 Kind::Push | Kind::Pop => self.push_pop(k, kinds[k] == Kind::Push)?,
                 Kind::Call => self.call(k)?,
                 Kind::Ret => self.ret(k)?,
+                Kind::JmpReg | Kind::CallReg => self.indirect(k, kinds[k] == Kind::CallReg)?,
             }
         }
         let last = kinds[n - 1];
-        if !matches!(last, Kind::Branch | Kind::Call | Kind::Ret) {
+        if !matches!(
+            last,
+            Kind::Branch | Kind::Call | Kind::Ret | Kind::JmpReg | Kind::CallReg
+        ) {
             self.flush()?;
             if last != Kind::Helper {
                 self.set_rip(self.b.insns[n - 1].next)?;
@@ -629,6 +638,34 @@ impl<'a> T<'a> {
         self.a.jne(slow)?;
         self.a.lea(rsi, qword_ptr(rsi + pop))?;
         self.a.mov(self.rsp(), rsi)?;
+        self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
+        self.resume(k)?;
+        self.a.mov(rax, qword_ptr(rbx + self.l.rip))?;
+        self.exit_to(self.b.insns.len())
+    }
+
+    /// The block's final JMP r64 or CALL r64.
+    fn indirect(&mut self, k: usize, call: bool) -> Res<()> {
+        self.flush()?;
+        let x: &Insn = &self.b.insns[k];
+        let r = reg_num(x.i.op0_register());
+        let slow = self.slow_path(k);
+        self.a.mov(rax, qword_ptr(rbx + (self.l.gpr + 8 * r)))?;
+        // A non-canonical target is the handler's #GP.
+        self.a.mov(rcx, rax)?;
+        self.a.shl(rcx, 16)?;
+        self.a.sar(rcx, 16)?;
+        self.a.cmp(rcx, rax)?;
+        self.a.jne(slow)?;
+        if call {
+            self.a.mov(r11, self.rsp())?;
+            self.a.sub(r11, 8)?;
+            self.a.mov(rsi, r11)?;
+            self.probe(8, perm::R | perm::W, slow)?;
+            self.a.mov(rdx, x.next)?;
+            self.a.mov(qword_ptr(r11), rdx)?;
+            self.a.mov(self.rsp(), rsi)?;
+        }
         self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
         self.resume(k)?;
         self.a.mov(rax, qword_ptr(rbx + self.l.rip))?;

@@ -1,8 +1,8 @@
 //! The block translator against the interpreter: one 64-bit guest with loops that keep
 //! flags pending across memory operands, read them with ADC/SBB/SETcc/CMOVcc, shift by a
 //! CL count that is sometimes 0, keep CF across INC, use 8/16-bit registers, PUSH/POP and
-//! CALL/RET (one leaf returning to two call sites, so chained RETs must check their
-//! target), loop inside one block, patch an instruction of a translated and linked block,
+//! CALL/RET and JMP/CALL through a register (one leaf returning to two call sites, so
+//! chained RETs must check their target), loop inside one block, patch an instruction of a translated and linked block,
 //! and page-fault in the middle of a translated block. Both engines must report the same
 //! values and the same fault.
 
@@ -25,6 +25,7 @@ fn guest() -> Guest {
         let mut skip_fault = a.create_label();
         let mut after_leaf = a.create_label();
         let mut patch = a.create_label();
+        let mut after_jmp = a.create_label();
         let mut skip_patch = a.create_label();
         a.mov(rbx, 0x1234_5678_9abc_def1u64)?;
         a.mov(rdx, 0x0f0f_1234_8765_4321u64)?;
@@ -61,9 +62,10 @@ fn guest() -> Guest {
         a.add(r9, r10)?;
         a.inc(r11)?;
         a.adc(rbx, 0)?;
-        // A second call site of the same leaf: its RET goes to two places. The ADD after it
-        // is patched by the guest at iteration 100.
-        a.call(leaf)?;
+        // A second call site of the same leaf (CALL r64): its RET goes to two places. The
+        // ADD after it is patched by the guest at iteration 100.
+        a.lea(rax, ptr(leaf))?;
+        a.call(rax)?;
         a.set_label(&mut patch)?;
         a.add(rbx, 5)?;
         // Partial registers through memory.
@@ -84,6 +86,9 @@ fn guest() -> Guest {
         a.ror(rbx, 7)?;
         a.ret()?;
         a.set_label(&mut after_leaf)?;
+        a.lea(rcx, ptr(after_jmp))?;
+        a.jmp(rcx)?;
+        a.set_label(&mut after_jmp)?;
         // A loop inside one block.
         a.mov(r13, 20u64)?;
         a.set_label(&mut inner)?;
