@@ -9,11 +9,11 @@ use std::mem::{offset_of, size_of};
 
 use iced_x86::code_asm::*;
 use iced_x86::{
-    Code as Op, ConditionCode, IcedError, Instruction, InstructionInfoFactory, MemoryOperand,
-    Mnemonic, OpAccess, OpKind, Register, RflagsBits,
+    Code as Op, IcedError, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic, OpAccess,
+    OpKind, Register, RflagsBits,
 };
 
-use super::{Ctx, Slot, exec_one};
+use super::{Slot, exec_one};
 use crate::block::{Block, Insn};
 use crate::machine::Machine;
 use crate::paging::{Entry, TLB_SIZE, perm};
@@ -40,9 +40,9 @@ fn sized(p: usize, size: usize) -> Register {
 }
 
 /// The arithmetic flags in EFLAGS positions.
-const ARITH: u32 = 0x8d5;
+pub(super) const ARITH: u32 = 0x8d5;
 
-fn eflags(b: u32) -> u32 {
+pub(super) fn eflags(b: u32) -> u32 {
     let mut r = 0;
     for (iced, ef) in [
         (RflagsBits::OF, 0x800),
@@ -175,22 +175,22 @@ fn kind(x: &Insn, last: bool) -> Kind {
 }
 
 /// Byte offsets into the machine and the context.
-struct Layout {
-    gpr: i32,
-    rip: i32,
-    flags: i32,
-    generation: i32,
-    seg_base: [i32; 6],
+pub(super) struct Layout {
+    pub(super) gpr: i32,
+    pub(super) rip: i32,
+    pub(super) flags: i32,
+    pub(super) generation: i32,
+    pub(super) seg_base: [i32; 6],
     /// This privilege level's TLB half.
-    set: i32,
-    entry: i32,
-    page: i32,
-    perm: i32,
-    host: i32,
+    pub(super) set: i32,
+    pub(super) entry: i32,
+    pub(super) page: i32,
+    pub(super) perm: i32,
+    pub(super) host: i32,
 }
 
 impl Layout {
-    fn new(cpl: u8) -> Layout {
+    pub(super) fn new(cpl: u8) -> Layout {
         let seg0 = offset_of!(Machine, cpu.seg);
         let seg_size = size_of::<palacios_x86::Segment>();
         let base = offset_of!(palacios_x86::Segment, base);
@@ -210,7 +210,7 @@ impl Layout {
     }
 }
 
-fn reg_num(r: Register) -> i32 {
+pub(super) fn reg_num(r: Register) -> i32 {
     r.full_register() as i32 - Register::RAX as i32
 }
 
@@ -222,22 +222,22 @@ struct Stub {
     resume: CodeLabel,
 }
 
-struct T<'a> {
-    a: CodeAssembler,
-    l: Layout,
-    b: &'a Block,
-    pend: u32,
+pub(super) struct T<'a> {
+    pub(super) a: CodeAssembler,
+    pub(super) l: Layout,
+    pub(super) b: &'a Block,
+    pub(super) pend: u32,
     /// Instruction count of the assembler when the last label was bound.
-    bound_at: Option<usize>,
-    epilogue: CodeLabel,
-    top: CodeLabel,
+    pub(super) bound_at: Option<usize>,
+    pub(super) epilogue: CodeLabel,
+    pub(super) top: CodeLabel,
     slow: Vec<Stub>,
     outs: Vec<(usize, CodeLabel)>,
-    pure: bool,
+    pub(super) pure: bool,
     info: InstructionInfoFactory,
     /// The block's link slots and how many exits use them so far.
-    slots: *mut Slot,
-    next_slot: usize,
+    pub(super) slots: *mut Slot,
+    pub(super) next_slot: usize,
 }
 
 /// Translate `b` for code that runs at privilege `cpl`, placed at host address `ip`, with
@@ -261,7 +261,7 @@ pub fn translate(b: &Block, cpl: u8, ip: u64, slots: *mut Slot) -> Option<(Vec<u
 }
 
 impl<'a> T<'a> {
-    fn new(b: &'a Block, cpl: u8, slots: *mut Slot) -> Res<T<'a>> {
+    pub(super) fn new(b: &'a Block, cpl: u8, slots: *mut Slot) -> Res<T<'a>> {
         let mut a = CodeAssembler::new(64)?;
         let epilogue = a.create_label();
         let top = a.create_label();
@@ -283,7 +283,7 @@ impl<'a> T<'a> {
     }
 
     /// Bind `l` to the next instruction (a NOP separates two labels at one place).
-    fn bind(&mut self, l: &mut CodeLabel) -> Res<()> {
+    pub(super) fn bind(&mut self, l: &mut CodeLabel) -> Res<()> {
         let n = self.a.instructions().len();
         if self.bound_at == Some(n) {
             self.a.nop()?;
@@ -293,11 +293,11 @@ impl<'a> T<'a> {
         Ok(())
     }
 
-    fn add(&mut self, i: Res<Instruction>) -> Res<()> {
+    pub(super) fn add(&mut self, i: Res<Instruction>) -> Res<()> {
         self.a.add_instruction(i?)
     }
 
-    fn body(&mut self) -> Res<()> {
+    pub(super) fn body(&mut self) -> Res<()> {
         let n = self.b.insns.len();
         let kinds: Vec<Kind> = (0..n).map(|k| kind(&self.b.insns[k], k + 1 == n)).collect();
         self.pure = !kinds.contains(&Kind::Helper);
@@ -348,13 +348,13 @@ impl<'a> T<'a> {
         self.a.ret()
     }
 
-    fn set_rip(&mut self, v: u64) -> Res<()> {
+    pub(super) fn set_rip(&mut self, v: u64) -> Res<()> {
         self.a.mov(rax, v)?;
         self.a.mov(qword_ptr(rbx + self.l.rip), rax)
     }
 
     /// Write the pending host flags back to the guest's RFLAGS.
-    fn flush(&mut self) -> Res<()> {
+    pub(super) fn flush(&mut self) -> Res<()> {
         if self.pend == 0 {
             return Ok(());
         }
@@ -369,7 +369,7 @@ impl<'a> T<'a> {
         Ok(())
     }
 
-    fn out_label(&mut self, k: usize) -> CodeLabel {
+    pub(super) fn out_label(&mut self, k: usize) -> CodeLabel {
         if let Some(&(_, l)) = self.outs.iter().find(|(j, _)| *j == k) {
             return l;
         }
@@ -379,7 +379,7 @@ impl<'a> T<'a> {
     }
 
     /// Run instruction `k` through its handler (flags must be written back already).
-    fn call_helper(&mut self, k: usize) -> Res<()> {
+    pub(super) fn call_helper(&mut self, k: usize) -> Res<()> {
         let x: &Insn = &self.b.insns[k];
         self.set_rip(x.next)?;
         self.a.mov(rdi, rbx)?;
@@ -391,7 +391,7 @@ impl<'a> T<'a> {
         self.a.jnz(out)
     }
 
-    fn native(&mut self, k: usize) -> Res<()> {
+    pub(super) fn native(&mut self, k: usize) -> Res<()> {
         let x: &'a Insn = &self.b.insns[k];
         let i = &x.i;
         let mods = eflags(i.rflags_modified()) & ARITH;
@@ -546,7 +546,7 @@ impl<'a> T<'a> {
 
     /// A TLB-miss path for instruction `k`: returns the label to jump to; the instruction
     /// goes on at [`T::resume`].
-    fn slow_path(&mut self, k: usize) -> CodeLabel {
+    pub(super) fn slow_path(&mut self, k: usize) -> CodeLabel {
         let label = self.a.create_label();
         let resume = self.a.create_label();
         self.slow.push(Stub {
@@ -559,7 +559,7 @@ impl<'a> T<'a> {
     }
 
     /// Where instruction `k`'s TLB-miss path comes back.
-    fn resume(&mut self, k: usize) -> Res<()> {
+    pub(super) fn resume(&mut self, k: usize) -> Res<()> {
         if let Some(s) = self.slow.last_mut()
             && s.k == k
         {
@@ -569,153 +569,9 @@ impl<'a> T<'a> {
         Ok(())
     }
 
-    fn rsp(&self) -> AsmMemoryOperand {
-        qword_ptr(rbx + (self.l.gpr + 8 * 4))
-    }
-
-    /// PUSH r64 or POP r64 (64-bit stack: SS has no base; the TLB hit means canonical).
-    fn push_pop(&mut self, k: usize, push: bool) -> Res<()> {
-        let x: &Insn = &self.b.insns[k];
-        let r = reg_num(x.i.op0_register());
-        let reg = qword_ptr(rbx + (self.l.gpr + 8 * r));
-        self.a.mov(r11, self.rsp())?;
-        if push {
-            self.a.sub(r11, 8)?;
-        }
-        self.a.mov(rsi, r11)?;
-        let slow = self.slow_path(k);
-        self.probe(8, if push { perm::R | perm::W } else { perm::R }, slow)?;
-        if push {
-            self.a.mov(rax, reg)?;
-            self.a.mov(qword_ptr(r11), rax)?;
-        } else {
-            self.a.mov(rax, qword_ptr(r11))?;
-            self.a.add(rsi, 8)?;
-        }
-        self.a.mov(self.rsp(), rsi)?;
-        if !push {
-            self.a.mov(reg, rax)?;
-        }
-        self.resume(k)
-    }
-
-    /// The block's final CALL rel32.
-    fn call(&mut self, k: usize) -> Res<()> {
-        self.flush()?;
-        let x: &Insn = &self.b.insns[k];
-        self.a.mov(r11, self.rsp())?;
-        self.a.sub(r11, 8)?;
-        self.a.mov(rsi, r11)?;
-        let slow = self.slow_path(k);
-        self.probe(8, perm::R | perm::W, slow)?;
-        self.a.mov(rax, x.next)?;
-        self.a.mov(qword_ptr(r11), rax)?;
-        self.a.mov(self.rsp(), rsi)?;
-        self.resume(k)?;
-        self.a.mov(rax, x.imm)?;
-        self.exit_to(self.b.insns.len())
-    }
-
-    /// The block's final RET / RET imm16.
-    fn ret(&mut self, k: usize) -> Res<()> {
-        self.flush()?;
-        let x: &Insn = &self.b.insns[k];
-        let pop = 8 + if x.i.code() == Op::Retnq_imm16 {
-            x.i.immediate16() as i32
-        } else {
-            0
-        };
-        self.a.mov(r11, self.rsp())?;
-        self.a.mov(rsi, r11)?;
-        let slow = self.slow_path(k);
-        self.probe(8, perm::R, slow)?;
-        self.a.mov(rax, qword_ptr(r11))?;
-        // A non-canonical return address is the handler's #GP.
-        self.a.mov(rcx, rax)?;
-        self.a.shl(rcx, 16)?;
-        self.a.sar(rcx, 16)?;
-        self.a.cmp(rcx, rax)?;
-        self.a.jne(slow)?;
-        self.a.lea(rsi, qword_ptr(rsi + pop))?;
-        self.a.mov(self.rsp(), rsi)?;
-        self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
-        self.resume(k)?;
-        self.a.mov(rax, qword_ptr(rbx + self.l.rip))?;
-        self.exit_to(self.b.insns.len())
-    }
-
-    /// The block's final JMP r64 or CALL r64.
-    fn indirect(&mut self, k: usize, call: bool) -> Res<()> {
-        self.flush()?;
-        let x: &Insn = &self.b.insns[k];
-        let r = reg_num(x.i.op0_register());
-        let slow = self.slow_path(k);
-        self.a.mov(rax, qword_ptr(rbx + (self.l.gpr + 8 * r)))?;
-        // A non-canonical target is the handler's #GP.
-        self.a.mov(rcx, rax)?;
-        self.a.shl(rcx, 16)?;
-        self.a.sar(rcx, 16)?;
-        self.a.cmp(rcx, rax)?;
-        self.a.jne(slow)?;
-        if call {
-            self.a.mov(r11, self.rsp())?;
-            self.a.sub(r11, 8)?;
-            self.a.mov(rsi, r11)?;
-            self.probe(8, perm::R | perm::W, slow)?;
-            self.a.mov(rdx, x.next)?;
-            self.a.mov(qword_ptr(r11), rdx)?;
-            self.a.mov(self.rsp(), rsi)?;
-        }
-        self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
-        self.resume(k)?;
-        self.a.mov(rax, qword_ptr(rbx + self.l.rip))?;
-        self.exit_to(self.b.insns.len())
-    }
-
-    /// Leave the block for guest RIP = RAX after `n` instructions: straight into the
-    /// translation of the block there when this exit's link slot holds one that is still
-    /// valid and nothing asks the run to stop, else back to the dispatcher (which may then
-    /// fill the slot).
-    fn exit_to(&mut self, n: usize) -> Res<()> {
-        let slot = self.next_slot;
-        assert!(slot < super::SLOTS, "more exits than link slots");
-        self.next_slot += 1;
-        // SAFETY: `slots` points at SLOTS slots (checked above); only the address is taken.
-        let s = unsafe { self.slots.add(slot) } as u64;
-        let mut out = self.a.create_label();
-        let c = |f: usize| r14 + f as i32;
-        let sl = |f: usize| rcx + f as i32;
-        self.a.add(r13, n as i32)?;
-        self.a.mov(rcx, s)?;
-        self.a.cmp(rax, qword_ptr(sl(offset_of!(Slot, rip))))?;
-        self.a.jne(out)?;
-        self.a.mov(rdx, qword_ptr(sl(offset_of!(Slot, epoch))))?;
-        self.a.cmp(rdx, qword_ptr(c(offset_of!(Ctx, link_epoch))))?;
-        self.a.jne(out)?;
-        self.a.mov(rdx, qword_ptr(rbx + self.l.generation))?;
-        self.a
-            .cmp(rdx, qword_ptr(sl(offset_of!(Slot, generation))))?;
-        self.a.jne(out)?;
-        self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, writes))))?;
-        self.a.mov(rdx, qword_ptr(rdx))?;
-        self.a.cmp(rdx, qword_ptr(sl(offset_of!(Slot, writes))))?;
-        self.a.jne(out)?;
-        self.a.cmp(r13, qword_ptr(c(offset_of!(Ctx, budget))))?;
-        self.a.jae(out)?;
-        self.a.mov(rdx, qword_ptr(c(offset_of!(Ctx, kick))))?;
-        self.a.cmp(byte_ptr(rdx), 0)?;
-        self.a.jne(out)?;
-        self.a.jmp(qword_ptr(sl(offset_of!(Slot, target))))?;
-        self.bind(&mut out)?;
-        self.a.mov(qword_ptr(rbx + self.l.rip), rax)?;
-        self.a.mov(qword_ptr(c(offset_of!(Ctx, last_slot))), rcx)?;
-        self.a.mov(rax, r13)?;
-        self.a.jmp(self.epilogue)
-    }
-
     /// The linear address of the memory operand into R11 (64-bit mode: only FS and GS
     /// have bases).
-    fn address(&mut self, x: &Insn, map: &[Register]) -> Res<()> {
+    pub(super) fn address(&mut self, x: &Insn, map: &[Register]) -> Res<()> {
         let i = &x.i;
         let base = i.memory_base();
         let index = i.memory_index();
@@ -773,7 +629,7 @@ impl<'a> T<'a> {
 
     /// Look the linear address in R11 up in the TLB; on a hit R11 becomes the host
     /// pointer, otherwise jump to `slow`.
-    fn probe(&mut self, size: i32, need: u8, slow: CodeLabel) -> Res<()> {
+    pub(super) fn probe(&mut self, size: i32, need: u8, slow: CodeLabel) -> Res<()> {
         let l = &self.l;
         let (set, page, perm_off, host, entry) = (l.set, l.page, l.perm, l.host, l.entry);
         self.a.mov(r10, r11)?;
@@ -797,101 +653,8 @@ impl<'a> T<'a> {
         self.a.add(r11, qword_ptr(rbx + r9 + (set + host)))
     }
 
-    /// The block's final direct jump.
-    fn branch(&mut self, k: usize) -> Res<()> {
-        let pend = self.pend;
-        self.flush()?;
-        let x: &Insn = &self.b.insns[k];
-        let n = self.b.insns.len();
-        if x.i.is_jmp_short_or_near() {
-            return self.go(x.imm, n);
-        }
-        let mut taken = self.a.create_label();
-        let reads = eflags(x.i.rflags_read()) & ARITH;
-        if reads & !pend == 0 {
-            // The flags it reads are still in R15 (the write-back above left it alone).
-            self.a.mov(r10, r15)?;
-        } else {
-            self.a.mov(r10, qword_ptr(rbx + self.l.flags))?;
-        }
-        self.cond(x.i.condition_code(), taken)?;
-        self.go(x.next, n)?;
-        self.bind(&mut taken)?;
-        self.go(x.imm, n)
-    }
-
-    /// Continue at guest `rip` after `n` instructions: loop when it is this block's start.
-    fn go(&mut self, rip: u64, n: usize) -> Res<()> {
-        if !(self.pure && rip == self.b.rip) {
-            self.a.mov(rax, rip)?;
-            return self.exit_to(n);
-        }
-        let mut stop = self.a.create_label();
-        let c = |f: usize| r14 + f as i32;
-        self.a.add(r13, n as i32)?;
-        self.a.cmp(r13, qword_ptr(c(offset_of!(Ctx, budget))))?;
-        self.a.jae(stop)?;
-        self.a.mov(rax, qword_ptr(c(offset_of!(Ctx, kick))))?;
-        self.a.cmp(byte_ptr(rax), 0)?;
-        self.a.jne(stop)?;
-        self.a.mov(rax, qword_ptr(c(offset_of!(Ctx, writes))))?;
-        self.a.mov(rax, qword_ptr(rax))?;
-        self.a.cmp(rax, qword_ptr(c(offset_of!(Ctx, writes0))))?;
-        self.a.jne(stop)?;
-        self.a.jmp(self.top)?;
-        self.bind(&mut stop)?;
-        self.set_rip(rip)?;
-        self.a.mov(rax, r13)?;
-        self.a.jmp(self.epilogue)
-    }
-
-    /// Jump to `to` when condition `cc` holds for the flags image in R10.
-    fn cond(&mut self, cc: ConditionCode, to: CodeLabel) -> Res<()> {
-        use ConditionCode::*;
-        let asm = &mut self.a;
-        let bit = |c| match c {
-            o | no => 11,
-            b | ae => 0,
-            e | ne => 6,
-            s | ns => 7,
-            _ => 2, // p, np
-        };
-        match cc {
-            o | b | e | s | p => {
-                asm.bt(r10, bit(cc))?;
-                asm.jc(to)
-            }
-            no | ae | ne | ns | np => {
-                asm.bt(r10, bit(cc))?;
-                asm.jnc(to)
-            }
-            be | a => {
-                asm.test(r10d, 0x41)?;
-                if cc == be { asm.jnz(to) } else { asm.jz(to) }
-            }
-            l | ge => {
-                asm.mov(eax, r10d)?;
-                asm.shr(eax, 4)?;
-                asm.xor(eax, r10d)?;
-                asm.test(eax, 0x80)?;
-                if cc == l { asm.jnz(to) } else { asm.jz(to) }
-            }
-            le | g => {
-                asm.mov(eax, r10d)?;
-                asm.shr(eax, 4)?;
-                asm.xor(eax, r10d)?;
-                asm.and(eax, 0x80)?;
-                asm.mov(r9d, r10d)?;
-                asm.and(r9d, 0x40)?;
-                asm.or(eax, r9d)?;
-                if cc == le { asm.jnz(to) } else { asm.jz(to) }
-            }
-            None => asm.jmp(to),
-        }
-    }
-
     /// Out-of-line code: TLB misses and the exits after a handler.
-    fn stubs(&mut self) -> Res<()> {
+    pub(super) fn stubs(&mut self) -> Res<()> {
         let slow = std::mem::take(&mut self.slow);
         for s in slow {
             let mut label = s.label;

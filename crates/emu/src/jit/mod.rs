@@ -25,6 +25,8 @@ use crate::machine::{Fault, Machine};
 #[cfg(target_arch = "x86_64")]
 mod emit;
 #[cfg(target_arch = "x86_64")]
+mod flow;
+#[cfg(target_arch = "x86_64")]
 mod mem;
 
 /// Executions of a block before it is translated.
