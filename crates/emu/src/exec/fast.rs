@@ -309,7 +309,7 @@ macro_rules! alu_by_op {
     };
 }
 
-fn is_imm(k: OpKind) -> bool {
+pub(crate) fn is_imm(k: OpKind) -> bool {
     matches!(
         k,
         OpKind::Immediate8

@@ -17,6 +17,8 @@ mod system;
 mod x87;
 mod x87num;
 
+pub(crate) use fast::is_imm;
+
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use crate::block::Insn;

@@ -160,14 +160,7 @@ fn kind(x: &Insn, last: bool) -> Kind {
                     return Kind::Helper;
                 }
             }
-            OpKind::Immediate8
-            | OpKind::Immediate16
-            | OpKind::Immediate32
-            | OpKind::Immediate64
-            | OpKind::Immediate8to16
-            | OpKind::Immediate8to32
-            | OpKind::Immediate8to64
-            | OpKind::Immediate32to64 => {}
+            k if crate::exec::is_imm(k) => {}
             _ => return Kind::Helper,
         }
     }
