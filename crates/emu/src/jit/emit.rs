@@ -238,11 +238,12 @@ pub(super) struct T<'a> {
 /// offset of the entry for chained jumps (past the prologue).
 pub fn translate(b: &Block, cpl: u8, ip: u64, slots: *mut Slot) -> Option<(Vec<u8>, u64)> {
     let n = b.insns.len();
-    if (0..n).all(|k| matches!(kind(&b.insns[k], k + 1 == n), Kind::Helper | Kind::Skip)) {
+    let kinds: Vec<Kind> = (0..n).map(|k| kind(&b.insns[k], k + 1 == n)).collect();
+    if kinds.iter().all(|k| matches!(k, Kind::Helper | Kind::Skip)) {
         return None; // nothing would run natively: the interpreter is as fast
     }
     let mut t = T::new(b, cpl, slots).ok()?;
-    t.body().ok()?;
+    t.body(&kinds).ok()?;
     let r =
         t.a.assemble_options(
             ip,
@@ -290,9 +291,9 @@ impl<'a> T<'a> {
         self.a.add_instruction(i?)
     }
 
-    pub(super) fn body(&mut self) -> Res<()> {
+    /// The whole function, given each instruction's [`Kind`].
+    fn body(&mut self, kinds: &[Kind]) -> Res<()> {
         let n = self.b.insns.len();
-        let kinds: Vec<Kind> = (0..n).map(|k| kind(&self.b.insns[k], k + 1 == n)).collect();
         self.pure = !kinds.contains(&Kind::Helper);
         for r in [rbx, rbp, r12, r13, r14, r15] {
             self.a.push(r)?;
