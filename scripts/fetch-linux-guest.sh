@@ -3,33 +3,47 @@
 # fetched from anywhere else): the cloud kernel's bzImage and an initramfs with busybox whose
 # /init mounts /proc and /sys, prints PALACIOS-LINUX-READY and runs a shell on the console.
 # Output (git-ignored, cached between runs): guests/linux/{bzImage,initramfs.cpio.gz,release}.
+# Safe to run from several processes at once (a lock on guests/linux/.lock); downloads are
+# retried and verified against apt's package index (scripts/apt-fetch.sh); the outputs are
+# written under temporary names and renamed, `release` last, so a cached guest is complete.
 # Usage: scripts/fetch-linux-guest.sh [--force]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=guests/linux
 cache=$out/cache
-if [ "${1:-}" != "--force" ] && [ -s $out/bzImage ] && [ -s $out/initramfs.cpio.gz ] && [ -s $out/release ]; then
+cached() { [ -s $out/bzImage ] && [ -s $out/initramfs.cpio.gz ] && [ -s $out/release ]; }
+if [ "${1:-}" != "--force" ] && cached; then
+  echo "fetch-linux-guest: cached in $out (kernel $(cat $out/release))"
+  exit 0
+fi
+mkdir -p "$out"
+exec 8>"$out/.build.lock"
+flock 8
+# Another process may have built it while this one waited for the lock.
+if [ "${1:-}" != "--force" ] && cached; then
   echo "fetch-linux-guest: cached in $out (kernel $(cat $out/release))"
   exit 0
 fi
 command -v apt-get >/dev/null || { echo "fetch-linux-guest: needs apt-get (Debian or a derivative)" >&2; exit 1; }
-mkdir -p "$cache"
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 if [ -z "$kpkg" ]; then
   echo "fetch-linux-guest: apt knows no linux-image-cloud-amd64 (run apt-get update?)" >&2
   exit 1
 fi
 echo "fetch-linux-guest: $kpkg and busybox-static"
-(cd "$cache" && apt-get download "$kpkg" busybox-static 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
-kdeb=$(ls -t "$cache"/"$kpkg"_*.deb | head -1)
-bdeb=$(ls -t "$cache"/busybox-static_*.deb | head -1)
+mapfile -t debs < <(scripts/apt-fetch.sh "$cache" "$kpkg" busybox-static)
+[ "${#debs[@]}" = 2 ] || { echo "fetch-linux-guest: downloading $kpkg and busybox-static failed" >&2; exit 1; }
+kdeb=${debs[0]}
+bdeb=${debs[1]}
+rm -f $out/release
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 dpkg-deb -x "$kdeb" "$tmp/k"
 dpkg-deb -x "$bdeb" "$tmp/b"
-cp "$tmp"/k/boot/vmlinuz-* "$out/bzImage"
+cp "$tmp"/k/boot/vmlinuz-* "$out/bzImage.tmp"
+mv "$out/bzImage.tmp" "$out/bzImage"
 release=${kpkg#linux-image-}
-python3 - "$tmp/b/bin/busybox" "$out/initramfs.cpio.gz" <<'PY'
+python3 - "$tmp/b/bin/busybox" "$out/initramfs.cpio.gz.tmp" <<'PY'
 import gzip, os, sys, time
 busybox, dest = sys.argv[1], sys.argv[2]
 init = b"""#!/bin/sh
@@ -64,5 +78,7 @@ out += b"\0" * (-len(out) % 512)
 with gzip.open(dest, "wb") as f:
     f.write(out)
 PY
-echo "$release" > "$out/release"
+mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+echo "$release" > "$out/release.tmp"
+mv "$out/release.tmp" "$out/release"
 echo "fetch-linux-guest: $out/bzImage ($(stat -c %s $out/bzImage) bytes, kernel $release), $out/initramfs.cpio.gz"

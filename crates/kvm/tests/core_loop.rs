@@ -50,7 +50,7 @@ impl DeviceClass for RecorderClass {
 #[test]
 fn halted_core_sleeps_until_an_interrupt_is_injected() {
     if let Some(r) = probe() {
-        eprintln!("SKIP: KVM unavailable: {r}");
+        palacios_vmm::test_support::skip_machine("core_loop", &format!("KVM unavailable: {r}"));
         return;
     }
     let out = Arc::new(Mutex::new(Vec::new()));
@@ -129,7 +129,7 @@ fn halted_core_sleeps_until_an_interrupt_is_injected() {
 #[test]
 fn stop_from_the_control_channel_ends_a_busy_guest() {
     if let Some(r) = probe() {
-        eprintln!("SKIP: KVM unavailable: {r}");
+        palacios_vmm::test_support::skip_machine("core_loop", &format!("KVM unavailable: {r}"));
         return;
     }
     let cfg = VmConfig::parse(

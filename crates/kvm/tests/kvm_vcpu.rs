@@ -26,7 +26,7 @@ fn with_limit(secs: u64, f: impl FnOnce() + Send + 'static) {
 
 fn kvm_or_skip() -> bool {
     if let Some(reason) = probe() {
-        eprintln!("SKIP: KVM unavailable: {reason}");
+        palacios_vmm::test_support::skip_machine("kvm_vcpu", &format!("KVM unavailable: {reason}"));
         return false;
     }
     true

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod msr;
 pub mod registry;
 pub mod telemetry;
+pub mod test_support;
 pub mod time;
 pub mod timer;
 pub mod vm;

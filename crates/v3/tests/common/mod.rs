@@ -22,6 +22,11 @@ impl Run {
     }
 }
 
+/// The running test's name (the harness names each test's thread after it).
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("test").to_string()
+}
+
 /// Path of a built guest.
 pub fn guest(name: &str) -> PathBuf {
     let p = Path::new(env!("PALACIOS_GUEST_DIR")).join(name);
@@ -38,7 +43,10 @@ pub fn kvm() -> bool {
     match palacios::kvm::probe() {
         None => true,
         Some(reason) => {
-            eprintln!("SKIP: KVM is not usable here ({reason})");
+            palacios::vmm::test_support::skip_machine(
+                &test_name(),
+                &format!("KVM is not usable here ({reason}); the KVM half of this test did not run"),
+            );
             false
         }
     }
@@ -121,12 +129,22 @@ pub fn v3(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
 pub fn linux_guest() -> Option<(PathBuf, PathBuf, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let script = root.join("scripts/fetch-linux-guest.sh");
-    let ok = Command::new("bash")
+    let run = Command::new("bash")
         .arg(&script)
         .current_dir(&root)
         .stdin(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+        .output();
+    let (ok, log) = match &run {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("cannot run bash: {e}")),
+    };
     let dir = root.join("guests/linux");
     let release = std::fs::read_to_string(dir.join("release")).ok();
     match (ok, release) {
@@ -136,7 +154,13 @@ pub fn linux_guest() -> Option<(PathBuf, PathBuf, String)> {
             r.trim().to_string(),
         )),
         _ => {
-            eprintln!("SKIP: scripts/fetch-linux-guest.sh could not build the Linux guest here");
+            palacios::vmm::test_support::missing_prerequisite(
+                &test_name(),
+                &format!(
+                    "scripts/fetch-linux-guest.sh could not build the Linux guest here:\n{}",
+                    log.trim_end()
+                ),
+            );
             None
         }
     }
