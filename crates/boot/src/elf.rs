@@ -41,6 +41,38 @@ pub fn is_elf32(data: &[u8]) -> bool {
     data.len() >= 5 && data[..4] == *b"\x7fELF" && data[4] == 1
 }
 
+/// Xen's `XEN_ELFNOTE_PHYS32_ENTRY` note type (the PVH entry point), in a note named "Xen".
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+fn has_pvh_note_with<H: FileHeader<Endian = object::Endianness>>(data: &[u8]) -> bool {
+    let Ok(h) = H::parse(data) else { return false };
+    let Ok(e) = h.endian() else { return false };
+    let Ok(phs) = h.program_headers(e, data) else {
+        return false;
+    };
+    for ph in phs {
+        if let Ok(Some(mut notes)) = ph.notes(e, data) {
+            while let Ok(Some(n)) = notes.next() {
+                if n.name() == b"Xen" && n.n_type(e).0 == XEN_ELFNOTE_PHYS32_ENTRY {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// An ELF file (either class) with a PVH entry note (Linux built with `CONFIG_PVH`).
+pub fn has_pvh_note(data: &[u8]) -> bool {
+    if is_elf64(data) {
+        has_pvh_note_with::<object::elf::FileHeader64<object::Endianness>>(data)
+    } else if is_elf32(data) {
+        has_pvh_note_with::<object::elf::FileHeader32<object::Endianness>>(data)
+    } else {
+        false
+    }
+}
+
 fn bad(e: impl std::fmt::Display) -> LoadError {
     LoadError::Elf(e.to_string())
 }
@@ -64,8 +96,18 @@ fn parse_with<H: FileHeader<Endian = object::Endianness>>(
     if h.e_type(e) != object::elf::ET_EXEC {
         return Err(bad(format!("{what} must be an executable (ET_EXEC)")));
     }
+    let ph_end = h
+        .e_phoff(e)
+        .into()
+        .saturating_add(u64::from(h.e_phnum(e)) * u64::from(h.e_phentsize(e)));
     let phs = h.program_headers(e, data).map_err(|err| {
-        if h.e_phoff(e).into() >= data.len() as u64 {
+        if ph_end > data.len() as u64 {
+            LoadError::Truncated {
+                what: "ELF program headers".into(),
+                need: ph_end,
+                have: data.len() as u64,
+            }
+        } else if h.e_phoff(e).into() >= data.len() as u64 {
             LoadError::Truncated {
                 what: "ELF program headers".into(),
                 need: h.e_phoff(e).into(),

@@ -85,23 +85,55 @@ pub struct BootParams<'a> {
     pub modules: Vec<Module<'a>>,
 }
 
-/// Guess the format: a Multiboot header in the first 8 KiB, else a 64-bit ELF, else flat.
-pub fn detect(image: &[u8]) -> BootFormat {
+/// What `--format auto` tried, for its error message.
+pub const AUTO_FORMATS: &str = "a Linux bzImage, a Multiboot kernel (ELF or a.out kludge), an ELF \
+     with a PVH note, a 64-bit ELF, or a flat boot sector (0x55 0xAA at offset 510)";
+
+/// Recognise the format of a kernel image, strictly: a bzImage, a Multiboot header in the
+/// first 8 KiB (ELF or the a.out kludge), an ELF with a PVH entry note, a 64-bit ELF, or a
+/// flat image only when it carries the boot-sector signature. Anything else is an error that
+/// says what was tried (a flat image without the signature needs an explicit `flat`).
+pub fn detect(image: &[u8]) -> Result<BootFormat, LoadError> {
     if linux::is_bzimage(image) {
-        BootFormat::Linux
-    } else if matches!(multiboot::find_header(image), Ok(Some(_)) | Err(_)) {
-        BootFormat::Multiboot
-    } else if elf::is_elf64(image) {
-        BootFormat::Elf64
-    } else {
-        BootFormat::Flat
+        return Ok(BootFormat::Linux);
     }
+    if matches!(multiboot::find_header(image), Ok(Some(_)) | Err(_)) {
+        return Ok(BootFormat::Multiboot);
+    }
+    if image.len() >= 4 && image[..4] == *b"\x7fELF" {
+        if elf::has_pvh_note(image) {
+            return Ok(BootFormat::Pvh);
+        }
+        if elf::is_elf64(image) {
+            return Ok(BootFormat::Elf64);
+        }
+        return Err(LoadError::Invalid(format!(
+            "the kernel is an ELF file ({} bytes) but not one this loader runs: it has no \
+             Multiboot header in its first 8 KiB, no PVH entry note, and it is not a complete \
+             64-bit ELF",
+            image.len()
+        )));
+    }
+    if image.len() >= 512 && image[510..512] == [0x55, 0xaa] {
+        return Ok(BootFormat::Flat);
+    }
+    Err(LoadError::Invalid(format!(
+        "cannot tell the kernel's format ({} bytes, starting {}): it is not {AUTO_FORMATS}; \
+         to load it as a raw real-mode binary anyway, give --format flat (<boot format=\"flat\">)",
+        image.len(),
+        image
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )))
 }
 
 /// Load a guest; returns the boot core's initial state.
 pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState, LoadError> {
     let format = if p.format == BootFormat::Auto {
-        detect(p.image)
+        detect(p.image)?
     } else {
         p.format
     };
@@ -288,10 +320,24 @@ mod tests {
 
     #[test]
     fn detect_formats() {
-        assert_eq!(detect(&[0x90; 16]), BootFormat::Flat);
+        // Without the boot-sector signature a flat image is not guessed.
+        let e = detect(&[0x90; 16]).unwrap_err().to_string();
+        assert!(e.contains("--format flat"), "{e}");
+        assert!(e.contains("cannot tell the kernel's format (16 bytes"), "{e}");
+        let mut sector = vec![0x90u8; 512];
+        sector[510..].copy_from_slice(&[0x55, 0xaa]);
+        assert_eq!(detect(&sector), Ok(BootFormat::Flat));
         let mut mb = vec![0u8; 64];
         mb[8..12].copy_from_slice(&0x1bad_b002u32.to_le_bytes());
         mb[16..20].copy_from_slice(&0u32.wrapping_sub(0x1bad_b002).to_le_bytes());
-        assert_eq!(detect(&mb), BootFormat::Multiboot);
+        assert_eq!(detect(&mb), Ok(BootFormat::Multiboot));
+        let elf64 = elf::build_test_elf(true, 0x10_0000, &[(0x10_0000, &[0x90; 16], 16)]);
+        assert_eq!(detect(&elf64), Ok(BootFormat::Elf64));
+        let elf32 = elf::build_test_elf(false, 0x10_0000, &[(0x10_0000, &[0x90; 16], 16)]);
+        let e = detect(&elf32).unwrap_err().to_string();
+        assert!(e.contains("ELF file") && e.contains("no Multiboot header"), "{e}");
+        // A PNG is not a kernel.
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+        assert!(detect(&png).unwrap_err().to_string().contains("89 50 4e 47"));
     }
 }

@@ -150,6 +150,62 @@ fn bad_guest_images_are_config_errors() {
     expect_error(&["check", &c], &["not a 64-bit ELF"]);
 }
 
+/// `--format auto` runs nothing it does not recognise: garbage, a truncated ELF and a PNG are
+/// clear errors (status 2, before any backend is opened), and only `--format flat` runs a
+/// file without the boot-sector signature.
+#[test]
+fn format_auto_refuses_what_it_does_not_recognise() {
+    let d = tmpdir("auto");
+    let garbage = d.join("garbage.bin");
+    std::fs::write(&garbage, b"0123456789").unwrap();
+    let trunc = d.join("trunc64.elf");
+    std::fs::write(
+        &trunc,
+        &std::fs::read(guest("elf64test.elf")).unwrap()[..100],
+    )
+    .unwrap();
+    let trunc32 = d.join("trunc32.elf");
+    std::fs::write(
+        &trunc32,
+        &std::fs::read(guest("mbtest.elf")).unwrap()[..100],
+    )
+    .unwrap();
+    let png = d.join("picture.png");
+    let mut p = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    p.resize(4096, 0);
+    std::fs::write(&png, &p).unwrap();
+    for (file, needles) in [
+        (&garbage, &["cannot tell the kernel's format (10 bytes", "--format flat"][..]),
+        (&png, &["cannot tell the kernel's format", "89 50 4e 47", "--format flat"][..]),
+        (&trunc, &["truncated"][..]),
+        (&trunc32, &["ELF file", "no Multiboot header"][..]),
+    ] {
+        let f = file.display().to_string();
+        for verb in ["run", "run --backend emu"] {
+            let mut args: Vec<&str> = verb.split(' ').collect();
+            args.extend(["--kernel", &f]);
+            let r = v3(&args, b"", LIMIT);
+            assert_eq!(r.status, 2, "{}", r.out());
+            for n in needles {
+                assert!(r.stderr.contains(n), "stderr lacks {n:?}\n{}", r.out());
+            }
+            assert!(r.stdout.is_empty(), "nothing may run\n{}", r.out());
+        }
+    }
+    // An explicit flat format still runs a file without the signature: `cli; hlt`.
+    let tiny = d.join("clihlt.bin");
+    std::fs::write(&tiny, [0xfa, 0xf4]).unwrap();
+    let tiny = tiny.display().to_string();
+    let r = v3(&["run", "--kernel", &tiny], b"", LIMIT);
+    assert_eq!(r.status, 2, "{}", r.out());
+    let r = v3(
+        &["run", "--backend", "emu", "--format", "flat", "--kernel", &tiny],
+        b"",
+        LIMIT,
+    );
+    assert_eq!(r.status, 0, "--format flat must run it to its HLT\n{}", r.out());
+}
+
 #[test]
 fn usage_errors_are_status_2() {
     expect_error(&["run", "--format", "flat"], &["--kernel"]);
