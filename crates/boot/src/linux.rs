@@ -84,6 +84,26 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
             version & 0xff
         )));
     }
+    // Room for the kernel before it is copied: its payload, or the init_size it unpacks into.
+    let setup_sects = match p.image[0x1f1] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let payload = (p.image.len() as u64).saturating_sub((setup_sects + 1) * 512);
+    let init_size = p
+        .image
+        .get(0x260..0x264)
+        .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .unwrap_or(0);
+    let need = KERNEL_ADDR + payload.max(init_size);
+    if !map.is_backed(KERNEL_ADDR, need - KERNEL_ADDR) {
+        return Err(LoadError::Invalid(format!(
+            "too little memory for this kernel: it is loaded at 1 MiB and needs {} MiB up to \
+             {need:#x} (its init_size), but the VM has {} MiB of RAM",
+            need.div_ceil(1 << 20),
+            map.ram_bytes() >> 20
+        )));
+    }
     let loaded = BzImage::load(
         mem,
         Some(GuestAddress(KERNEL_ADDR)),

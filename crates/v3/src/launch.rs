@@ -186,7 +186,7 @@ pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
     let registry = palacios_devices::registry();
     Vm::validate(cfg, &registry, Arc::new(palacios_vmm::host::DryRunHost))?;
     if let Some(b) = &cfg.boot {
-        let host = LinuxHost::new(false);
+        let host = LinuxHost::new(false).with_bundled(crate::bundled_guests());
         let kernel = read(&host, "kernel", &b.kernel)?;
         let mods = b
             .modules

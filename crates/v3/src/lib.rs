@@ -10,17 +10,38 @@ pub use palacios_devices as devices;
 pub use palacios_kvm as kvm;
 pub use palacios_vmm as vmm;
 
-/// The bundled demo guest (a Multiboot kernel built from guests/demo), if it could be built.
-pub fn demo_guest() -> Option<&'static [u8]> {
+/// The guests built with this `v3` (from guests/, by build.rs) and compiled into it, by file
+/// name; configs and `--kernel` name them as `guest:NAME`. Empty where gcc/as/ld were missing
+/// when `v3` was compiled.
+pub fn bundled_guests() -> palacios_vmm::host::Bundled {
     #[cfg(palacios_demo)]
     {
-        Some(include_bytes!(concat!(
-            env!("PALACIOS_GUEST_DIR"),
-            "/demo.elf"
-        )))
+        macro_rules! guests {
+            ($($name:literal),* $(,)?) => {
+                &[$(($name, include_bytes!(concat!(env!("PALACIOS_GUEST_DIR"), "/", $name)))),*]
+            };
+        }
+        guests!(
+            "demo.elf",
+            "mbtest.elf",
+            "pctest.elf",
+            "elf64test.elf",
+            "emubench.elf",
+            "emubench64.elf",
+            "flat16.bin",
+            "mbaout.bin",
+        )
     }
     #[cfg(not(palacios_demo))]
     {
-        None
+        &[]
     }
+}
+
+/// The bundled demo guest (a Multiboot kernel built from guests/demo), if it could be built.
+pub fn demo_guest() -> Option<&'static [u8]> {
+    bundled_guests()
+        .iter()
+        .find(|(n, _)| *n == "demo.elf")
+        .map(|(_, d)| *d)
 }

@@ -25,7 +25,8 @@ struct Cli {
 
 const STATUS_HELP: &str = "Exit status of `v3 run`: 0 guest halted; (v<<1)|1 guest wrote v to the debug-exit port; \
 2 usage, config or guest-image error; 4 VM failure (triple fault, backend error); 6 no usable backend; \
-130 stopped by Ctrl-C, SIGTERM or SIGHUP.";
+130 stopped by the user (Ctrl-A x on the console, SIGINT, SIGTERM or SIGHUP). \
+On a terminal, Ctrl-C goes to the guest; Ctrl-A h lists the console keys.";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -35,6 +36,8 @@ enum Cmd {
     Check { config: PathBuf },
     /// List the registered device classes and their options.
     Devices,
+    /// List the guests bundled into this v3 (name them as guest:NAME in a config or --kernel).
+    Guests,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
     }));
     let code = match cli.cmd {
         Cmd::Devices => devices(),
+        Cmd::Guests => guests(),
         Cmd::Check { config } => check(&config),
         Cmd::Run(args) => run(args),
     };
@@ -195,6 +199,41 @@ fn devices() -> u8 {
         }
     }
     status::OK
+}
+
+fn guests() -> u8 {
+    let g = palacios::bundled_guests();
+    if g.is_empty() {
+        eprintln!("v3: no guests are bundled: gcc, as, ld or objcopy were missing when this v3 was compiled");
+        return status::CONFIG_ERROR;
+    }
+    for (name, data) in g {
+        println!("guest:{name:<16} {:>7} bytes", data.len());
+    }
+    status::OK
+}
+
+/// A file given on the command line: a path that must be a file, or a bundled `guest:NAME`.
+fn check_file(what: &str, p: &std::path::Path) -> Result<(), LaunchError> {
+    if palacios_vmm::host::bundled_file(palacios::bundled_guests(), p)
+        .map_err(|e| LaunchError::Config(format!("{what}: {e}")))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    if p.is_dir() {
+        return Err(LaunchError::Config(format!(
+            "{what} {} is a directory, not a file",
+            p.display()
+        )));
+    }
+    if !p.is_file() {
+        return Err(LaunchError::Config(format!(
+            "{what} file not found: {}",
+            p.display()
+        )));
+    }
+    Ok(())
 }
 
 fn load_config(path: &std::path::Path) -> Result<VmConfig, LaunchError> {
@@ -247,12 +286,7 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
         launch::check(&cfg)?;
         (cfg, Image::FromConfig)
     } else if let Some(kernel) = &a.kernel {
-        if !kernel.is_file() {
-            return Err(LaunchError::Config(format!(
-                "kernel file not found: {}",
-                kernel.display()
-            )));
-        }
+        check_file("kernel", kernel)?;
         let mut boot = platform::boot(kernel.clone());
         boot.format = match a.format {
             FormatArg::Auto => BootFormat::Auto,
@@ -265,12 +299,7 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
         boot.load_addr = a.load_addr;
         boot.cmdline = a.cmdline.clone();
         for m in a.initrd.iter().chain(&a.modules) {
-            if !m.is_file() {
-                return Err(LaunchError::Config(format!(
-                    "module file not found: {}",
-                    m.display()
-                )));
-            }
+            check_file("module", m)?;
             let name = m
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -310,14 +339,17 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
             IrqchipArg::Kernel => palacios_vmm::config::IrqchipMode::Kernel,
         };
     }
-    if cfg.mem_mib == 0
-        || cfg.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB
-        || cfg.cores == 0
-        || cfg.cores > palacios_vmm::config::vm::MAX_CORES
-    {
+    if cfg.mem_mib == 0 || cfg.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB {
         return Err(LaunchError::Config(format!(
-            "--mem must be 1..{} MiB and --cores 1..{}",
-            palacios_vmm::config::vm::MAX_MEM_MIB,
+            "--mem {} is out of range: guest memory must be 1 to {} MiB",
+            cfg.mem_mib,
+            palacios_vmm::config::vm::MAX_MEM_MIB
+        )));
+    }
+    if cfg.cores == 0 || cfg.cores > palacios_vmm::config::vm::MAX_CORES {
+        return Err(LaunchError::Config(format!(
+            "--cores {} is out of range: a VM has 1 to {} cores",
+            cfg.cores,
             palacios_vmm::config::vm::MAX_CORES
         )));
     }
@@ -342,7 +374,17 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
         let mut boots = 0u64;
         loop {
             let backend = launch::backend(cfg.backend)?;
-            let host = Arc::new(LinuxHost::new(raw));
+            let (got3, cur3) = (got_signal.clone(), current.clone());
+            let host = Arc::new(
+                LinuxHost::new(raw)
+                    .with_bundled(palacios::bundled_guests())
+                    .on_console_stop(Arc::new(move || {
+                        got3.store(STOP_KEY, Ordering::Release);
+                        if let Some(h) = cur3.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                            h.stop(Outcome::Stopped);
+                        }
+                    })),
+            );
             let prepared = launch::prepare(&cfg, image.clone(), backend, host)?;
             RAW.store(i32::from(raw), Ordering::Relaxed);
             let report = launch::run(prepared, a.stats, |h| {
@@ -369,9 +411,10 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     if report.print_telemetry {
         eprint!("{}", report.telemetry.render());
     }
-    let sig = got_signal.load(Ordering::Acquire);
-    if sig != 0 {
-        tracing::info!("stopped by signal {sig}");
+    match got_signal.load(Ordering::Acquire) {
+        0 => {}
+        STOP_KEY => tracing::info!("stopped from the console (Ctrl-A x)"),
+        sig => tracing::info!("stopped by signal {sig}"),
     }
     let code = status::for_outcome(&report.outcome);
     match &report.outcome {
@@ -380,6 +423,9 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     }
     Ok(code)
 }
+
+/// `got_signal` value for the console's stop key (signals are positive).
+const STOP_KEY: i32 = -1;
 
 const DEMO_MOTD: &str =
     "Welcome to Palacios-rs.\nThis text is a multiboot module handed to the demo guest.\n";

@@ -49,10 +49,44 @@ pub trait Host: Send + Sync {
     fn open_stream(&self, spec: &str) -> io::Result<HostStream>;
 }
 
+/// A file name that names a guest image bundled into the program (`guest:pctest.elf`), not a
+/// path. Configs keep such names as they are; [`LinuxHost::read_file`] serves them.
+pub const BUNDLED_PREFIX: &str = "guest:";
+
+/// Files compiled into the program, by name.
+pub type Bundled = &'static [(&'static str, &'static [u8])];
+
+/// The bundled file a `guest:NAME` path names: `Ok(None)` for an ordinary path, an error
+/// listing what is bundled for an unknown name.
+pub fn bundled_file(bundled: Bundled, path: &Path) -> io::Result<Option<&'static [u8]>> {
+    let Some(name) = path.to_str().and_then(|p| p.strip_prefix(BUNDLED_PREFIX)) else {
+        return Ok(None);
+    };
+    match bundled.iter().find(|(n, _)| *n == name) {
+        Some((_, data)) => Ok(Some(data)),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            if bundled.is_empty() {
+                format!("no bundled guest '{name}': this program was built without its guests")
+            } else {
+                format!(
+                    "no bundled guest '{name}' (bundled: {})",
+                    bundled.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                )
+            },
+        )),
+    }
+}
+
+/// Type of the callback run when the user types the console's stop key (Ctrl-A x).
+pub type ConsoleStop = Arc<dyn Fn() + Send + Sync>;
+
 /// The Linux host.
 pub struct LinuxHost {
     start: Instant,
     raw_console: bool,
+    bundled: Bundled,
+    on_console_stop: Option<ConsoleStop>,
 }
 
 impl LinuxHost {
@@ -61,7 +95,22 @@ impl LinuxHost {
         LinuxHost {
             start: Instant::now(),
             raw_console,
+            bundled: &[],
+            on_console_stop: None,
         }
+    }
+
+    /// Serve these files for `guest:NAME` paths.
+    pub fn with_bundled(mut self, bundled: Bundled) -> Self {
+        self.bundled = bundled;
+        self
+    }
+
+    /// What the console's stop key (Ctrl-A x on a raw terminal) does; without it the key is
+    /// passed to the guest like any other.
+    pub fn on_console_stop(mut self, f: ConsoleStop) -> Self {
+        self.on_console_stop = Some(f);
+        self
     }
 }
 
@@ -143,20 +192,34 @@ impl Host for LinuxHost {
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        if let Some(data) = bundled_file(self.bundled, path)? {
+            return Ok(data.to_vec());
+        }
+        if path.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "it is a directory, not a file",
+            ));
+        }
         std::fs::read(path)
     }
 
     fn console(&self) -> io::Result<HostStream> {
         let tty = is_tty(0);
-        if tty && self.raw_console {
-            set_raw_terminal()?;
+        let raw = tty && self.raw_console;
+        // With a stop key, Ctrl-C goes to the guest (no ISIG) and Ctrl-A x stops the VM.
+        let escape = raw.then(|| self.on_console_stop.clone()).flatten();
+        if raw {
+            set_raw_terminal(escape.is_none())?;
         }
+        let fd = FdInput { fd: None, raw: 0 };
         Ok(HostStream {
             name: "console".into(),
-            output: Box::new(ConsoleOut {
-                raw: tty && self.raw_console,
+            output: Box::new(ConsoleOut { raw }),
+            input: Some(match escape {
+                Some(stop) => Box::new(EscapeInput::new(fd, stop)),
+                None => Box::new(fd),
             }),
-            input: Some(Box::new(FdInput { fd: None, raw: 0 })),
         })
     }
 
@@ -226,7 +289,47 @@ impl Host for DryRunHost {
         let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
         match kind {
             "console" | "stdio" | "null" => {}
-            "file" | "unix" if !arg.is_empty() => {}
+            "file" if !arg.is_empty() => {
+                let p = Path::new(arg);
+                if p.is_dir() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::IsADirectory,
+                        format!("{arg} is a directory, not a file"),
+                    ));
+                }
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if !dir.is_dir() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!(
+                                "the directory {} does not exist",
+                                dir.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            "unix" if !arg.is_empty() => {
+                use std::os::unix::fs::FileTypeExt;
+                match std::fs::metadata(arg) {
+                    Ok(m) if m.file_type().is_socket() => {}
+                    Ok(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("{arg} is not a Unix socket"),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "no Unix socket at {arg} ({e}); the program that listens on \
+                                 it must be started first"
+                            ),
+                        ));
+                    }
+                }
+            }
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -287,6 +390,86 @@ impl StreamInput for FdInput {
     }
 }
 
+/// The keys of the console's escape sequences (QEMU's): Ctrl-A then a letter.
+pub const ESCAPE_HELP: &str = "Console keys (Ctrl-A then):\r\n  x        stop the VM\r\n  h        this help\r\n  Ctrl-A   send Ctrl-A to the guest\r\n(Ctrl-C goes to the guest)\r\n";
+
+const CTRL_A: u8 = 0x01;
+
+/// Console input on a raw terminal with escape sequences: Ctrl-A x stops the VM, Ctrl-A h
+/// prints the keys, Ctrl-A Ctrl-A sends one Ctrl-A; any other key after Ctrl-A is passed on
+/// with the Ctrl-A. Everything else, Ctrl-C included, goes to the guest.
+pub struct EscapeInput<I> {
+    inner: I,
+    stop: ConsoleStop,
+    /// The previous byte was an unconsumed Ctrl-A.
+    armed: bool,
+}
+
+impl<I> EscapeInput<I> {
+    pub fn new(inner: I, stop: ConsoleStop) -> Self {
+        EscapeInput {
+            inner,
+            stop,
+            armed: false,
+        }
+    }
+
+    /// Filter `buf[..n]` in place; returns the bytes for the guest. A Ctrl-A followed by an
+    /// unknown key becomes both bytes, so it may need one byte more than it consumed: that
+    /// The caller reads at most half its buffer, so the result always fits.
+    fn filter(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        for &b in data {
+            if !self.armed {
+                if b == CTRL_A {
+                    self.armed = true;
+                } else {
+                    out.push(b);
+                }
+                continue;
+            }
+            self.armed = false;
+            match b {
+                b'x' | b'X' => (self.stop)(),
+                b'h' | b'H' | b'?' => {
+                    let mut e = io::stderr().lock();
+                    let _ = e.write_all(ESCAPE_HELP.as_bytes());
+                    let _ = e.flush();
+                }
+                CTRL_A => out.push(CTRL_A),
+                other => {
+                    out.push(CTRL_A);
+                    out.push(other);
+                }
+            }
+        }
+    }
+}
+
+impl<I: StreamInput> StreamInput for EscapeInput<I> {
+    fn read_timeout(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        if buf.len() < 2 {
+            return self.inner.read_timeout(buf, timeout);
+        }
+        // Read at most half the buffer: the output is at most one byte longer than the input.
+        let half = buf.len() / 2;
+        let Some(n) = self.inner.read_timeout(&mut buf[..half], timeout)? else {
+            return Ok(None);
+        };
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        let mut out = Vec::with_capacity(n + 1);
+        let data = buf[..n].to_vec();
+        self.filter(&data, &mut out);
+        if out.is_empty() {
+            // Only escape keys: nothing for the guest (not end of input).
+            return Ok(None);
+        }
+        buf[..out.len()].copy_from_slice(&out);
+        Ok(Some(out.len()))
+    }
+}
+
 /// Standard output; in raw mode a lone LF becomes CR LF so lines start at column 0.
 struct ConsoleOut {
     raw: bool,
@@ -321,9 +504,10 @@ fn is_tty(fd: RawFd) -> bool {
 
 static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
 
-/// Put the terminal on stdin into raw mode (no echo, no line editing), keeping ISIG so that
-/// Ctrl-C still stops the VM. The previous mode is restored by [`restore_terminal`].
-pub fn set_raw_terminal() -> io::Result<()> {
+/// Put the terminal on stdin into raw mode (no echo, no line editing). With `keep_signals`
+/// Ctrl-C still raises SIGINT (and stops the VM); without it Ctrl-C is an ordinary byte for the
+/// guest. The previous mode is restored by [`restore_terminal`].
+pub fn set_raw_terminal(keep_signals: bool) -> io::Result<()> {
     let mut saved = SAVED_TERMIOS.lock().unwrap_or_else(|p| p.into_inner());
     if saved.is_some() {
         return Ok(());
@@ -336,6 +520,9 @@ pub fn set_raw_terminal() -> io::Result<()> {
     }
     let orig = t;
     t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::IEXTEN);
+    if !keep_signals {
+        t.c_lflag &= !libc::ISIG;
+    }
     t.c_iflag &= !(libc::ICRNL | libc::IXON);
     t.c_cc[libc::VMIN] = 1;
     t.c_cc[libc::VTIME] = 0;
@@ -387,6 +574,65 @@ impl Read for HostStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Input from a script of chunks (one per read).
+    struct Script(std::collections::VecDeque<Vec<u8>>);
+    impl StreamInput for Script {
+        fn read_timeout(&mut self, buf: &mut [u8], _: Duration) -> io::Result<Option<usize>> {
+            let Some(mut c) = self.0.pop_front() else {
+                return Ok(Some(0));
+            };
+            if c.len() > buf.len() {
+                let rest = c.split_off(buf.len());
+                self.0.push_front(rest);
+            }
+            buf[..c.len()].copy_from_slice(&c);
+            Ok(Some(c.len()))
+        }
+    }
+
+    #[test]
+    fn console_escape_keys() {
+        let stops = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let s2 = stops.clone();
+        let chunks = [
+            &b"ab\x03c"[..], // Ctrl-C is an ordinary byte for the guest
+            b"\x01",          // Ctrl-A at the end of one read ...
+            b"\x01d",         // ... then Ctrl-A: one literal Ctrl-A
+            b"\x01h",         // help: nothing for the guest
+            b"\x01z",         // unknown key: both bytes
+            b"e\x01x",        // stop
+            b"f",
+        ];
+        let mut input = EscapeInput::new(
+            Script(chunks.iter().map(|c| c.to_vec()).collect()),
+            Arc::new(move || {
+                s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        );
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2];
+        loop {
+            match input.read_timeout(&mut buf, Duration::ZERO).unwrap() {
+                None => continue,
+                Some(0) => break,
+                Some(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert_eq!(got, b"ab\x03c\x01d\x01zef");
+        assert_eq!(stops.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn bundled_guests_are_served_by_name() {
+        static FILES: Bundled = &[("tiny.bin", b"\xfa\xf4")];
+        let host = LinuxHost::new(false).with_bundled(FILES);
+        assert_eq!(host.read_file(Path::new("guest:tiny.bin")).unwrap(), b"\xfa\xf4");
+        let e = host.read_file(Path::new("guest:nope.elf")).unwrap_err();
+        assert!(e.to_string().contains("no bundled guest 'nope.elf' (bundled: tiny.bin)"), "{e}");
+        let e = host.read_file(&std::env::temp_dir()).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+    }
 
     #[test]
     fn file_stream_appends_and_unknown_stream_is_refused() {

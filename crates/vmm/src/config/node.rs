@@ -201,6 +201,33 @@ impl ConfigNode {
         }
     }
 
+    /// Warn (and otherwise ignore) attributes not in `allowed`: for elements whose options
+    /// are this project's own, where an unknown name is more likely a typo than an option
+    /// from a newer Palacios. Returns the names warned about.
+    pub fn warn_unknown_attrs(&self, allowed: &[&str]) -> Vec<String> {
+        let mut warned = Vec::new();
+        for a in &self.attrs {
+            if !allowed.contains(&a.name.as_str()) {
+                let e = ConfigError::new(
+                    a.pos.or(self.pos),
+                    format!(
+                        "unknown attribute '{}' of <{}> is ignored{}",
+                        a.name,
+                        self.name,
+                        if allowed.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (known: {})", allowed.join(", "))
+                        }
+                    ),
+                );
+                tracing::warn!("config: {e}");
+                warned.push(a.name.clone());
+            }
+        }
+        warned
+    }
+
     /// Refuse attributes and child elements not in `allowed` (`what` names the owner in the
     /// message, for example "device class SERIAL").
     pub fn check_options(&self, what: &str, allowed: &[&str]) -> Result<(), ConfigError> {

@@ -217,6 +217,19 @@ impl VmConfig {
                 ));
             }
         }
+        for (name, known) in [
+            ("telemetry", &[][..]),
+            ("backend", &[]),
+            ("irqchip", &[]),
+            ("clock", &[]),
+            ("cpu", &["hide"]),
+            ("files", &[]),
+            ("devices", &[]),
+        ] {
+            for c in root.children_named(name) {
+                c.warn_unknown_attrs(known);
+            }
+        }
         let mut cfg = VmConfig::default();
         if let Some(m) = root.child("memory") {
             cfg.parse_memory(m)?;
@@ -302,10 +315,18 @@ impl VmConfig {
 
     fn parse_memory(&mut self, m: &ConfigNode) -> Result<(), ConfigError> {
         m.check_options("<memory>", &["alignment", "size"])?;
-        let text = if m.text.is_empty() {
-            m.val("size")?.unwrap_or("")
-        } else {
-            m.text.as_str()
+        let text = match (m.text.is_empty(), m.val("size")?) {
+            (true, size) => size.unwrap_or(""),
+            (false, None) => m.text.as_str(),
+            (false, Some(size)) => {
+                return Err(m.val_err(
+                    "size",
+                    format!(
+                        "<memory> gives its size twice ('size=\"{size}\"' and the text '{}'): keep one",
+                        m.text
+                    ),
+                ));
+            }
         };
         let mib = super::parse_number(text)
             .ok_or_else(|| m.err(format!("<memory> must give the size in MB, not '{text}'")))?;
@@ -493,12 +514,22 @@ fn resolve_existing(
     if name.is_empty() {
         return Err(n.val_err(key, format!("'{key}' is empty")));
     }
+    // A guest bundled into the program: kept as a name, served by the host.
+    if name.starts_with(crate::host::BUNDLED_PREFIX) {
+        return Ok(PathBuf::from(name));
+    }
     let p = Path::new(name);
     let path = if p.is_absolute() {
         p.to_path_buf()
     } else {
         base_dir.join(p)
     };
+    if path.is_dir() {
+        return Err(n.val_err(
+            key,
+            format!("{} is a directory, not a file", path.display()),
+        ));
+    }
     if !path.is_file() {
         return Err(n.val_err(key, format!("file not found: {}", path.display())));
     }
