@@ -165,13 +165,15 @@ fn debian_kernel_boots_to_a_shell_takes_commands_and_powers_off() {
     );
 }
 
+/// PVH entry, on a pseudo-terminal as a user runs it: Ctrl-C reaches the guest and interrupts
+/// `sleep 30` in its shell, Ctrl-A h lists the console keys, and Ctrl-A x stops the VM.
 #[test]
-fn debian_kernel_boots_through_pvh_entry_extracted_from_the_bzimage() {
+fn debian_kernel_boots_through_pvh_entry_and_the_console_passes_ctrl_c() {
     let Some((kernel, initrd, release)) = linux_guest() else {
         return;
     };
     let (k, i) = (kernel.display().to_string(), initrd.display().to_string());
-    let mut s = Session::start(&[
+    let mut s = Session::start_pty(&[
         "run",
         "--backend",
         "emu",
@@ -201,7 +203,39 @@ fn debian_kernel_boots_through_pvh_entry_extracted_from_the_bzimage() {
         s.describe()
     );
     assert!(out.contains("RAMDISK: [mem"), "{}", s.describe());
-    s.wait_for("# ", ready, Duration::from_secs(60));
-    s.send("poweroff -f");
-    assert_eq!(s.wait_exit(Duration::from_secs(60)), 0, "{}", s.describe());
+    let at = s.wait_for("# ", ready, Duration::from_secs(60));
+
+    // Ctrl-C interrupts a program in the guest's shell; the VM keeps running.
+    s.send_raw(b"sleep 30; echo slept-$?\r");
+    let echoed = s.wait_for("sleep 30", at, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = std::time::Instant::now();
+    s.send_raw(b"\x03");
+    let back = s.wait_for("# ", echoed, Duration::from_secs(20));
+    assert!(
+        sent.elapsed() < Duration::from_secs(20),
+        "the prompt came back only after the sleep ended"
+    );
+    let between = s.output()[echoed..back].to_string();
+    assert!(
+        !between.contains("slept-0"),
+        "sleep 30 was not interrupted: {between:?}"
+    );
+    s.send_raw(b"echo alive-$((6*7))\r");
+    s.wait_for("alive-42", back, Duration::from_secs(30));
+
+    // Ctrl-A h prints the keys (on stderr); Ctrl-A x stops the VM (status 130).
+    s.send_raw(b"\x01h");
+    let t = std::time::Instant::now();
+    while !s.describe().contains("stop the VM") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no key help\n{}", s.describe());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.send_raw(b"\x01x");
+    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+    assert!(
+        s.describe().contains("stopped from the console (Ctrl-A x)"),
+        "{}",
+        s.describe()
+    );
 }

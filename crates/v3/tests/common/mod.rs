@@ -216,38 +216,95 @@ fn v3_raw(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     }
 }
 
+/// A pseudo-terminal pair (master, slave).
+fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; name, termios and winsize
+    // may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
 pub const LIMIT: Duration = Duration::from_secs(120);
 
 /// An interactive `v3` run: the test types on its console and reads what it prints.
 pub struct Session {
     child: std::process::Child,
-    input: Option<std::process::ChildStdin>,
+    input: Option<Box<dyn Write + Send>>,
     seen: std::sync::Arc<std::sync::Mutex<String>>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
     start: Instant,
 }
 
 impl Session {
+    /// `v3` with its console on pipes (not a terminal: no raw mode, no escape keys).
     pub fn start(args: &[&str]) -> Session {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_v3"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start v3");
-        let input = child.stdin.take();
+        Self::spawn(args, false)
+    }
+
+    /// `v3` with its console on a pseudo-terminal (stdin and stdout; stderr stays a pipe), in
+    /// a new session with the terminal as its controlling terminal, as a user would run it.
+    pub fn start_pty(args: &[&str]) -> Session {
+        Self::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], pty: bool) -> Session {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_v3"));
+        cmd.args(args).stderr(Stdio::piped());
+        let (input, output): (Box<dyn Write + Send>, Box<dyn Read + Send>);
+        let mut child = if pty {
+            let (master, slave) = open_pty();
+            let slave2 = slave.try_clone().unwrap();
+            cmd.stdin(Stdio::from(slave)).stdout(Stdio::from(slave2));
+            // SAFETY: setsid and ioctl are async-signal-safe; the closure touches no memory
+            // shared with the parent.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().expect("start v3");
+            input = Box::new(master.try_clone().unwrap());
+            output = Box::new(master);
+            child
+        } else {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+            let mut child = cmd.spawn().expect("start v3");
+            input = Box::new(child.stdin.take().unwrap());
+            output = Box::new(child.stdout.take().unwrap());
+            child
+        };
         let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         for (mut r, sink) in [
+            (output, seen.clone()),
             (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-                seen.clone(),
+                Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+                stderr.clone(),
             ),
-            (Box::new(child.stderr.take().unwrap()), stderr.clone()),
         ] {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
+                // A pty master reads EIO once the child has gone: the end either way.
                 while let Ok(n) = r.read(&mut buf) {
                     if n == 0 {
                         break;
@@ -260,7 +317,7 @@ impl Session {
         }
         Session {
             child,
-            input,
+            input: Some(input),
             seen,
             stderr,
             start: Instant::now(),
@@ -311,9 +368,14 @@ impl Session {
 
     /// Type a line on the console.
     pub fn send(&mut self, line: &str) {
+        self.send_raw(line.as_bytes());
+        self.send_raw(b"\n");
+    }
+
+    /// Type bytes on the console (control keys included).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
         let i = self.input.as_mut().expect("stdin open");
-        i.write_all(line.as_bytes()).unwrap();
-        i.write_all(b"\n").unwrap();
+        i.write_all(bytes).unwrap();
         i.flush().unwrap();
     }
 

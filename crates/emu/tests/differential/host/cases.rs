@@ -925,11 +925,11 @@ pub(crate) fn undefined_reg_bits(
     st: &State,
     data: &[u8],
     base: u64,
-) -> Option<(usize, u64)> {
+) -> Vec<(usize, u64)> {
     use Mnemonic::*;
     match ins.mnemonic() {
         // BSWAP of a 16-bit register (Intel and AMD clear it, but the SDM says undefined).
-        Bswap if ins.op0_register().size() == 2 => Some((gpr_index(ins.op0_register()), 0xffff)),
+        Bswap if ins.op0_register().size() == 2 => vec![(gpr_index(ins.op0_register()), 0xffff)],
         // BSF/BSR of zero: the destination is undefined. Cores keep it, but Intel's clear the
         // upper half of a 32-bit destination and AMD's do not: the low 32 bits are compared.
         Bsf | Bsr if ins.op0_register().size() == 4 => {
@@ -938,10 +938,35 @@ pub(crate) fn undefined_reg_bits(
                 OpKind::Register => st.get(ins.op1_register()),
                 _ => rd(data, base, mem_addr(ins, st), size),
             };
-            (src & mask(size) == 0).then(|| (gpr_index(ins.op0_register()), !0xffff_ffffu64))
+            (src & mask(size) == 0)
+                .then(|| (gpr_index(ins.op0_register()), !0xffff_ffffu64))
+                .into_iter()
+                .collect()
         }
-        _ => None,
+        // REP/REPNE string instruction, 32-bit addressing, ECX = 0: no iteration runs, and
+        // whether the upper halves of RCX, RSI and RDI are cleared is implementation-specific
+        // (some Intel cores clear them, as if ECX/ESI/EDI had been written; others leave them).
+        _ if (ins.has_rep_prefix() || ins.has_repne_prefix())
+            && string_a32(ins)
+            && st.get(G::RCX) & 0xffff_ffff == 0 =>
+        {
+            [G::RCX, G::RSI, G::RDI]
+                .into_iter()
+                .map(|r| (gpr_index(r), !0xffff_ffffu64))
+                .collect()
+        }
+        _ => Vec::new(),
     }
+}
+
+/// A string instruction with 32-bit addressing (ESI/EDI operands: an 0x67 prefix in 64-bit code).
+fn string_a32(ins: &Instruction) -> bool {
+    (0..ins.op_count()).any(|i| {
+        matches!(
+            ins.op_kind(i),
+            OpKind::MemorySegESI | OpKind::MemoryESEDI
+        )
+    })
 }
 
 /// The address of a (non-RIP-relative or RIP-relative) memory operand.

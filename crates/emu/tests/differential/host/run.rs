@@ -169,7 +169,7 @@ pub fn run() {
         let undefined = undefined_flags(&c.ins, &c.st);
         let fmask = COMPARED & !undefined;
         let mut rmask = reg_mask(bits);
-        if let Some((r, bits)) = undefined_reg_bits(&c.ins, &c.st, &c.data, base) {
+        for (r, bits) in undefined_reg_bits(&c.ins, &c.st, &c.data, base) {
             rmask[r] &= !bits;
         }
         let mut report = String::new();
