@@ -184,7 +184,7 @@ fn boot_params<'a>(b: &'a BootConfig, kernel: &'a [u8], mods: &'a [Vec<u8>]) -> 
 /// and the guest image (loaded into scratch memory).
 pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
     let registry = palacios_devices::registry();
-    Vm::validate(cfg, &registry, Arc::new(palacios_vmm::host::DryRunHost))?;
+    let _ = Vm::validate(cfg, &registry, Arc::new(palacios_vmm::host::DryRunHost))?;
     if let Some(b) = &cfg.boot {
         let host = LinuxHost::new(false).with_bundled(crate::bundled_guests());
         let kernel = read(&host, "kernel", &b.kernel)?;

@@ -16,6 +16,7 @@ use crate::irq::{IrqLine, UnconnectedLine};
 use crate::memory::{GuestMem, MemoryMap};
 use crate::msr::MsrBus;
 use crate::time::GuestClock;
+use crate::state::{DeviceState, Stateful};
 use crate::timer::TimerQueue;
 
 /// One option a device class understands (for `v3 devices` and for validation).
@@ -33,6 +34,13 @@ pub trait DeviceClass: Send + Sync {
     /// Options besides `class` and `id`.
     fn options(&self) -> &'static [DeviceOption];
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError>;
+    /// True for a class whose devices keep no state a checkpoint needs (everything they hold
+    /// is derived from the config, guest memory or guest time). A stateful class registers
+    /// its state in [`DeviceClass::create`] with [`BuildCtx::register_state`]; one that does
+    /// neither is reported by [`crate::Vm::devices_without_state`].
+    fn stateless(&self) -> bool {
+        false
+    }
 }
 
 /// The classes available to a VM.
@@ -79,7 +87,16 @@ impl Registry {
         allowed.extend(class.options().iter().map(|o| o.name));
         dev.node
             .check_options(&format!("device class {}", class.name()), &allowed)?;
-        class.create(ctx, dev)
+        ctx.current = Some((dev.id.clone(), class.name().to_string()));
+        let before = ctx.device_states.len();
+        let r = class.create(ctx, dev);
+        ctx.current = None;
+        r?;
+        if !class.stateless() && ctx.device_states.len() == before && !ctx.state_in_backend {
+            ctx.without_state.push(format!("{} (class {})", dev.id, class.name()));
+        }
+        ctx.state_in_backend = false;
+        Ok(())
     }
 }
 
@@ -150,6 +167,14 @@ pub struct BuildCtx {
     services: HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>,
     finishers: Vec<Finisher>,
     irq_provider: IrqProvider,
+    /// The state of every device that registered one, in creation order.
+    pub device_states: Vec<DeviceState>,
+    /// Devices of stateful classes that registered no state (`id (class C)`).
+    pub without_state: Vec<String>,
+    /// The device being created (id, class), for [`BuildCtx::register_state`].
+    current: Option<(String, String)>,
+    /// The device being created keeps its state in the backend (in-kernel irqchip).
+    state_in_backend: bool,
 }
 
 impl BuildCtx {
@@ -181,7 +206,31 @@ impl BuildCtx {
             workers: Vec::new(),
             finishers: Vec::new(),
             irq_provider: Box::new(|_| Arc::new(UnconnectedLine::default())),
+            device_states: Vec::new(),
+            without_state: Vec::new(),
+            current: None,
+            state_in_backend: false,
         }
+    }
+
+    /// Register the state of the device being created (kept under its config id). A device
+    /// registers once; parts it has several of (one LAPIC per core) go in one value.
+    pub fn register_state(&mut self, state: Arc<dyn Stateful>) {
+        let Some((id, class)) = self.current.clone() else {
+            tracing::error!("register_state called outside a device's creation");
+            return;
+        };
+        if self.device_states.iter().any(|d| d.id == id) {
+            tracing::error!("device '{id}' registered its state twice; the second is ignored");
+            return;
+        }
+        self.device_states.push(DeviceState { id, class, state });
+    }
+
+    /// The device being created is emulated by the backend (KVM's in-kernel irqchip and PIT),
+    /// whose state the backend saves.
+    pub fn state_in_backend(&mut self) {
+        self.state_in_backend = true;
     }
 
     /// Register a device on port range `[start, start+len)`.

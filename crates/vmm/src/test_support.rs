@@ -27,14 +27,15 @@ pub fn visible(line: &str) {
 /// A prerequisite the project provides (a guest image, a tool) is missing. Under CI the test
 /// fails with `reason`; elsewhere a visible `SKIP:` line is printed and the caller returns.
 pub fn missing_prerequisite(test: &str, reason: &str) {
-    report_missing(under_ci(), test, reason)
+    visible(&report_missing(under_ci(), test, reason));
 }
 
-fn report_missing(ci: bool, test: &str, reason: &str) {
+/// Panics under CI; otherwise the SKIP line to print.
+fn report_missing(ci: bool, test: &str, reason: &str) -> String {
     if ci {
         panic!("{test}: prerequisite missing under CI (CI is set, so this fails instead of skipping): {reason}");
     }
-    visible(&format!("SKIP: {test}: {reason}"));
+    format!("SKIP: {test}: {reason}")
 }
 
 /// A capability of the machine (KVM, the host architecture) is missing: a visible skip, also
@@ -70,7 +71,7 @@ mod tests {
             .unwrap_or_default();
         assert!(text.contains("no guest image"), "{text}");
         assert!(text.contains("prerequisite missing under CI"), "{text}");
-        // Outside CI it returns (the caller skips) after a visible line.
-        report_missing(false, "t", "no guest image");
+        // Outside CI it returns the SKIP line (printed uncaptured) and the caller skips.
+        assert_eq!(report_missing(false, "t", "no guest image"), "SKIP: t: no guest image");
     }
 }

@@ -15,6 +15,7 @@ use crate::irq::InterruptController;
 use crate::memory::{GuestMem, MemoryMap};
 use crate::msr::MsrBus;
 use crate::registry::{BuildCtx, Registry, Worker};
+use crate::state::DeviceState;
 use crate::telemetry::{CoreStats, Telemetry};
 use crate::time::GuestClock;
 use crate::timer::TimerQueue;
@@ -52,6 +53,17 @@ pub struct Vm {
     telemetry: bool,
     /// The backend emulates the interrupt controllers, including INIT/SIPI.
     kernel_irqchip: bool,
+    device_states: Vec<DeviceState>,
+    without_state: Vec<String>,
+}
+
+/// What [`Vm::validate`] found besides errors.
+#[derive(Debug, Default)]
+pub struct Validated {
+    /// (id, class) of every device that registered its state.
+    pub stateful: Vec<(String, String)>,
+    /// Devices of stateful classes that registered no state.
+    pub without_state: Vec<String>,
 }
 
 /// Create every configured device into `ctx`, attributing errors to their `<device>`.
@@ -163,6 +175,8 @@ impl Vm {
             timers: ctx.timers,
             boot: None,
             telemetry: cfg.telemetry,
+            device_states: ctx.device_states,
+            without_state: ctx.without_state,
         })
     }
 
@@ -172,7 +186,7 @@ impl Vm {
         cfg: &VmConfig,
         registry: &Registry,
         host: Arc<dyn Host>,
-    ) -> Result<(), VmError> {
+    ) -> Result<Validated, VmError> {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
         let mem = map.create_memory().map_err(|e| VmError::Memory {
             mib: cfg.mem_mib,
@@ -180,7 +194,24 @@ impl Vm {
         })?;
         let mut ctx = BuildCtx::new(host, mem, map, VmHandle::new(cfg.cores), cfg.cores);
         create_devices(cfg, registry, &mut ctx)?;
-        Ok(())
+        Ok(Validated {
+            stateful: ctx
+                .device_states
+                .iter()
+                .map(|d| (d.id.clone(), d.class.clone()))
+                .collect(),
+            without_state: ctx.without_state,
+        })
+    }
+
+    /// The state of every device that registered one.
+    pub fn device_states(&self) -> &[DeviceState] {
+        &self.device_states
+    }
+
+    /// Devices of stateful classes that registered no state (a checkpoint refuses them).
+    pub fn devices_without_state(&self) -> &[String] {
+        &self.without_state
     }
 
     pub fn memory(&self) -> &GuestMem {
