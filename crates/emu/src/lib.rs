@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use palacios_vmm::GuestMem;
-use palacios_vmm::backend::{Backend, BackendError, Exit, FpuState, IoData, Vcpu};
+use palacios_vmm::backend::{
+    Backend, BackendError, DebugRegs, Exit, FpuState, IoData, SAVED_MSRS, Vcpu, VcpuEvents, VcpuState,
+};
 use palacios_vmm::time::DEFAULT_TSC_HZ;
 use palacios_x86::{Regs, SRegs};
 
@@ -181,6 +183,20 @@ impl Backend for EmuBackend {
 /// MOV SS or POP SS.
 fn loads_ss(i: &iced_x86::Instruction) -> bool {
     i.op0_kind() == iced_x86::OpKind::Register && i.op0_register() == iced_x86::Register::SS
+}
+
+/// Emulator state beyond the neutral vCPU state: the instruction count (deterministic time)
+/// and the exits and VMM answers in flight for the current instruction.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EmuExtras {
+    icount: u64,
+    skipped: u64,
+    exits: Vec<Exit>,
+    io_answer: Option<IoData>,
+    msr_answer: Option<Option<u64>>,
+    msr_write_answer: Option<bool>,
+    mmio_answers: Vec<(u64, IoData)>,
+    last_read: Option<Exit>,
 }
 
 /// One emulated core.
@@ -487,7 +503,110 @@ impl Vcpu for EmuVcpu {
         Ok(())
     }
 
-    fn can_inject(&self) -> bool {
+    fn save_state(&mut self) -> Result<VcpuState, BackendError> {
+        let m = &self.m;
+        let mut msrs: Vec<(u32, u64)> = SAVED_MSRS
+            .iter()
+            .filter_map(|&i| exec::read_msr(m, i).map(|v| (i, v)))
+            .collect();
+        msrs.sort_by_key(|&(i, _)| i);
+        let extras = EmuExtras {
+            icount: m.icount,
+            skipped: m.skipped,
+            exits: m.exits.iter().copied().collect(),
+            io_answer: m.io_answer,
+            msr_answer: m.msr_answer,
+            msr_write_answer: m.msr_write_answer,
+            mmio_answers: m.mmio_answers.clone(),
+            last_read: self.last_read,
+        };
+        Ok(VcpuState {
+            regs: m.cpu.regs(),
+            sregs: m.cpu.sregs(),
+            fpu: m.cpu.fpu.to_state(),
+            xcr0: 1,
+            debug: DebugRegs {
+                dr: [m.cpu.dr[0], m.cpu.dr[1], m.cpu.dr[2], m.cpu.dr[3]],
+                dr6: m.cpu.dr[6],
+                dr7: m.cpu.dr[7],
+            },
+            events: VcpuEvents {
+                interrupt_shadow: m.cpu.shadow,
+                nmi_blocked: m.cpu.nmi_blocked,
+                nmi_pending: self.nmi_pending,
+                irq_window: self.window,
+            },
+            msrs,
+            mode: palacios_vmm::backend::CoreMode::Running,
+            backend: Some((
+                "emu".into(),
+                serde_json::to_value(&extras).map_err(|e| self.fail(e.to_string()))?,
+            )),
+        })
+    }
+
+    fn restore_state(&mut self, s: &VcpuState) -> Result<(), BackendError> {
+        let extras: Option<EmuExtras> = match &s.backend {
+            Some((name, v)) if name == "emu" => Some(
+                serde_json::from_value(v.clone())
+                    .map_err(|e| self.fail(format!("malformed emulator state: {e}")))?,
+            ),
+            _ => None,
+        };
+        if s.xcr0 & !1 != 0 {
+            return Err(self.fail(format!(
+                "the saved core uses XSAVE state components (XCR0 {:#x}) this emulator does not have",
+                s.xcr0
+            )));
+        }
+        // Instruction count first: deterministic guest time (and so the TSC) follows it.
+        if let Some(x) = &extras {
+            self.m.icount = x.icount;
+            self.m.stats.instructions = x.icount;
+            self.m.skipped = x.skipped;
+        }
+        self.m.cpu.set_sregs(&s.sregs);
+        self.m.cpu.set_regs(&s.regs);
+        self.m.cpu.fpu.set_state(&s.fpu);
+        self.m.tlb.flush_all();
+        for &(i, v) in &s.msrs {
+            if !SAVED_MSRS.contains(&i) {
+                continue;
+            }
+            if !exec::write_msr(&mut self.m, i, v) {
+                tracing::debug!("emulator: MSR {i:#x} = {v:#x} not restored (refused)");
+            }
+        }
+        self.m.cpu.dr[..4].copy_from_slice(&s.debug.dr);
+        self.m.cpu.dr[6] = s.debug.dr6;
+        self.m.cpu.dr[7] = s.debug.dr7;
+        self.m.cpu.shadow = s.events.interrupt_shadow;
+        self.m.cpu.nmi_blocked = s.events.nmi_blocked;
+        self.nmi_pending = s.events.nmi_pending;
+        self.window = s.events.irq_window;
+        self.m.cpu.update_mode();
+        match extras {
+            Some(x) => {
+                self.m.exits = x.exits.into_iter().collect();
+                self.m.io_answer = x.io_answer;
+                self.m.msr_answer = x.msr_answer;
+                self.m.msr_write_answer = x.msr_write_answer;
+                self.m.mmio_answers = x.mmio_answers;
+                self.last_read = x.last_read;
+            }
+            None => {
+                self.m.exits.clear();
+                self.m.io_answer = None;
+                self.m.msr_answer = None;
+                self.m.msr_write_answer = None;
+                self.m.mmio_answers.clear();
+                self.last_read = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn can_inject(&mut self) -> bool {
         self.interrupts_open() && !self.answers_pending() && self.m.exits.is_empty()
     }
 

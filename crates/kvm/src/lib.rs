@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use palacios_vmm::backend::{FpuState, KernelIrqchip};
+use palacios_vmm::backend::{CoreMode, DebugRegs, FpuState, KernelIrqchip, VcpuEvents, VcpuState};
 use palacios_vmm::{Backend, BackendError, Exit, GuestMem, IoData, Vcpu};
 use palacios_x86::{Regs, SRegs};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -79,6 +79,9 @@ pub struct KvmBackend {
     tsc_khz: Option<u32>,
     /// Bitmaps referenced by the installed MSR filter (KVM copies them; kept for clarity).
     msr_bitmaps: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// KVM_GET_MSR_INDEX_LIST: every MSR a checkpoint saves.
+    msr_list: Arc<Vec<u32>>,
+    kernel_irqchip: std::sync::atomic::AtomicBool,
 }
 
 impl KvmBackend {
@@ -116,12 +119,18 @@ impl KvmBackend {
             .ok()
             .and_then(|v| v.create_vcpu(0).ok())
             .and_then(|c| c.get_tsc_khz().ok());
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         Ok(KvmBackend {
             kvm,
             vm: Arc::new(vm),
             cpuid,
             tsc_khz,
             msr_bitmaps: std::sync::Mutex::new(Vec::new()),
+            msr_list: Arc::new(msr_list),
+            kernel_irqchip: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -177,6 +186,8 @@ impl Backend for KvmBackend {
         self.vm
             .set_gsi_routing(&pc_gsi_routing()?)
             .map_err(host_err("KVM_SET_GSI_ROUTING"))?;
+        self.kernel_irqchip
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(Arc::new(KvmIrqchip {
             vm: self.vm.clone(),
         }))
@@ -246,11 +257,16 @@ impl Backend for KvmBackend {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(host_err("KVM_SET_CPUID2"))?;
+        palacios_vmm::host::set_kick_hook(kick_hook);
         Ok(Box::new(KvmVcpu {
             index,
             fd,
             pending_read: None,
             pending_msr: None,
+            needs_completion: false,
+            msr_list: self.msr_list.clone(),
+            kernel_irqchip: self.kernel_irqchip.load(std::sync::atomic::Ordering::Acquire),
+            kick_registered: false,
         }))
     }
 }
@@ -299,6 +315,72 @@ impl KernelIrqchip for KvmIrqchip {
     }
 }
 
+impl KvmVcpu {
+    /// Let KVM finish the instruction of the last user-space exit (KVM_RUN with
+    /// `immediate_exit`: KVM completes the pending I/O, then returns EINTR at once).
+    fn complete_pending(&mut self) -> Result<(), BackendError> {
+        if !self.needs_completion {
+            return Ok(());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|e| format!("{e:?}"));
+        self.fd.set_kvm_immediate_exit(0);
+        self.needs_completion = false;
+        match r {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(host_err("KVM_RUN (immediate exit)")(e)),
+            Ok(other) => Err(self.fail(format!(
+                "KVM_RUN with immediate_exit returned an exit ({other:?}) instead of EINTR"
+            ))),
+        }
+    }
+
+    /// Every MSR in KVM's save list that this vCPU can read.
+    fn read_all_msrs(&self) -> Result<Vec<(u32, u64)>, BackendError> {
+        let list = &self.msr_list;
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < list.len() {
+            let chunk = &list[i..(i + 256).min(list.len())];
+            let got = self.msrs(chunk)?;
+            let n = got.len();
+            out.extend(got);
+            i += n;
+            if n < chunk.len() {
+                // KVM stops at the first MSR it cannot read: skip that one.
+                i += 1;
+            }
+        }
+        out.sort_by_key(|&(i, _)| i);
+        Ok(out)
+    }
+
+    /// Write MSRs, skipping those KVM refuses (a different host may not know them all).
+    fn write_msrs_lenient(&mut self, list: &[(u32, u64)]) {
+        let mut rest = list;
+        while !rest.is_empty() {
+            match self.set_msrs(rest) {
+                Ok(()) => break,
+                Err(_) => {
+                    // set_msrs reports the first refused one; find it and skip it.
+                    let mut skipped = false;
+                    for (k, &(i, v)) in rest.iter().enumerate() {
+                        if self.set_msrs(&[(i, v)]).is_err() {
+                            tracing::debug!("KVM refused MSR {i:#x} = {v:#x} on restore");
+                            rest = &rest[k + 1..];
+                            skipped = true;
+                            break;
+                        }
+                    }
+                    if !skipped {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The answer slots of the last MSR exit (inside the vCPU's kvm_run mapping).
 enum PendingMsr {
     Read { error: *mut u8, data: *mut u64 },
@@ -312,6 +394,62 @@ pub struct KvmVcpu {
     /// Where the data of the last IoIn/MmioRead exit goes (inside the vCPU's kvm_run mapping).
     pending_read: Option<(*mut u8, usize)>,
     pending_msr: Option<PendingMsr>,
+    /// The last exit was to user space for I/O, MMIO or an MSR: KVM finishes that instruction
+    /// on the next KVM_RUN, which must happen before the state is read for a checkpoint.
+    needs_completion: bool,
+    /// Every MSR KVM can save for this VM (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Arc<Vec<u32>>,
+    /// The VM uses KVM's in-kernel irqchip (its LAPIC state is per vCPU).
+    kernel_irqchip: bool,
+    /// The thread this vCPU last ran on has its `immediate_exit` registered for kicks.
+    kick_registered: bool,
+}
+
+thread_local! {
+    /// `immediate_exit` of the vCPU this thread runs (null: none). The kick signal handler
+    /// sets it, so that a kick arriving between the exit loop's checks and KVM_RUN makes
+    /// KVM_RUN return at once instead of being lost.
+    static IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick hook (runs in the kick signal handler, on the kicked thread).
+fn kick_hook() {
+    let _ = IMMEDIATE_EXIT.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is this thread's vCPU's `immediate_exit` byte, registered by
+            // KvmVcpu::run on this thread and cleared by its Drop (also on this thread) before
+            // the kvm_run mapping goes away. A volatile byte store is async-signal-safe.
+            unsafe { p.write_volatile(1) };
+        }
+    });
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        if self.kick_registered {
+            let mine = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8;
+            let _ = IMMEDIATE_EXIT.try_with(|p| {
+                if !p.get().is_null() && p.get() as usize >= mine as usize
+                    && (p.get() as usize) < mine as usize + std::mem::size_of::<kvm_bindings::kvm_run>()
+                {
+                    p.set(std::ptr::null_mut());
+                }
+            });
+        }
+    }
+}
+
+/// KVM-specific vCPU state kept beside the neutral [`palacios_vmm::backend::VcpuState`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KvmVcpuExtras {
+    xsave: kvm_bindings::kvm_xsave,
+    xcrs: kvm_bindings::kvm_xcrs,
+    events: kvm_bindings::kvm_vcpu_events,
+    debugregs: kvm_bindings::kvm_debugregs,
+    mp_state: kvm_bindings::kvm_mp_state,
+    /// The in-kernel LAPIC (kernel irqchip only).
+    lapic: Option<kvm_bindings::kvm_lapic_state>,
 }
 
 // SAFETY: the raw pointers point into this vCPU's own kvm_run mapping, which lives as long as
@@ -336,7 +474,14 @@ impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<Exit, BackendError> {
         self.pending_read = None;
         self.pending_msr = None;
-        let exit = match self.fd.run() {
+        self.needs_completion = false;
+        if !self.kick_registered {
+            let p = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+            IMMEDIATE_EXIT.with(|c| c.set(p));
+            self.kick_registered = true;
+        }
+        let r = self.fd.run();
+        let exit = match r {
             Ok(VcpuExit::X86Rdmsr(m)) => {
                 let index = m.index;
                 // Default answer: #GP, unless the VMM completes it.
@@ -404,7 +549,142 @@ impl Vcpu for KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
             Err(e) => return Err(host_err("KVM_RUN")(e)),
         };
+        // A kick that set immediate_exit has done its job.
+        self.fd.set_kvm_immediate_exit(0);
+        self.needs_completion = matches!(
+            exit,
+            Exit::IoIn { .. }
+                | Exit::IoOut { .. }
+                | Exit::MmioRead { .. }
+                | Exit::MmioWrite { .. }
+                | Exit::MsrRead { .. }
+                | Exit::MsrWrite { .. }
+        );
         Ok(exit)
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState, BackendError> {
+        self.complete_pending()?;
+        let regs = self.regs()?;
+        let sregs = self.sregs()?;
+        let fpu = self.fpu()?;
+        let xsave = self.fd.get_xsave().map_err(host_err("KVM_GET_XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(host_err("KVM_GET_XCRS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(host_err("KVM_GET_VCPU_EVENTS"))?;
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(host_err("KVM_GET_DEBUGREGS"))?;
+        let mp_state = self.fd.get_mp_state().map_err(host_err("KVM_GET_MP_STATE"))?;
+        let lapic = if self.kernel_irqchip {
+            Some(self.fd.get_lapic().map_err(host_err("KVM_GET_LAPIC"))?)
+        } else {
+            None
+        };
+        let msrs = self.read_all_msrs()?;
+        let xcr0 = xcrs.xcrs[..xcrs.nr_xcrs as usize]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map(|x| x.value)
+            .unwrap_or(1);
+        let extras = KvmVcpuExtras {
+            xsave,
+            xcrs,
+            events,
+            debugregs,
+            mp_state,
+            lapic,
+        };
+        Ok(VcpuState {
+            regs,
+            sregs,
+            fpu,
+            xcr0,
+            debug: DebugRegs {
+                dr: debugregs.db,
+                dr6: debugregs.dr6,
+                dr7: debugregs.dr7,
+            },
+            events: VcpuEvents {
+                interrupt_shadow: events.interrupt.shadow != 0,
+                nmi_blocked: events.nmi.masked != 0,
+                nmi_pending: events.nmi.pending != 0,
+                irq_window: self.fd.get_kvm_run().request_interrupt_window != 0,
+            },
+            msrs,
+            mode: CoreMode::Running,
+            backend: Some((
+                "kvm".into(),
+                serde_json::to_value(&extras).map_err(|e| BackendError::Host {
+                    op: "save KVM vCPU state",
+                    source: io::Error::other(e.to_string()),
+                })?,
+            )),
+        })
+    }
+
+    fn restore_state(&mut self, s: &VcpuState) -> Result<(), BackendError> {
+        let extras: Option<KvmVcpuExtras> = match &s.backend {
+            Some((name, v)) if name == "kvm" => Some(
+                serde_json::from_value(v.clone()).map_err(|e| BackendError::Host {
+                    op: "restore KVM vCPU state",
+                    source: io::Error::other(format!("malformed KVM state: {e}")),
+                })?,
+            ),
+            _ => None,
+        };
+        self.set_sregs(&s.sregs)?;
+        self.set_regs(&s.regs)?;
+        match &extras {
+            Some(x) => {
+                // SAFETY: the xsave area came from KVM_GET_XSAVE of a vCPU of this backend
+                // (a kvm_xsave is a plain 4 KiB buffer; KVM validates its contents).
+                unsafe { self.fd.set_xsave(&x.xsave) }.map_err(host_err("KVM_SET_XSAVE"))?;
+                self.fd.set_xcrs(&x.xcrs).map_err(host_err("KVM_SET_XCRS"))?;
+            }
+            None => self.set_fpu(&s.fpu)?,
+        }
+        // The TSC first: the TSC deadline is relative to it.
+        let mut msrs = s.msrs.clone();
+        msrs.sort_by_key(|&(i, _)| i != palacios_x86::msr::IA32_TSC);
+        self.write_msrs_lenient(&msrs);
+        let mut dbg = kvm_bindings::kvm_debugregs {
+            db: s.debug.dr,
+            dr6: s.debug.dr6,
+            dr7: s.debug.dr7,
+            ..Default::default()
+        };
+        if let Some(x) = &extras {
+            dbg.flags = x.debugregs.flags;
+        }
+        if s.debug != DebugRegs::default() {
+            self.fd.set_debug_regs(&dbg).map_err(host_err("KVM_SET_DEBUGREGS"))?;
+        }
+        let mut ev = match &extras {
+            Some(x) => x.events,
+            None => self
+                .fd
+                .get_vcpu_events()
+                .map_err(host_err("KVM_GET_VCPU_EVENTS"))?,
+        };
+        ev.interrupt.shadow = u8::from(s.events.interrupt_shadow);
+        ev.nmi.masked = u8::from(s.events.nmi_blocked);
+        ev.nmi.pending = u8::from(s.events.nmi_pending);
+        ev.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW | kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        self.fd.set_vcpu_events(&ev).map_err(host_err("KVM_SET_VCPU_EVENTS"))?;
+        if let Some(x) = &extras {
+            if self.kernel_irqchip {
+                if let Some(l) = &x.lapic {
+                    self.fd.set_lapic(l).map_err(host_err("KVM_SET_LAPIC"))?;
+                }
+                self.fd.set_mp_state(x.mp_state).map_err(host_err("KVM_SET_MP_STATE"))?;
+            }
+        }
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(s.events.irq_window);
+        Ok(())
     }
 
     fn complete_read(&mut self, data: &[u8]) {
@@ -501,10 +781,8 @@ impl Vcpu for KvmVcpu {
         Ok(())
     }
 
-    fn can_inject(&self) -> bool {
-        // SAFETY: reading two plain bytes of this vCPU's kvm_run mapping; `get_kvm_run` needs
-        // `&mut`, so go through a shared pointer cast instead of mutating anything.
-        let run = unsafe { &*(self.fd_run_ptr()) };
+    fn can_inject(&mut self) -> bool {
+        let run = self.fd.get_kvm_run();
         if run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
             return false;
         }
@@ -556,16 +834,5 @@ impl Vcpu for KvmVcpu {
             // SAFETY: as in complete_msr_read.
             unsafe { *error = u8::from(!ok) };
         }
-    }
-}
-
-impl KvmVcpu {
-    fn fd_run_ptr(&self) -> *const kvm_bindings::kvm_run {
-        // The kvm_run mapping is at a fixed address for the vCPU's lifetime; obtaining it needs a
-        // `&mut VcpuFd`, so cast away the shared borrow only to take the address.
-        let fd = &self.fd as *const VcpuFd as *mut VcpuFd;
-        // SAFETY: `get_kvm_run` only returns a reference to the existing mapping; nothing is
-        // written, and no other reference to the VcpuFd is live in this thread right now.
-        unsafe { (*fd).get_kvm_run() as *const kvm_bindings::kvm_run }
     }
 }

@@ -158,7 +158,9 @@ fn stop_from_the_control_channel_ends_a_busy_guest() {
     let h = vm.handle();
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
-        h.pause();
+        let took = h.pause(Duration::from_secs(5)).expect("pause");
+        assert!(took < Duration::from_secs(1), "pause took {took:?}");
+        assert!(h.is_paused());
         std::thread::sleep(Duration::from_millis(100));
         h.resume();
         std::thread::sleep(Duration::from_millis(100));

@@ -5,7 +5,7 @@ use palacios_x86::{CpuState, Regs, SRegs};
 use crate::memory::GuestMem;
 
 /// Up to 8 bytes of port or MMIO data, inline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoData {
     len: u8,
     bytes: [u8; 8],
@@ -28,7 +28,7 @@ impl IoData {
 }
 
 /// Why a vCPU stopped running guest code. Every backend reports these same values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Exit {
     /// `in`: the core answers with [`Vcpu::complete_read`] before the next run.
     IoIn {
@@ -151,7 +151,7 @@ pub enum BackendError {
 }
 
 /// Floating-point and SSE state (the FXSAVE layout's contents).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FpuState {
     pub fpr: [[u8; 16]; 8],
     pub fcw: u16,
@@ -163,6 +163,87 @@ pub struct FpuState {
     pub xmm: [[u8; 16]; 16],
     pub mxcsr: u32,
 }
+
+/// What a core is doing, as the exit loop sees it (saved with the core's state).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CoreMode {
+    /// Waiting for a start state (an application processor before INIT/SIPI).
+    #[default]
+    WaitStart,
+    /// Running guest code.
+    Running,
+    /// In HLT with interrupts enabled: runs again when an interrupt is pending.
+    Halted,
+    /// In HLT with interrupts disabled: done for good.
+    Off,
+}
+
+/// Interrupt-related state that is not in the registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VcpuEvents {
+    /// Interrupts are blocked for one instruction (after STI, MOV SS, POP SS).
+    pub interrupt_shadow: bool,
+    /// An NMI handler runs (NMIs blocked until IRET).
+    pub nmi_blocked: bool,
+    /// An NMI is waiting to be delivered.
+    pub nmi_pending: bool,
+    /// The VMM asked for an interrupt-window exit.
+    pub irq_window: bool,
+}
+
+/// Debug registers DR0-DR3, DR6, DR7.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DebugRegs {
+    pub dr: [u64; 4],
+    pub dr6: u64,
+    pub dr7: u64,
+}
+
+/// The complete architectural state of one core, in a form both backends read and write
+/// (checkpoints, moves between backends). What a backend has beyond it goes in `backend`,
+/// keyed by the backend's name; another backend ignores it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub regs: Regs,
+    pub sregs: SRegs,
+    pub fpu: FpuState,
+    /// XCR0 (1: x87 only, when the backend has no XSAVE).
+    pub xcr0: u64,
+    pub debug: DebugRegs,
+    pub events: VcpuEvents,
+    /// Every MSR the backend reports, sorted by index (the TSC included).
+    pub msrs: Vec<(u32, u64)>,
+    /// Filled in by the exit loop.
+    pub mode: CoreMode,
+    /// Backend-specific extras: (backend name, value).
+    pub backend: Option<(String, serde_json::Value)>,
+}
+
+/// MSRs that every backend saves and restores (architectural ones an OS writes).
+pub const SAVED_MSRS: &[u32] = &[
+    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // variable MTRRs
+    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f,
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, // fixed MTRRs
+    0x10,        // IA32_TSC
+    0x1b,        // IA32_APIC_BASE
+    0x3a,        // IA32_FEATURE_CONTROL
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0x2ff,       // MTRR default type
+    0x6e0,       // TSC deadline
+    0xc000_0080, // EFER
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0100, // FS base
+    0xc000_0101, // GS base
+    0xc000_0102, // kernel GS base
+    0xc000_0103, // TSC_AUX
+];
 
 /// CPUID feature names a config may hide (`<cpu hide="...">`).
 pub const CPU_FEATURES: &[&str] = &[
@@ -276,7 +357,7 @@ pub trait Vcpu: Send {
 
     /// Whether an external interrupt can be injected right now (IF=1, no interrupt shadow,
     /// nothing else pending injection).
-    fn can_inject(&self) -> bool;
+    fn can_inject(&mut self) -> bool;
     /// Inject external interrupt `vector`; call only when [`Vcpu::can_inject`] is true.
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError>;
     /// Ask for an [`Exit::IrqWindowOpen`] as soon as the guest can take an interrupt.
@@ -287,6 +368,32 @@ pub trait Vcpu: Send {
     fn complete_msr_read(&mut self, value: Option<u64>);
     /// Answer the last [`Exit::MsrWrite`]; `false` raises #GP in the guest.
     fn complete_msr_write(&mut self, ok: bool);
+
+    /// The complete state of the core (called on the core's thread, between exits).
+    /// The default covers what the basic accessors give; backends add the rest.
+    fn save_state(&mut self) -> Result<VcpuState, BackendError> {
+        Ok(VcpuState {
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            fpu: self.fpu()?,
+            xcr0: 1,
+            debug: DebugRegs::default(),
+            events: VcpuEvents::default(),
+            msrs: self.msrs(SAVED_MSRS)?,
+            mode: CoreMode::Running,
+            backend: None,
+        })
+    }
+
+    /// Replace the core's complete state with one from [`Vcpu::save_state`] (of this backend
+    /// or another).
+    fn restore_state(&mut self, s: &VcpuState) -> Result<(), BackendError> {
+        self.set_sregs(&s.sregs)?;
+        self.set_regs(&s.regs)?;
+        self.set_fpu(&s.fpu)?;
+        self.set_msrs(&s.msrs)?;
+        Ok(())
+    }
 
     /// Load the whole architectural state a loader prepared.
     fn set_state(&mut self, state: &CpuState) -> Result<(), BackendError> {

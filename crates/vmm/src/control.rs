@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::backend::{CoreMode, VcpuState};
 use crate::bus::lock;
 
 /// How a VM ended.
@@ -164,6 +165,43 @@ impl Wakers {
 struct State {
     paused: bool,
     outcome: Option<Outcome>,
+    /// Core threads that are alive (started and not finished).
+    live: u32,
+    /// Core threads parked by a pause (they serve commands while parked).
+    parked: u32,
+}
+
+/// A command run on a core's own thread at a safe point (between exits, or while parked).
+pub type CoreCommand = Box<dyn FnOnce(&mut dyn crate::backend::Vcpu) + Send>;
+
+/// What a command sent to a VM could not do.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("the VM has ended ({0})")]
+    Ended(String),
+    #[error("no core {0} in this VM")]
+    NoSuchCore(u32),
+    #[error("core {cpu} did not answer within {ms} ms")]
+    Timeout { cpu: u32, ms: u64 },
+    #[error("the VM did not pause within {0} ms")]
+    PauseTimeout(u64),
+    #[error("the VM must be paused for this")]
+    NotPaused,
+}
+
+/// Reading or writing a core's state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreStateError {
+    #[error("{0}")]
+    Control(#[from] ControlError),
+    #[error("{0}")]
+    Backend(#[from] crate::backend::BackendError),
+}
+
+/// Parts of the VM that pause stops besides the cores: guest time and the timer thread.
+pub trait Quiesce: Send + Sync {
+    /// Stop (true) or restart (false).
+    fn quiesce(&self, stop: bool);
 }
 
 struct Shared {
@@ -175,6 +213,14 @@ struct Shared {
     stopping: Arc<AtomicBool>,
     paused: AtomicBool,
     wakers: Wakers,
+    /// Commands for each core, and a flag the exit loop checks without locking.
+    commands: Vec<Mutex<std::collections::VecDeque<CoreCommand>>>,
+    has_commands: Vec<AtomicBool>,
+    /// What each core does ([`CoreMode`] as u8), kept by the exit loop.
+    modes: Vec<std::sync::atomic::AtomicU8>,
+    /// A command replaced the core's whole state while it was parked.
+    replaced: Vec<AtomicBool>,
+    quiesce: Mutex<Vec<Arc<dyn Quiesce>>>,
 }
 
 /// A clonable handle on a VM's control channel.
@@ -188,17 +234,29 @@ impl VmHandle {
             state: Mutex::new(State {
                 paused: false,
                 outcome: None,
+                live: 0,
+                parked: 0,
             }),
             starts: (0..cores).map(|_| Mutex::new(None)).collect(),
             cond: Condvar::new(),
             wakers: Wakers::new(cores, stopping.clone()),
             stopping,
             paused: AtomicBool::new(false),
+            commands: (0..cores).map(|_| Mutex::default()).collect(),
+            has_commands: (0..cores).map(|_| AtomicBool::new(false)).collect(),
+            modes: (0..cores).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
+            replaced: (0..cores).map(|_| AtomicBool::new(false)).collect(),
+            quiesce: Mutex::new(Vec::new()),
         }))
     }
 
     pub fn wakers(&self) -> &Wakers {
         &self.0.wakers
+    }
+
+    /// Number of cores.
+    pub fn cores(&self) -> u32 {
+        self.0.starts.len() as u32
     }
 
     /// Start core `cpu` in `state` (it is waiting for INIT/SIPI); false if there is no such core.
@@ -232,6 +290,9 @@ impl VmHandle {
         self.0.paused.store(false, Ordering::Release);
         self.0.cond.notify_all();
         self.0.wakers.wake_all();
+        for q in lock(&self.0.quiesce).iter() {
+            q.quiesce(false);
+        }
     }
 
     /// Fast check for the exit loop.
@@ -239,35 +300,237 @@ impl VmHandle {
         self.0.stopping.load(Ordering::Acquire)
     }
 
-    pub fn pause(&self) {
-        let s = lock(&self.0.state);
-        if s.outcome.is_none() {
-            self.0.paused.store(true, Ordering::Release);
-            drop(s);
-            self.0.wakers.wake_all();
-        }
+    /// Something besides the cores that pause must stop (guest time, timers, I/O workers).
+    pub fn add_quiesce(&self, q: Arc<dyn Quiesce>) {
+        lock(&self.0.quiesce).push(q);
     }
 
-    pub fn resume(&self) {
-        let _s = lock(&self.0.state);
-        self.0.paused.store(false, Ordering::Release);
+    /// `n` core threads are about to start (set before spawning them, so that a pause asked
+    /// for meanwhile waits for them).
+    pub fn expect_cores(&self, n: u32) {
+        lock(&self.0.state).live += n;
+    }
+
+    /// A core thread has finished (or was never started).
+    pub fn core_exited(&self) {
+        let mut s = lock(&self.0.state);
+        s.live = s.live.saturating_sub(1);
+        drop(s);
         self.0.cond.notify_all();
+    }
+
+    /// Pause the VM: returns once every core is out of guest mode and parked, guest time has
+    /// stopped and no timer callback runs; how long that took. Paused again: no effect.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration, ControlError> {
+        let t0 = std::time::Instant::now();
+        {
+            let mut s = lock(&self.0.state);
+            if let Some(o) = &s.outcome {
+                return Err(ControlError::Ended(o.to_string()));
+            }
+            if s.paused {
+                return Ok(Duration::ZERO);
+            }
+            s.paused = true;
+            self.0.paused.store(true, Ordering::Release);
+        }
+        for q in lock(&self.0.quiesce).iter() {
+            q.quiesce(true);
+        }
+        self.0.wakers.wake_all();
+        let mut s = lock(&self.0.state);
+        while s.parked < s.live && s.outcome.is_none() {
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                drop(s);
+                self.resume();
+                return Err(ControlError::PauseTimeout(timeout.as_millis() as u64));
+            }
+            s = self
+                .0
+                .cond
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if let Some(o) = &s.outcome {
+            return Err(ControlError::Ended(o.to_string()));
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// Let a paused VM run again (guest time continues where it stopped).
+    pub fn resume(&self) {
+        {
+            let mut s = lock(&self.0.state);
+            if !s.paused {
+                return;
+            }
+            s.paused = false;
+            self.0.paused.store(false, Ordering::Release);
+        }
+        for q in lock(&self.0.quiesce).iter() {
+            q.quiesce(false);
+        }
+        self.0.cond.notify_all();
+        self.0.wakers.wake_all();
     }
 
     pub fn is_paused(&self) -> bool {
         self.0.paused.load(Ordering::Acquire)
     }
 
-    /// Called by a core that saw [`VmHandle::is_paused`]: park until resumed or stopped.
-    pub fn wait_while_paused(&self) {
-        let mut s = lock(&self.0.state);
-        while self.0.paused.load(Ordering::Acquire) && s.outcome.is_none() {
-            s = self.0.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+    /// Run `f` on core `cpu`'s thread at its next safe point (between two exits, or at once
+    /// if it is parked or halted) and return its result.
+    pub fn with_core<R: Send + 'static>(
+        &self,
+        cpu: u32,
+        timeout: Duration,
+        f: impl FnOnce(&mut dyn crate::backend::Vcpu) -> R + Send + 'static,
+    ) -> Result<R, ControlError> {
+        let q = self
+            .0
+            .commands
+            .get(cpu as usize)
+            .ok_or(ControlError::NoSuchCore(cpu))?;
+        if let Some(o) = self.outcome() {
+            return Err(ControlError::Ended(o.to_string()));
         }
+        let (tx, rx) = std::sync::mpsc::channel();
+        lock(q).push_back(Box::new(move |v: &mut dyn crate::backend::Vcpu| {
+            let _ = tx.send(f(v));
+        }));
+        self.0.has_commands[cpu as usize].store(true, Ordering::Release);
+        self.0.wakers.wake(cpu);
+        match rx.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ControlError::Ended(
+                self.outcome()
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|| "core thread gone".into()),
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(ControlError::Timeout {
+                cpu,
+                ms: timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// The exit loop of core `cpu`: run queued commands (cheap when there are none).
+    pub fn run_commands(&self, cpu: u32, vcpu: &mut dyn crate::backend::Vcpu) {
+        let Some(flag) = self.0.has_commands.get(cpu as usize) else {
+            return;
+        };
+        if !flag.load(Ordering::Acquire) {
+            return;
+        }
+        loop {
+            let next = {
+                let mut q = lock(&self.0.commands[cpu as usize]);
+                let c = q.pop_front();
+                if q.is_empty() {
+                    flag.store(false, Ordering::Release);
+                }
+                c
+            };
+            match next {
+                Some(c) => c(vcpu),
+                None => break,
+            }
+        }
+    }
+
+    /// Drop the commands nobody will run (the core's thread is ending): their senders see
+    /// the VM ended.
+    pub fn drop_commands(&self, cpu: u32) {
+        if let Some(q) = self.0.commands.get(cpu as usize) {
+            lock(q).clear();
+        }
+    }
+
+    /// Called by core `cpu` when it sees [`VmHandle::is_paused`]: acknowledge, serve commands
+    /// until resumed or stopped.
+    pub fn park(&self, cpu: u32, vcpu: &mut dyn crate::backend::Vcpu) {
+        {
+            let mut s = lock(&self.0.state);
+            s.parked += 1;
+        }
+        self.0.cond.notify_all();
+        loop {
+            self.run_commands(cpu, vcpu);
+            if !self.is_paused() || self.is_stopping() {
+                break;
+            }
+            self.0.wakers.wait(cpu, None);
+        }
+        // Commands that arrived with the resume.
+        self.run_commands(cpu, vcpu);
+        let mut s = lock(&self.0.state);
+        s.parked = s.parked.saturating_sub(1);
     }
 
     pub fn outcome(&self) -> Option<Outcome> {
         lock(&self.0.state).outcome.clone()
+    }
+
+    /// What core `cpu` does (kept by the exit loop; set before the VM runs by a restore).
+    pub fn core_mode(&self, cpu: u32) -> CoreMode {
+        match self.0.modes.get(cpu as usize).map(|m| m.load(Ordering::Acquire)) {
+            Some(1) => CoreMode::Running,
+            Some(2) => CoreMode::Halted,
+            Some(3) => CoreMode::Off,
+            _ => CoreMode::WaitStart,
+        }
+    }
+
+    pub fn set_core_mode(&self, cpu: u32, mode: CoreMode) {
+        if let Some(m) = self.0.modes.get(cpu as usize) {
+            m.store(
+                match mode {
+                    CoreMode::WaitStart => 0,
+                    CoreMode::Running => 1,
+                    CoreMode::Halted => 2,
+                    CoreMode::Off => 3,
+                },
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// The complete state of core `cpu` (its own thread reads it; the VM should be paused
+    /// for a consistent snapshot of several cores).
+    pub fn save_core(&self, cpu: u32, timeout: Duration) -> Result<VcpuState, CoreStateError> {
+        let mode = self.core_mode(cpu);
+        let mut s = self.with_core(cpu, timeout, |v| v.save_state())??;
+        s.mode = mode;
+        Ok(s)
+    }
+
+    /// Replace the complete state of core `cpu` (VM paused).
+    pub fn restore_core(
+        &self,
+        cpu: u32,
+        state: VcpuState,
+        timeout: Duration,
+    ) -> Result<(), CoreStateError> {
+        if !self.is_paused() {
+            return Err(ControlError::NotPaused.into());
+        }
+        let mode = state.mode;
+        self.with_core(cpu, timeout, move |v| v.restore_state(&state))??;
+        self.set_core_mode(cpu, mode);
+        if let Some(r) = self.0.replaced.get(cpu as usize) {
+            r.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Whether a command replaced core `cpu`'s state since the last call.
+    pub fn take_state_replaced(&self, cpu: u32) -> bool {
+        self.0
+            .replaced
+            .get(cpu as usize)
+            .is_some_and(|r| r.swap(false, Ordering::AcqRel))
     }
 
     /// Block until the VM has an outcome, or `timeout` passes.
@@ -318,19 +581,14 @@ mod tests {
     }
 
     #[test]
-    fn pause_parks_until_resume() {
+    fn pause_with_no_live_core_returns_at_once_and_resume_clears_it() {
         let h = VmHandle::new(1);
-        h.pause();
+        h.pause(Duration::from_secs(1)).unwrap();
         assert!(h.is_paused());
-        let h2 = h.clone();
-        let t = std::thread::spawn(move || {
-            h2.wait_while_paused();
-            h2.is_paused()
-        });
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(!t.is_finished());
         h.resume();
-        assert!(!t.join().unwrap());
+        assert!(!h.is_paused());
+        h.stop(Outcome::Stopped);
+        assert!(matches!(h.pause(Duration::from_secs(1)), Err(ControlError::Ended(_))));
     }
 
     #[test]

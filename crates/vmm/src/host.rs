@@ -126,11 +126,30 @@ fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+/// A function the kick signal handler calls on the kicked thread (for example to set KVM's
+/// `immediate_exit` of the vCPU that thread runs, so that a kick arriving just before
+/// `KVM_RUN` is not lost). It must be async-signal-safe.
+static KICK_HOOK: std::sync::atomic::AtomicPtr<()> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Install the kick hook (one per process; a later call replaces it).
+pub fn set_kick_hook(hook: fn()) {
+    KICK_HOOK.store(hook as *mut (), std::sync::atomic::Ordering::Release);
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KICK_HOOK.load(std::sync::atomic::Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: the only non-null value ever stored is a `fn()` cast to a pointer
+        // (set_kick_hook); function pointers and data pointers have the same size here.
+        let hook: fn() = unsafe { std::mem::transmute::<*mut (), fn()>(p) };
+        hook();
+    }
+}
 
 fn install_kick_handler() -> io::Result<()> {
     static DONE: OnceLock<Result<(), i32>> = OnceLock::new();
-    // The handler does nothing: its only purpose is that a blocking ioctl returns EINTR.
+    // The handler's purpose is that a blocking call returns EINTR (and the kick hook).
     let r = DONE.get_or_init(|| {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
     });
@@ -144,15 +163,22 @@ struct LinuxThread {
 
 struct SignalKick {
     thread: libc::pthread_t,
+    /// True until the thread's function has returned; the thread sets it false (under the
+    /// lock) as its last act, so a kick that holds the lock signals a thread that has not
+    /// finished, whose pthread_t is therefore valid.
+    alive: Arc<Mutex<bool>>,
 }
 
 impl Kick for SignalKick {
     fn kick(&self) {
-        // SAFETY: the pthread_t belongs to a thread owned by a LinuxThread whose JoinHandle is
-        // joined only after every kicker holder has stopped kicking (the VM clears its kickers
-        // before joining); signalling a live thread with a handled signal has no other effect.
-        unsafe {
-            libc::pthread_kill(self.thread, kick_signal());
+        let alive = self.alive.lock().unwrap_or_else(|p| p.into_inner());
+        if *alive {
+            // SAFETY: `alive` is true while we hold its lock, so the thread has not returned
+            // from its function and cannot have been joined: its pthread_t is valid.
+            // Signalling it with the handled kick signal has no effect but EINTR (and the hook).
+            unsafe {
+                libc::pthread_kill(self.thread, kick_signal());
+            }
         }
     }
 }
@@ -181,13 +207,25 @@ impl Host for LinuxHost {
 
     fn spawn(&self, name: &str, f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>> {
         install_kick_handler()?;
+        let alive = Arc::new(Mutex::new(true));
+        let alive2 = alive.clone();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(f)?;
+            .spawn(move || {
+                // Marks the thread finished even if `f` panics.
+                struct Done(Arc<Mutex<bool>>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                    }
+                }
+                let _done = Done(alive2);
+                f()
+            })?;
         let thread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle);
         Ok(Box::new(LinuxThread {
             handle,
-            kicker: Arc::new(SignalKick { thread }),
+            kicker: Arc::new(SignalKick { thread, alive }),
         }))
     }
 

@@ -337,9 +337,15 @@ impl BuildCtx {
         if let Some(mut input) = input {
             let stop = Arc::new(AtomicBool::new(false));
             let stop2 = stop.clone();
+            let vm = self.vm.clone();
             let pump = move || {
                 let mut buf = [0u8; 64];
                 'outer: while !stop2.load(Ordering::Acquire) {
+                    // A paused VM takes no input (it stays in the host stream).
+                    if vm.is_paused() {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
                     match input.read_timeout(&mut buf, Duration::from_millis(50)) {
                         Ok(None) => continue,
                         Ok(Some(0)) | Err(_) => break,

@@ -22,7 +22,12 @@ pub struct GuestClock {
     tsc_base: AtomicU64,
     /// Deterministic mode: guest time is this value, advanced by the cores (not the host).
     virtual_ns: Option<AtomicU64>,
+    /// Guest time at which the clock was stopped (paused VM); `RUNNING` while it runs.
+    frozen: AtomicU64,
 }
+
+/// `frozen` value of a running clock.
+const RUNNING: u64 = u64::MAX;
 
 impl GuestClock {
     pub fn new(tsc_hz: u64) -> Self {
@@ -32,6 +37,7 @@ impl GuestClock {
             tsc_hz: AtomicU64::new(tsc_hz.max(1)),
             tsc_base: AtomicU64::new(0),
             virtual_ns: None,
+            frozen: AtomicU64::new(RUNNING),
         }
     }
 
@@ -56,6 +62,14 @@ impl GuestClock {
 
     /// Guest nanoseconds now.
     pub fn now(&self) -> Ns {
+        let f = self.frozen.load(Ordering::Acquire);
+        if f != RUNNING {
+            return f;
+        }
+        self.running_now()
+    }
+
+    fn running_now(&self) -> Ns {
         if let Some(v) = &self.virtual_ns {
             return v
                 .load(Ordering::Acquire)
@@ -67,6 +81,57 @@ impl GuestClock {
     /// Shift guest time (for restore).
     pub fn set_offset(&self, ns: u64) {
         self.offset.store(ns, Ordering::Relaxed);
+    }
+
+    /// Stop guest time (the VM is paused): [`GuestClock::now`] stays where it is.
+    pub fn freeze(&self) {
+        if self.virtual_ns.is_some() {
+            // Deterministic time moves only when cores run, and a paused VM's cores do not.
+            return;
+        }
+        let now = self.running_now();
+        let _ = self
+            .frozen
+            .compare_exchange(RUNNING, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Let guest time run again from where it stopped: the paused interval never happened
+    /// for the guest.
+    pub fn thaw(&self) {
+        let f = self.frozen.load(Ordering::Acquire);
+        if f == RUNNING {
+            return;
+        }
+        self.continue_from(f);
+        self.frozen.store(RUNNING, Ordering::Release);
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire) != RUNNING
+    }
+
+    /// Make guest time `ns` now, and continue from there (restore; a thaw).
+    pub fn continue_from(&self, ns: Ns) {
+        if let Some(v) = &self.virtual_ns {
+            // The cores report absolute guest time (restored with their instruction counts).
+            v.store(ns, Ordering::Release);
+            self.offset.store(0, Ordering::Release);
+            return;
+        }
+        let raw = self.start.elapsed().as_nanos() as u64;
+        self.offset.store(ns.wrapping_sub(raw), Ordering::Release);
+        if self.frozen.load(Ordering::Acquire) != RUNNING {
+            self.frozen.store(ns, Ordering::Release);
+        }
+    }
+
+    /// The TSC anchor (guest TSC at guest time 0), for checkpoints.
+    pub fn tsc_base(&self) -> u64 {
+        self.tsc_base.load(Ordering::Relaxed)
+    }
+
+    pub fn set_tsc_base(&self, base: u64) {
+        self.tsc_base.store(base, Ordering::Relaxed);
     }
 
     pub fn tsc_hz(&self) -> u64 {
@@ -127,5 +192,25 @@ mod tests {
         assert_eq!(c.ns_at_tsc(0), 0);
         c.set_offset(1 << 40);
         assert!(c.now() >= 1 << 40);
+    }
+
+    #[test]
+    fn a_frozen_clock_stands_still_and_continues_without_a_jump() {
+        let c = GuestClock::new(1_000_000_000);
+        c.continue_from(5_000_000_000);
+        let a = c.now();
+        assert!((5_000_000_000..5_100_000_000).contains(&a));
+        c.freeze();
+        let f = c.now();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(c.now(), f, "frozen");
+        c.thaw();
+        let b = c.now();
+        assert!(b >= f && b - f < 20_000_000, "no jump: {f} -> {b}");
+        let v = GuestClock::new_virtual(1_000_000_000);
+        v.continue_from(100);
+        assert_eq!(v.now(), 100);
+        v.advance_to(150);
+        assert_eq!(v.now(), 150, "a restored virtual clock is advanced by the cores");
     }
 }

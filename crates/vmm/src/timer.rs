@@ -22,6 +22,10 @@ struct State {
     /// Current generation of each timer; an entry with an older generation is stale.
     gens: Vec<u64>,
     callbacks: Vec<Option<Arc<Mutex<Callback>>>>,
+    /// The VM is paused: the thread runs no callback.
+    paused: bool,
+    /// The thread is inside a callback (pause waits for it to return).
+    in_callback: bool,
 }
 
 /// The per-VM timer queue.
@@ -47,6 +51,8 @@ impl TimerQueue {
                 heap: BinaryHeap::new(),
                 gens: Vec::new(),
                 callbacks: Vec::new(),
+                paused: false,
+                in_callback: false,
             }),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -79,6 +85,10 @@ impl TimerQueue {
             return;
         }
         while !self.stop.load(Ordering::Acquire) {
+            if s.paused {
+                s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             let now = self.clock.now();
             match s.heap.peek().copied() {
                 Some(Reverse((deadline, id, generation))) if deadline <= now => {
@@ -89,9 +99,12 @@ impl TimerQueue {
                     let Some(cb) = s.callbacks[id].clone() else {
                         continue;
                     };
+                    s.in_callback = true;
                     drop(s);
                     (lock(&cb))(now);
                     s = lock(&self.state);
+                    s.in_callback = false;
+                    self.cond.notify_all();
                 }
                 Some(Reverse((deadline, _, _))) => {
                     let wait = Duration::from_nanos(deadline - now);
@@ -134,6 +147,26 @@ impl TimerQueue {
                 None => return None,
             }
         }
+    }
+
+    /// Pause (true): no callback runs until resumed; returns once none is running.
+    /// Resume (false).
+    pub fn set_paused(&self, paused: bool) {
+        let mut s = lock(&self.state);
+        s.paused = paused;
+        self.cond.notify_all();
+        while paused && s.in_callback && !self.stop.load(Ordering::Acquire) {
+            s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Deadlines of armed timers, relative order kept (for diagnostics and tests).
+    pub fn armed(&self) -> usize {
+        let s = lock(&self.state);
+        s.heap
+            .iter()
+            .filter(|Reverse((_, id, g))| s.gens[*id] == *g)
+            .count()
     }
 
     pub fn shutdown(&self) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use palacios_x86::{CpuState, msr, rflags};
 
-use crate::backend::{Backend, BackendError, Exit, Vcpu};
+use crate::backend::{Backend, BackendError, CoreMode, Exit, Vcpu, VcpuState};
 use crate::bus::Bus;
 use crate::config::{ConfigError, IrqchipMode, VmConfig};
 use crate::control::{Outcome, VmHandle};
@@ -147,6 +147,10 @@ impl Vm {
             ctx.kernel_irqchip = Some(backend.create_kernel_irqchip()?);
         }
         create_devices(cfg, registry, &mut ctx)?;
+        handle.add_quiesce(Arc::new(TimeQuiesce {
+            clock: ctx.clock.clone(),
+            timers: ctx.timers.clone(),
+        }));
         backend.trap_msrs(&ctx.msrs.ranges())?;
         backend.hide_cpu_features(&cfg.cpu_hide)?;
         let vcpus = (0..cfg.cores)
@@ -236,6 +240,24 @@ impl Vm {
         self.vcpus.len() as u32
     }
 
+    /// Restore core `cpu`'s complete state before the VM runs (a checkpoint): the core
+    /// continues in the saved mode instead of waiting for a start state.
+    pub fn restore_core(&mut self, cpu: u32, state: &VcpuState) -> Result<(), VmError> {
+        let vcpu = self
+            .vcpus
+            .iter_mut()
+            .find(|v| v.index() == cpu)
+            .ok_or_else(|| ConfigError::new(None, format!("no core {cpu} in this VM")))?;
+        vcpu.restore_state(state)?;
+        self.handle.set_core_mode(cpu, state.mode);
+        Ok(())
+    }
+
+    /// The guest clock and timer queue (a restore sets guest time before the VM runs).
+    pub fn timers(&self) -> &Arc<TimerQueue> {
+        &self.timers
+    }
+
     /// The state the boot core starts in (from a loader).
     pub fn set_boot_state(&mut self, state: CpuState) {
         self.boot = Some(state);
@@ -254,8 +276,10 @@ impl Vm {
     /// Run until the VM ends; every thread is joined before this returns.
     pub fn run(mut self) -> RunReport {
         let started = Instant::now();
-        let boot = self.boot.take().unwrap_or_else(CpuState::reset);
-        self.handle.start_core(0, boot);
+        if self.handle.core_mode(0) == CoreMode::WaitStart {
+            let boot = self.boot.take().unwrap_or_else(CpuState::reset);
+            self.handle.start_core(0, boot);
+        }
         let timers = self.timers.clone();
         let timer_thread = match self.host.spawn("timers", Box::new(move || timers.run())) {
             Ok(t) => Some(t),
@@ -270,9 +294,11 @@ impl Vm {
         let mut threads = Vec::new();
         // Cores the VM ended before starting still get a (zero) line in the telemetry.
         let mut not_started = Vec::new();
+        self.handle.expect_cores(self.vcpus.len() as u32);
         for vcpu in std::mem::take(&mut self.vcpus) {
             if self.handle.is_stopping() {
                 not_started.push(vcpu.index());
+                self.handle.core_exited();
                 continue;
             }
             let core = CoreLoop {
@@ -291,7 +317,11 @@ impl Vm {
             let cpu = core.cpu;
             let flag = vcpu.kick_flag();
             let f = Box::new(move || {
+                let handle = core.handle.clone();
+                let cpu = core.cpu;
                 let stats = core.run(vcpu);
+                handle.drop_commands(cpu);
+                handle.core_exited();
                 let _ = tx.send(stats);
             });
             match self.host.spawn(&format!("vcpu{cpu}"), f) {
@@ -307,6 +337,7 @@ impl Vm {
                     threads.push((cpu, t, rx, flag));
                 }
                 Err(e) => {
+                    self.handle.core_exited();
                     self.handle.stop(Outcome::Failed(format!(
                         "cannot start the thread of vCPU {cpu}: {e}"
                     )));
@@ -356,6 +387,24 @@ impl Vm {
             outcome,
             telemetry,
             print_telemetry: self.telemetry,
+        }
+    }
+}
+
+/// Pause stops guest time and the timer thread.
+struct TimeQuiesce {
+    clock: Arc<GuestClock>,
+    timers: Arc<TimerQueue>,
+}
+
+impl crate::control::Quiesce for TimeQuiesce {
+    fn quiesce(&self, stop: bool) {
+        if stop {
+            self.clock.freeze();
+            self.timers.set_paused(true);
+        } else {
+            self.clock.thaw();
+            self.timers.set_paused(false);
         }
     }
 }
@@ -436,7 +485,27 @@ impl CoreLoop {
                 self.running.fetch_add(1, Ordering::AcqRel);
                 return true;
             }
+            self.handle.run_commands(self.cpu, vcpu);
+            if self.handle.is_paused() {
+                self.handle.park(self.cpu, vcpu);
+                continue;
+            }
             self.handle.wakers().wait(self.cpu, None);
+        }
+    }
+
+    /// Park for a pause: acknowledge and serve commands until resumed. The TSC is put back
+    /// where it was, so the guest sees no jump (unless a command replaced the core's state).
+    fn park(&self, vcpu: &mut dyn Vcpu) {
+        let tsc = vcpu.msrs(&[msr::IA32_TSC]).ok().and_then(|v| v.first().copied());
+        self.handle.take_state_replaced(self.cpu);
+        self.handle.park(self.cpu, vcpu);
+        if let Some(t) = tsc
+            && !self.handle.take_state_replaced(self.cpu)
+            && !self.handle.is_stopping()
+            && let Err(e) = vcpu.set_msrs(&[t])
+        {
+            tracing::debug!("vCPU {}: cannot put the TSC back after a pause: {e}", self.cpu);
         }
     }
 
@@ -463,16 +532,35 @@ impl CoreLoop {
     fn run(self, mut vcpu: Box<dyn Vcpu>) -> CoreStats {
         let mut stats = CoreStats::new(self.cpu);
         crate::bus::set_current_cpu(self.cpu);
-        if !self.await_start(vcpu.as_mut()) {
-            return stats;
+        // In HLT with interrupts enabled: the vCPU must not run again until an interrupt is due.
+        let mut halted = false;
+        // A restored core continues in the mode it was saved in.
+        match self.handle.core_mode(self.cpu) {
+            CoreMode::WaitStart => {
+                if !self.await_start(vcpu.as_mut()) {
+                    return stats;
+                }
+                self.handle.set_core_mode(self.cpu, CoreMode::Running);
+            }
+            CoreMode::Running => {
+                self.running.fetch_add(1, Ordering::AcqRel);
+            }
+            CoreMode::Halted => {
+                self.running.fetch_add(1, Ordering::AcqRel);
+                halted = true;
+            }
+            CoreMode::Off => {
+                self.off(vcpu.as_mut());
+                stats.backend = vcpu.stats();
+                return stats;
+            }
         }
         let mut buf = [0u8; 8];
         let virtual_time = self.clock.is_virtual();
-        // In HLT with interrupts enabled: the vCPU must not run again until an interrupt is due.
-        let mut halted = false;
         while !self.handle.is_stopping() {
+            self.handle.run_commands(self.cpu, vcpu.as_mut());
             if self.handle.is_paused() {
-                self.handle.wait_while_paused();
+                self.park(vcpu.as_mut());
                 continue;
             }
             if halted {
@@ -482,6 +570,7 @@ impl CoreLoop {
                     .is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu))
                 {
                     halted = false;
+                    self.handle.set_core_mode(self.cpu, CoreMode::Running);
                 } else if let Some(next) = virtual_time
                     .then(|| self.timers.run_due(self.clock.now()))
                     .flatten()
@@ -492,7 +581,9 @@ impl CoreLoop {
                     self.timers.run_due(next);
                     continue;
                 } else {
-                    self.handle.wakers().wait(self.cpu, None);
+                    if !self.handle.is_paused() {
+                        self.handle.wakers().wait(self.cpu, None);
+                    }
                     continue;
                 }
             }
@@ -540,7 +631,12 @@ impl CoreLoop {
                 Exit::MsrWrite { index, value } => {
                     vcpu.complete_msr_write(self.msrs.write(self.cpu, index, value))
                 }
-                Exit::Hlt => halted = self.halt(vcpu.as_mut()),
+                Exit::Hlt => {
+                    halted = self.halt(vcpu.as_mut());
+                    if halted {
+                        self.handle.set_core_mode(self.cpu, CoreMode::Halted);
+                    }
+                }
                 Exit::IrqWindowOpen | Exit::Interrupted => {}
                 Exit::Shutdown => {
                     self.handle.stop(Outcome::Shutdown {
@@ -555,6 +651,18 @@ impl CoreLoop {
         stats
     }
 
+    /// A core halted for good: it only serves commands and pauses until the VM stops.
+    fn off(&self, vcpu: &mut dyn Vcpu) {
+        while !self.handle.is_stopping() {
+            self.handle.run_commands(self.cpu, vcpu);
+            if self.handle.is_paused() {
+                self.park(vcpu);
+                continue;
+            }
+            self.handle.wakers().wait(self.cpu, None);
+        }
+    }
+
     /// HLT: with interrupts disabled the core is done; otherwise it is halted until an
     /// interrupt is pending (returns true).
     fn halt(&self, vcpu: &mut dyn Vcpu) -> bool {
@@ -567,12 +675,11 @@ impl CoreLoop {
         };
         if !iflag {
             tracing::debug!("vCPU {} halted with interrupts disabled", self.cpu);
+            self.handle.set_core_mode(self.cpu, CoreMode::Off);
             if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.handle.stop(Outcome::Halted);
             }
-            while !self.handle.is_stopping() {
-                self.handle.wakers().wait(self.cpu, None);
-            }
+            self.off(vcpu);
             return false;
         }
         true
