@@ -1,0 +1,475 @@
+//! Checkpoint stores, registered by name as in Palacios: `file` (one file) and `dir` (a
+//! directory with a `state` file and a `memory` image). Both write atomically: everything
+//! goes to a temporary name, is fsynced, then renamed over the old checkpoint, so a crash or
+//! `kill -9` during a save leaves the previous checkpoint loadable.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::format::{CRC, FLAG_SEPARATE_MEMORY, FormatError, HEADER_LEN, Header, Meta, PAGE, VERSION};
+use crate::{CheckpointError, MemorySource, Progress};
+
+/// A place checkpoints are written to and read from.
+pub trait CheckpointStore: Send + Sync {
+    /// The store's name (`--store NAME`).
+    fn name(&self) -> &'static str;
+    fn help(&self) -> &'static str;
+    /// Write a checkpoint of `meta` (its memory layout's extents are filled in here) and the
+    /// guest memory `mem` atomically at `path`.
+    fn save(
+        &self,
+        path: &Path,
+        meta: Meta,
+        mem: &dyn MemorySource,
+        progress: &mut Progress,
+    ) -> Result<Meta, CheckpointError>;
+    /// Open and verify (CRC) a checkpoint.
+    fn open(&self, path: &Path, progress: &mut Progress) -> Result<Opened, CheckpointError>;
+}
+
+/// A verified checkpoint: its metadata and where its memory image is.
+pub struct Opened {
+    pub header: Header,
+    pub meta: Meta,
+    /// The file holding the memory image, and the image's offset in it.
+    pub memory: File,
+    pub mem_offset: u64,
+    /// Where it came from.
+    pub path: PathBuf,
+}
+
+/// Every store this build has.
+pub fn stores() -> Vec<Box<dyn CheckpointStore>> {
+    vec![Box::new(FileStore), Box::new(DirStore)]
+}
+
+/// The store named `name`.
+pub fn store(name: &str) -> Result<Box<dyn CheckpointStore>, CheckpointError> {
+    stores()
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| {
+            CheckpointError::Usage(format!(
+                "unknown checkpoint store '{name}' (known: {})",
+                stores()
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
+/// Open a checkpoint with the store its path implies (a directory: `dir`; else `file`).
+pub fn open(path: &Path, progress: &mut Progress) -> Result<Opened, CheckpointError> {
+    if path.is_dir() {
+        DirStore.open(path, progress)
+    } else {
+        FileStore.open(path, progress)
+    }
+}
+
+fn io_err(what: String) -> impl FnOnce(io::Error) -> CheckpointError {
+    move |source| CheckpointError::Io { what, source }
+}
+
+/// A temporary name next to `path` (same directory, so the rename is atomic).
+fn temp_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("fsync {}", dir.display())))
+}
+
+/// Write the memory image into `file` at `base`: only non-zero pages are written (the rest
+/// stays a hole); returns the extents and feeds the data to `digest` in order.
+fn write_memory(
+    file: &File,
+    base: u64,
+    meta: &mut Meta,
+    mem: &dyn MemorySource,
+    digest: &mut crc::Digest<'_, u64, crc::Table<16>>,
+    progress: &mut Progress,
+) -> Result<(), CheckpointError> {
+    const CHUNK: usize = 1 << 20;
+    let total = meta.memory.image_len();
+    file.set_len(base + total)
+        .map_err(io_err("size the checkpoint file".into()))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut image_off = 0u64;
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for &(gpa, len) in &meta.memory.slots {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            mem.read(gpa + done, chunk)
+                .map_err(io_err(format!("read guest memory at {:#x}", gpa + done)))?;
+            // Runs of non-zero pages in this chunk.
+            let mut p = 0usize;
+            while p < n {
+                let page = &chunk[p..p + PAGE as usize];
+                if is_zero(page) {
+                    p += PAGE as usize;
+                    continue;
+                }
+                let start = p;
+                while p < n && !is_zero(&chunk[p..p + PAGE as usize]) {
+                    p += PAGE as usize;
+                }
+                let data = &chunk[start..p];
+                let off = image_off + done + start as u64;
+                file.write_all_at(data, base + off)
+                    .map_err(io_err("write guest memory".into()))?;
+                digest.update(data);
+                match extents.last_mut() {
+                    Some((o, l)) if *o + *l == off => *l += data.len() as u64,
+                    _ => extents.push((off, data.len() as u64)),
+                }
+            }
+            done += n as u64;
+            progress(image_off + done, total);
+        }
+        image_off += len;
+    }
+    meta.memory.extents = extents;
+    Ok(())
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Feed the memory extents to `digest`, reading them from `file` at `base`.
+fn digest_memory(
+    file: &File,
+    base: u64,
+    meta: &Meta,
+    digest: &mut crc::Digest<'_, u64, crc::Table<16>>,
+    progress: &mut Progress,
+) -> Result<(), CheckpointError> {
+    let total: u64 = meta.memory.extents.iter().map(|e| e.1).sum();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut seen = 0u64;
+    for &(off, len) in &meta.memory.extents {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], base + off + done)
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        CheckpointError::Format(FormatError::Truncated {
+                            what: "the memory image".into(),
+                            need: base + off + len,
+                            have: file.metadata().map(|m| m.len()).unwrap_or(0),
+                        })
+                    } else {
+                        CheckpointError::Io {
+                            what: "read the memory image".into(),
+                            source: e,
+                        }
+                    }
+                })?;
+            digest.update(&buf[..n]);
+            done += n as u64;
+            seen += n as u64;
+            progress(seen, total);
+        }
+    }
+    Ok(())
+}
+
+/// Read and check the state part (header and metadata) of `state`, whose memory image is in
+/// `memory` (the same file or another); then verify the CRC over everything.
+fn open_parts(
+    path: &Path,
+    mut state: File,
+    memory: Option<File>,
+    progress: &mut Progress,
+) -> Result<Opened, CheckpointError> {
+    let len = state
+        .metadata()
+        .map_err(io_err(format!("stat {}", path.display())))?
+        .len();
+    let mut hb = vec![0u8; HEADER_LEN.min(len as usize)];
+    state
+        .read_exact(&mut hb)
+        .map_err(io_err(format!("read {}", path.display())))?;
+    let header = Header::decode(&hb, len)?;
+    let separate = header.flags & FLAG_SEPARATE_MEMORY != 0;
+    if separate != memory.is_some() {
+        return Err(CheckpointError::Format(FormatError::Corrupt(if separate {
+            "the header says the memory image is in a separate file, but there is none".into()
+        } else {
+            "a directory checkpoint whose state file holds the memory image".into()
+        })));
+    }
+    let mut mb = vec![0u8; header.meta_len as usize];
+    state
+        .read_exact_at(&mut mb, header.meta_offset)
+        .map_err(io_err(format!("read {}", path.display())))?;
+    let meta = Meta::decode(&mb)?;
+    if meta.memory.image_len() != header.mem_len {
+        return Err(CheckpointError::Format(FormatError::Corrupt(format!(
+            "the header's memory image ({:#x} bytes) and the metadata's layout ({:#x}) differ",
+            header.mem_len,
+            meta.memory.image_len()
+        ))));
+    }
+    let memory = memory.unwrap_or(state);
+    let mem_len = memory
+        .metadata()
+        .map_err(io_err("stat the memory image".into()))?
+        .len();
+    if mem_len < header.mem_offset + header.mem_len {
+        return Err(CheckpointError::Format(FormatError::Truncated {
+            what: "the memory image".into(),
+            need: header.mem_offset + header.mem_len,
+            have: mem_len,
+        }));
+    }
+    let mut digest = CRC.digest();
+    digest_memory(&memory, header.mem_offset, &meta, &mut digest, progress)?;
+    digest.update(&mb);
+    // The header as it is in the file (reserved bytes included), CRC field zeroed.
+    let mut hz = hb.clone();
+    hz[48..56].fill(0);
+    digest.update(&hz);
+    let found = digest.finalize();
+    if found != header.crc {
+        return Err(CheckpointError::Format(FormatError::Crc {
+            expected: header.crc,
+            found,
+        }));
+    }
+    Ok(Opened {
+        header,
+        meta,
+        memory,
+        mem_offset: header.mem_offset,
+        path: path.to_path_buf(),
+    })
+}
+
+/// One file: header, memory image (page aligned, sparse), metadata.
+pub struct FileStore;
+
+impl CheckpointStore for FileStore {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+    fn help(&self) -> &'static str {
+        "one file: header, sparse memory image, metadata"
+    }
+
+    fn save(
+        &self,
+        path: &Path,
+        mut meta: Meta,
+        mem: &dyn MemorySource,
+        progress: &mut Progress,
+    ) -> Result<Meta, CheckpointError> {
+        if path.is_dir() {
+            return Err(CheckpointError::Usage(format!(
+                "{} is a directory: use the 'dir' store for it, or name a file",
+                path.display()
+            )));
+        }
+        let tmp = temp_name(path);
+        let r = (|| {
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io_err(format!("create {}", tmp.display())))?;
+            let mut digest = CRC.digest();
+            let mem_offset = PAGE;
+            write_memory(&file, mem_offset, &mut meta, mem, &mut digest, progress)?;
+            let mb = meta.encode();
+            digest.update(&mb);
+            let mut header = Header {
+                version: VERSION,
+                flags: 0,
+                meta_offset: mem_offset + meta.memory.image_len(),
+                meta_len: mb.len() as u64,
+                mem_offset,
+                mem_len: meta.memory.image_len(),
+                crc: 0,
+            };
+            digest.update(&header.encode(false));
+            header.crc = digest.finalize();
+            file.write_all_at(&mb, header.meta_offset)
+                .map_err(io_err("write the metadata".into()))?;
+            file.write_all_at(&header.encode(true), 0)
+                .map_err(io_err("write the header".into()))?;
+            file.sync_all()
+                .map_err(io_err(format!("fsync {}", tmp.display())))?;
+            drop(file);
+            std::fs::rename(&tmp, path)
+                .map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))?;
+            fsync_dir(&parent_dir(path))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r.map(|()| meta)
+    }
+
+    fn open(&self, path: &Path, progress: &mut Progress) -> Result<Opened, CheckpointError> {
+        let f = File::open(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                CheckpointError::Usage(format!("no checkpoint at {}", path.display()))
+            } else {
+                CheckpointError::Io {
+                    what: format!("open {}", path.display()),
+                    source: e,
+                }
+            }
+        })?;
+        open_parts(path, f, None, progress)
+    }
+}
+
+/// A directory: `state` (header and metadata) and `memory` (the sparse image).
+pub struct DirStore;
+
+impl CheckpointStore for DirStore {
+    fn name(&self) -> &'static str {
+        "dir"
+    }
+    fn help(&self) -> &'static str {
+        "a directory with a 'state' file and a sparse 'memory' image"
+    }
+
+    fn save(
+        &self,
+        path: &Path,
+        mut meta: Meta,
+        mem: &dyn MemorySource,
+        progress: &mut Progress,
+    ) -> Result<Meta, CheckpointError> {
+        if path.exists() && !path.is_dir() {
+            return Err(CheckpointError::Usage(format!(
+                "{} exists and is not a directory",
+                path.display()
+            )));
+        }
+        let tmp = temp_name(path);
+        let _ = std::fs::remove_dir_all(&tmp);
+        let r = (|| {
+            std::fs::create_dir(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
+            let memf = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .open(tmp.join("memory"))
+                .map_err(io_err("create the memory image".into()))?;
+            let mut digest = CRC.digest();
+            write_memory(&memf, 0, &mut meta, mem, &mut digest, progress)?;
+            memf.sync_all().map_err(io_err("fsync the memory image".into()))?;
+            let mb = meta.encode();
+            digest.update(&mb);
+            let mut header = Header {
+                version: VERSION,
+                flags: FLAG_SEPARATE_MEMORY,
+                meta_offset: HEADER_LEN as u64,
+                meta_len: mb.len() as u64,
+                mem_offset: 0,
+                mem_len: meta.memory.image_len(),
+                crc: 0,
+            };
+            digest.update(&header.encode(false));
+            header.crc = digest.finalize();
+            let mut state = File::create(tmp.join("state"))
+                .map_err(io_err("create the state file".into()))?;
+            state
+                .write_all(&header.encode(true))
+                .and_then(|()| state.write_all(&mb))
+                .and_then(|()| state.sync_all())
+                .map_err(io_err("write the state file".into()))?;
+            fsync_dir(&tmp)?;
+            if path.is_dir() {
+                exchange(&tmp, path)?;
+                // `tmp` now holds the previous checkpoint.
+                let _ = std::fs::remove_dir_all(&tmp);
+            } else {
+                std::fs::rename(&tmp, path)
+                    .map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))?;
+            }
+            fsync_dir(&parent_dir(path))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        r.map(|()| meta)
+    }
+
+    fn open(&self, path: &Path, progress: &mut Progress) -> Result<Opened, CheckpointError> {
+        let open = |name: &str| {
+            File::open(path.join(name)).map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    CheckpointError::Usage(format!(
+                        "{} is not a checkpoint directory (no '{name}' in it)",
+                        path.display()
+                    ))
+                } else {
+                    CheckpointError::Io {
+                        what: format!("open {}", path.join(name).display()),
+                        source: e,
+                    }
+                }
+            })
+        };
+        let state = open("state")?;
+        let memory = open("memory")?;
+        open_parts(path, state, Some(memory), progress)
+    }
+}
+
+/// Swap two directory entries atomically (renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> Result<(), CheckpointError> {
+    use std::os::unix::ffi::OsStrExt;
+    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())
+        .map_err(|_| CheckpointError::Usage("a path contains a NUL byte".into()))?;
+    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())
+        .map_err(|_| CheckpointError::Usage("a path contains a NUL byte".into()))?;
+    // SAFETY: both are valid NUL-terminated paths; renameat2 only reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        return Err(CheckpointError::Io {
+            what: format!("exchange {} and {}", a.display(), b.display()),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
