@@ -3,8 +3,10 @@
 /// Lines longer than this are logged in pieces (a guest cannot grow the buffer without bound).
 const MAX_LINE: usize = 256;
 
-#[derive(Default)]
+/// Its serde form (the partial line) is part of its device's checkpoint state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LineBuf {
+    #[serde(with = "super::serde_util::hex")]
     buf: Vec<u8>,
 }
 
@@ -25,6 +27,17 @@ impl LineBuf {
         let s = String::from_utf8_lossy(&self.buf).into_owned();
         self.buf.clear();
         s
+    }
+
+    /// Refuses a partial line longer than a line can get (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        if self.buf.len() >= MAX_LINE {
+            return Err(format!(
+                "a partial line of {} bytes (lines are cut at {MAX_LINE})",
+                self.buf.len()
+            ));
+        }
+        Ok(())
     }
 
     /// What is left at the end.

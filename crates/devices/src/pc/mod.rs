@@ -34,6 +34,8 @@ pub mod pic_dev;
 pub mod pit_dev;
 #[cfg(feature = "pm-timer")]
 pub mod pm_timer_dev;
+#[allow(dead_code)]
+pub(crate) mod serde_util;
 #[cfg(feature = "serial")]
 pub mod serial;
 #[cfg(feature = "testdev")]

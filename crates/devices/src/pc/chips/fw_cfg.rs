@@ -152,6 +152,18 @@ impl FwCfg {
         v
     }
 
+    /// The selected key and the read offset in its item (the guest-visible state; the items
+    /// follow from the VM's configuration).
+    pub fn selection(&self) -> (u16, usize) {
+        (self.selected, self.offset)
+    }
+
+    /// Restore [`FwCfg::selection`].
+    pub fn set_selection(&mut self, key: u16, offset: usize) {
+        self.selected = key;
+        self.offset = offset;
+    }
+
     /// Port write. 0x510 selects an item (low 16 bits, or low 8 bits for a
     /// 1-byte write) and rewinds; data-port and other writes are ignored.
     pub fn write(&mut self, port: u16, v: u64, len: usize) {

@@ -32,6 +32,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 /// Data port.
 pub const DATA_PORT: u16 = 0x60;
 /// Status (read) / command (write) port.
@@ -84,14 +86,14 @@ pub enum I8042Action {
     Irq12,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Source {
     Kbd,
     Aux,
 }
 
 /// Data byte the controller expects on port 0x60 after a command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Pending {
     None,
     WriteRam(u8),
@@ -102,7 +104,7 @@ enum Pending {
 }
 
 /// Argument the keyboard expects after a command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum KbdArg {
     None,
     Leds,
@@ -110,8 +112,9 @@ enum KbdArg {
     ScanSet,
 }
 
-/// The 8042 controller with keyboard, mouse and port 0x92.
-#[derive(Clone, Debug)]
+/// The 8042 controller with keyboard, mouse and port 0x92. Its serde form is the checkpoint
+/// state; check a deserialized value with [`I8042::check`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct I8042 {
     /// Controller RAM; byte 0 is the command byte.
     ram: [u8; 32],
@@ -164,6 +167,30 @@ impl I8042 {
             leds: 0,
             aux_arg: false,
         }
+    }
+
+    /// Refuses a state the controller cannot be in (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        if let Pending::WriteRam(i) = self.pending
+            && usize::from(i) >= self.ram.len()
+        {
+            return Err(format!("i8042: pending write to RAM byte {i} beyond 31"));
+        }
+        for (name, len) in [
+            ("controller", self.ctrl_q.len()),
+            ("keyboard", self.kbd_q.len()),
+            ("mouse", self.aux_q.len()),
+        ] {
+            if len > QUEUE_CAP {
+                return Err(format!(
+                    "i8042: {len} bytes queued from the {name} (at most {QUEUE_CAP})"
+                ));
+            }
+        }
+        if !(1..=3).contains(&self.scan_set) {
+            return Err(format!("i8042: scan code set {}", self.scan_set));
+        }
+        Ok(())
     }
 
     /// Current A20 gate state (output port bit 1 OR port 0x92 bit 1).

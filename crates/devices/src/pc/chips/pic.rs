@@ -33,8 +33,10 @@ const ELCR_MASTER_WRITABLE: u8 = 0xf8;
 /// ELCR bits that can be written on the slave (IRQ 8 and 13 are read-only 0).
 const ELCR_SLAVE_WRITABLE: u8 = 0xde;
 
+use serde::{Deserialize, Serialize};
+
 /// Position in the ICW initialisation sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum InitStep {
     /// Initialised (or never initialised): data port writes are OCW1.
     Ready,
@@ -47,7 +49,7 @@ enum InitStep {
 }
 
 /// One 8259A chip.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Chip {
     /// True for the master (the chip whose inputs may be slave inputs).
     is_master: bool,
@@ -338,8 +340,9 @@ impl Chip {
     }
 }
 
-/// The PC's cascaded 8259A pair plus the ELCR registers.
-#[derive(Clone, Debug)]
+/// The PC's cascaded 8259A pair plus the ELCR registers. Its serde form is the checkpoint
+/// state; check a deserialized value with [`PicPair::check`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PicPair {
     master: Chip,
     slave: Chip,
@@ -460,6 +463,34 @@ impl PicPair {
             _ => return,
         }
         self.sync_cascade();
+    }
+
+    /// Refuses a state the chips cannot be in (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        for (c, name, master, writable) in [
+            (&self.master, "master", true, ELCR_MASTER_WRITABLE),
+            (&self.slave, "slave", false, ELCR_SLAVE_WRITABLE),
+        ] {
+            if c.is_master != master {
+                return Err(format!("PIC {name}: is_master must be {master}"));
+            }
+            if c.elcr & !writable != 0 {
+                return Err(format!(
+                    "PIC {name}: ELCR {:#04x} sets read-only bits",
+                    c.elcr
+                ));
+            }
+            if c.base & 7 != 0 {
+                return Err(format!(
+                    "PIC {name}: vector base {:#04x} is not a multiple of 8",
+                    c.base
+                ));
+            }
+            if c.lowest > 7 {
+                return Err(format!("PIC {name}: lowest priority {} > 7", c.lowest));
+            }
+        }
+        Ok(())
     }
 
     /// Edge/level control for IRQ 0-15 (bit n = IRQ n is level-triggered).

@@ -44,6 +44,7 @@
 //! should simply re-arm after any guest write to ports 0x40-0x43.
 
 use palacios_vmm::time::Ns;
+use serde::{Deserialize, Serialize};
 
 /// Input clock of the 8254 on a PC, in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -81,7 +82,7 @@ fn bin_to_bcd(v: u64) -> u16 {
 }
 
 /// Read/write access mode of a channel (control word RW bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Access {
     LoByte,
     HiByte,
@@ -89,7 +90,7 @@ enum Access {
 }
 
 /// One counter of the 8254.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Channel {
     /// Mode bits as written (0-7); reported in the status byte.
     raw_mode: u8,
@@ -485,8 +486,9 @@ impl Channel {
     }
 }
 
-/// The 8254 timer with its three channels and port 0x61.
-#[derive(Clone, Debug)]
+/// The 8254 timer with its three channels and port 0x61. Its serde form is the checkpoint
+/// state (guest-time stamps included); check a deserialized value with [`Pit::check`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pit {
     channels: [Channel; 3],
     /// Port 0x61 bits 0-3 as last written.
@@ -506,6 +508,48 @@ impl Pit {
             channels: [Channel::new(true), Channel::new(true), Channel::new(false)],
             port61: 0,
         }
+    }
+
+    /// Refuses a state the timer cannot be in (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        if self.port61 & !0x0f != 0 {
+            return Err(format!(
+                "PIT: port 0x61 bits {:#04x} beyond 0-3",
+                self.port61
+            ));
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            let effective = if c.raw_mode >= 6 {
+                c.raw_mode.wrapping_sub(4)
+            } else {
+                c.raw_mode
+            };
+            if c.raw_mode > 7 || c.mode != effective {
+                return Err(format!(
+                    "PIT channel {i}: mode {} does not match control-word mode {}",
+                    c.mode, c.raw_mode
+                ));
+            }
+            if !(1..=65_536).contains(&c.n) {
+                return Err(format!(
+                    "PIT channel {i}: initial count {} out of range",
+                    c.n
+                ));
+            }
+            if let Some((_, n)) = c.pending
+                && !(1..=65_536).contains(&n)
+            {
+                return Err(format!("PIT channel {i}: pending count {n} out of range"));
+            }
+            let gate = if i == 2 { self.port61 & 1 != 0 } else { true };
+            if c.gate != gate {
+                return Err(format!(
+                    "PIT channel {i}: gate {} but its input is {gate}",
+                    c.gate
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads ports 0x40-0x42 (counters), 0x43 (reads 0xff) and 0x61. Any

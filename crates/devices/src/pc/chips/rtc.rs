@@ -64,6 +64,7 @@
 use super::NS_PER_SEC;
 pub use super::civil::{civil_from_unix, unix_from_civil};
 use palacios_vmm::time::Ns;
+use serde::{Deserialize, Serialize};
 
 /// CMOS index port.
 pub const RTC_INDEX_PORT: u16 = 0x70;
@@ -134,18 +135,26 @@ struct Fields {
 }
 
 /// Whether the calendar advances.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Clock {
     /// Wall-clock nanoseconds since the epoch = `origin_ns + now`.
-    Running { origin_ns: i128 },
+    Running {
+        #[serde(with = "crate::pc::serde_util::i128_text")]
+        origin_ns: i128,
+    },
     /// Frozen in the CMOS time registers. Second boundaries, once running
     /// again, fall on guest times `t` with `(t + phase_ns) % 1e9 == 0`.
-    Held { phase_ns: i128 },
+    Held {
+        #[serde(with = "crate::pc::serde_util::i128_text")]
+        phase_ns: i128,
+    },
 }
 
-/// MC146818 RTC + 128 bytes of CMOS RAM.
-#[derive(Clone, Debug)]
+/// MC146818 RTC + 128 bytes of CMOS RAM. Its serde form is the checkpoint state (guest-time
+/// stamps included); check a deserialized value with [`Rtc::check`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rtc {
+    #[serde(with = "crate::pc::serde_util::hex")]
     cmos: [u8; 128],
     index: u8,
     nmi_masked: bool,
@@ -259,6 +268,27 @@ impl Rtc {
             }
             RTC_DATA_PORT => self.write_reg(usize::from(self.index), v, now),
             _ => {}
+        }
+    }
+
+    /// Refuses a state the chip cannot be in (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        if self.index > 0x7F {
+            return Err(format!("RTC: CMOS index {:#x} beyond 0x7f", self.index));
+        }
+        if self.wday_adjust > 6 {
+            return Err(format!("RTC: weekday offset {} beyond 6", self.wday_adjust));
+        }
+        // Wall-clock seconds within i64, so that no calendar arithmetic can overflow.
+        let limit = i128::from(i64::MAX) * NS;
+        match self.clock {
+            Clock::Running { origin_ns } if origin_ns.abs() > limit => {
+                Err(format!("RTC: clock origin {origin_ns} ns out of range"))
+            }
+            Clock::Held { phase_ns } if !(0..NS).contains(&phase_ns) => {
+                Err(format!("RTC: second phase {phase_ns} ns out of range"))
+            }
+            _ => Ok(()),
         }
     }
 

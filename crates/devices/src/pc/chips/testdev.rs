@@ -26,11 +26,13 @@ pub const IRQ_PORT_BASE: u16 = 0x2000;
 /// Number of interrupt lines.
 pub const IRQ_LINES: usize = 24;
 
-/// The test device.
-#[derive(Clone, Debug)]
+/// The test device. Its serde form is the checkpoint state (the scratch memory as its non-zero
+/// chunks); check a deserialized value with [`TestDev::check`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TestDev {
     scratch: [u8; 4],
     irq_levels: [bool; IRQ_LINES],
+    #[serde(with = "crate::pc::serde_util::sparse")]
     mem: Vec<u8>,
 }
 
@@ -51,6 +53,17 @@ impl TestDev {
     }
 
     /// Level last written for interrupt line `irq` (false for unknown lines).
+    /// Refuses a state the device cannot be in (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        if self.mem.len() != MMIO_SIZE {
+            return Err(format!(
+                "pc-testdev: {} bytes of MMIO scratch (must be {MMIO_SIZE})",
+                self.mem.len()
+            ));
+        }
+        Ok(())
+    }
+
     pub fn irq_level(&self, irq: u8) -> bool {
         self.irq_levels
             .get(usize::from(irq))

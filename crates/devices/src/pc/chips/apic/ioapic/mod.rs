@@ -23,6 +23,7 @@
 mod tests;
 
 use crate::pc::chips::apic::msg::{DeliveryMode, Interrupt, Shorthand};
+use serde::{Deserialize, Serialize};
 
 /// Default guest-physical base of the I/O APIC.
 pub const DEFAULT_BASE: u64 = 0xfec0_0000;
@@ -49,8 +50,9 @@ pub const RTE_LOGICAL: u64 = 1 << 11;
 /// mode, polarity, trigger mode, mask, destination (bits 56-63).
 const RTE_WRITABLE: u64 = 0xff00_0000_0001_afff;
 
-/// An I/O APIC.
-#[derive(Clone, Debug)]
+/// An I/O APIC. Its serde form is the checkpoint state; check a deserialized value with
+/// [`Ioapic::check`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ioapic {
     id: u8,
     arb_id: u8,
@@ -78,6 +80,24 @@ impl Ioapic {
         self.regsel = 0;
         self.arb_id = self.id;
         self.redir = [RTE_MASKED; PINS];
+    }
+
+    /// Refuses a state the I/O APIC cannot be in (a restored checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        if self.id > 0x0f || self.arb_id > 0x0f {
+            return Err(format!(
+                "IOAPIC: ID {:#x} / arbitration ID {:#x} wider than 4 bits",
+                self.id, self.arb_id
+            ));
+        }
+        for (pin, &e) in self.redir.iter().enumerate() {
+            if e & !(RTE_WRITABLE | RTE_REMOTE_IRR) != 0 {
+                return Err(format!(
+                    "IOAPIC: redirection entry {pin} {e:#x} sets reserved bits"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The I/O APIC ID (4 bits).

@@ -29,6 +29,7 @@ use timer::{Timer, TimerMode};
 
 use crate::pc::chips::apic::Ns;
 use crate::pc::chips::apic::msg::{self, DeliveryMode, Interrupt, LapicIdent};
+use serde::{Deserialize, Serialize};
 
 /// Default xAPIC MMIO base.
 pub const DEFAULT_BASE: u64 = 0xfee0_0000;
@@ -149,7 +150,7 @@ pub enum LvtSource {
 }
 
 /// One 256-bit interrupt register (IRR, ISR or TMR).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Bits256([u32; 8]);
 
 impl Bits256 {
@@ -176,8 +177,9 @@ impl Bits256 {
     }
 }
 
-/// A local APIC.
-#[derive(Clone, Debug)]
+/// A local APIC. Its serde form is the checkpoint state (guest-time stamps included; the TSC
+/// rate is the VM's, not saved); check a deserialized value with [`Lapic::check`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lapic {
     /// IA32_APIC_BASE (address, EXTD, EN, BSP).
     base: u64,
@@ -186,6 +188,8 @@ pub struct Lapic {
     initial_id: u32,
     /// xAPIC ID register value (bits 24-31), software-writable.
     xapic_id: u8,
+    /// The guest TSC rate: the VM's clock's, set again on restore ([`Lapic::set_tsc_hz`]).
+    #[serde(skip)]
     tsc_hz: u64,
     tpr: u8,
     /// xAPIC LDR (bits 24-31).
@@ -246,6 +250,56 @@ impl Lapic {
     /// IA32_APIC_BASE.
     pub fn set_phys_addr_bits(&mut self, bits: u32) {
         self.phys_addr_bits = bits.clamp(36, 52);
+    }
+
+    /// Sets the guest TSC rate (0 is treated as 1), e.g. after a restore.
+    pub fn set_tsc_hz(&mut self, tsc_hz: u64) {
+        self.tsc_hz = tsc_hz.max(1);
+    }
+
+    /// Refuses a state this APIC cannot be in (a restored checkpoint): the APIC of core
+    /// `index` (the BSP if `bsp`) has initial APIC ID `index`.
+    pub fn check(&self, index: u32, bsp: bool) -> Result<(), String> {
+        if self.initial_id != index {
+            return Err(format!(
+                "LAPIC {index}: initial APIC ID {} (must be the core's number)",
+                self.initial_id
+            ));
+        }
+        if (self.base & BASE_BSP != 0) != bsp {
+            return Err(format!("LAPIC {index}: the BSP flag must be {bsp}"));
+        }
+        if !(36..=52).contains(&self.phys_addr_bits) {
+            return Err(format!(
+                "LAPIC {index}: {} physical address bits (36-52)",
+                self.phys_addr_bits
+            ));
+        }
+        let addr_mask = ((1u64 << self.phys_addr_bits) - 1) & !0xfff;
+        if self.base & !(addr_mask | BASE_EN | BASE_EXTD | BASE_BSP) != 0
+            || self.base & (BASE_EN | BASE_EXTD) == BASE_EXTD
+        {
+            return Err(format!(
+                "LAPIC {index}: IA32_APIC_BASE {:#x} is not valid",
+                self.base
+            ));
+        }
+        if self.svr & !regs::SVR_WRITABLE != 0 {
+            return Err(format!(
+                "LAPIC {index}: SVR {:#x} sets reserved bits",
+                self.svr
+            ));
+        }
+        for (i, (&v, &w)) in self.lvt.iter().zip(LVT_WRITABLE.iter()).enumerate() {
+            if v & !(w | LVT_REMOTE_IRR) != 0 {
+                return Err(format!(
+                    "LAPIC {index}: LVT entry {i} {v:#x} sets reserved bits"
+                ));
+            }
+        }
+        self.timer
+            .check()
+            .map_err(|e| format!("LAPIC {index}: {e}"))
     }
 
     /// Resets every register except the APIC ID and IA32_APIC_BASE.

@@ -103,7 +103,7 @@ impl Reg {
 
 /// Writable bits of the SVR: vector, APIC software enable, focus-processor
 /// checking. Bit 12 (EOI-broadcast suppression) is not supported.
-const SVR_WRITABLE: u32 = 0x3ff;
+pub(super) const SVR_WRITABLE: u32 = 0x3ff;
 /// Writable bits of ICR low: vector, delivery mode, destination mode,
 /// level, trigger mode, shorthand.
 const ICR_LO_WRITABLE: u32 = 0x000c_cfff;

@@ -7,6 +7,7 @@
 //! from that and the time passed in.
 
 use crate::pc::chips::apic::Ns;
+use serde::{Deserialize, Serialize};
 
 /// Frequency of the APIC timer's input clock (the "bus clock"), in Hz.
 ///
@@ -76,7 +77,7 @@ pub(crate) fn tsc_to_ns(delta: u64, tsc_hz: u64) -> u64 {
 }
 
 /// A running count-down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Run {
     /// Guest time at which the counter held `anchor_count`.
     anchor: Ns,
@@ -87,7 +88,7 @@ struct Run {
 }
 
 /// State of the APIC timer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Timer {
     /// Initial count register.
     pub(crate) initial: u32,
@@ -105,6 +106,20 @@ impl Timer {
     /// Resets to the power-on state (stopped, counts 0, divide by 2).
     pub(crate) fn reset(&mut self) {
         *self = Self::default();
+    }
+
+    /// Refuses a state the timer cannot be in (a restored checkpoint).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.dcr & !0xb != 0 {
+            return Err(format!(
+                "timer divide configuration {:#x} sets reserved bits",
+                self.dcr
+            ));
+        }
+        if self.run.is_some_and(|r| r.anchor_count == 0) {
+            return Err("timer count-down from 0".into());
+        }
+        Ok(())
     }
 
     fn div(&self) -> u64 {
