@@ -22,6 +22,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, aml};
 use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{
     BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption, Outcome, VmHandle,
 };
@@ -65,6 +66,18 @@ impl DeviceClass for AcpiClass {
             regs: Pm1Regs::default(),
             vm: ctx.vm.clone(),
         }));
+        let (p1, p2) = (pm.clone(), pm.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || lock(&p1).regs.clone(),
+            move |regs: Pm1Regs| {
+                if regs.control & SLP_EN != 0 {
+                    return Err("ACPI: PM1a control with SLP_EN set (it reads as 0)".into());
+                }
+                lock(&p2).regs = regs;
+                Ok(())
+            },
+        ));
         ctx.add_ports(PM1A_EVT, 4, &dev.id, pm.clone())
             .map_err(|e| dev.node.err(e.msg))?;
         ctx.add_ports(PM1A_CNT, 2, &dev.id, pm)
@@ -181,8 +194,9 @@ fn madt(cores: u32) -> Sdt {
     t
 }
 
-/// The PM1a event (status, enable) and control registers.
-#[derive(Default)]
+/// The PM1a event (status, enable) and control registers; their serde form is the checkpoint
+/// state (the tables are rebuilt into guest memory with the VM, and saved with it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pm1Regs {
     pub status: u16,
     pub enable: u16,
@@ -220,6 +234,10 @@ impl Pm1Regs {
         }
         None
     }
+}
+
+fn lock(p: &Mutex<Pm1>) -> std::sync::MutexGuard<'_, Pm1> {
+    p.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Pm1 {

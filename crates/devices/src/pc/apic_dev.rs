@@ -9,10 +9,12 @@ use palacios_vmm::bus::{FallbackDevice, current_cpu};
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::InterruptController;
 use palacios_vmm::msr::MsrDevice;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::time::GuestClock;
 use palacios_vmm::timer::Timer;
 use palacios_vmm::{BuildCtx, ConfigError, DeviceClass, DeviceOption, VmHandle};
 use palacios_x86::CpuState;
+use serde::{Deserialize, Serialize};
 
 use super::chips::apic::{Action, Interrupt, Lapic};
 use super::ioapic_dev::IoapicShared;
@@ -33,6 +35,7 @@ impl DeviceClass for LapicClass {
     fn create(&self, ctx: &mut BuildCtx, _dev: &DeviceConfig) -> Result<(), ConfigError> {
         if ctx.kernel_irqchip.is_some() {
             tracing::debug!("LAPIC: emulated by the backend's in-kernel irqchip");
+            ctx.state_in_backend();
             return Ok(());
         }
         let tsc_hz = ctx.clock.tsc_hz();
@@ -65,6 +68,8 @@ impl DeviceClass for LapicClass {
             })
             .collect();
         let _ = sys.timers.set(timers);
+        let (s1, s2) = (sys.clone(), sys.clone());
+        ctx.register_state(state_fn(1, move || s1.save(), move |st| s2.restore(st)));
         ctx.mmio.add_fallback(sys.clone());
         ctx.msrs
             .insert(0x1b, 0x1b, sys.clone())
@@ -96,6 +101,17 @@ impl DeviceClass for LapicClass {
     }
 }
 
+/// The checkpoint state of one core's LAPIC.
+#[derive(Serialize, Deserialize)]
+struct CoreApic {
+    lapic: Lapic,
+    /// An NMI is waiting for the core.
+    nmi_pending: bool,
+    /// The core has been started: the BSP at once, an AP by its first SIPI (later ones are
+    /// ignored).
+    started: bool,
+}
+
 /// Every core's LAPIC and what connects them.
 pub struct ApicSystem {
     apics: Mutex<Vec<Lapic>>,
@@ -112,6 +128,51 @@ pub struct ApicSystem {
 impl ApicSystem {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Lapic>> {
         self.apics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self) -> Vec<CoreApic> {
+        self.lock()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| CoreApic {
+                lapic: l.clone(),
+                nmi_pending: self.nmi[i].load(Ordering::Acquire),
+                started: self.started[i].load(Ordering::Acquire),
+            })
+            .collect()
+    }
+
+    fn restore(&self, cores: Vec<CoreApic>) -> Result<(), String> {
+        if cores.len() != self.nmi.len() {
+            return Err(format!(
+                "{} LAPICs saved, but the VM has {} cores",
+                cores.len(),
+                self.nmi.len()
+            ));
+        }
+        for (i, c) in cores.iter().enumerate() {
+            c.lapic.check(i as u32, i == 0)?;
+        }
+        if cores.first().is_some_and(|c| !c.started) {
+            return Err("core 0 (the BSP) is always started".into());
+        }
+        let tsc_hz = self.clock.tsc_hz();
+        {
+            let mut apics = self.lock();
+            for (a, c) in apics.iter_mut().zip(&cores) {
+                *a = c.lapic.clone();
+                a.set_tsc_hz(tsc_hz);
+            }
+        }
+        for (i, c) in cores.iter().enumerate() {
+            self.nmi[i].store(c.nmi_pending, Ordering::Release);
+            self.started[i].store(c.started, Ordering::Release);
+        }
+        // Timers from the restored deadlines (absolute guest time, still valid).
+        for i in 0..cores.len() {
+            self.rearm(i as u32);
+        }
+        Ok(())
     }
 
     /// Deliver a message on the APIC bus (from an IOAPIC pin or an IPI).

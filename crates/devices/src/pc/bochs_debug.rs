@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::linebuf::LineBuf;
@@ -22,11 +23,50 @@ impl DeviceClass for BochsDebugClass {
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let d = Arc::new(Mutex::new(BochsDebug::default()));
+        // The state is the partial line of each port: restored, the guest's next output
+        // completes it as if the VM had not stopped.
+        let (d1, d2) = (d.clone(), d.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || {
+                let d = lock(&d1);
+                BochsDebugState {
+                    console: d.console.clone(),
+                    info: d.info.clone(),
+                    debug: d.debug.clone(),
+                    panic: d.panic.clone(),
+                }
+            },
+            move |st: BochsDebugState| {
+                for b in [&st.console, &st.info, &st.debug, &st.panic] {
+                    b.check().map_err(|e| format!("bochs debug: {e}"))?;
+                }
+                let mut d = lock(&d2);
+                d.console = st.console;
+                d.info = st.info;
+                d.debug = st.debug;
+                d.panic = st.panic;
+                Ok(())
+            },
+        ));
         ctx.add_ports(0xe9, 1, &dev.id, d.clone())
             .map_err(|e| dev.node.err(e.msg))?;
         ctx.add_ports(0x400, 4, &dev.id, d)
             .map_err(|e| dev.node.err(e.msg))
     }
+}
+
+fn lock(d: &Mutex<BochsDebug>) -> std::sync::MutexGuard<'_, BochsDebug> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The checkpoint state: the partial line of each port.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BochsDebugState {
+    console: LineBuf,
+    info: LineBuf,
+    debug: LineBuf,
+    panic: LineBuf,
 }
 
 #[derive(Default)]

@@ -33,6 +33,11 @@ impl DeviceClass for CharStreamClass {
     fn options(&self) -> &'static [DeviceOption] {
         OPTIONS
     }
+    // Only host-side plumbing: the COM port it connects (the SERIAL frontend) holds every
+    // guest-visible byte and register, and the host stream is reopened from the config.
+    fn stateless(&self) -> bool {
+        true
+    }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let n = &dev.node;
         let name = n.req("name")?;

@@ -31,6 +31,10 @@ impl DeviceClass for DebugExitClass {
     fn options(&self) -> &'static [DeviceOption] {
         OPTIONS
     }
+    // A write ends the VM at once; reads return 0xff. Nothing is kept between accesses.
+    fn stateless(&self) -> bool {
+        true
+    }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let n = &dev.node;
         let base = n.num("iobase")?.unwrap_or(0xf4);

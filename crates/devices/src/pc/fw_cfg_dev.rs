@@ -5,9 +5,19 @@
 use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::chips::fw_cfg::FwCfg;
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint state: what the guest selected and how far it has read. The items themselves
+/// follow from the configuration (cores, RAM, command line) and are rebuilt with the VM.
+#[derive(Serialize, Deserialize)]
+struct FwCfgState {
+    selected: u16,
+    offset: u64,
+}
 
 pub struct FwCfgClass;
 
@@ -27,12 +37,34 @@ impl DeviceClass for FwCfgClass {
             ctx.map.ram_bytes(),
             &ctx.boot_cmdline,
         );
-        ctx.add_ports(0x510, 2, &dev.id, Arc::new(Mutex::new(FwCfgPorts(fw))))
+        let ports = Arc::new(Mutex::new(FwCfgPorts(fw)));
+        let (p1, p2) = (ports.clone(), ports.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || {
+                let (selected, offset) = lock(&p1).0.selection();
+                FwCfgState {
+                    selected,
+                    offset: offset as u64,
+                }
+            },
+            move |st: FwCfgState| {
+                let offset = usize::try_from(st.offset)
+                    .map_err(|_| format!("fw_cfg: read offset {} out of range", st.offset))?;
+                lock(&p2).0.set_selection(st.selected, offset);
+                Ok(())
+            },
+        ));
+        ctx.add_ports(0x510, 2, &dev.id, ports)
             .map_err(|e| dev.node.err(e.msg))
     }
 }
 
 struct FwCfgPorts(FwCfg);
+
+fn lock(p: &Mutex<FwCfgPorts>) -> std::sync::MutexGuard<'_, FwCfgPorts> {
+    p.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl BusDevice for FwCfgPorts {
     fn read(&mut self, addr: u64, data: &mut [u8]) {

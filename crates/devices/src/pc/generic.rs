@@ -24,6 +24,10 @@ impl DeviceClass for GenericClass {
     fn options(&self) -> &'static [DeviceOption] {
         OPTIONS
     }
+    // Reads return 0 and writes are dropped: nothing but the config's port ranges.
+    fn stateless(&self) -> bool {
+        true
+    }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let mut ranges = Vec::new();
         for p in dev.node.children_named("ports") {

@@ -3,11 +3,22 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::apic_dev::ApicSystem;
 use super::chips::apic::{Interrupt, Ioapic};
 use super::irq_router::{GsiSink, IrqRouter};
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint state of the IOAPIC.
+#[derive(Serialize, Deserialize)]
+struct IoapicState {
+    ioapic: Ioapic,
+    /// Level of each IRQ line as last passed on to the controllers (bit n = GSI n): shared with
+    /// the PIC, and restored by either, so that a line's next change is seen as one.
+    irq_levels: u32,
+}
 
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 
@@ -31,6 +42,7 @@ impl DeviceClass for IoapicClass {
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         if ctx.kernel_irqchip.is_some() {
             tracing::debug!("IOAPIC: emulated by the backend's in-kernel irqchip");
+            ctx.state_in_backend();
             return Ok(());
         }
         let id = dev
@@ -49,8 +61,25 @@ impl DeviceClass for IoapicClass {
             Arc::new(Mutex::new(IoapicMmio(shared.clone()))),
         )
         .map_err(|e| dev.node.err(e.msg))?;
-        IrqRouter::get(ctx).attach_ioapic(shared.clone());
+        let router = IrqRouter::get(ctx);
+        router.attach_ioapic(shared.clone());
         ctx.provide(shared.clone());
+        let (s1, s2, r1) = (shared.clone(), shared.clone(), router.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || IoapicState {
+                ioapic: s1.lock().clone(),
+                irq_levels: r1.levels(),
+            },
+            move |st: IoapicState| {
+                st.ioapic.check()?;
+                // Nothing is sent: delivery is instantaneous, so no message was in flight, and
+                // the LAPICs' restored state already holds what was delivered.
+                router.set_levels(st.irq_levels)?;
+                *s2.lock() = st.ioapic;
+                Ok(())
+            },
+        ));
         ctx.on_finish(move |ctx| {
             match ctx.service::<ApicSystem>() {
                 Some(a) => {

@@ -49,6 +49,27 @@ impl IrqRouter {
         let _ = self.ioapic.set(ioapic);
     }
 
+    /// The level of every line (bit n = GSI n), for checkpoints.
+    pub fn levels(&self) -> u32 {
+        let l = self.levels.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter()
+            .enumerate()
+            .fold(0, |acc, (i, &high)| acc | (u32::from(high) << i))
+    }
+
+    /// Restore the line levels (bit n = GSI n) without passing anything on: the interrupt
+    /// controllers' own state, restored with them, already reflects these levels.
+    pub fn set_levels(&self, bits: u32) -> Result<(), String> {
+        if bits >> 24 != 0 {
+            return Err(format!("IRQ line levels {bits:#x}: there are 24 lines"));
+        }
+        let mut l = self.levels.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, high) in l.iter_mut().enumerate() {
+            *high = bits & (1 << i) != 0;
+        }
+        Ok(())
+    }
+
     pub fn set_irq(&self, gsi: u32, level: bool) {
         if gsi >= 24 {
             return;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::IrqLine;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{
     BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption, Outcome, VmHandle,
 };
@@ -47,6 +48,17 @@ impl DeviceClass for KeyboardClass {
             irq1: ctx.irq_line(1),
             irq12: ctx.irq_line(12),
         }));
+        let (k1, k2) = (kb.clone(), kb.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || lock(&k1).i8042.clone(),
+            move |i8042: I8042| {
+                i8042.check()?;
+                // IRQ1/IRQ12 are only ever pulsed: no line level to restore.
+                lock(&k2).i8042 = i8042;
+                Ok(())
+            },
+        ));
         ctx.add_ports(0x60, 1, &dev.id, kb.clone())
             .map_err(|e| dev.node.err(e.msg))?;
         ctx.add_ports(0x64, 1, &dev.id, kb.clone())
@@ -54,6 +66,10 @@ impl DeviceClass for KeyboardClass {
         ctx.add_ports(0x92, 1, &dev.id, kb)
             .map_err(|e| dev.node.err(e.msg))
     }
+}
+
+fn lock(k: &Mutex<Keyboard>) -> std::sync::MutexGuard<'_, Keyboard> {
+    k.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Keyboard {

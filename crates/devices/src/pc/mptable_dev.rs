@@ -22,6 +22,11 @@ impl DeviceClass for MpTableClass {
     fn options(&self) -> &'static [DeviceOption] {
         &[]
     }
+    // The tables are written into guest memory at build (saved with the memory); the device
+    // has no registers.
+    fn stateless(&self) -> bool {
+        true
+    }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let cfg = MpConfig {
             cpus: ctx.cores,

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::IrqLine;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::time::GuestClock;
 use palacios_vmm::timer::Timer;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
@@ -59,6 +60,19 @@ impl DeviceClass for NvramClass {
         });
         let _ = shared.timer.set(t);
         shared.update(now);
+        let (s1, s2) = (shared.clone(), shared.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || s1.rtc().clone(),
+            move |rtc: Rtc| {
+                rtc.check()?;
+                *s2.rtc() = rtc;
+                // The timer to the next enabled event. IRQ8 is not driven: its level (IRQF)
+                // is restored with the interrupt controllers and the IRQ router.
+                s2.rearm(s2.clock.now());
+                Ok(())
+            },
+        ));
         ctx.add_ports(0x70, 2, &dev.id, Arc::new(Mutex::new(RtcPorts(shared))))
             .map_err(|e| dev.node.err(e.msg))
     }
@@ -78,11 +92,14 @@ impl RtcShared {
 
     /// Follow the IRQ8 level and re-arm for the next enabled event.
     fn update(&self, now: u64) {
-        let (level, next) = {
-            let r = self.rtc();
-            (r.irq_level(), r.next_event(now))
-        };
+        let level = self.rtc().irq_level();
         self.irq8.set_level(level);
+        self.rearm(now);
+    }
+
+    /// Arm the timer for the next enabled event.
+    fn rearm(&self, now: u64) {
+        let next = self.rtc().next_event(now);
         if let Some(t) = self.timer.get() {
             match next {
                 Some(at) => t.arm(at.max(now)),

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::linebuf::LineBuf;
@@ -25,11 +26,42 @@ impl DeviceClass for OsDebugClass {
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let d = Arc::new(Mutex::new(OsDebug::default()));
+        // The state is the partial output line and the heartbeat count: restored, the guest's
+        // next output completes the line as if the VM had not stopped.
+        let (d1, d2) = (d.clone(), d.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || {
+                let d = lock(&d1);
+                OsDebugState {
+                    line: d.line.clone(),
+                    heartbeats: d.heartbeats,
+                }
+            },
+            move |st: OsDebugState| {
+                st.line.check().map_err(|e| format!("os_debug: {e}"))?;
+                let mut d = lock(&d2);
+                d.line = st.line;
+                d.heartbeats = st.heartbeats;
+                Ok(())
+            },
+        ));
         ctx.add_ports(OUTPUT_PORT, 1, &dev.id, d.clone())
             .map_err(|e| dev.node.err(e.msg))?;
         ctx.add_ports(HEARTBEAT_PORT, 4, &dev.id, d)
             .map_err(|e| dev.node.err(e.msg))
     }
+}
+
+fn lock(d: &Mutex<OsDebug>) -> std::sync::MutexGuard<'_, OsDebug> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The checkpoint state: the partial output line and the heartbeat count.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OsDebugState {
+    line: LineBuf,
+    heartbeats: u64,
 }
 
 #[derive(Default)]

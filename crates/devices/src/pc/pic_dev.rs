@@ -8,10 +8,21 @@ use std::sync::{Arc, Mutex, OnceLock};
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::control::Wakers;
 use palacios_vmm::irq::InterruptController;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::chips::pic::PicPair;
 use super::irq_router::{GsiSink, IrqRouter};
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint state of the PIC pair.
+#[derive(Serialize, Deserialize)]
+struct PicState {
+    pic: PicPair,
+    /// Level of each IRQ line as last passed on to the controllers (bit n = GSI n): shared with
+    /// the IOAPIC, and restored by either, so that a line's next change is seen as one.
+    irq_levels: u32,
+}
 
 pub struct PicClass;
 
@@ -28,6 +39,7 @@ impl DeviceClass for PicClass {
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         if ctx.kernel_irqchip.is_some() {
             tracing::debug!("8259A: emulated by the backend's in-kernel irqchip");
+            ctx.state_in_backend();
             return Ok(());
         }
         let shared = Arc::new(PicShared {
@@ -44,8 +56,25 @@ impl DeviceClass for PicClass {
             )
             .map_err(|e| dev.node.err(e.msg))?;
         }
-        IrqRouter::get(ctx).attach_pic(shared.clone());
+        let router = IrqRouter::get(ctx);
+        router.attach_pic(shared.clone());
         ctx.provide(shared.clone());
+        let (s1, s2, r1) = (shared.clone(), shared.clone(), router.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || PicState {
+                pic: s1.lock().clone(),
+                irq_levels: r1.levels(),
+            },
+            move |st: PicState| {
+                st.pic.check()?;
+                // The INTR output follows from the state: the controller polls it, and core 0
+                // looks when it starts.
+                router.set_levels(st.irq_levels)?;
+                *s2.lock() = st.pic;
+                Ok(())
+            },
+        ));
         // Without a LAPIC the PIC alone interrupts core 0.
         ctx.on_finish(move |ctx| {
             if ctx.interrupt_controller.is_none() {

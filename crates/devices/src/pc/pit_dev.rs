@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::IrqLine;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::time::GuestClock;
 use palacios_vmm::timer::Timer;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
@@ -27,6 +28,7 @@ impl DeviceClass for PitClass {
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         if ctx.kernel_irqchip.is_some() {
             tracing::debug!("8254_PIT: emulated by the backend's in-kernel PIT");
+            ctx.state_in_backend();
             return Ok(());
         }
         let shared = Arc::new(PitShared {
@@ -43,6 +45,18 @@ impl DeviceClass for PitClass {
             }
         });
         let _ = shared.timer.set(timer);
+        let (s1, s2) = (shared.clone(), shared.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || s1.lock().clone(),
+            move |pit: Pit| {
+                pit.check()?;
+                *s2.lock() = pit;
+                // IRQ0 is only ever pulsed: there is no level to restore, just the next tick.
+                s2.rearm(s2.clock.now());
+                Ok(())
+            },
+        ));
         ctx.add_ports(
             0x40,
             4,
@@ -63,12 +77,12 @@ struct PitShared {
 }
 
 impl PitShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pit> {
+        self.pit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn rearm(&self, now: u64) {
-        let next = self
-            .pit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .next_irq0(now);
+        let next = self.lock().next_irq0(now);
         if let Some(t) = self.timer.get() {
             match next {
                 Some(at) => t.arm(at),

@@ -24,6 +24,11 @@ impl DeviceClass for PmTimerClass {
     fn options(&self) -> &'static [DeviceOption] {
         OPTIONS
     }
+    // The counter is a pure function of guest time (restored by the VM) and writes are
+    // ignored.
+    fn stateless(&self) -> bool {
+        true
+    }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let port = dev.node.num("port")?.unwrap_or(0x608);
         if port > 0xfffc {

@@ -3,12 +3,16 @@
 //! `v3` console unless a `CHAR_STREAM` connects it elsewhere (option `console`).
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::IrqLine;
 use palacios_vmm::registry::{CharFrontend, CharInput};
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, ConfigNode, DeviceClass, DeviceOption};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// (base port, ISA IRQ) of COM1–COM4.
@@ -49,8 +53,12 @@ impl DeviceClass for SerialClass {
         let mut ports = Vec::new();
         for (i, &(base, irq)) in COM_PORTS.iter().enumerate() {
             let sink = Sink::default();
-            let uart = Serial::new(IrqTrigger(ctx.irq_line(irq)), sink.clone());
-            let com = Arc::new(Mutex::new(ComPort { base, uart }));
+            let uart = Serial::new(IrqTrigger::new(ctx.irq_line(irq)), sink.clone());
+            let com = Arc::new(Mutex::new(ComPort {
+                base,
+                uart,
+                sink: sink.clone(),
+            }));
             ctx.add_ports(base, 8, &format!("{}.com{}", dev.id, i + 1), com.clone())
                 .map_err(|e| n.err(e.msg))?;
             ports.push((com, sink));
@@ -60,6 +68,17 @@ impl DeviceClass for SerialClass {
             ports: ports.clone(),
         });
         ctx.char_frontends.insert(dev.id.clone(), frontend);
+        let coms: Vec<Arc<Mutex<ComPort>>> = ports.iter().map(|(c, _)| c.clone()).collect();
+        let coms2 = coms.clone();
+        ctx.register_state(state_fn(
+            1,
+            move || {
+                coms.iter()
+                    .map(|c| UartState::from(&lock(c).uart.state()))
+                    .collect::<Vec<_>>()
+            },
+            move |st: Vec<UartState>| restore_ports(&coms2, st),
+        ));
         let id = dev.id.clone();
         ctx.on_finish(move |ctx| {
             let Some(c) = console else { return Ok(()) };
@@ -79,12 +98,106 @@ impl DeviceClass for SerialClass {
     }
 }
 
-type Uart = Serial<IrqTrigger, vm_superio::serial::NoEvents, Sink>;
+type Uart = Serial<IrqTrigger, NoEvents, Sink>;
+
+/// Size of vm-superio's receive FIFO.
+const FIFO_SIZE: usize = 64;
 
 /// One COM port on the port bus.
 pub struct ComPort {
     base: u16,
     uart: Uart,
+    /// Where the UART writes (shared with the frontend that connects it).
+    sink: Sink,
+}
+
+fn lock(c: &Mutex<ComPort>) -> std::sync::MutexGuard<'_, ComPort> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The checkpoint state of one UART: vm-superio's [`SerialState`] (every register, and the
+/// received bytes the guest has not read yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    pub divisor_low: u8,
+    pub divisor_high: u8,
+    pub ier: u8,
+    pub iir: u8,
+    pub lcr: u8,
+    pub lsr: u8,
+    pub mcr: u8,
+    pub msr: u8,
+    pub scratch: u8,
+    #[serde(with = "super::serde_util::hex")]
+    pub rx_fifo: Vec<u8>,
+}
+
+impl From<&SerialState> for UartState {
+    fn from(s: &SerialState) -> Self {
+        UartState {
+            divisor_low: s.baud_divisor_low,
+            divisor_high: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<&UartState> for SerialState {
+    fn from(s: &UartState) -> Self {
+        SerialState {
+            baud_divisor_low: s.divisor_low,
+            baud_divisor_high: s.divisor_high,
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scratch,
+            in_buffer: s.rx_fifo.clone(),
+        }
+    }
+}
+
+/// Replace the UARTs' state. Nothing is signalled: an interrupt the saved UART had raised is
+/// in the interrupt controllers' restored state.
+fn restore_ports(coms: &[Arc<Mutex<ComPort>>], st: Vec<UartState>) -> Result<(), String> {
+    if st.len() != coms.len() {
+        return Err(format!(
+            "{} UARTs saved, the device has {}",
+            st.len(),
+            coms.len()
+        ));
+    }
+    let mut uarts = Vec::with_capacity(coms.len());
+    for (i, (c, s)) in coms.iter().zip(&st).enumerate() {
+        if s.rx_fifo.len() > FIFO_SIZE {
+            return Err(format!(
+                "COM{}: {} received bytes, the FIFO holds {FIFO_SIZE}",
+                i + 1,
+                s.rx_fifo.len()
+            ));
+        }
+        // vm-superio raises the interrupt of a restored pending condition; keep that quiet.
+        let trigger = IrqTrigger::new(lock(c).uart.interrupt_evt().line.clone());
+        trigger.muted.store(true, Ordering::Relaxed);
+        let sink = lock(c).sink.clone();
+        let uart = Serial::from_state(&SerialState::from(s), trigger, NoEvents, sink)
+            .map_err(|e| format!("COM{}: {e}", i + 1))?;
+        uart.interrupt_evt().muted.store(false, Ordering::Relaxed);
+        uarts.push(uart);
+    }
+    for (c, uart) in coms.iter().zip(uarts) {
+        lock(c).uart = uart;
+    }
+    Ok(())
 }
 
 impl BusDevice for ComPort {
@@ -135,13 +248,27 @@ impl Write for Sink {
     }
 }
 
-/// Edge on the COM port's IRQ line.
-pub struct IrqTrigger(Arc<dyn IrqLine>);
+/// Edge on the COM port's IRQ line (none while muted).
+pub struct IrqTrigger {
+    line: Arc<dyn IrqLine>,
+    muted: AtomicBool,
+}
+
+impl IrqTrigger {
+    fn new(line: Arc<dyn IrqLine>) -> Self {
+        IrqTrigger {
+            line,
+            muted: AtomicBool::new(false),
+        }
+    }
+}
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.pulse();
+        if !self.muted.load(Ordering::Relaxed) {
+            self.line.pulse();
+        }
         Ok(())
     }
 }
@@ -177,8 +304,7 @@ struct ComInput(Arc<Mutex<ComPort>>);
 
 impl CharInput for ComInput {
     fn push(&self, bytes: &[u8]) -> usize {
-        let mut p = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        p.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+        lock(&self.0).uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
 
@@ -205,7 +331,8 @@ mod tests {
         (
             ComPort {
                 base: 0x3f8,
-                uart: Serial::new(IrqTrigger(line.clone()), sink),
+                uart: Serial::new(IrqTrigger::new(line.clone()), sink.clone()),
+                sink,
             },
             line,
             out,
@@ -247,5 +374,37 @@ mod tests {
             b"A",
             "divisor writes are not output"
         );
+    }
+
+    #[test]
+    fn restore_keeps_registers_and_fifo_and_raises_nothing() {
+        let (mut p, _, _) = port();
+        p.write(0x3f9, &[0x01]); // RX interrupt
+        p.write(0x3ff, &[0x5a]);
+        assert_eq!(p.uart.enqueue_raw_bytes(b"ok").unwrap(), 2);
+        let saved = UartState::from(&p.uart.state());
+        let (q, line, out) = port();
+        let q = Arc::new(Mutex::new(q));
+        let raised = || line.raised.load(std::sync::atomic::Ordering::Relaxed);
+        let before = raised();
+        restore_ports(std::slice::from_ref(&q), vec![saved.clone()]).unwrap();
+        assert_eq!(raised(), before, "a restore signals nothing");
+        let mut q = q.lock().unwrap();
+        assert_eq!(UartState::from(&q.uart.state()), saved);
+        let mut b = [0u8];
+        for (off, want) in [(0x3ff, 0x5a), (0x3f9, 0x01), (0x3f8, b'o'), (0x3f8, b'k')] {
+            q.read(off, &mut b);
+            assert_eq!(b[0], want, "register {off:#x}");
+        }
+        // The restored UART still interrupts and writes to its sink.
+        q.write(0x3f9, &[0x03]);
+        assert!(raised() > before);
+        q.write(0x3f8, b"Z");
+        assert_eq!(out.lock().unwrap().as_slice(), b"Z");
+        drop(q);
+        let mut bad = saved;
+        bad.rx_fifo = vec![0; 65];
+        let q = Arc::new(Mutex::new(port().0));
+        assert!(restore_ports(std::slice::from_ref(&q), vec![bad]).is_err());
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::IrqLine;
+use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::chips::testdev::TestDev;
@@ -30,6 +31,19 @@ impl DeviceClass for TestDevClass {
             dev: TestDev::new(),
             lines,
         }));
+        let (d1, d2) = (d.clone(), d.clone());
+        ctx.register_state(state_fn(
+            1,
+            move || lock(&d1).dev.clone(),
+            move |t: TestDev| {
+                t.check()?;
+                // The lines are not driven again: their levels are restored with the interrupt
+                // controllers (and the IRQ router), and driving one here would be a no-op, or
+                // an edge on a line another device drove last.
+                lock(&d2).dev = t;
+                Ok(())
+            },
+        ));
         ctx.add_ports(0xe0, 8, &dev.id, d.clone())
             .map_err(|e| dev.node.err(e.msg))?;
         ctx.add_ports(0x2000, 24, &dev.id, d.clone())
@@ -37,6 +51,10 @@ impl DeviceClass for TestDevClass {
         ctx.add_mmio(MMIO_BASE, 0x1_0000, &dev.id, d)
             .map_err(|e| dev.node.err(e.msg))
     }
+}
+
+fn lock(d: &Mutex<TestDevice>) -> std::sync::MutexGuard<'_, TestDevice> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct TestDevice {
