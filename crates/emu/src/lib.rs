@@ -134,6 +134,14 @@ impl Backend for EmuBackend {
         true
     }
 
+    fn cpuid_features(&self) -> Vec<(u32, u32, [u32; 4])> {
+        let model = lock(&self.model).clone();
+        palacios_vmm::backend::FEATURE_LEAVES
+            .iter()
+            .map(|&(leaf, sub, _)| (leaf, sub, model.cpuid(leaf, sub, 0, 1)))
+            .collect()
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
         let phys = lock(&self.phys)
             .clone()

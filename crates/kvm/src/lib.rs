@@ -243,6 +243,19 @@ impl Backend for KvmBackend {
             .map_err(host_err("KVM_X86_SET_MSR_FILTER"))
     }
 
+    fn cpuid_features(&self) -> Vec<(u32, u32, [u32; 4])> {
+        palacios_vmm::backend::FEATURE_LEAVES
+            .iter()
+            .filter_map(|&(leaf, sub, _)| {
+                self.cpuid
+                    .as_slice()
+                    .iter()
+                    .find(|e| e.function == leaf && e.index == sub)
+                    .map(|e| (leaf, sub, [e.eax, e.ebx, e.ecx, e.edx]))
+            })
+            .collect()
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
         let fd = self
             .vm
@@ -307,11 +320,55 @@ struct KvmIrqchip {
     vm: Arc<VmFd>,
 }
 
+/// The in-kernel PICs, IOAPIC and PIT, as a checkpoint keeps them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KvmChipState {
+    pic_master: kvm_bindings::kvm_irqchip,
+    pic_slave: kvm_bindings::kvm_irqchip,
+    ioapic: kvm_bindings::kvm_irqchip,
+    pit: kvm_bindings::kvm_pit_state2,
+}
+
 impl KernelIrqchip for KvmIrqchip {
     fn set_irq(&self, gsi: u32, level: bool) {
         if let Err(e) = self.vm.set_irq_line(gsi, level) {
             tracing::debug!("KVM_IRQ_LINE {gsi}: {e}");
         }
+    }
+
+    fn save(&self) -> Result<serde_json::Value, BackendError> {
+        let chip = |id: u32| {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map(|()| c)
+                .map_err(host_err("KVM_GET_IRQCHIP"))
+        };
+        let st = KvmChipState {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(host_err("KVM_GET_PIT2"))?,
+        };
+        serde_json::to_value(&st).map_err(|e| BackendError::Host {
+            op: "save the in-kernel irqchip",
+            source: io::Error::other(e.to_string()),
+        })
+    }
+
+    fn restore(&self, state: &serde_json::Value) -> Result<(), BackendError> {
+        let st: KvmChipState =
+            serde_json::from_value(state.clone()).map_err(|e| BackendError::Host {
+                op: "restore the in-kernel irqchip",
+                source: io::Error::other(format!("malformed state: {e}")),
+            })?;
+        for c in [&st.pic_master, &st.pic_slave, &st.ioapic] {
+            self.vm.set_irqchip(c).map_err(host_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.vm.set_pit2(&st.pit).map_err(host_err("KVM_SET_PIT2"))
     }
 }
 

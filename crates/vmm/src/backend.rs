@@ -281,6 +281,10 @@ pub const CPU_FEATURES: &[&str] = &[
 pub trait KernelIrqchip: Send + Sync {
     /// Set the level of GSI `gsi` (ISA IRQs 0-15 reach both the PIC and the IOAPIC).
     fn set_irq(&self, gsi: u32, level: bool);
+    /// The state of the PICs, IOAPIC and PIT (VM paused).
+    fn save(&self) -> Result<serde_json::Value, BackendError>;
+    /// Replace it (before the VM runs).
+    fn restore(&self, state: &serde_json::Value) -> Result<(), BackendError>;
 }
 
 /// A virtualization backend: creates the VM-wide state and its vCPUs.
@@ -335,6 +339,43 @@ pub trait Backend: Send + Sync {
     }
     /// Create vCPU number `index` (its APIC ID is `index`).
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError>;
+    /// The CPUID model guests see, as feature leaves: (leaf, subleaf, [eax, ebx, ecx, edx])
+    /// of leaves 1, 7.0 and 0x80000001 (what a checkpoint records and compares).
+    fn cpuid_features(&self) -> Vec<(u32, u32, [u32; 4])>;
+}
+
+/// The feature leaves a checkpoint records, and which registers hold feature bits.
+pub const FEATURE_LEAVES: &[(u32, u32, &[usize])] =
+    &[(1, 0, &[2, 3]), (7, 0, &[1, 2, 3]), (0x8000_0001, 0, &[2, 3])];
+
+/// Features of `saved` that `target` lacks, as "leaf.reg bit N" strings (empty: compatible).
+pub fn missing_features(
+    saved: &[(u32, u32, [u32; 4])],
+    target: &[(u32, u32, [u32; 4])],
+) -> Vec<String> {
+    const REG: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+    let mut out = Vec::new();
+    for &(leaf, sub, regs) in FEATURE_LEAVES {
+        let Some((_, _, s)) = saved.iter().find(|e| e.0 == leaf && e.1 == sub) else {
+            continue;
+        };
+        let t = target
+            .iter()
+            .find(|e| e.0 == leaf && e.1 == sub)
+            .map(|e| e.2)
+            .unwrap_or([0; 4]);
+        for &r in regs {
+            // Leaf 1 EBX/ECX bits that describe the core rather than a feature.
+            let ignore = if leaf == 1 && r == 2 { 1 << 27 } else { 0 }; // OSXSAVE follows CR4
+            let missing = s[r] & !t[r] & !ignore;
+            for bit in 0..32 {
+                if missing & (1 << bit) != 0 {
+                    out.push(format!("CPUID {leaf:#x}.{} bit {bit}", REG[r]));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One virtual core. Lives on its own thread.

@@ -221,6 +221,8 @@ struct Shared {
     /// A command replaced the core's whole state while it was parked.
     replaced: Vec<AtomicBool>,
     quiesce: Mutex<Vec<Arc<dyn Quiesce>>>,
+    /// What a checkpoint needs (set when the VM is built).
+    parts: std::sync::OnceLock<Arc<crate::snapshot::VmParts>>,
 }
 
 /// A clonable handle on a VM's control channel.
@@ -247,11 +249,21 @@ impl VmHandle {
             modes: (0..cores).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
             replaced: (0..cores).map(|_| AtomicBool::new(false)).collect(),
             quiesce: Mutex::new(Vec::new()),
+            parts: std::sync::OnceLock::new(),
         }))
     }
 
     pub fn wakers(&self) -> &Wakers {
         &self.0.wakers
+    }
+
+    /// The parts a checkpoint reads (memory, clock, devices), once the VM is built.
+    pub fn parts(&self) -> Option<&Arc<crate::snapshot::VmParts>> {
+        self.0.parts.get()
+    }
+
+    pub fn set_parts(&self, p: Arc<crate::snapshot::VmParts>) {
+        let _ = self.0.parts.set(p);
     }
 
     /// Number of cores.

@@ -15,6 +15,7 @@ pub mod irq;
 pub mod memory;
 pub mod msr;
 pub mod registry;
+pub mod snapshot;
 pub mod state;
 pub mod telemetry;
 pub mod test_support;

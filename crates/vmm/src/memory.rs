@@ -137,6 +137,41 @@ impl MemoryMap {
             .collect();
         GuestMemoryMmap::from_ranges(&ranges)
     }
+
+    /// Guest RAM mapped copy-on-write from `file` (a checkpoint's memory image at `offset`,
+    /// the slots one after the other): nothing is read until the guest touches it, and
+    /// nothing the guest writes reaches the file.
+    pub fn create_memory_from_file(
+        &self,
+        file: &std::fs::File,
+        offset: u64,
+    ) -> Result<GuestMem, String> {
+        use vm_memory::bitmap::NewBitmap;
+        use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+        let mut regions = Vec::new();
+        let mut at = offset;
+        for &(start, size) in self.slots.iter().filter(|(_, n)| *n > 0) {
+            let f = file
+                .try_clone()
+                .map_err(|e| format!("cannot map the memory image: {e}"))?;
+            let region = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+                size as usize,
+                crate::write_watch::WriteWatch::with_len(size as usize),
+            )
+            .with_file_offset(FileOffset::new(f, at))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| format!("cannot map {size:#x} bytes of the memory image at {at:#x}: {e}"))?;
+            let _: &MmapRegion<crate::write_watch::WriteWatch> = &region;
+            regions.push(
+                GuestRegionMmap::new(region, GuestAddress(start))
+                    .ok_or_else(|| format!("memory slot at {start:#x} overflows"))?,
+            );
+            at += size;
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

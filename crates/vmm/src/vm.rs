@@ -103,11 +103,26 @@ impl Vm {
         backend: Box<dyn Backend>,
         host: Arc<dyn Host>,
     ) -> Result<Vm, VmError> {
+        Self::build_with_memory(cfg, registry, backend, host, None)
+    }
+
+    /// [`Vm::build`] with guest RAM made by the caller (for [`MemoryMap::pc`] of the config's
+    /// size, for example mapped from a checkpoint); `None` allocates fresh RAM.
+    pub fn build_with_memory(
+        cfg: &VmConfig,
+        registry: &Registry,
+        backend: Box<dyn Backend>,
+        host: Arc<dyn Host>,
+        mem: Option<GuestMem>,
+    ) -> Result<Vm, VmError> {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
-        let mem = map.create_memory().map_err(|e| VmError::Memory {
-            mib: cfg.mem_mib,
-            reason: e.to_string(),
-        })?;
+        let mem = match mem {
+            Some(m) => m,
+            None => map.create_memory().map_err(|e| VmError::Memory {
+                mib: cfg.mem_mib,
+                reason: e.to_string(),
+            })?,
+        };
         backend.map_memory(&mem)?;
         let handle = VmHandle::new(cfg.cores);
         let mut ctx = BuildCtx::new(
@@ -156,6 +171,16 @@ impl Vm {
         let vcpus = (0..cfg.cores)
             .map(|i| backend.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;
+        handle.set_parts(Arc::new(crate::snapshot::VmParts {
+            config: cfg.clone(),
+            mem: mem.clone(),
+            clock: ctx.clock.clone(),
+            devices: ctx.device_states.clone(),
+            without_state: ctx.without_state.clone(),
+            irqchip: ctx.kernel_irqchip.clone(),
+            backend: backend.name(),
+            cpuid: backend.cpuid_features(),
+        }));
         tracing::debug!(
             "VM built: {} MiB, {} cores, {} devices, backend {}",
             cfg.mem_mib,

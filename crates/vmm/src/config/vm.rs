@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::{ConfigError, ConfigNode, parse_size};
 
 /// Which CPU backend runs the VM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BackendChoice {
     /// KVM where usable, otherwise the next available backend.
     #[default]
@@ -29,7 +29,7 @@ impl BackendChoice {
 }
 
 /// Where the PC's interrupt controllers and PIT are emulated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IrqchipMode {
     /// The VMM's own models (PIC, IOAPIC, LAPIC, PIT): portable, observable, used by every backend.
     #[default]
@@ -39,7 +39,7 @@ pub enum IrqchipMode {
 }
 
 /// Kernel image formats.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BootFormat {
     /// Detect from the file's contents.
     #[default]
@@ -70,7 +70,7 @@ impl BootFormat {
 }
 
 /// A multiboot module.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModuleConfig {
     pub path: PathBuf,
     /// The module's string (defaults to the file name).
@@ -78,7 +78,7 @@ pub struct ModuleConfig {
 }
 
 /// What Palacios set outside its XML: the guest image and how to enter it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootConfig {
     pub format: BootFormat,
     pub kernel: PathBuf,
@@ -89,7 +89,7 @@ pub struct BootConfig {
 }
 
 /// One `<device>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfig {
     pub class: String,
     pub id: String,
@@ -97,7 +97,7 @@ pub struct DeviceConfig {
 }
 
 /// A whole VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// The file it came from, if any (for messages).
     pub source: Option<PathBuf>,
