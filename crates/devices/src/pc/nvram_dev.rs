@@ -66,10 +66,13 @@ impl DeviceClass for NvramClass {
             move || s1.rtc().clone(),
             move |rtc: Rtc| {
                 rtc.check()?;
+                // The timer as it was armed: for the first enabled event after the last one
+                // accounted, which may already be due (then it fires at once, as it would
+                // have). IRQ8 is not driven: its level (IRQF) is restored with the interrupt
+                // controllers and the IRQ router.
+                let last = rtc.last_accounted();
                 *s2.rtc() = rtc;
-                // The timer to the next enabled event. IRQ8 is not driven: its level (IRQF)
-                // is restored with the interrupt controllers and the IRQ router.
-                s2.rearm(s2.clock.now());
+                s2.rearm(last);
                 Ok(())
             },
         ));
@@ -97,7 +100,7 @@ impl RtcShared {
         self.rearm(now);
     }
 
-    /// Arm the timer for the next enabled event.
+    /// Arm the timer for the first enabled event after `now`.
     fn rearm(&self, now: u64) {
         let next = self.rtc().next_event(now);
         if let Some(t) = self.timer.get() {

@@ -12,6 +12,16 @@ use palacios_vmm::timer::Timer;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
 use super::chips::pit::Pit;
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint state of the PIT.
+#[derive(Serialize, Deserialize)]
+struct PitState {
+    pit: Pit,
+    /// Guest time of the IRQ0 edge the timer is armed for. It can already be due when the VM
+    /// is paused; restored as it is, that edge is delivered (late) as it would have been.
+    irq0_at: Option<u64>,
+}
 
 pub struct PitClass;
 
@@ -36,6 +46,7 @@ impl DeviceClass for PitClass {
             clock: ctx.clock.clone(),
             irq0: ctx.irq_line(0),
             timer: OnceLock::new(),
+            irq0_at: Mutex::new(None),
         });
         let weak: Weak<PitShared> = Arc::downgrade(&shared);
         let timer = ctx.timers.timer(move |now| {
@@ -48,12 +59,15 @@ impl DeviceClass for PitClass {
         let (s1, s2) = (shared.clone(), shared.clone());
         ctx.register_state(state_fn(
             1,
-            move || s1.lock().clone(),
-            move |pit: Pit| {
-                pit.check()?;
-                *s2.lock() = pit;
+            move || PitState {
+                pit: s1.lock().clone(),
+                irq0_at: *lock(&s1.irq0_at),
+            },
+            move |st: PitState| {
+                st.pit.check()?;
+                *s2.lock() = st.pit;
                 // IRQ0 is only ever pulsed: there is no level to restore, just the next tick.
-                s2.rearm(s2.clock.now());
+                s2.arm(st.irq0_at);
                 Ok(())
             },
         ));
@@ -74,15 +88,27 @@ struct PitShared {
     clock: Arc<GuestClock>,
     irq0: Arc<dyn IrqLine>,
     timer: OnceLock<Timer>,
+    /// What the timer is armed for.
+    irq0_at: Mutex<Option<u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PitShared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pit> {
-        self.pit.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.pit)
     }
 
     fn rearm(&self, now: u64) {
         let next = self.lock().next_irq0(now);
+        self.arm(next);
+    }
+
+    fn arm(&self, next: Option<u64>) {
+        let mut at = lock(&self.irq0_at);
+        *at = next;
         if let Some(t) = self.timer.get() {
             match next {
                 Some(at) => t.arm(at),

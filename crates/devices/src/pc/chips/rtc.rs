@@ -292,6 +292,11 @@ impl Rtc {
         }
     }
 
+    /// Guest time up to which events have been accounted (by [`Rtc::tick`]).
+    pub fn last_accounted(&self) -> Ns {
+        self.last
+    }
+
     /// Level of the IRQ8 line: register C's IRQF bit.
     pub fn irq_level(&self) -> bool {
         self.cmos[REG_C] & C_IRQF != 0
