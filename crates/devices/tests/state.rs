@@ -674,3 +674,43 @@ fn malformed_state_is_refused() {
     let p = probe(&ctx);
     assert_eq!(value(&p, "scr"), 0xa5);
 }
+
+// ----- in-kernel irqchip --------------------------------------------------------------------
+
+/// An in-kernel irqchip that keeps its (empty) state itself.
+struct KernelChip;
+
+impl palacios_vmm::backend::KernelIrqchip for KernelChip {
+    fn set_irq(&self, _gsi: u32, _level: bool) {}
+    fn save(&self) -> Result<StateValue, palacios_vmm::backend::BackendError> {
+        Ok(StateValue::Null)
+    }
+    fn restore(&self, _state: &StateValue) -> Result<(), palacios_vmm::backend::BackendError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn devices_in_the_kernel_irqchip_leave_their_state_to_the_backend() {
+    let devices = ["8259A", "8254_PIT", "LAPIC", "IOAPIC", "NVRAM"];
+    let xml = xml(
+        CORES,
+        DEVICES
+            .iter()
+            .filter(|(c, _)| devices.contains(c))
+            .map(|d| d.1),
+    );
+    let cfg = VmConfig::parse(&xml, Path::new(".")).unwrap();
+    let map = MemoryMap::pc(cfg.mem_mib << 20);
+    let mem = map.create_memory().unwrap();
+    let mut ctx = BuildCtx::new(Arc::new(DryRunHost), mem, map, VmHandle::new(CORES), CORES);
+    ctx.kernel_irqchip = Some(Arc::new(KernelChip));
+    let reg = palacios_devices::registry();
+    for d in &cfg.devices {
+        reg.create(&mut ctx, d).unwrap();
+    }
+    ctx.finish().unwrap();
+    assert!(ctx.without_state.is_empty(), "{:?}", ctx.without_state);
+    let ids: Vec<&str> = ctx.device_states.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["nvram"], "only the RTC is emulated here");
+}
