@@ -129,6 +129,13 @@ impl Backend for EmuBackend {
         Ok(())
     }
 
+    fn restrict_cpu_features(&self, keep: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError> {
+        let mut model = (**lock(&self.model)).clone();
+        model.restrict(keep);
+        *lock(&self.model) = Arc::new(model);
+        Ok(())
+    }
+
     fn enable_virtual_time(&self) -> bool {
         self.deterministic.store(true, Ordering::Release);
         true
@@ -546,6 +553,7 @@ impl Vcpu for EmuVcpu {
             },
             msrs,
             mode: palacios_vmm::backend::CoreMode::Running,
+            pending_start: None,
             backend: Some((
                 "emu".into(),
                 serde_json::to_value(&extras).map_err(|e| self.fail(e.to_string()))?,

@@ -157,6 +157,18 @@ impl CpuModel {
         }
     }
 
+    /// Keep only the feature bits of `keep` in the leaves it lists.
+    pub fn restrict(&mut self, keep: &[(u32, u32, [u32; 4])]) {
+        for &(leaf, sub, mask) in keep {
+            if let Some(v) = self.leaves.get_mut(&(leaf, sub)) {
+                for (r, m) in v.iter_mut().zip(mask) {
+                    // EAX of leaf 1 is the signature and EBX holds the APIC ID: not features.
+                    *r &= m;
+                }
+            }
+        }
+    }
+
     /// Hide a feature by its /proc/cpuinfo name; false if the name is unknown.
     pub fn hide(&mut self, name: &str) -> bool {
         let (leaf, reg, bit) = match name {

@@ -75,7 +75,7 @@ pub fn probe() -> Option<String> {
 pub struct KvmBackend {
     kvm: Kvm,
     vm: Arc<VmFd>,
-    cpuid: kvm_bindings::CpuId,
+    cpuid: std::sync::Mutex<kvm_bindings::CpuId>,
     tsc_khz: Option<u32>,
     /// Bitmaps referenced by the installed MSR filter (KVM copies them; kept for clarity).
     msr_bitmaps: std::sync::Mutex<Vec<Vec<u8>>>,
@@ -126,7 +126,7 @@ impl KvmBackend {
         Ok(KvmBackend {
             kvm,
             vm: Arc::new(vm),
-            cpuid,
+            cpuid: std::sync::Mutex::new(cpuid),
             tsc_khz,
             msr_bitmaps: std::sync::Mutex::new(Vec::new()),
             msr_list: Arc::new(msr_list),
@@ -248,6 +248,8 @@ impl Backend for KvmBackend {
             .iter()
             .filter_map(|&(leaf, sub, _)| {
                 self.cpuid
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
                     .as_slice()
                     .iter()
                     .find(|e| e.function == leaf && e.index == sub)
@@ -256,12 +258,28 @@ impl Backend for KvmBackend {
             .collect()
     }
 
+    fn restrict_cpu_features(&self, keep: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError> {
+        let mut cpuid = self.cpuid.lock().unwrap_or_else(|p| p.into_inner());
+        for e in cpuid.as_mut_slice() {
+            if let Some(&(_, _, m)) = keep.iter().find(|k| k.0 == e.function && k.1 == e.index) {
+                // Leaf 1 EAX (signature) and EBX (APIC ID, CLFLUSH size) are not features.
+                if e.function != 1 {
+                    e.eax &= m[0];
+                    e.ebx &= m[1];
+                }
+                e.ecx &= m[2];
+                e.edx &= m[3];
+            }
+        }
+        Ok(())
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError> {
         let fd = self
             .vm
             .create_vcpu(u64::from(index))
             .map_err(host_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = self.cpuid.clone();
+        let mut cpuid = self.cpuid.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for e in cpuid.as_mut_slice() {
             match e.function {
                 1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
@@ -673,6 +691,7 @@ impl Vcpu for KvmVcpu {
             },
             msrs,
             mode: CoreMode::Running,
+            pending_start: None,
             backend: Some((
                 "kvm".into(),
                 serde_json::to_value(&extras).map_err(|e| BackendError::Host {

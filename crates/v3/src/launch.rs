@@ -161,6 +161,23 @@ pub fn prepare(
     Ok(Prepared { vm })
 }
 
+/// Build the VM a checkpoint describes and restore it (guest memory is mapped from the
+/// checkpoint copy-on-write; nothing is loaded).
+pub fn prepare_restore(
+    cfg: &VmConfig,
+    ck: &palacios_checkpoint::Opened,
+    backend: Box<dyn Backend>,
+    host: Arc<dyn Host>,
+) -> Result<Prepared, LaunchError> {
+    let registry = palacios_devices::registry();
+    let mem = palacios_vmm::snapshot::memory_of(ck, cfg)
+        .map_err(|e| LaunchError::Config(format!("cannot restore {}: {e}", ck.path.display())))?;
+    let mut vm = Vm::build_with_memory(cfg, &registry, backend, host, Some(mem))?;
+    palacios_vmm::snapshot::restore(&mut vm, ck)
+        .map_err(|e| LaunchError::Config(format!("cannot restore {}: {e}", ck.path.display())))?;
+    Ok(Prepared { vm })
+}
+
 /// What the loader needs from a `<boot>` section and the files it names.
 fn boot_params<'a>(b: &'a BootConfig, kernel: &'a [u8], mods: &'a [Vec<u8>]) -> BootParams<'a> {
     BootParams {

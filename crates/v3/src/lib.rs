@@ -1,8 +1,11 @@
 //! Palacios-rs as a library: compose a VM from a config (or the standard PC platform), load a
 //! guest and run it. The `v3` binary is a thin command line over this crate.
 
+pub mod control_api;
 pub mod launch;
 pub mod platform;
+pub mod progress;
+pub mod session;
 pub mod status;
 
 pub use palacios_boot as boot;
@@ -30,6 +33,7 @@ pub fn bundled_guests() -> palacios_vmm::host::Bundled {
             "emubench64.elf",
             "flat16.bin",
             "mbaout.bin",
+            "countdown.elf",
         )
     }
     #[cfg(not(palacios_demo))]

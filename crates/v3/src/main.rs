@@ -3,15 +3,14 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use palacios::launch::{self, Image, LaunchError};
+use palacios::session::{self, SessionOpts};
 use palacios::{platform, status};
 use palacios_vmm::config::{BackendChoice, BootFormat, ModuleConfig, VmConfig};
 use palacios_vmm::host::restore_terminal;
-use palacios_vmm::{LinuxHost, Outcome};
 
 #[derive(Parser)]
 #[command(name = "v3", version, about = "Palacios-rs: compose and run virtual machines", after_help = STATUS_HELP)]
@@ -38,6 +37,50 @@ enum Cmd {
     Devices,
     /// List the guests bundled into this v3 (name them as guest:NAME in a config or --kernel).
     Guests,
+    /// Restore a VM from a checkpoint and run it (guest memory is mapped copy-on-write).
+    Load(LoadArgs),
+    /// Pause a running VM (every core out of guest mode, guest time stopped).
+    Pause { vm: String },
+    /// Let a paused VM run again.
+    Continue { vm: String },
+    /// Stop a VM.
+    Stop { vm: String },
+    /// Print a VM's state (JSON).
+    Status { vm: String },
+    /// Save a checkpoint of a VM (it is paused for the save, then continues).
+    Save {
+        /// The VM: its --name, or its API socket path.
+        vm: String,
+        /// Where to write the checkpoint.
+        path: PathBuf,
+        /// Checkpoint store: file (one file) or dir (a directory).
+        #[arg(long, default_value = "file")]
+        store: String,
+        /// Stop the VM after the save.
+        #[arg(long)]
+        stop: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// A checkpoint written by `v3 save` (a file, or a directory of the dir store).
+    checkpoint: PathBuf,
+    /// CPU backend to restore on (default: the config's; a checkpoint moves between them).
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// Serve the VM's control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Name the restored VM (its API socket as for `v3 run --name`).
+    #[arg(long, conflicts_with = "api_sock")]
+    name: Option<String>,
+    /// Start paused: the restored VM waits for `v3 continue`.
+    #[arg(long)]
+    paused: bool,
+    /// Print per-core exit telemetry when the VM ends.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -99,6 +142,23 @@ struct RunArgs {
     /// Print per-core exit telemetry when the VM ends.
     #[arg(long)]
     stats: bool,
+    /// CPU model: full (everything the backend has) or portable (what both backends present,
+    /// so that a checkpoint moves between them; overrides the config's <cpu model>).
+    #[arg(long, value_enum)]
+    cpu: Option<CpuArg>,
+    /// Serve the VM's control API (HTTP/JSON) on this Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Name the VM: its API socket is $XDG_RUNTIME_DIR/palacios-rs/NAME.sock (or
+    /// /tmp/palacios-rs-UID/NAME.sock), and `v3 pause NAME` etc. reach it.
+    #[arg(long, conflicts_with = "api_sock")]
+    name: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CpuArg {
+    Full,
+    Portable,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,7 +184,7 @@ struct LogWriter;
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut e = std::io::stderr().lock();
-        if RAW.load(Ordering::Relaxed) != 0 {
+        if palacios::session::RAW.load(Ordering::Relaxed) != 0 {
             for line in buf.split_inclusive(|&b| b == b'\n') {
                 match line.strip_suffix(b"\n") {
                     Some(l) => {
@@ -144,7 +204,6 @@ impl Write for LogWriter {
     }
 }
 
-static RAW: AtomicI32 = AtomicI32::new(0);
 
 fn init_logging(level: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
@@ -183,6 +242,17 @@ fn main() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Devices => devices(),
         Cmd::Guests => guests(),
+        Cmd::Load(a) => load(a),
+        Cmd::Pause { vm } => client(&vm, "PUT", "/vm/pause", None),
+        Cmd::Continue { vm } => client(&vm, "PUT", "/vm/resume", None),
+        Cmd::Stop { vm } => client(&vm, "PUT", "/vm/stop", None),
+        Cmd::Status { vm } => client(&vm, "GET", "/vm", None),
+        Cmd::Save {
+            vm,
+            path,
+            store,
+            stop,
+        } => save(&vm, &path, &store, stop),
         Cmd::Check { config } => check(&config),
         Cmd::Run(args) => run(args),
     };
@@ -234,6 +304,102 @@ fn check_file(what: &str, p: &std::path::Path) -> Result<(), LaunchError> {
         )));
     }
     Ok(())
+}
+
+/// One request to a VM's API; prints the answer; status 0, or 2 (usage, refused) or 4.
+fn client(vm: &str, method: &str, path: &str, body: Option<serde_json::Value>) -> u8 {
+    let sock = palacios_api::resolve(vm);
+    let _wait = palacios::progress::Waiting::new("waiting for the VM");
+    match palacios_api::request(
+        &sock,
+        method,
+        path,
+        body.as_ref(),
+        std::time::Duration::from_secs(600),
+    ) {
+        Ok((200, v)) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            status::OK
+        }
+        Ok((code, v)) => {
+            eprintln!(
+                "v3: {vm}: {} (HTTP {code})",
+                v.get("error").and_then(|e| e.as_str()).unwrap_or("request refused")
+            );
+            status::CONFIG_ERROR
+        }
+        Err(e) => {
+            eprintln!("v3: {e}");
+            status::CONFIG_ERROR
+        }
+    }
+}
+
+fn save(vm: &str, path: &std::path::Path, store: &str, stop: bool) -> u8 {
+    if let Err(e) = palacios_checkpoint::store(store) {
+        eprintln!("v3: {e}");
+        return status::CONFIG_ERROR;
+    }
+    // The VM resolves the path in its own working directory: make it absolute here.
+    let abs = match std::path::absolute(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("v3: {}: {e}", path.display());
+            return status::CONFIG_ERROR;
+        }
+    };
+    client(
+        vm,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({
+            "path": abs.display().to_string(),
+            "store": store,
+            "stop": stop,
+        })),
+    )
+}
+
+fn load(a: LoadArgs) -> u8 {
+    match try_load(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("v3: {e}");
+            e.status()
+        }
+    }
+}
+
+fn try_load(a: LoadArgs) -> Result<u8, LaunchError> {
+    let mut progress = palacios::progress::Progress::new("verifying");
+    let opened = palacios_checkpoint::open(&a.checkpoint, &mut |d, t| progress.update(d, t))
+        .map_err(|e| LaunchError::Config(format!("{}: {e}", a.checkpoint.display())))?;
+    progress.finish();
+    let mut cfg = palacios_vmm::snapshot::config_of(&opened)
+        .map_err(|e| LaunchError::Config(format!("{}: {e}", a.checkpoint.display())))?;
+    cfg.backend = match a.backend {
+        Some(BackendArg::Kvm) => BackendChoice::Kvm,
+        Some(BackendArg::Emu) => BackendChoice::Emu,
+        Some(BackendArg::Auto) => BackendChoice::Auto,
+        // The backend the checkpoint was taken on.
+        None => match opened.meta.backend.as_str() {
+            "kvm" => BackendChoice::Kvm,
+            "emu" => BackendChoice::Emu,
+            _ => cfg.backend,
+        },
+    };
+    let api_sock = palacios::session::api_socket(a.api_sock.clone(), a.name.as_deref())?;
+    session::execute(
+        &cfg,
+        Image::FromConfig,
+        Some(opened),
+        SessionOpts {
+            stats: a.stats,
+            name: session_name(a.name.as_deref(), api_sock.as_deref()),
+            api_sock,
+            paused: a.paused,
+        },
+    )
 }
 
 fn load_config(path: &std::path::Path) -> Result<VmConfig, LaunchError> {
@@ -330,6 +496,9 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     if let Some(b) = backend_override {
         cfg.backend = b;
     }
+    if let Some(c) = a.cpu {
+        cfg.cpu_portable = matches!(c, CpuArg::Portable);
+    }
     if let Some(c) = a.clock {
         cfg.deterministic = matches!(c, ClockArg::Deterministic);
     }
@@ -353,79 +522,29 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
             palacios_vmm::config::vm::MAX_CORES
         )));
     }
-    let raw = std::io::stdin().is_terminal();
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-            .map_err(|e| LaunchError::Vm(format!("cannot install signal handlers: {e}")))?;
-    let sig_handle = signals.handle();
-    let got_signal = Arc::new(AtomicI32::new(0));
-    // The VM a signal stops (it changes when the guest reboots).
-    let current: Arc<std::sync::Mutex<Option<palacios_vmm::VmHandle>>> = Arc::default();
-    let (got2, cur2) = (got_signal.clone(), current.clone());
-    let watcher = std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            got2.store(sig, Ordering::Release);
-            if let Some(h) = cur2.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                h.stop(Outcome::Stopped);
-            }
-        }
-    });
-    let result = (|| -> Result<palacios_vmm::vm::RunReport, LaunchError> {
-        let mut boots = 0u64;
-        loop {
-            let backend = launch::backend(cfg.backend)?;
-            let (got3, cur3) = (got_signal.clone(), current.clone());
-            let host = Arc::new(
-                LinuxHost::new(raw)
-                    .with_bundled(palacios::bundled_guests())
-                    .on_console_stop(Arc::new(move || {
-                        got3.store(STOP_KEY, Ordering::Release);
-                        if let Some(h) = cur3.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                            h.stop(Outcome::Stopped);
-                        }
-                    })),
-            );
-            let prepared = launch::prepare(&cfg, image.clone(), backend, host)?;
-            RAW.store(i32::from(raw), Ordering::Relaxed);
-            let report = launch::run(prepared, a.stats, |h| {
-                if got_signal.load(Ordering::Acquire) != 0 {
-                    h.stop(Outcome::Stopped);
-                }
-                *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-            });
-            if report.outcome != Outcome::Reboot || got_signal.load(Ordering::Acquire) != 0 {
-                return Ok(report);
-            }
-            boots += 1;
-            if report.print_telemetry {
-                eprint!("{}", report.telemetry.render());
-            }
-            tracing::info!("the guest reset the machine: rebooting (reboot {boots})");
-        }
-    })();
-    sig_handle.close();
-    let _ = watcher.join();
-    restore_terminal();
-    RAW.store(0, Ordering::Relaxed);
-    let report = result?;
-    if report.print_telemetry {
-        eprint!("{}", report.telemetry.render());
-    }
-    match got_signal.load(Ordering::Acquire) {
-        0 => {}
-        STOP_KEY => tracing::info!("stopped from the console (Ctrl-A x)"),
-        sig => tracing::info!("stopped by signal {sig}"),
-    }
-    let code = status::for_outcome(&report.outcome);
-    match &report.outcome {
-        o if o.is_failure() => eprintln!("v3: {o}"),
-        o => tracing::info!("VM ended: {o} (exit status {code})"),
-    }
-    Ok(code)
+    let api_sock = palacios::session::api_socket(a.api_sock.clone(), a.name.as_deref())?;
+    session::execute(
+        &cfg,
+        image,
+        None,
+        SessionOpts {
+            stats: a.stats,
+            name: session_name(a.name.as_deref(), api_sock.as_deref()),
+            api_sock,
+            paused: false,
+        },
+    )
 }
 
-/// `got_signal` value for the console's stop key (signals are positive).
-const STOP_KEY: i32 = -1;
+/// The VM's name for the API: `--name`, else the socket's stem, else "vm".
+fn session_name(name: Option<&str>, sock: Option<&std::path::Path>) -> String {
+    name.map(str::to_string)
+        .or_else(|| {
+            sock.and_then(|p| p.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "vm".into())
+}
 
 const DEMO_MOTD: &str =
     "Welcome to Palacios-rs.\nThis text is a multiboot module handed to the demo guest.\n";

@@ -215,6 +215,9 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
     /// Filled in by the exit loop.
     pub mode: CoreMode,
+    /// A start state given (INIT/SIPI) that the waiting core has not taken yet.
+    #[serde(default)]
+    pub pending_start: Option<palacios_x86::CpuState>,
     /// Backend-specific extras: (backend name, value).
     pub backend: Option<(String, serde_json::Value)>,
 }
@@ -332,6 +335,9 @@ pub trait Backend: Send + Sync {
             })
         }
     }
+    /// Keep only these feature bits (see [`PORTABLE_FEATURES`]) in the CPU model, before any
+    /// vCPU is created.
+    fn restrict_cpu_features(&self, keep: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError>;
     /// Switch to deterministic time (before any vCPU is created): guest time then comes from
     /// each vCPU's [`Vcpu::virtual_ns`]. False if the backend cannot.
     fn enable_virtual_time(&self) -> bool {
@@ -343,6 +349,28 @@ pub trait Backend: Send + Sync {
     /// of leaves 1, 7.0 and 0x80000001 (what a checkpoint records and compares).
     fn cpuid_features(&self) -> Vec<(u32, u32, [u32; 4])>;
 }
+
+/// The CPU model both backends can present (`<cpu model="portable"/>`, `--cpu portable`),
+/// so that a checkpoint moves between them: the emulator's features without MOVBE, POPCNT
+/// and RDTSCP, which KVM on this project's hosts does not report. (leaf, subleaf, registers)
+/// of the feature bits kept.
+pub const PORTABLE_FEATURES: &[(u32, u32, [u32; 4])] = &[
+    (
+        1,
+        0,
+        [
+            0,
+            0,
+            (1 << 13) | (1 << 21) | (1 << 24) | (1 << 31), // cx16 x2apic tsc_deadline hypervisor
+            // fpu pse tsc msr pae cx8 apic sep mtrr pge cmov pat clflush mmx fxsr sse sse2
+            (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9)
+                | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 15) | (1 << 16) | (1 << 19)
+                | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26),
+        ],
+    ),
+    (7, 0, [0, 0, 0, 0]),
+    (0x8000_0001, 0, [0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)]), // lahf_lm; syscall nx lm
+];
 
 /// The feature leaves a checkpoint records, and which registers hold feature bits.
 pub const FEATURE_LEAVES: &[(u32, u32, &[usize])] =
@@ -422,6 +450,7 @@ pub trait Vcpu: Send {
             events: VcpuEvents::default(),
             msrs: self.msrs(SAVED_MSRS)?,
             mode: CoreMode::Running,
+            pending_start: None,
             backend: None,
         })
     }

@@ -220,6 +220,9 @@ struct Shared {
     modes: Vec<std::sync::atomic::AtomicU8>,
     /// A command replaced the core's whole state while it was parked.
     replaced: Vec<AtomicBool>,
+    /// The guest TSC of each parked core when it parked (`u64::MAX`: not parked): the TSC
+    /// a checkpoint records, as the guest's time stopped there.
+    parked_tsc: Vec<std::sync::atomic::AtomicU64>,
     quiesce: Mutex<Vec<Arc<dyn Quiesce>>>,
     /// What a checkpoint needs (set when the VM is built).
     parts: std::sync::OnceLock<Arc<crate::snapshot::VmParts>>,
@@ -248,6 +251,9 @@ impl VmHandle {
             has_commands: (0..cores).map(|_| AtomicBool::new(false)).collect(),
             modes: (0..cores).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
             replaced: (0..cores).map(|_| AtomicBool::new(false)).collect(),
+            parked_tsc: (0..cores)
+                .map(|_| std::sync::atomic::AtomicU64::new(u64::MAX))
+                .collect(),
             quiesce: Mutex::new(Vec::new()),
             parts: std::sync::OnceLock::new(),
         }))
@@ -462,7 +468,10 @@ impl VmHandle {
 
     /// Called by core `cpu` when it sees [`VmHandle::is_paused`]: acknowledge, serve commands
     /// until resumed or stopped.
-    pub fn park(&self, cpu: u32, vcpu: &mut dyn crate::backend::Vcpu) {
+    pub fn park(&self, cpu: u32, vcpu: &mut dyn crate::backend::Vcpu, tsc: Option<u64>) {
+        if let (Some(t), Some(slot)) = (tsc, self.0.parked_tsc.get(cpu as usize)) {
+            slot.store(t, Ordering::Release);
+        }
         {
             let mut s = lock(&self.0.state);
             s.parked += 1;
@@ -477,6 +486,9 @@ impl VmHandle {
         }
         // Commands that arrived with the resume.
         self.run_commands(cpu, vcpu);
+        if let Some(slot) = self.0.parked_tsc.get(cpu as usize) {
+            slot.store(u64::MAX, Ordering::Release);
+        }
         let mut s = lock(&self.0.state);
         s.parked = s.parked.saturating_sub(1);
     }
@@ -515,6 +527,25 @@ impl VmHandle {
         let mode = self.core_mode(cpu);
         let mut s = self.with_core(cpu, timeout, |v| v.save_state())??;
         s.mode = mode;
+        if mode == CoreMode::WaitStart {
+            s.pending_start = self
+                .0
+                .starts
+                .get(cpu as usize)
+                .and_then(|st| lock(st).clone());
+        }
+        // A parked core's TSC stopped when it parked (the backend's keeps counting).
+        let parked = self
+            .0
+            .parked_tsc
+            .get(cpu as usize)
+            .map(|t| t.load(Ordering::Acquire))
+            .unwrap_or(u64::MAX);
+        if parked != u64::MAX {
+            for m in s.msrs.iter_mut().filter(|m| m.0 == palacios_x86::msr::IA32_TSC) {
+                m.1 = parked;
+            }
+        }
         Ok(s)
     }
 

@@ -59,7 +59,10 @@ impl<T: Serialize + DeserializeOwned + 'static> Stateful for FnState<T> {
         self.version
     }
     fn save(&self) -> StateValue {
-        serde_json::to_value((self.save)()).unwrap_or(StateValue::Null)
+        serde_json::to_value((self.save)()).unwrap_or_else(|e| {
+            tracing::error!("a device state cannot be encoded ({e}); it is saved as null and will not restore");
+            StateValue::Null
+        })
     }
     fn restore(&self, what: &str, version: u32, state: &StateValue) -> Result<(), StateError> {
         if version != self.version {

@@ -167,6 +167,9 @@ impl Vm {
             timers: ctx.timers.clone(),
         }));
         backend.trap_msrs(&ctx.msrs.ranges())?;
+        if cfg.cpu_portable {
+            backend.restrict_cpu_features(crate::backend::PORTABLE_FEATURES)?;
+        }
         backend.hide_cpu_features(&cfg.cpu_hide)?;
         let vcpus = (0..cfg.cores)
             .map(|i| backend.create_vcpu(i))
@@ -275,6 +278,9 @@ impl Vm {
             .ok_or_else(|| ConfigError::new(None, format!("no core {cpu} in this VM")))?;
         vcpu.restore_state(state)?;
         self.handle.set_core_mode(cpu, state.mode);
+        if let Some(start) = &state.pending_start {
+            self.handle.start_core(cpu, start.clone());
+        }
         Ok(())
     }
 
@@ -512,7 +518,7 @@ impl CoreLoop {
             }
             self.handle.run_commands(self.cpu, vcpu);
             if self.handle.is_paused() {
-                self.handle.park(self.cpu, vcpu);
+                self.handle.park(self.cpu, vcpu, None);
                 continue;
             }
             self.handle.wakers().wait(self.cpu, None);
@@ -524,7 +530,7 @@ impl CoreLoop {
     fn park(&self, vcpu: &mut dyn Vcpu) {
         let tsc = vcpu.msrs(&[msr::IA32_TSC]).ok().and_then(|v| v.first().copied());
         self.handle.take_state_replaced(self.cpu);
-        self.handle.park(self.cpu, vcpu);
+        self.handle.park(self.cpu, vcpu, tsc.map(|t| t.1));
         if let Some(t) = tsc
             && !self.handle.take_state_replaced(self.cpu)
             && !self.handle.is_stopping()

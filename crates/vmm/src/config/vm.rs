@@ -116,6 +116,10 @@ pub struct VmConfig {
     /// `<cpu hide="x2apic,popcnt"/>`: CPUID feature names the CPU model leaves out
     /// (emulator backend; the names are listed by [`crate::backend::CPU_FEATURES`]).
     pub cpu_hide: Vec<String>,
+    /// `<cpu model="portable"/>`: the CPU model both backends present
+    /// ([`crate::backend::PORTABLE_FEATURES`]), so checkpoints move between them.
+    #[serde(default)]
+    pub cpu_portable: bool,
     pub boot: Option<BootConfig>,
 }
 
@@ -160,6 +164,7 @@ impl Default for VmConfig {
             irqchip: IrqchipMode::User,
             deterministic: false,
             cpu_hide: Vec::new(),
+            cpu_portable: false,
             boot: None,
         }
     }
@@ -222,7 +227,7 @@ impl VmConfig {
             ("backend", &[]),
             ("irqchip", &[]),
             ("clock", &[]),
-            ("cpu", &["hide"]),
+            ("cpu", &["hide", "model"]),
             ("files", &[]),
             ("devices", &[]),
         ] {
@@ -288,6 +293,16 @@ impl VmConfig {
             };
         }
         if let Some(c) = root.child("cpu") {
+            match c.val("model")? {
+                None | Some("full") => {}
+                Some("portable") => cfg.cpu_portable = true,
+                Some(other) => {
+                    return Err(c.val_err(
+                        "model",
+                        format!("<cpu model> must be 'full' or 'portable', not '{other}'"),
+                    ));
+                }
+            }
             if let Some(h) = c.val("hide")? {
                 for name in h.split([',', ' ']).map(str::trim).filter(|n| !n.is_empty()) {
                     let name = name.to_ascii_lowercase();
