@@ -71,6 +71,39 @@ pub fn probe() -> Option<String> {
     }
 }
 
+/// The guest TSC frequency KVM gives vCPUs here, in ticks per ms (None without KVM).
+pub fn tsc_khz() -> Option<u64> {
+    let kvm = open_kvm().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.get_tsc_khz().ok().map(u64::from)
+}
+
+/// Whether this host's KVM honours a write of the guest TSC (some software KVMs accept the
+/// write and ignore it; then a pause or restore cannot hide time from the guest's TSC).
+pub fn tsc_writable() -> bool {
+    let probe = || -> Option<bool> {
+        let kvm = open_kvm().ok()?;
+        let vm = kvm.create_vm().ok()?;
+        let vcpu = vm.create_vcpu(0).ok()?;
+        let set = Msrs::from_entries(&[kvm_msr_entry {
+            index: palacios_x86::msr::IA32_TSC,
+            data: 1000,
+            ..Default::default()
+        }])
+        .ok()?;
+        vcpu.set_msrs(&set).ok()?;
+        let mut get = Msrs::from_entries(&[kvm_msr_entry {
+            index: palacios_x86::msr::IA32_TSC,
+            ..Default::default()
+        }])
+        .ok()?;
+        vcpu.get_msrs(&mut get).ok()?;
+        Some(get.as_slice()[0].data < 1_000_000_000)
+    };
+    probe().unwrap_or(false)
+}
+
 /// A VM under KVM.
 pub struct KvmBackend {
     kvm: Kvm,

@@ -344,12 +344,19 @@ pub fn restore(vm: &mut Vm, o: &Opened) -> Result<(), SnapshotError> {
             }
             .into());
         }
-        let st: VcpuState = serde_json::from_value(s.state.clone()).map_err(|e| {
+        let mut st: VcpuState = serde_json::from_value(s.state.clone()).map_err(|e| {
             crate::state::StateError::Malformed {
                 what: format!("core {cpu}"),
                 msg: e.to_string(),
             }
         })?;
+        // Guest time has run since the clock was restored: the TSC moves on with it, so
+        // that the two agree as they did when saved.
+        let ran = parts.clock.now().saturating_sub(cs.guest_ns);
+        let ticks = ((u128::from(ran) * u128::from(parts.clock.tsc_hz())) / 1_000_000_000) as u64;
+        for m in st.msrs.iter_mut().filter(|m| m.0 == palacios_x86::msr::IA32_TSC) {
+            m.1 = m.1.wrapping_add(ticks);
+        }
         vm.restore_core(cpu, &st).map_err(|e| {
             SnapshotError::Mismatch(format!("core {cpu}: cannot restore its state: {e}"))
         })?;

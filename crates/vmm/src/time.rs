@@ -106,6 +106,17 @@ impl GuestClock {
         self.frozen.store(RUNNING, Ordering::Release);
     }
 
+    /// How long ago (in ns of the host clock) guest time stopped; 0 while it runs. A core
+    /// that parks after the freeze subtracts this from its TSC so that the TSC stopped with
+    /// guest time.
+    pub fn frozen_lag(&self) -> u64 {
+        let f = self.frozen.load(Ordering::Acquire);
+        if f == RUNNING {
+            return 0;
+        }
+        self.running_now().saturating_sub(f)
+    }
+
     pub fn is_frozen(&self) -> bool {
         self.frozen.load(Ordering::Acquire) != RUNNING
     }

@@ -528,7 +528,19 @@ impl CoreLoop {
     /// Park for a pause: acknowledge and serve commands until resumed. The TSC is put back
     /// where it was, so the guest sees no jump (unless a command replaced the core's state).
     fn park(&self, vcpu: &mut dyn Vcpu) {
-        let tsc = vcpu.msrs(&[msr::IA32_TSC]).ok().and_then(|v| v.first().copied());
+        // The TSC as it was when guest time stopped (this core parked a little later).
+        let lag = self.clock.frozen_lag();
+        let hz = self.clock.tsc_hz();
+        let tsc = vcpu
+            .msrs(&[msr::IA32_TSC])
+            .ok()
+            .and_then(|v| v.first().copied())
+            .map(|(i, t)| {
+                (
+                    i,
+                    t.wrapping_sub(((u128::from(lag) * u128::from(hz)) / 1_000_000_000) as u64),
+                )
+            });
         self.handle.take_state_replaced(self.cpu);
         self.handle.park(self.cpu, vcpu, tsc.map(|t| t.1));
         if let Some(t) = tsc

@@ -393,6 +393,12 @@ impl Session {
         }
     }
 
+    /// Kill v3 with SIGKILL (no clean-up of any kind).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
     }
