@@ -239,3 +239,56 @@ fn debian_kernel_boots_through_pvh_entry_and_the_console_passes_ctrl_c() {
         s.describe()
     );
 }
+
+/// Debian's kernel on the emulator, checkpointed at its shell: a file written in tmpfs is
+/// still there after `kill -9` and `v3 load`, the same shell answers, and /proc/uptime
+/// continues from where it was.
+#[test]
+fn debian_shell_survives_save_kill_and_load() {
+    let Some(_) = linux_guest() else {
+        return;
+    };
+    let dir = tmpdir("linux-ckpt");
+    let sock = dir.join("vm.sock");
+    let ck = dir.join("linux.ckpt");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/linux.xml");
+    let sock_s = sock.display().to_string();
+    let mut s = Session::start(&["run", config, "--api-sock", &sock_s]);
+    let ready = s.wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(150));
+    let at = s.wait_for("# ", ready, Duration::from_secs(60));
+    s.send("echo kept-$((40+2)) > /tmp/f; echo $$ > /tmp/shell; cat /proc/uptime");
+    let echoed = s.wait_for("cat /proc/uptime", at, Duration::from_secs(30));
+    let up = s.wait_for("\n", echoed, Duration::from_secs(30));
+    let end = s.wait_for("# ", up, Duration::from_secs(30));
+    let uptime = |text: &str| -> f64 {
+        text.lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .next_back()
+            .unwrap_or_else(|| panic!("no uptime in {text:?}"))
+    };
+    let u1 = uptime(&s.output()[up..end]);
+    let (st, v) = palacios_api::request(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&serde_json::json!({"path": ck.display().to_string()})),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(st, 200, "{v}");
+    s.kill9();
+    let ck_s = ck.display().to_string();
+    let mut l = Session::start(&["load", &ck_s]);
+    l.send("cat /tmp/f; echo shell-$(($(cat /tmp/shell) == $$)); cat /proc/uptime");
+    let kept = l.wait_for("kept-42", 0, Duration::from_secs(60));
+    let same = l.wait_for("shell-1", kept, Duration::from_secs(30));
+    let up = l.wait_for("\n", same, Duration::from_secs(30));
+    let end = l.wait_for("# ", up, Duration::from_secs(30));
+    let u2 = uptime(&l.output()[up..end]);
+    assert!(
+        u2 >= u1 && u2 < u1 + 30.0,
+        "/proc/uptime must continue: {u1} before the save, {u2} after the load"
+    );
+    l.send("poweroff -f");
+    assert_eq!(l.wait_exit(Duration::from_secs(60)), 0, "{}", l.describe());
+}

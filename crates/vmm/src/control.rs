@@ -226,6 +226,8 @@ struct Shared {
     quiesce: Mutex<Vec<Arc<dyn Quiesce>>>,
     /// What a checkpoint needs (set when the VM is built).
     parts: std::sync::OnceLock<Arc<crate::snapshot::VmParts>>,
+    /// The VM's cores have been started (devices may take host input from now on).
+    started: AtomicBool,
 }
 
 /// A clonable handle on a VM's control channel.
@@ -256,6 +258,7 @@ impl VmHandle {
                 .collect(),
             quiesce: Mutex::new(Vec::new()),
             parts: std::sync::OnceLock::new(),
+            started: AtomicBool::new(false),
         }))
     }
 
@@ -327,6 +330,13 @@ impl VmHandle {
     /// for meanwhile waits for them).
     pub fn expect_cores(&self, n: u32) {
         lock(&self.0.state).live += n;
+        self.0.started.store(true, Ordering::Release);
+    }
+
+    /// Whether the VM runs (its cores were started). Before that a restore may still replace
+    /// device state, so host input waits.
+    pub fn has_started(&self) -> bool {
+        self.0.started.load(Ordering::Acquire)
     }
 
     /// A core thread has finished (or was never started).

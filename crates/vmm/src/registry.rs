@@ -341,8 +341,9 @@ impl BuildCtx {
             let pump = move || {
                 let mut buf = [0u8; 64];
                 'outer: while !stop2.load(Ordering::Acquire) {
-                    // A paused VM takes no input (it stays in the host stream).
-                    if vm.is_paused() {
+                    // A VM that is not running yet (a restore may still replace the device's
+                    // state) or is paused takes no input: it stays in the host stream.
+                    if !vm.has_started() || vm.is_paused() {
                         std::thread::sleep(Duration::from_millis(10));
                         continue;
                     }
