@@ -2,10 +2,28 @@
 # Seed corpora from the examples and the built guests.
 set -euo pipefail
 cd "$(dirname "$0")"
-mkdir -p corpus/config_xml corpus/load_multiboot corpus/load_elf64 corpus/load_flat
+mkdir -p corpus/config_xml corpus/load_multiboot corpus/load_elf64 corpus/load_flat \
+	corpus/checkpoint_reader corpus/api_request
 cp ../examples/*.xml corpus/config_xml/ 2>/dev/null || true
 G=../guests/build
 [ -f "$G/mbtest.elf" ] || bash ../guests/build.sh "$G" >/dev/null
 cp "$G/mbtest.elf" "$G/mbaout.bin" corpus/load_multiboot/
 cp "$G/elf64test.elf" corpus/load_elf64/
 cp "$G/flat16.bin" corpus/load_flat/
+# API requests, and the state file of a real checkpoint (dir store: header and metadata; the
+# target reads it with an empty memory image).
+printf 'GET /vm HTTP/1.1\r\nHost: x\r\n\r\n' > corpus/api_request/get
+printf 'PUT /snapshot/create HTTP/1.1\r\nContent-Length: 17\r\n\r\n{"path":"/tmp/x"}' > corpus/api_request/put
+printf 'GET /vm/memory?addr=0x1000&len=16 HTTP/1.1\r\n\r\n' > corpus/api_request/query
+if [ ! -f corpus/checkpoint_reader/state ]; then
+	(cd .. && cargo build -q --release -p v3)
+	V=../target/release/v3
+	tmp=$(mktemp -d)
+	$V run --backend emu --mem 2 --api-sock "$tmp/s.sock" --kernel guest:countdown.elf \
+		--cmdline "from=1000000" </dev/null >/dev/null 2>&1 &
+	for _ in $(seq 100); do [ -S "$tmp/s.sock" ] && break; sleep 0.1; done
+	$V save "$tmp/s.sock" "$tmp/ck" --store dir --stop >/dev/null
+	wait || true
+	cp "$tmp/ck/state" corpus/checkpoint_reader/state
+	rm -rf "$tmp"
+fi

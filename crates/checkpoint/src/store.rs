@@ -4,7 +4,7 @@
 //! `kill -9` during a save leaves the previous checkpoint loadable.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -160,9 +160,39 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Feed the memory extents to `digest`, reading them from `file` at `base`.
+/// Random-access bytes: a file, or a checkpoint in memory (tests, fuzzing).
+pub trait ReadAt {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.metadata().map(|m| m.len())
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&e| e <= <[u8]>::len(self))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&self[start..end]);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+}
+
+/// Feed the memory extents to `digest`, reading them from `mem` at `base`.
 fn digest_memory(
-    file: &File,
+    mem: &dyn ReadAt,
     base: u64,
     meta: &Meta,
     digest: &mut crc::Digest<'_, u64, crc::Table<16>>,
@@ -175,13 +205,13 @@ fn digest_memory(
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(buf.len() as u64) as usize;
-            file.read_exact_at(&mut buf[..n], base + off + done)
+            mem.read_exact_at(&mut buf[..n], base + off + done)
                 .map_err(|e| {
                     if e.kind() == io::ErrorKind::UnexpectedEof {
                         CheckpointError::Format(FormatError::Truncated {
                             what: "the memory image".into(),
                             need: base + off + len,
-                            have: file.metadata().map(|m| m.len()).unwrap_or(0),
+                            have: mem.len().unwrap_or(0),
                         })
                     } else {
                         CheckpointError::Io {
@@ -199,22 +229,19 @@ fn digest_memory(
     Ok(())
 }
 
-/// Read and check the state part (header and metadata) of `state`, whose memory image is in
-/// `memory` (the same file or another); then verify the CRC over everything.
-fn open_parts(
-    path: &Path,
-    mut state: File,
-    memory: Option<File>,
+/// Read and check the header and metadata of the state part `state`, whose memory image is
+/// in `memory` (`None`: in `state` itself), then verify the CRC over everything. Nothing
+/// outside this function trusts a byte of the checkpoint before it returns Ok.
+pub fn verify(
+    state: &dyn ReadAt,
+    memory: Option<&dyn ReadAt>,
     progress: &mut Progress,
-) -> Result<Opened, CheckpointError> {
-    let len = state
-        .metadata()
-        .map_err(io_err(format!("stat {}", path.display())))?
-        .len();
+) -> Result<(Header, Meta), CheckpointError> {
+    let len = state.len().map_err(io_err("stat the checkpoint".into()))?;
     let mut hb = vec![0u8; HEADER_LEN.min(len as usize)];
     state
-        .read_exact(&mut hb)
-        .map_err(io_err(format!("read {}", path.display())))?;
+        .read_exact_at(&mut hb, 0)
+        .map_err(io_err("read the checkpoint header".into()))?;
     let header = Header::decode(&hb, len)?;
     let separate = header.flags & FLAG_SEPARATE_MEMORY != 0;
     if separate != memory.is_some() {
@@ -227,7 +254,7 @@ fn open_parts(
     let mut mb = vec![0u8; header.meta_len as usize];
     state
         .read_exact_at(&mut mb, header.meta_offset)
-        .map_err(io_err(format!("read {}", path.display())))?;
+        .map_err(io_err("read the checkpoint metadata".into()))?;
     let meta = Meta::decode(&mb)?;
     if meta.memory.image_len() != header.mem_len {
         return Err(CheckpointError::Format(FormatError::Corrupt(format!(
@@ -236,20 +263,18 @@ fn open_parts(
             meta.memory.image_len()
         ))));
     }
-    let memory = memory.unwrap_or(state);
-    let mem_len = memory
-        .metadata()
-        .map_err(io_err("stat the memory image".into()))?
-        .len();
-    if mem_len < header.mem_offset + header.mem_len {
+    let mem: &dyn ReadAt = memory.unwrap_or(state);
+    let mem_len = mem.len().map_err(io_err("stat the memory image".into()))?;
+    let mem_end = header.mem_offset.saturating_add(header.mem_len);
+    if mem_len < mem_end {
         return Err(CheckpointError::Format(FormatError::Truncated {
             what: "the memory image".into(),
-            need: header.mem_offset + header.mem_len,
+            need: mem_end,
             have: mem_len,
         }));
     }
     let mut digest = CRC.digest();
-    digest_memory(&memory, header.mem_offset, &meta, &mut digest, progress)?;
+    digest_memory(mem, header.mem_offset, &meta, &mut digest, progress)?;
     digest.update(&mb);
     // The header as it is in the file (reserved bytes included), CRC field zeroed.
     let mut hz = hb.clone();
@@ -262,10 +287,27 @@ fn open_parts(
             found,
         }));
     }
+    Ok((header, meta))
+}
+
+fn open_parts(
+    path: &Path,
+    state: File,
+    memory: Option<File>,
+    progress: &mut Progress,
+) -> Result<Opened, CheckpointError> {
+    let (header, meta) = verify(&state, memory.as_ref().map(|m| m as &dyn ReadAt), progress)
+        .map_err(|e| match e {
+            CheckpointError::Io { what, source } => CheckpointError::Io {
+                what: format!("{}: {what}", path.display()),
+                source,
+            },
+            other => other,
+        })?;
     Ok(Opened {
         header,
         meta,
-        memory,
+        memory: memory.unwrap_or(state),
         mem_offset: header.mem_offset,
         path: path.to_path_buf(),
     })
