@@ -26,11 +26,13 @@ pub fn socket_dir() -> PathBuf {
     }
 }
 
-/// Whether `name` is a usable VM name (letters, digits, `-`, `_`, `.`; not starting with `.`).
+/// Whether `name` is a usable VM name (letters, digits, `-`, `_`, `.`; not starting with `.`,
+/// not ending in `.sock`, which [`resolve`] takes for a socket path).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
+        && !name.ends_with(".sock")
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')

@@ -34,6 +34,23 @@ impl Server {
                 std::fs::create_dir_all(dir)?;
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
             }
+            if dir == crate::socket_dir() {
+                // The shared default directory must be ours and closed to others, or another
+                // user could have put a socket of theirs where we look for ours.
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(dir)?;
+                // SAFETY: getuid cannot fail and has no side effects.
+                let uid = unsafe { libc::getuid() };
+                if m.uid() != uid || m.mode() & 0o077 != 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "{} must belong to you and be closed to others (mode 0700)",
+                            dir.display()
+                        ),
+                    ));
+                }
+            }
         }
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -78,14 +95,33 @@ impl Drop for Server {
     }
 }
 
+/// Most connections served at once; more are answered 503 at once.
+const MAX_CONNECTIONS: usize = 16;
+
 fn accept_loop(listener: UnixListener, handler: Handler, stop: Arc<AtomicBool>) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
-            Ok((conn, _)) => {
+            Ok((mut conn, _)) => {
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.write_all(
+                        &Response::error(503, "too many API connections at once").encode(),
+                    );
+                    continue;
+                }
                 let h = handler.clone();
-                let _ = std::thread::Builder::new()
+                let a = active.clone();
+                let spawned = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_one(conn, &h));
+                    .spawn(move || {
+                        serve_one(conn, &h);
+                        a.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -101,11 +137,17 @@ fn accept_loop(listener: UnixListener, handler: Handler, stop: Arc<AtomicBool>) 
 /// Read one request, answer it, close.
 pub fn serve_one(mut conn: UnixStream, handler: &Handler) {
     let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
     let _ = conn.set_write_timeout(Some(READ_TIMEOUT));
+    // The whole request must arrive within READ_TIMEOUT (not each read).
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let resp = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break Response::error(408, "the request did not arrive in time");
+        }
+        let _ = conn.set_read_timeout(Some(left));
         match parse_request(&buf) {
             Ok(Some((req, _))) => {
                 // A panicking handler must not take the VMM down.

@@ -211,7 +211,7 @@ impl MemoryLayout {
 pub struct Section {
     /// `core`, `device`, `clock` or `backend`.
     pub kind: String,
-    /// Core index, device id, or backend name.
+    /// Core index, device id, or the backend part (`irqchip`).
     pub id: String,
     /// The device class (devices only).
     #[serde(default, skip_serializing_if = "String::is_empty")]

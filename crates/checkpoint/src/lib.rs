@@ -115,6 +115,16 @@ mod tests {
         let f = d.join("file");
         let m = std::fs::metadata(&f).unwrap();
         assert!(m.len() > 64 << 10);
+        // The dir store never replaces a directory that is not a checkpoint.
+        let home = d.join("project");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(home.join("notes.txt"), "keep me").unwrap();
+        let e = store("dir")
+            .unwrap()
+            .save(&home, meta(64 << 10), &g, &mut no_progress())
+            .unwrap_err();
+        assert!(e.to_string().contains("not a checkpoint"), "{e}");
+        assert_eq!(std::fs::read_to_string(home.join("notes.txt")).unwrap(), "keep me");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -140,6 +150,12 @@ mod tests {
             let e = open(&path, &mut no_progress());
             assert!(e.is_err(), "flipped byte {i:#x} went unnoticed");
         }
+        // Data in a hole (outside every extent, so outside the CRC).
+        let mut bad = good.clone();
+        bad[4096 + 0x3000] = 1;
+        std::fs::write(&path, &bad).unwrap();
+        let e = open(&path, &mut no_progress()).err().unwrap().to_string();
+        assert!(e.contains("no extent records"), "{e}");
         // A truncated file.
         std::fs::write(&path, &good[..good.len() - 10]).unwrap();
         let e = open(&path, &mut no_progress()).err().unwrap().to_string();

@@ -77,11 +77,43 @@ fn io_err(what: String) -> impl FnOnce(io::Error) -> CheckpointError {
 
 /// A temporary name next to `path` (same directory, so the rename is atomic).
 fn temp_name(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    remove_stale_temps(path, &name);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+/// Remove temporary files of earlier saves to `path` whose process is gone (killed mid-save).
+fn remove_stale_temps(path: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(dir) = std::fs::read_dir(parent_dir(path)) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -164,6 +196,11 @@ fn is_zero(page: &[u8]) -> bool {
 pub trait ReadAt {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// The ranges of `[start, end)` that may hold data (for a sparse file, everything but its
+    /// holes); by default all of it.
+    fn data_ranges(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        vec![(start, end)]
+    }
 }
 
 impl ReadAt for File {
@@ -172,6 +209,34 @@ impl ReadAt for File {
     }
     fn len(&self) -> io::Result<u64> {
         self.metadata().map(|m| m.len())
+    }
+    fn data_ranges(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let fd = self.as_raw_fd();
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < end {
+            // SAFETY: lseek on an open descriptor; SEEK_DATA/SEEK_HOLE only move the offset,
+            // which nothing else here relies on (all reads are positional).
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after `at`
+                }
+                // No SEEK_DATA here: assume everything may hold data.
+                return vec![(at, end)];
+            }
+            let data = data as u64;
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            out.push((data, hole));
+            at = hole.max(data + 1);
+        }
+        out
     }
 }
 
@@ -287,7 +352,47 @@ pub fn verify(
             found,
         }));
     }
+    check_holes(mem, header.mem_offset, &meta)?;
     Ok((header, meta))
+}
+
+/// The CRC covers the extents; everything else of the image must read as zero. On a sparse
+/// file only the data the file system holds outside the extents is read (nothing, normally).
+fn check_holes(mem: &dyn ReadAt, base: u64, meta: &Meta) -> Result<(), CheckpointError> {
+    let end = base + meta.memory.image_len();
+    let mut buf = vec![0u8; 1 << 20];
+    for (a, b) in mem.data_ranges(base, end) {
+        // Parts of [a, b) not covered by an extent.
+        let mut at = a;
+        for &(o, n) in &meta.memory.extents {
+            let (eo, ee) = (base + o, base + o + n);
+            if ee <= at {
+                continue;
+            }
+            if eo >= b {
+                break;
+            }
+            check_zero(mem, at, eo.min(b), &mut buf)?;
+            at = at.max(ee);
+        }
+        check_zero(mem, at, b, &mut buf)?;
+    }
+    Ok(())
+}
+
+fn check_zero(mem: &dyn ReadAt, mut a: u64, b: u64, buf: &mut [u8]) -> Result<(), CheckpointError> {
+    while a < b {
+        let n = ((b - a) as usize).min(buf.len());
+        mem.read_exact_at(&mut buf[..n], a)
+            .map_err(io_err("read the memory image".into()))?;
+        if buf[..n].iter().any(|&x| x != 0) {
+            return Err(CheckpointError::Format(FormatError::Corrupt(format!(
+                "the memory image holds data at {a:#x}+{n:#x} that no extent records"
+            ))));
+        }
+        a += n as u64;
+    }
+    Ok(())
 }
 
 fn open_parts(
@@ -417,6 +522,23 @@ impl CheckpointStore for DirStore {
                 "{} exists and is not a directory",
                 path.display()
             )));
+        }
+        if path.is_dir() {
+            // Only a checkpoint directory is replaced: never a directory with other things.
+            let names: Vec<String> = std::fs::read_dir(path)
+                .map_err(io_err(format!("read {}", path.display())))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let is_checkpoint = !names.is_empty()
+                && names.iter().all(|n| n == "state" || n == "memory");
+            if !names.is_empty() && !is_checkpoint {
+                return Err(CheckpointError::Usage(format!(
+                    "{} is a directory that is not a checkpoint (it holds {}): refusing to replace it",
+                    path.display(),
+                    names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
         }
         let tmp = temp_name(path);
         let _ = std::fs::remove_dir_all(&tmp);

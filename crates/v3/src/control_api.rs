@@ -81,8 +81,10 @@ fn route(st: &ApiState, req: &Request) -> Response {
             if h.outcome().is_some() {
                 return Response::error(409, "the VM has ended");
             }
-            h.resume();
-            Response::ok(json!({ "state": vm_state(&h) }))
+            match h.try_resume() {
+                Ok(()) => Response::ok(json!({ "state": vm_state(&h) })),
+                Err(e) => Response::error(409, e),
+            }
         }
         ("PUT", ["vm", "stop"]) => {
             h.stop(Outcome::Stopped);
@@ -125,7 +127,7 @@ fn info(st: &ApiState, h: &VmHandle) -> Response {
     Response::ok(json!({
         "name": st.name,
         "state": vm_state(h),
-        "backend": st.backend,
+        "backend": parts.map(|p| p.backend).unwrap_or(st.backend.as_str()),
         "cores": h.cores(),
         "mem_mib": parts.map(|p| p.config.mem_mib),
         "uptime_ms": st.started.elapsed().as_millis() as u64,
@@ -212,6 +214,15 @@ fn snapshot(h: &VmHandle, req: &Request) -> Response {
                 "total_ms": rep.total.as_millis() as u64,
             }))
         }
-        Err(e) => Response::error(409, e),
+        Err(e) => {
+            use palacios_checkpoint::CheckpointError as C;
+            use palacios_vmm::snapshot::SnapshotError as S;
+            let status = match &e {
+                S::Checkpoint(C::Usage(_)) => 400,
+                S::Checkpoint(C::Io { .. }) | S::Backend(_) | S::Core(_) => 500,
+                _ => 409,
+            };
+            Response::error(status, e)
+        }
     }
 }

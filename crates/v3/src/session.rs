@@ -39,7 +39,7 @@ pub fn api_socket(api_sock: Option<PathBuf>, name: Option<&str>) -> Result<Optio
         (None, Some(n)) => {
             if !palacios_api::valid_name(n) {
                 return Err(LaunchError::Config(format!(
-                    "'{n}' is not a usable VM name (letters, digits, '-', '_' and '.', at most 64, not starting with '.')"
+                    "'{n}' is not a usable VM name (letters, digits, '-', '_' and '.', at most 64, not starting with '.' nor ending in '.sock')"
                 )));
             }
             Ok(Some(palacios_api::socket_for_name(n)))

@@ -261,12 +261,18 @@ fn deterministic_replay_across_a_checkpoint_is_exact() {
 /// runs: the restored VM finishes every test.
 #[test]
 fn smp_guest_checkpointed_mid_run_completes_after_load() {
-    let dir = tmpdir("smp");
+    for b in backends() {
+        smp_checkpoint(b);
+    }
+}
+
+fn smp_checkpoint(backend: &str) {
+    let dir = tmpdir(&format!("smp-{backend}"));
     let sock = dir.join("vm.sock");
     let ck = dir.join("vm.ckpt");
     let sock_s = sock.display().to_string();
     let mut s = Session::start(&[
-        "run", "--backend", "emu", "--cores", "4", "--api-sock", &sock_s, "--kernel",
+        "run", "--backend", backend, "--cores", "4", "--api-sock", &sock_s, "--kernel",
         "guest:pctest.elf", "--cmdline", "cpus=4 ram_mib=128",
     ]);
     wait_socket(&sock, &s);

@@ -393,7 +393,7 @@ pub fn missing_features(
             .map(|e| e.2)
             .unwrap_or([0; 4]);
         for &r in regs {
-            // Leaf 1 EBX/ECX bits that describe the core rather than a feature.
+            // Leaf 1 ECX bits that follow the OS rather than describe a feature.
             let ignore = if leaf == 1 && r == 2 { 1 << 27 } else { 0 }; // OSXSAVE follows CR4
             let missing = s[r] & !t[r] & !ignore;
             for bit in 0..32 {

@@ -187,6 +187,8 @@ pub enum ControlError {
     PauseTimeout(u64),
     #[error("the VM must be paused for this")]
     NotPaused,
+    #[error("a checkpoint is being saved: try again when it is done")]
+    Busy,
 }
 
 /// Reading or writing a core's state failed.
@@ -228,6 +230,8 @@ struct Shared {
     parts: std::sync::OnceLock<Arc<crate::snapshot::VmParts>>,
     /// The VM's cores have been started (devices may take host input from now on).
     started: AtomicBool,
+    /// A save is collecting state: a resume must wait.
+    held: AtomicBool,
 }
 
 /// A clonable handle on a VM's control channel.
@@ -259,6 +263,7 @@ impl VmHandle {
             quiesce: Mutex::new(Vec::new()),
             parts: std::sync::OnceLock::new(),
             started: AtomicBool::new(false),
+            held: AtomicBool::new(false),
         }))
     }
 
@@ -385,6 +390,20 @@ impl VmHandle {
             return Err(ControlError::Ended(o.to_string()));
         }
         Ok(t0.elapsed())
+    }
+
+    /// Keep the VM paused (a save collects its state): [`VmHandle::try_resume`] refuses.
+    pub fn hold_paused(&self, hold: bool) {
+        self.0.held.store(hold, Ordering::Release);
+    }
+
+    /// Resume unless a save holds the VM paused.
+    pub fn try_resume(&self) -> Result<(), ControlError> {
+        if self.0.held.load(Ordering::Acquire) {
+            return Err(ControlError::Busy);
+        }
+        self.resume();
+        Ok(())
     }
 
     /// Let a paused VM run again (guest time continues where it stopped).

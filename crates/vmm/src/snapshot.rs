@@ -30,6 +30,8 @@ pub struct VmParts {
     pub irqchip: Option<Arc<dyn KernelIrqchip>>,
     pub backend: &'static str,
     pub cpuid: Vec<(u32, u32, [u32; 4])>,
+    /// One save at a time (a second waits for the first).
+    pub save_lock: std::sync::Mutex<()>,
 }
 
 /// Why a save or restore failed.
@@ -111,10 +113,15 @@ pub fn save(
             parts.without_state.join(", ")
         )));
     }
+    let _one_at_a_time = parts.save_lock.lock().unwrap_or_else(|p| p.into_inner());
     let was_paused = handle.is_paused();
     let pause = handle.pause(Duration::from_secs(10))?;
+    // Nobody may resume the VM while its state is collected.
+    handle.hold_paused(true);
     let r = collect_and_write(handle, &parts, store, path, progress);
-    if !was_paused && !stay_paused {
+    handle.hold_paused(false);
+    // A failed save never leaves a running VM paused (nor stops it).
+    if !was_paused && (!stay_paused || r.is_err()) {
         handle.resume();
     }
     let meta = r?;
@@ -200,7 +207,11 @@ pub fn config_of(o: &Opened) -> Result<VmConfig, SnapshotError> {
             palacios_checkpoint::FormatError::Corrupt(format!("unreadable VM config: {e}")),
         ))
     })?;
-    if cfg.mem_mib == 0 || cfg.mem_mib > crate::config::vm::MAX_MEM_MIB || cfg.cores == 0 {
+    if cfg.mem_mib == 0
+        || cfg.mem_mib > crate::config::vm::MAX_MEM_MIB
+        || cfg.cores == 0
+        || cfg.cores > crate::config::vm::MAX_CORES
+    {
         return Err(SnapshotError::Mismatch(format!(
             "the checkpoint's config is impossible ({} MiB, {} cores)",
             cfg.mem_mib, cfg.cores

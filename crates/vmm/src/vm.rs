@@ -183,6 +183,7 @@ impl Vm {
             irqchip: ctx.kernel_irqchip.clone(),
             backend: backend.name(),
             cpuid: backend.cpuid_features(),
+            save_lock: std::sync::Mutex::new(()),
         }));
         tracing::debug!(
             "VM built: {} MiB, {} cores, {} devices, backend {}",
@@ -498,21 +499,7 @@ impl CoreLoop {
                     self.fail(e);
                     return false;
                 }
-                // Some backends ignore TSC writes: anchor guest time to the TSC the core has.
-                if self.cpu == 0 {
-                    if let Ok(v) = vcpu.msrs(&[msr::IA32_TSC]) {
-                        if let Some(&(_, tsc)) = v.first() {
-                            let now = self.clock.now();
-                            let want = self.clock.tsc_at(now);
-                            if tsc.abs_diff(want) > self.clock.tsc_hz() / 100 {
-                                tracing::debug!(
-                                    "guest TSC {tsc:#x} differs from {want:#x}: re-anchoring guest time"
-                                );
-                                self.clock.anchor_tsc(tsc, now);
-                            }
-                        }
-                    }
-                }
+                self.reanchor_tsc(vcpu);
                 self.running.fetch_add(1, Ordering::AcqRel);
                 return true;
             }
@@ -522,6 +509,27 @@ impl CoreLoop {
                 continue;
             }
             self.handle.wakers().wait(self.cpu, None);
+        }
+    }
+
+    /// Some backends ignore TSC writes (this project's software KVM): then the TSC the core
+    /// has is the truth, and guest time's TSC mapping (TSC-deadline timers) follows it. Done
+    /// by core 0 when it starts, resumes or continues from a checkpoint.
+    fn reanchor_tsc(&self, vcpu: &mut dyn Vcpu) {
+        if self.cpu != 0 {
+            return;
+        }
+        if let Ok(v) = vcpu.msrs(&[msr::IA32_TSC]) {
+            if let Some(&(_, tsc)) = v.first() {
+                let now = self.clock.now();
+                let want = self.clock.tsc_at(now);
+                if tsc.abs_diff(want) > self.clock.tsc_hz() / 1000 {
+                    tracing::debug!(
+                        "guest TSC {tsc:#x} differs from {want:#x}: re-anchoring guest time"
+                    );
+                    self.clock.anchor_tsc(tsc, now);
+                }
+            }
         }
     }
 
@@ -549,6 +557,9 @@ impl CoreLoop {
             && let Err(e) = vcpu.set_msrs(&[t])
         {
             tracing::debug!("vCPU {}: cannot put the TSC back after a pause: {e}", self.cpu);
+        }
+        if !self.handle.is_stopping() {
+            self.reanchor_tsc(vcpu);
         }
     }
 
@@ -586,9 +597,11 @@ impl CoreLoop {
                 self.handle.set_core_mode(self.cpu, CoreMode::Running);
             }
             CoreMode::Running => {
+                self.reanchor_tsc(vcpu.as_mut());
                 self.running.fetch_add(1, Ordering::AcqRel);
             }
             CoreMode::Halted => {
+                self.reanchor_tsc(vcpu.as_mut());
                 self.running.fetch_add(1, Ordering::AcqRel);
                 halted = true;
             }
