@@ -12,6 +12,15 @@ pub use store::{CheckpointStore, Opened, open, store, stores};
 /// Guest memory to save: reads by guest-physical address.
 pub trait MemorySource {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// `[gpa, gpa+len)` in place, when the memory can be read without a copy.
+    fn slice(&self, _gpa: u64, _len: u64) -> Option<&[u8]> {
+        None
+    }
+    /// For each page of `[gpa, gpa+len)`: true if it is known to be zero without reading it
+    /// (never touched). `None`: nothing is known, every page is read.
+    fn known_zero(&self, _gpa: u64, _len: u64) -> Option<Vec<bool>> {
+        None
+    }
 }
 
 /// Progress of a long operation: (bytes done, bytes in all).

@@ -146,24 +146,39 @@ fn write_memory(
     let mut buf = vec![0u8; CHUNK];
     let mut image_off = 0u64;
     let mut extents: Vec<(u64, u64)> = Vec::new();
+    let page = PAGE as usize;
     for &(gpa, len) in &meta.memory.slots {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            mem.read(gpa + done, chunk)
-                .map_err(io_err(format!("read guest memory at {:#x}", gpa + done)))?;
+            let skip = mem.known_zero(gpa + done, n as u64);
+            if skip.as_ref().is_some_and(|z| z.iter().all(|&z| z)) {
+                done += n as u64;
+                progress(image_off + done, total);
+                continue;
+            }
+            let chunk: &[u8] = match mem.slice(gpa + done, n as u64) {
+                Some(s) => s,
+                None => {
+                    mem.read(gpa + done, &mut buf[..n])
+                        .map_err(io_err(format!("read guest memory at {:#x}", gpa + done)))?;
+                    &buf[..n]
+                }
+            };
+            let zero = |p: usize| {
+                skip.as_ref().is_some_and(|z| z.get(p / page).copied().unwrap_or(false))
+                    || is_zero(&chunk[p..p + page])
+            };
             // Runs of non-zero pages in this chunk.
             let mut p = 0usize;
             while p < n {
-                let page = &chunk[p..p + PAGE as usize];
-                if is_zero(page) {
-                    p += PAGE as usize;
+                if zero(p) {
+                    p += page;
                     continue;
                 }
                 let start = p;
-                while p < n && !is_zero(&chunk[p..p + PAGE as usize]) {
-                    p += PAGE as usize;
+                while p < n && !zero(p) {
+                    p += page;
                 }
                 let data = &chunk[start..p];
                 let off = image_off + done + start as u64;
@@ -184,12 +199,19 @@ fn write_memory(
     Ok(())
 }
 
+/// Whether a page is all zero (OR-folded in 64-byte blocks, which the compiler vectorizes).
 fn is_zero(page: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
-        unsafe { page.align_to::<u64>() }
-    };
-    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+    let mut blocks = page.chunks_exact(64);
+    for b in &mut blocks {
+        let mut acc = 0u64;
+        for w in b.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().unwrap_or_default());
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Random-access bytes: a file, or a checkpoint in memory (tests, fuzzing).

@@ -344,7 +344,7 @@ impl BuildCtx {
                     // A VM that is not running yet (a restore may still replace the device's
                     // state) or is paused takes no input: it stays in the host stream.
                     if !vm.has_started() || vm.is_paused() {
-                        std::thread::sleep(Duration::from_millis(10));
+                        std::thread::sleep(Duration::from_millis(1));
                         continue;
                     }
                     match input.read_timeout(&mut buf, Duration::from_millis(50)) {

@@ -32,6 +32,8 @@ pub struct VmParts {
     pub cpuid: Vec<(u32, u32, [u32; 4])>,
     /// One save at a time (a second waits for the first).
     pub save_lock: std::sync::Mutex<()>,
+    /// Guest memory is mapped from a checkpoint (not anonymous).
+    pub mem_from_file: bool,
 }
 
 /// Why a save or restore failed.
@@ -76,13 +78,66 @@ pub struct SaveReport {
     pub ram: u64,
 }
 
-struct MemSource<'a>(&'a GuestMem);
+/// Guest memory of a paused VM, read in place.
+struct MemSource<'a> {
+    mem: &'a GuestMem,
+    /// The memory is anonymous (not mapped from a checkpoint): a page the process never
+    /// touched is zero.
+    anonymous: bool,
+    pagemap: Option<std::fs::File>,
+}
+
+impl MemSource<'_> {
+    /// The host address of `[gpa, gpa+len)` if it lies in one region.
+    fn host(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let r = self.mem.find_region(GuestAddress(gpa))?;
+        let off = gpa - r.start_addr().0;
+        if off.checked_add(len)? > r.len() {
+            return None;
+        }
+        self.mem.get_host_address(GuestAddress(gpa)).ok()
+    }
+}
 
 impl palacios_checkpoint::MemorySource for MemSource<'_> {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0
+        self.mem
             .read_slice(buf, GuestAddress(gpa))
             .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let p = self.host(gpa, len)?;
+        // SAFETY: `p..p+len` lies inside one live mapping of guest memory that `self.mem`
+        // keeps alive for the borrow. The VM is paused while a save runs (no core runs, no
+        // device does DMA, the host input pumps wait), so nothing writes it meanwhile.
+        Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
+    }
+
+    fn known_zero(&self, gpa: u64, len: u64) -> Option<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        if !self.anonymous {
+            return None;
+        }
+        let f = self.pagemap.as_ref()?;
+        let p = self.host(gpa, len)? as u64;
+        if p % 4096 != 0 || len % 4096 != 0 {
+            return None;
+        }
+        // /proc/self/pagemap: 8 bytes per virtual page; bit 63 present, bit 62 swapped. A page
+        // of an anonymous mapping that is neither was never touched and reads as zero.
+        let pages = (len / 4096) as usize;
+        let mut raw = vec![0u8; pages * 8];
+        f.read_exact_at(&mut raw, (p / 4096) * 8).ok()?;
+        Some(
+            raw.chunks_exact(8)
+                .map(|e| {
+                    let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                    v & (3 << 62) == 0
+                })
+                .collect(),
+        )
     }
 }
 
@@ -197,7 +252,12 @@ fn collect_and_write(
         },
         sections,
     };
-    Ok(store.save(path, meta, &MemSource(&parts.mem), progress)?)
+    let src = MemSource {
+        mem: &parts.mem,
+        anonymous: !parts.mem_from_file,
+        pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+    };
+    Ok(store.save(path, meta, &src, progress)?)
 }
 
 /// The config a checkpoint was taken with.

@@ -116,6 +116,7 @@ impl Vm {
         mem: Option<GuestMem>,
     ) -> Result<Vm, VmError> {
         let map = MemoryMap::pc(cfg.mem_mib << 20);
+        let mem_from_file = mem.is_some();
         let mem = match mem {
             Some(m) => m,
             None => map.create_memory().map_err(|e| VmError::Memory {
@@ -184,6 +185,7 @@ impl Vm {
             backend: backend.name(),
             cpuid: backend.cpuid_features(),
             save_lock: std::sync::Mutex::new(()),
+            mem_from_file,
         }));
         tracing::debug!(
             "VM built: {} MiB, {} cores, {} devices, backend {}",
