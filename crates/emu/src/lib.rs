@@ -129,6 +129,32 @@ impl Backend for EmuBackend {
         Ok(())
     }
 
+    fn set_dirty_log(
+        &self,
+        log: Option<Arc<palacios_vmm::dirty::DirtyLog>>,
+    ) -> Result<(), BackendError> {
+        let phys = lock(&self.phys).clone().ok_or_else(|| BackendError::Unhandled {
+            vcpu: 0,
+            rip: 0,
+            what: "dirty tracking before guest memory was mapped".into(),
+        })?;
+        if let Some(l) = log {
+            let _ = phys.dirty.set(l);
+        }
+        // Write translations granted so far were not marked: drop them everywhere.
+        phys.code.bump_epoch();
+        Ok(())
+    }
+
+    fn collect_dirty(&self, _log: &palacios_vmm::dirty::DirtyLog) -> Result<(), BackendError> {
+        // The marks are in the log already; make every core's next write to any page mark
+        // it again (each core drops its write translations at its next sync).
+        if let Some(phys) = lock(&self.phys).as_ref() {
+            phys.code.bump_epoch();
+        }
+        Ok(())
+    }
+
     fn restrict_cpu_features(&self, keep: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError> {
         let mut model = (**lock(&self.model)).clone();
         model.restrict(keep);
@@ -620,6 +646,10 @@ impl Vcpu for EmuVcpu {
             }
         }
         Ok(())
+    }
+
+    fn sync_dirty(&mut self) {
+        self.m.sync_code_epoch();
     }
 
     fn can_inject(&mut self) -> bool {

@@ -207,11 +207,20 @@ impl Machine {
         let t = paging::walk(&self.cpu, &self.phys, lin, kind, user)
             .map_err(|code| Fault::Pf(lin, code))?;
         let target = self.phys.lookup(t.phys);
-        let code = match target {
+        let mut no_write = match target {
             Target::Ram(_, page) => self.phys.code.has_code(page),
             Target::Mmio => false,
         };
-        self.tlb.fill(user, lin, &t, target, code);
+        // Dirty tracking: a write translation is granted only by a write, which marks the
+        // page; other accesses get none, so the first write after them comes back here.
+        if let (Some(log), Target::Ram(_, page)) = (self.phys.tracking(), target) {
+            if kind == Kind::Write {
+                log.mark_page(page);
+            } else {
+                no_write = true;
+            }
+        }
+        self.tlb.fill(user, lin, &t, target, no_write);
         Ok((t.phys, target))
     }
 

@@ -65,6 +65,12 @@ impl CodePages {
             self.writes.fetch_add(1, Ordering::AcqRel);
         }
     }
+    /// Make every core drop its write translations (and every chained block re-check):
+    /// dirty tracking needs each page's next write to go through a TLB fill.
+    pub fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.writes.fetch_add(1, Ordering::AcqRel);
+    }
     /// The write counter itself, for translated code.
     pub fn writes_counter(&self) -> &AtomicU64 {
         &self.writes
@@ -81,6 +87,8 @@ impl CodePages {
 pub struct PhysMem {
     ram: Arc<[Ram]>,
     pub code: Arc<CodePages>,
+    /// The VM's dirty log, once tracking was asked for (shared by every core).
+    pub dirty: Arc<std::sync::OnceLock<Arc<palacios_vmm::dirty::DirtyLog>>>,
     /// Keeps the mappings alive as long as any core uses them.
     _mem: GuestMem,
 }
@@ -139,8 +147,15 @@ impl PhysMem {
         PhysMem {
             ram: ram.into(),
             code,
+            dirty: Arc::default(),
             _mem: mem.clone(),
         }
+    }
+
+    /// The dirty log while tracking is on.
+    #[inline]
+    pub fn tracking(&self) -> Option<&palacios_vmm::dirty::DirtyLog> {
+        self.dirty.get().filter(|l| l.is_enabled()).map(|l| &**l)
     }
 
     /// Host address of physical `addr` (page granularity: the whole 4 KiB page is backed).
@@ -192,6 +207,9 @@ impl PhysMem {
                 if a.load(Ordering::Relaxed) & bits != bits {
                     a.fetch_or(bits, Ordering::AcqRel);
                     self.code.written(page);
+                    if let Some(log) = self.tracking() {
+                        log.mark_page(page);
+                    }
                 }
                 true
             }

@@ -114,6 +114,8 @@ pub struct KvmBackend {
     msr_bitmaps: std::sync::Mutex<Vec<Vec<u8>>>,
     /// KVM_GET_MSR_INDEX_LIST: every MSR a checkpoint saves.
     msr_list: Arc<Vec<u32>>,
+    /// The memory slots (re-registered with dirty logging on and off).
+    slots: std::sync::Mutex<Vec<kvm_userspace_memory_region>>,
     kernel_irqchip: std::sync::atomic::AtomicBool,
 }
 
@@ -163,6 +165,7 @@ impl KvmBackend {
             tsc_khz,
             msr_bitmaps: std::sync::Mutex::new(Vec::new()),
             msr_list: Arc::new(msr_list),
+            slots: std::sync::Mutex::new(Vec::new()),
             kernel_irqchip: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -197,6 +200,42 @@ impl Backend for KvmBackend {
             // long as the VM fd exists (the Vm holds both and drops vCPUs and VM before memory).
             unsafe { self.vm.set_user_memory_region(r) }
                 .map_err(host_err("KVM_SET_USER_MEMORY_REGION"))?;
+            self.slots.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        }
+        Ok(())
+    }
+
+    fn set_dirty_log(
+        &self,
+        log: Option<Arc<palacios_vmm::dirty::DirtyLog>>,
+    ) -> Result<(), BackendError> {
+        let flags = if log.is_some() {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for r in slots.iter_mut() {
+            r.flags = flags;
+            // SAFETY: the same live mapping registered by map_memory, only the flags change.
+            unsafe { self.vm.set_user_memory_region(*r) }
+                .map_err(host_err("KVM_SET_USER_MEMORY_REGION (dirty logging)"))?;
+        }
+        Ok(())
+    }
+
+    fn collect_dirty(&self, log: &palacios_vmm::dirty::DirtyLog) -> Result<(), BackendError> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, r) in slots.iter().enumerate() {
+            if r.flags & kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES == 0 {
+                continue;
+            }
+            // KVM_GET_DIRTY_LOG fetches and clears the slot's log and write-protects again.
+            let bits = self
+                .vm
+                .get_dirty_log(r.slot, r.memory_size as usize)
+                .map_err(host_err("KVM_GET_DIRTY_LOG"))?;
+            log.merge_region(i, &bits);
         }
         Ok(())
     }

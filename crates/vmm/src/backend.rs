@@ -335,6 +335,16 @@ pub trait Backend: Send + Sync {
             })
         }
     }
+    /// Start tracking writes to guest memory into `log` (`None`: stop). The backend marks
+    /// what its cores write; devices' and the VMM's writes are marked by the core.
+    fn set_dirty_log(
+        &self,
+        log: Option<std::sync::Arc<crate::dirty::DirtyLog>>,
+    ) -> Result<(), BackendError>;
+    /// Called right after the log was taken: merge what the backend tracked itself (KVM's
+    /// log) into `log`, and re-arm tracking so the next write to any page is seen. The
+    /// cores complete it with [`Vcpu::sync_dirty`] before the pages are read.
+    fn collect_dirty(&self, log: &crate::dirty::DirtyLog) -> Result<(), BackendError>;
     /// Keep only these feature bits (see [`PORTABLE_FEATURES`]) in the CPU model, before any
     /// vCPU is created.
     fn restrict_cpu_features(&self, keep: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError>;
@@ -464,6 +474,10 @@ pub trait Vcpu: Send {
         self.set_msrs(&s.msrs)?;
         Ok(())
     }
+
+    /// Dirty tracking: drop every write permission granted before the last
+    /// [`Backend::collect_dirty`] (the emulator's TLB); nothing for hardware backends.
+    fn sync_dirty(&mut self) {}
 
     /// Load the whole architectural state a loader prepared.
     fn set_state(&mut self, state: &CpuState) -> Result<(), BackendError> {

@@ -597,6 +597,53 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Start dirty-page tracking (every page written from now on is marked).
+    pub fn start_dirty_tracking(&self) -> Result<Arc<crate::dirty::DirtyLog>, CoreStateError> {
+        let parts = self.parts().cloned().ok_or(ControlError::NotPaused)?;
+        parts.dirty.set_enabled(true);
+        parts.backend_obj.set_dirty_log(Some(parts.dirty.clone()))?;
+        self.sync_dirty_cores()?;
+        // Marks from before the cores synchronised are meaningless: start clean.
+        let _ = parts.dirty.take();
+        Ok(parts.dirty.clone())
+    }
+
+    /// The pages written since the last round (or since tracking started); afterwards every
+    /// page's next write is marked again.
+    pub fn dirty_round(&self) -> Result<crate::dirty::DirtySet, CoreStateError> {
+        let parts = self.parts().cloned().ok_or(ControlError::NotPaused)?;
+        let mut set = parts.dirty.take();
+        parts.backend_obj.collect_dirty(&parts.dirty)?;
+        set.union(&parts.dirty.take());
+        self.sync_dirty_cores()?;
+        Ok(set)
+    }
+
+    /// Stop tracking.
+    pub fn stop_dirty_tracking(&self) {
+        if let Some(parts) = self.parts() {
+            parts.dirty.set_enabled(false);
+            let _ = parts.backend_obj.set_dirty_log(None);
+            let _ = parts.dirty.take();
+        }
+    }
+
+    /// Every core drops write permissions granted before now (the emulator's TLB).
+    fn sync_dirty_cores(&self) -> Result<(), CoreStateError> {
+        if !self.has_started() {
+            return Ok(());
+        }
+        for cpu in 0..self.cores() {
+            match self.with_core(cpu, Duration::from_secs(10), |v| v.sync_dirty()) {
+                Ok(()) => {}
+                // A VM that ended has no writers left.
+                Err(ControlError::Ended(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a command replaced core `cpu`'s state since the last call.
     pub fn take_state_replaced(&self, cpu: u32) -> bool {
         self.0

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bus;
 pub mod config;
 pub mod control;
+pub mod dirty;
 pub mod host;
 pub mod irq;
 pub mod memory;

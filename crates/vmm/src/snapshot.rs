@@ -34,6 +34,10 @@ pub struct VmParts {
     pub save_lock: std::sync::Mutex<()>,
     /// Guest memory is mapped from a checkpoint (not anonymous).
     pub mem_from_file: bool,
+    /// The backend (dirty tracking).
+    pub backend_obj: Arc<dyn crate::backend::Backend>,
+    /// The VM's dirty-page log (see [`crate::dirty`]).
+    pub dirty: Arc<crate::dirty::DirtyLog>,
 }
 
 /// Why a save or restore failed.

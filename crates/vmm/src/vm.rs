@@ -124,7 +124,10 @@ impl Vm {
                 reason: e.to_string(),
             })?,
         };
+        let backend: Arc<dyn Backend> = Arc::from(backend);
         backend.map_memory(&mem)?;
+        let dirty = Arc::new(crate::dirty::DirtyLog::new(&mem));
+        crate::write_watch::attach_dirty_log(&mem, dirty.clone());
         let handle = VmHandle::new(cfg.cores);
         let mut ctx = BuildCtx::new(
             host.clone(),
@@ -186,6 +189,8 @@ impl Vm {
             cpuid: backend.cpuid_features(),
             save_lock: std::sync::Mutex::new(()),
             mem_from_file,
+            backend_obj: backend.clone(),
+            dirty,
         }));
         tracing::debug!(
             "VM built: {} MiB, {} cores, {} devices, backend {}",

@@ -16,6 +16,8 @@ pub type WriteHook = Arc<dyn Fn(usize, usize) + Send + Sync>;
 #[derive(Default)]
 struct Shared {
     hook: OnceLock<WriteHook>,
+    /// The VM's dirty log and this region's index in it.
+    dirty: OnceLock<(Arc<crate::dirty::DirtyLog>, usize)>,
 }
 
 /// The per-region write watch.
@@ -52,6 +54,9 @@ impl Bitmap for WriteWatch {
         if let Some(h) = self.shared.hook.get() {
             h(self.base + offset, len);
         }
+        if let Some((log, region)) = self.shared.dirty.get() {
+            log.mark_region(*region, (self.base + offset) as u64, len as u64);
+        }
     }
     fn dirty_at(&self, _offset: usize) -> bool {
         false
@@ -62,6 +67,23 @@ impl Bitmap for WriteWatch {
             base: self.base + offset,
         }
     }
+}
+
+/// Connect the VM's dirty log to every region of `mem` (once; later calls are ignored), so
+/// writes through vm-memory are marked while tracking is on.
+pub fn attach_dirty_log(mem: &crate::memory::GuestMem, log: Arc<crate::dirty::DirtyLog>) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for (i, r) in mem.iter().enumerate() {
+        let _ = r.bitmap().shared.dirty.set((log.clone(), i));
+    }
+}
+
+/// The dirty log attached to `mem`, if any.
+pub fn dirty_log(mem: &crate::memory::GuestMem) -> Option<Arc<crate::dirty::DirtyLog>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .next()
+        .and_then(|r| r.bitmap().shared.dirty.get().map(|d| d.0.clone()))
 }
 
 impl NewBitmap for WriteWatch {
