@@ -19,6 +19,8 @@ pub struct ApiState {
     pub backend: String,
     pub started: Instant,
     handle: Mutex<Option<VmHandle>>,
+    /// The last (or current) outgoing migration.
+    migration: Arc<Mutex<palacios_vmm::migrate::Progress>>,
     /// Set once the VM process is ending: the outcome.
     ended: Mutex<Option<Outcome>>,
 }
@@ -30,6 +32,10 @@ impl ApiState {
             backend: backend.to_string(),
             started: Instant::now(),
             handle: Mutex::new(None),
+            migration: Arc::new(Mutex::new(palacios_vmm::migrate::Progress {
+                state: "idle".into(),
+                ..Default::default()
+            })),
             ended: Mutex::new(None),
         })
     }
@@ -111,8 +117,13 @@ fn route(st: &ApiState, req: &Request) -> Response {
         }
         ("GET", ["vm", "memory"]) => memory(&h, req),
         ("PUT", ["snapshot", "create"]) => snapshot(&h, req),
+        ("PUT", ["migrate"]) => migrate(st, &h, req),
+        ("GET", ["migrate"]) => Response::ok(
+            serde_json::to_value(&*st.migration.lock().unwrap_or_else(|p| p.into_inner()))
+                .unwrap_or_default(),
+        ),
         (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "memory"] | ["vm", "cores", _])
-        | (_, ["snapshot", "create"]) => {
+        | (_, ["snapshot", "create"] | ["migrate"]) => {
             Response::error(405, format!("{m} is not allowed on {}", req.path))
         }
         _ => Response::error(404, format!("no such endpoint: {m} {}", req.path)),
@@ -224,5 +235,54 @@ fn snapshot(h: &VmHandle, req: &Request) -> Response {
             };
             Response::error(status, e)
         }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateReq {
+    /// HOST:PORT of a `v3 receive`.
+    dest: String,
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+    #[serde(default)]
+    bandwidth_mbps: Option<u64>,
+}
+
+/// Start a migration in the background; `GET /migrate` follows it.
+fn migrate(st: &ApiState, h: &VmHandle, req: &Request) -> Response {
+    let r: MigrateReq = match serde_json::from_slice(&req.body) {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, format!("bad migrate request: {e}")),
+    };
+    if r.downtime_ms == Some(0) || r.bandwidth_mbps == Some(0) {
+        return Response::error(400, "downtime_ms and bandwidth_mbps must be positive");
+    }
+    {
+        let mut p = st.migration.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(p.state.as_str(), "connecting" | "copying" | "stop-and-copy") {
+            return Response::error(409, format!("a migration to {} is under way", p.dest));
+        }
+        p.state = "connecting".into();
+        p.dest = r.dest.clone();
+        p.error = None;
+    }
+    let opts = palacios_vmm::migrate::SendOpts {
+        downtime: Duration::from_millis(r.downtime_ms.unwrap_or(50)),
+        bandwidth: r.bandwidth_mbps.map(|m| m * 1_000_000 / 8),
+        ..Default::default()
+    };
+    let (h, p, dest) = (h.clone(), st.migration.clone(), r.dest.clone());
+    let spawned = std::thread::Builder::new()
+        .name("migrate".into())
+        .spawn(move || {
+            let _ = palacios_vmm::migrate::send(&h, &dest, &opts, &p);
+        });
+    match spawned {
+        Ok(_) => Response {
+            status: 202,
+            body: json!({ "state": "connecting", "dest": r.dest }),
+        },
+        Err(e) => Response::error(500, format!("cannot start the migration: {e}")),
     }
 }

@@ -178,6 +178,35 @@ pub fn prepare_restore(
     Ok(Prepared { vm })
 }
 
+/// Build the VM a migration's Hello describes and receive it (memory, then state); the
+/// source is told the outcome either way.
+pub fn prepare_incoming(
+    cfg: &VmConfig,
+    conn: &mut std::net::TcpStream,
+    hello: &palacios_vmm::migrate::wire::Hello,
+    backend: Box<dyn Backend>,
+    host: Arc<dyn Host>,
+) -> Result<Prepared, LaunchError> {
+    use palacios_vmm::migrate::wire;
+    let registry = palacios_devices::registry();
+    let mut vm = match Vm::build(cfg, &registry, backend, host) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let msg = format!("the destination cannot build the VM: {e}");
+            let _ = wire::write_frame(conn, wire::Kind::Refuse, &wire::refuse_payload(&msg));
+            return Err(LaunchError::Config(msg));
+        }
+    };
+    let mut progress = crate::progress::Progress::new("receiving");
+    let total = hello.regions.iter().map(|r| r.1 / 4096).sum::<u64>();
+    palacios_vmm::migrate::receive(conn, hello, &mut vm, &mut |pages| {
+        progress.update(pages * 4096, total * 4096)
+    })
+    .map_err(|e| LaunchError::Config(format!("incoming migration failed: {e}")))?;
+    progress.finish();
+    Ok(Prepared { vm })
+}
+
 /// What the loader needs from a `<boot>` section and the files it names.
 fn boot_params<'a>(b: &'a BootConfig, kernel: &'a [u8], mods: &'a [Vec<u8>]) -> BootParams<'a> {
     BootParams {

@@ -34,6 +34,7 @@ pub fn bundled_guests() -> palacios_vmm::host::Bundled {
             "flat16.bin",
             "mbaout.bin",
             "countdown.elf",
+            "dirtier.elf",
         )
     }
     #[cfg(not(palacios_demo))]

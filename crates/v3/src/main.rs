@@ -45,6 +45,22 @@ enum Cmd {
     Continue { vm: String },
     /// Stop a VM.
     Stop { vm: String },
+    /// Live-migrate a running VM to a `v3 receive` (pre-copy; the VM ends here once it runs
+    /// there).
+    Send {
+        /// The VM: its --name, or its API socket path.
+        vm: String,
+        /// HOST:PORT of the receiver.
+        dest: String,
+        /// The longest pause of the guest for the last copy, ms.
+        #[arg(long, default_value_t = 50)]
+        downtime: u64,
+        /// Cap on the link use, Mbit/s.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+    },
+    /// Wait for one live migration and run the VM it brings.
+    Receive(ReceiveArgs),
     /// Print a VM's state (JSON).
     Status { vm: String },
     /// Save a checkpoint of a VM (it is paused for the save, then continues).
@@ -60,6 +76,29 @@ enum Cmd {
         #[arg(long)]
         stop: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ReceiveArgs {
+    /// ADDR:PORT to listen on (for example 0.0.0.0:7777).
+    #[arg(long)]
+    listen: String,
+    /// CPU backend to run the VM on (default: the source's).
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// Use this config instead of the source's (file paths differ between hosts); its
+    /// devices, memory and cores must match the source's.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve the VM's control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Name the VM (its API socket as for `v3 run --name`).
+    #[arg(long, conflicts_with = "api_sock")]
+    name: Option<String>,
+    /// Print per-core exit telemetry when the VM ends.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(clap::Args)]
@@ -243,6 +282,13 @@ fn main() -> ExitCode {
         Cmd::Devices => devices(),
         Cmd::Guests => guests(),
         Cmd::Load(a) => load(a),
+        Cmd::Send {
+            vm,
+            dest,
+            downtime,
+            bandwidth,
+        } => send(&vm, &dest, downtime, bandwidth),
+        Cmd::Receive(a) => receive(a),
         Cmd::Pause { vm } => client(&vm, "PUT", "/vm/pause", None),
         Cmd::Continue { vm } => client(&vm, "PUT", "/vm/resume", None),
         Cmd::Stop { vm } => client(&vm, "PUT", "/vm/stop", None),
@@ -360,6 +406,178 @@ fn save(vm: &str, path: &std::path::Path, store: &str, stop: bool) -> u8 {
     )
 }
 
+/// Start a migration through the VM's API and follow it until it ends.
+fn send(vm: &str, dest: &str, downtime: u64, bandwidth: Option<u64>) -> u8 {
+    let sock = palacios_api::resolve(vm);
+    let t = std::time::Duration::from_secs(30);
+    let body = serde_json::json!({"dest": dest, "downtime_ms": downtime, "bandwidth_mbps": bandwidth});
+    match palacios_api::request(&sock, "PUT", "/migrate", Some(&body), t) {
+        Ok((202, _)) => {}
+        Ok((code, v)) => {
+            eprintln!(
+                "v3: {vm}: {} (HTTP {code})",
+                v.get("error").and_then(|e| e.as_str()).unwrap_or("refused")
+            );
+            return status::CONFIG_ERROR;
+        }
+        Err(e) => {
+            eprintln!("v3: {e}");
+            return status::CONFIG_ERROR;
+        }
+    }
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let v = match palacios_api::request(&sock, "GET", "/migrate", None, t) {
+            Ok((200, v)) => v,
+            // The VM ended (it migrated) between two polls.
+            Err(palacios_api::ClientError::Connect { .. }) => {
+                eprintln!("v3: {vm}: the VM is gone (it ended); check {dest}");
+                return status::OK;
+            }
+            Ok((code, v)) => {
+                eprintln!("v3: {vm}: HTTP {code}: {v}");
+                return status::CONFIG_ERROR;
+            }
+            Err(e) => {
+                eprintln!("v3: {e}");
+                return status::CONFIG_ERROR;
+            }
+        };
+        let state = v["state"].as_str().unwrap_or("?").to_string();
+        if tty {
+            eprint!(
+                "\r{state:>13}: round {}, {} pages sent ({:.0} MB), {} dirty ({:.0}/s), {:.0} MB/s, expected downtime {:.1} ms   ",
+                v["round"],
+                v["pages_sent"],
+                v["bytes_sent"].as_f64().unwrap_or(0.0) / 1e6,
+                v["dirty_pages"],
+                v["dirty_rate"].as_f64().unwrap_or(0.0),
+                v["bandwidth"].as_f64().unwrap_or(0.0) / 1e6,
+                v["expected_downtime_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        match state.as_str() {
+            "done" => {
+                if tty {
+                    eprintln!();
+                }
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return status::OK;
+            }
+            "failed" => {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!(
+                    "v3: migration of {vm} to {dest} failed: {}",
+                    v["error"].as_str().unwrap_or("?")
+                );
+                return status::CONFIG_ERROR;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn receive(a: ReceiveArgs) -> u8 {
+    match try_receive(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("v3: {e}");
+            e.status()
+        }
+    }
+}
+
+fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
+    use palacios_vmm::migrate::wire;
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .map_err(|e| LaunchError::Config(format!("cannot listen on {}: {e}", a.listen)))?;
+    tracing::info!("waiting for a migration on {}", a.listen);
+    let (mut conn, peer) = listener
+        .accept()
+        .map_err(|e| LaunchError::Vm(format!("accept on {}: {e}", a.listen)))?;
+    drop(listener);
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let refuse = |conn: &mut std::net::TcpStream, msg: String| {
+        let _ = wire::write_frame(conn, wire::Kind::Refuse, &wire::refuse_payload(&msg));
+        LaunchError::Config(format!("incoming migration from {peer} refused: {msg}"))
+    };
+    let f = wire::read_frame(&mut conn)
+        .map_err(|e| LaunchError::Config(format!("incoming migration from {peer}: {e}")))?;
+    if f.kind != wire::Kind::Hello {
+        return Err(refuse(&mut conn, format!("expected Hello, got {:?}", f.kind)));
+    }
+    let hello: wire::Hello = match serde_json::from_slice(&f.payload) {
+        Ok(h) => h,
+        Err(e) => return Err(refuse(&mut conn, format!("malformed Hello: {e}"))),
+    };
+    let theirs: palacios_vmm::VmConfig = match serde_json::from_value(hello.config.clone()) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(&mut conn, format!("the source's config does not decode: {e}"))),
+    };
+    let mut cfg = match &a.config {
+        None => theirs.clone(),
+        Some(p) => {
+            let mine = match load_config(p) {
+                Ok(c) => c,
+                Err(e) => return Err(refuse(&mut conn, e.to_string())),
+            };
+            let devs = |c: &palacios_vmm::VmConfig| {
+                c.devices
+                    .iter()
+                    .map(|d| format!("{} ({})", d.id, d.class))
+                    .collect::<Vec<_>>()
+            };
+            if devs(&mine) != devs(&theirs) {
+                return Err(refuse(
+                    &mut conn,
+                    format!(
+                        "the destination's device set differs: the source has [{}], {} has [{}]",
+                        devs(&theirs).join(", "),
+                        p.display(),
+                        devs(&mine).join(", ")
+                    ),
+                ));
+            }
+            if (mine.mem_mib, mine.cores) != (theirs.mem_mib, theirs.cores) {
+                return Err(refuse(
+                    &mut conn,
+                    format!(
+                        "the destination's VM has {} MiB and {} cores, the source's {} MiB and {}",
+                        mine.mem_mib, mine.cores, theirs.mem_mib, theirs.cores
+                    ),
+                ));
+            }
+            mine
+        }
+    };
+    cfg.backend = match a.backend {
+        Some(BackendArg::Kvm) => BackendChoice::Kvm,
+        Some(BackendArg::Emu) => BackendChoice::Emu,
+        Some(BackendArg::Auto) => BackendChoice::Auto,
+        None => match hello.backend.as_str() {
+            "kvm" => BackendChoice::Kvm,
+            "emu" => BackendChoice::Emu,
+            _ => cfg.backend,
+        },
+    };
+    tracing::info!("receiving a VM from {peer} ({} backend there)", hello.backend);
+    let api_sock = palacios::session::api_socket(a.api_sock.clone(), a.name.as_deref())?;
+    session::execute(
+        &cfg,
+        session::First::Incoming { conn, hello },
+        SessionOpts {
+            stats: a.stats,
+            name: session_name(a.name.as_deref(), api_sock.as_deref()),
+            api_sock,
+            paused: false,
+        },
+    )
+}
+
 fn load(a: LoadArgs) -> u8 {
     match try_load(a) {
         Ok(code) => code,
@@ -391,8 +609,7 @@ fn try_load(a: LoadArgs) -> Result<u8, LaunchError> {
     let api_sock = palacios::session::api_socket(a.api_sock.clone(), a.name.as_deref())?;
     session::execute(
         &cfg,
-        Image::FromConfig,
-        Some(opened),
+        session::First::Restore(opened),
         SessionOpts {
             stats: a.stats,
             name: session_name(a.name.as_deref(), api_sock.as_deref()),
@@ -525,8 +742,7 @@ fn try_run(a: RunArgs) -> Result<u8, LaunchError> {
     let api_sock = palacios::session::api_socket(a.api_sock.clone(), a.name.as_deref())?;
     session::execute(
         &cfg,
-        image,
-        None,
+        session::First::Boot(image),
         SessionOpts {
             stats: a.stats,
             name: session_name(a.name.as_deref(), api_sock.as_deref()),

@@ -48,14 +48,25 @@ pub fn api_socket(api_sock: Option<PathBuf>, name: Option<&str>) -> Result<Optio
     }
 }
 
-/// Run the VM of `cfg` (booting `image`, or restored from `checkpoint` on the first boot)
-/// until it ends; the exit status.
-pub fn execute(
-    cfg: &VmConfig,
-    image: Image,
-    mut checkpoint: Option<palacios_checkpoint::Opened>,
-    opts: SessionOpts,
-) -> Result<u8, LaunchError> {
+/// How the VM begins (reboots always boot the config's guest).
+pub enum First<'a> {
+    /// Boot this image.
+    Boot(Image<'a>),
+    /// Restore a checkpoint.
+    Restore(palacios_checkpoint::Opened),
+    /// Receive a live migration on this connection (its Hello already read).
+    Incoming {
+        conn: std::net::TcpStream,
+        hello: palacios_vmm::migrate::wire::Hello,
+    },
+}
+
+/// Run the VM of `cfg` from `first` until it ends; the exit status.
+pub fn execute(cfg: &VmConfig, first: First, opts: SessionOpts) -> Result<u8, LaunchError> {
+    let (image, mut first) = match first {
+        First::Boot(i) => (i, None),
+        other => (Image::FromConfig, Some(other)),
+    };
     let raw = std::io::stdin().is_terminal();
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
@@ -97,9 +108,12 @@ pub fn execute(
                         }
                     })),
             );
-            let prepared = match checkpoint.take() {
-                Some(ck) => launch::prepare_restore(cfg, &ck, backend, host)?,
-                None => launch::prepare(cfg, image.clone(), backend, host)?,
+            let prepared = match first.take() {
+                Some(First::Restore(ck)) => launch::prepare_restore(cfg, &ck, backend, host)?,
+                Some(First::Incoming { mut conn, hello }) => {
+                    launch::prepare_incoming(cfg, &mut conn, &hello, backend, host)?
+                }
+                _ => launch::prepare(cfg, image.clone(), backend, host)?,
             };
             api_state.set_handle(prepared.vm.handle());
             if api.is_none() {
@@ -141,6 +155,10 @@ pub fn execute(
     })();
     if let Ok(r) = &result {
         api_state.set_ended(r.outcome.clone());
+        // A `v3 send` follows the migration through this socket: let it see the end.
+        if api.is_some() && matches!(r.outcome, Outcome::Migrated(_)) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
     }
     drop(api);
     sig_handle.close();

@@ -19,7 +19,11 @@ pub const STOPPED: u8 = 130;
 /// The status for a VM outcome.
 pub fn for_outcome(o: &Outcome) -> u8 {
     match o {
-        Outcome::Halted | Outcome::Reset | Outcome::PowerOff | Outcome::Reboot => OK,
+        Outcome::Halted
+        | Outcome::Reset
+        | Outcome::PowerOff
+        | Outcome::Reboot
+        | Outcome::Migrated(_) => OK,
         // QEMU's isa-debug-exit convention; only the low 8 bits reach the parent.
         Outcome::DebugExit(v) => ((v << 1) | 1) as u8,
         Outcome::Stopped => STOPPED,

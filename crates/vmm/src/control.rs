@@ -23,6 +23,8 @@ pub enum Outcome {
     /// The guest asked for a reset and the VM is configured to reboot: the embedder builds
     /// the VM afresh (power-on state, guest image reloaded) and runs it again.
     Reboot,
+    /// The VM moved to another VMM (a live migration); it runs there now.
+    Migrated(String),
     /// Triple fault (or another shutdown condition) on a core.
     Shutdown { vcpu: u32, rip: u64 },
     /// A backend or VMM error.
@@ -45,6 +47,7 @@ impl std::fmt::Display for Outcome {
             Outcome::Reset => write!(f, "guest requested a reset"),
             Outcome::PowerOff => write!(f, "guest powered off (ACPI S5)"),
             Outcome::Reboot => write!(f, "guest reset the machine (rebooting)"),
+            Outcome::Migrated(to) => write!(f, "migrated to {to}"),
             Outcome::Shutdown { vcpu, rip } => {
                 write!(f, "vCPU {vcpu}: triple fault / shutdown at RIP {rip:#x}")
             }

@@ -14,6 +14,7 @@ pub mod dirty;
 pub mod host;
 pub mod irq;
 pub mod memory;
+pub mod migrate;
 pub mod msr;
 pub mod registry;
 pub mod snapshot;

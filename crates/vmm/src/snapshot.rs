@@ -83,12 +83,12 @@ pub struct SaveReport {
 }
 
 /// Guest memory of a paused VM, read in place.
-struct MemSource<'a> {
-    mem: &'a GuestMem,
+pub(crate) struct MemSource<'a> {
+    pub(crate) mem: &'a GuestMem,
     /// The memory is anonymous (not mapped from a checkpoint): a page the process never
     /// touched is zero.
-    anonymous: bool,
-    pagemap: Option<std::fs::File>,
+    pub(crate) anonymous: bool,
+    pub(crate) pagemap: Option<std::fs::File>,
 }
 
 impl MemSource<'_> {
@@ -199,6 +199,17 @@ fn collect_and_write(
     path: &std::path::Path,
     progress: &mut palacios_checkpoint::Progress,
 ) -> Result<Meta, SnapshotError> {
+    let meta = meta_of(handle, parts)?;
+    let src = MemSource {
+        mem: &parts.mem,
+        anonymous: !parts.mem_from_file,
+        pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+    };
+    Ok(store.save(path, meta, &src, progress)?)
+}
+
+/// Everything but guest memory, of a paused VM: its config, CPU model and every section.
+pub fn meta_of(handle: &VmHandle, parts: &VmParts) -> Result<Meta, SnapshotError> {
     let mut sections = Vec::new();
     let clock = ClockState {
         guest_ns: parts.clock.now(),
@@ -256,12 +267,7 @@ fn collect_and_write(
         },
         sections,
     };
-    let src = MemSource {
-        mem: &parts.mem,
-        anonymous: !parts.mem_from_file,
-        pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
-    };
-    Ok(store.save(path, meta, &src, progress)?)
+    Ok(meta)
 }
 
 /// The config a checkpoint was taken with.
@@ -301,6 +307,15 @@ pub fn memory_of(o: &Opened, cfg: &VmConfig) -> Result<GuestMem, SnapshotError> 
 /// Restore a VM built from [`config_of`] and [`memory_of`] (not yet run) to the checkpoint's
 /// state: guest time, every device (by id), the backend's irqchip, every core.
 pub fn restore(vm: &mut Vm, o: &Opened) -> Result<(), SnapshotError> {
+    restore_meta(vm, &o.meta)
+}
+
+/// [`restore`] from the metadata alone (guest memory is in place already: a migration).
+pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
+    struct O<'a> {
+        meta: &'a Meta,
+    }
+    let o = O { meta };
     let handle = vm.handle();
     let parts = handle
         .parts()

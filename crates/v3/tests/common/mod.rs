@@ -264,8 +264,22 @@ impl Session {
         Self::spawn(args, true)
     }
 
+    /// `v3` run through a wrapper command (`prefix`, for example `ip netns exec NS`).
+    pub fn start_in(prefix: &[&str], args: &[&str]) -> Session {
+        if prefix.is_empty() {
+            return Self::start(args);
+        }
+        let mut all: Vec<&str> = prefix[1..].to_vec();
+        all.push(env!("CARGO_BIN_EXE_v3"));
+        all.extend_from_slice(args);
+        Self::spawn_cmd(Command::new(prefix[0]), &all, false)
+    }
+
     fn spawn(args: &[&str], pty: bool) -> Session {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_v3"));
+        Self::spawn_cmd(Command::new(env!("CARGO_BIN_EXE_v3")), args, pty)
+    }
+
+    fn spawn_cmd(mut cmd: Command, args: &[&str], pty: bool) -> Session {
         cmd.args(args).stderr(Stdio::piped());
         let (input, output): (Box<dyn Write + Send>, Box<dyn Read + Send>);
         let mut child = if pty {
