@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p corpus/config_xml corpus/load_multiboot corpus/load_elf64 corpus/load_flat \
-	corpus/checkpoint_reader corpus/api_request
+	corpus/checkpoint_reader corpus/api_request corpus/migration_stream
 cp ../examples/*.xml corpus/config_xml/ 2>/dev/null || true
 G=../guests/build
 [ -f "$G/mbtest.elf" ] || bash ../guests/build.sh "$G" >/dev/null
@@ -27,3 +27,21 @@ if [ ! -f corpus/checkpoint_reader/state ]; then
 	cp "$tmp/ck/state" corpus/checkpoint_reader/state
 	rm -rf "$tmp"
 fi
+# A small migration stream: Hello, a page batch (one data page, one zero page), State, Done.
+python3 - corpus/migration_stream/stream <<'PY'
+import json, struct, sys
+def crc64(data):
+    c = 0xFFFFFFFFFFFFFFFF
+    for b in data:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ (0xC96C5795D7870F42 if c & 1 else 0)
+    return c ^ 0xFFFFFFFFFFFFFFFF
+def frame(kind, payload):
+    body = bytes([kind, 0]) + struct.pack("<I", len(payload)) + payload
+    return b"PM" + body + struct.pack("<Q", crc64(body))
+hello = json.dumps({"version": "1.0.0", "config": {}, "cpuid": [], "backend": "emu", "regions": [[0, 1048576]]}).encode()
+pages = struct.pack("<I", 2) + struct.pack("<Q", 0x1000) + bytes(range(256)) * 16 + struct.pack("<Q", 0x2001)
+out = frame(1, hello) + frame(4, pages) + frame(5, b"{}") + frame(6, b"")
+open(sys.argv[1], "wb").write(out)
+PY

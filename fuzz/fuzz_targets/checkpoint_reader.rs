@@ -8,8 +8,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = palacios_checkpoint::format::Meta::decode(data);
     // As a single file, and as a dir store's state file with an empty memory image.
     let empty: &[u8] = &[];
-    let a = palacios_checkpoint::store::verify(data, None, &mut |_, _| {});
-    let b = palacios_checkpoint::store::verify(data, Some(empty), &mut |_, _| {});
+    let a = palacios_checkpoint::store::verify(&data, None, &mut |_, _| {});
+    let b = palacios_checkpoint::store::verify(&data, Some(&empty), &mut |_, _| {});
     for (_, meta) in a.into_iter().chain(b) {
         for s in meta.sections("core") {
             let _ = serde_json::from_value::<palacios_vmm::backend::VcpuState>(s.state.clone());

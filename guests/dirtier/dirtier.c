@@ -5,7 +5,9 @@
  * and prints "seq N" after every `pages=P` pages written (default 256), with no pause.
  * Every `verify=V` lines (default 64) it checks the whole region against the rule and
  * prints "verify ok N pages" or "verify FAIL page X": after a migration the memory it
- * finds must be exactly what it wrote.
+ * finds must be exactly what it wrote. With `step=T` it starts a line's writes only every
+ * T TSC ticks (a paced dirty rate, for benchmarks); by default it never waits. With
+ * `light=1` it writes only each page's first word (cheap dirtying; no verification).
  */
 #include "io.h"
 #include "kstd.h"
@@ -21,6 +23,13 @@ static uint32_t arg(const char *cmdline, const char *key, uint32_t dflt)
 	    parse_u32(buf, strlen(buf), &v))
 		return v;
 	return dflt;
+}
+
+static uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((uint64_t)hi << 32) | lo;
 }
 
 static uint32_t word(uint32_t page, uint32_t gen, uint32_t i)
@@ -58,16 +67,29 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	uint32_t npages = arg(cmdline, "mib", 64) * 256;
 	uint32_t per_line = arg(cmdline, "pages", 256);
 	uint32_t verify = arg(cmdline, "verify", 64);
+	uint64_t step = arg(cmdline, "step", 0);
+	uint32_t light = arg(cmdline, "light", 0);
+	if (light)
+		verify = 0;
 	volatile uint32_t *region = phys_ptr(REGION);
 
 	kprintf("dirtier start %u pages\n", npages);
 	for (uint32_t p = 0; p < npages; p++)
 		fill(region + p * 1024, p, 0);
 	uint32_t page = 0, seq = 0;
+	uint64_t next = rdtsc();
 	for (;;) {
+		if (step) {
+			while (rdtsc() < next)
+				;
+			next += step;
+		}
 		for (uint32_t k = 0; k < per_line; k++) {
 			volatile uint32_t *pp = region + page * 1024;
-			fill(pp, page, pp[0] + 1);
+			if (light)
+				pp[0] = pp[0] + 1;
+			else
+				fill(pp, page, pp[0] + 1);
 			page = (page + 1) % npages;
 		}
 		seq++;

@@ -262,7 +262,7 @@ impl ReadAt for File {
     }
 }
 
-impl ReadAt for [u8] {
+impl ReadAt for &[u8] {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
         let end = start
@@ -286,7 +286,7 @@ fn digest_memory(
     progress: &mut Progress,
 ) -> Result<(), CheckpointError> {
     let total: u64 = meta.memory.extents.iter().map(|e| e.1).sum();
-    let mut buf = vec![0u8; 4 << 20];
+    let mut buf = vec![0u8; total.clamp(1, 4 << 20) as usize];
     let mut seen = 0u64;
     for &(off, len) in &meta.memory.extents {
         let mut done = 0u64;
@@ -382,7 +382,7 @@ pub fn verify(
 /// file only the data the file system holds outside the extents is read (nothing, normally).
 fn check_holes(mem: &dyn ReadAt, base: u64, meta: &Meta) -> Result<(), CheckpointError> {
     let end = base + meta.memory.image_len();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; meta.memory.image_len().clamp(1, 1 << 20) as usize];
     for (a, b) in mem.data_ranges(base, end) {
         // Parts of [a, b) not covered by an extent.
         let mut at = a;
