@@ -118,11 +118,19 @@ fn route(st: &ApiState, req: &Request) -> Response {
         ("GET", ["vm", "memory"]) => memory(&h, req),
         ("PUT", ["snapshot", "create"]) => snapshot(&h, req),
         ("PUT", ["migrate"]) => migrate(st, &h, req),
+        ("PUT", ["vm", "dirty"]) => dirty_switch(&h, req),
+        ("GET", ["vm", "dirty"]) => match h.dirty_round() {
+            Ok(set) => Response::ok(json!({
+                "on": h.parts().is_some_and(|p| p.dirty.is_enabled()),
+                "pages": set.count(),
+            })),
+            Err(e) => Response::error(409, e),
+        },
         ("GET", ["migrate"]) => Response::ok(
             serde_json::to_value(&*st.migration.lock().unwrap_or_else(|p| p.into_inner()))
                 .unwrap_or_default(),
         ),
-        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "memory"] | ["vm", "cores", _])
+        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "memory" | "dirty"] | ["vm", "cores", _])
         | (_, ["snapshot", "create"] | ["migrate"]) => {
             Response::error(405, format!("{m} is not allowed on {}", req.path))
         }
@@ -276,7 +284,17 @@ fn migrate(st: &ApiState, h: &VmHandle, req: &Request) -> Response {
     let spawned = std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
-            let _ = palacios_vmm::migrate::send(&h, &dest, &opts, &p);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                palacios_vmm::migrate::send(&h, &dest, &opts, &p)
+            }));
+            if r.is_err() {
+                // A bug, not the guest's doing: report it and keep the VM running here.
+                h.stop_dirty_tracking();
+                h.resume();
+                let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+                g.state = "failed".into();
+                g.error = Some("internal error in the migration (the VM runs on here)".into());
+            }
         });
     match spawned {
         Ok(_) => Response {
@@ -285,4 +303,26 @@ fn migrate(st: &ApiState, h: &VmHandle, req: &Request) -> Response {
         },
         Err(e) => Response::error(500, format!("cannot start the migration: {e}")),
     }
+}
+
+/// Dirty-page tracking on or off (`{"on": true}`); `GET /vm/dirty` then reports the pages
+/// written since the previous GET (a working-set measurement; migration uses the same log).
+fn dirty_switch(h: &VmHandle, req: &Request) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Switch {
+        on: bool,
+    }
+    let r: Switch = match serde_json::from_slice(&req.body) {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, format!("bad request: {e}")),
+    };
+    if r.on {
+        if let Err(e) = h.start_dirty_tracking() {
+            return Response::error(409, e);
+        }
+    } else {
+        h.stop_dirty_tracking();
+    }
+    Response::ok(json!({ "on": r.on }))
 }

@@ -139,7 +139,7 @@ fn the_dirtier_migrates_between_network_namespaces() {
         return;
     };
     let prefix = ["ip", "netns", "exec", ns.name.as_str()];
-    dirtier_moves("mig-ns", &prefix, "10.77.7.2");
+    dirtier_moves("mig-ns", &prefix, &ns.peer_ip.clone());
     drop(ns);
 }
 
@@ -288,18 +288,22 @@ fn faults_leave_the_source_running() {
     p.src.wait_exit(Duration::from_secs(30));
 }
 
-/// A network namespace with a veth link to this one: 10.77.7.1 here, 10.77.7.2 there.
+/// A network namespace with a veth link to this one: 10.77.K.1 here, 10.77.K.2 there.
 struct Netns {
     name: String,
     veth: String,
+    peer_ip: String,
 }
 
 impl Netns {
     fn create() -> Option<Netns> {
-        let id = std::process::id() % 100_000;
-        let name = format!("v3mig{id}");
-        let veth = format!("v3m{id}a");
-        let peer = format!("v3m{id}b");
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 7;
+        let id = std::process::id() % 10_000;
+        let name = format!("v3mig{id}-{k}");
+        let veth = format!("v3m{id}{k}a");
+        let peer = format!("v3m{id}{k}b");
+        let (here, there) = (format!("10.77.{k}.1/24"), format!("10.77.{k}.2/24"));
         let ip = |args: &[&str]| {
             Command::new("ip")
                 .args(args)
@@ -318,13 +322,14 @@ impl Netns {
         let ns = Netns {
             name: name.clone(),
             veth: veth.clone(),
+            peer_ip: format!("10.77.{k}.2"),
         };
         for args in [
             vec!["link", "add", &veth, "type", "veth", "peer", "name", &peer],
             vec!["link", "set", &peer, "netns", &name],
-            vec!["addr", "add", "10.77.7.1/24", "dev", &veth],
+            vec!["addr", "add", &here, "dev", &veth],
             vec!["link", "set", &veth, "up"],
-            vec!["netns", "exec", &name, "ip", "addr", "add", "10.77.7.2/24", "dev", &peer],
+            vec!["netns", "exec", &name, "ip", "addr", "add", &there, "dev", &peer],
             vec!["netns", "exec", &name, "ip", "link", "set", &peer, "up"],
             vec!["netns", "exec", &name, "ip", "link", "set", "lo", "up"],
         ] {
@@ -340,4 +345,41 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
+}
+
+/// The veth link between the namespaces goes down in the middle of the copy: the source's
+/// write stalls, times out, and the source runs on; the reason is printed.
+#[test]
+fn a_dropped_link_leaves_the_source_running() {
+    let Some(ns) = Netns::create() else {
+        return;
+    };
+    let prefix = ["ip", "netns", "exec", ns.name.as_str()];
+    let mut p = start_pair(
+        "mig-drop",
+        &["--backend", "emu", "--mem", "128", "--kernel", "guest:dirtier.elf", "--cmdline", "mib=64 verify=0"],
+        &[],
+        &prefix,
+        &ns.peer_ip.clone(),
+    );
+    p.src.wait_for("seq 2\n", 0, Duration::from_secs(60));
+    let sock = p.src_sock.display().to_string();
+    let dest = p.dest.clone();
+    let sender = std::thread::spawn(move || {
+        v3(&["send", &sock, &dest, "--bandwidth", "200"], b"", Duration::from_secs(120))
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let down = Command::new("ip").args(["link", "set", &ns.veth, "down"]).status().unwrap();
+    assert!(down.success());
+    let r = sender.join().unwrap();
+    assert_eq!(r.status, 2, "{}", r.out());
+    assert!(r.stderr.contains("failed"), "{}", r.out());
+    let n = seqs(&p.src.output()).last().copied().unwrap_or(0);
+    p.src.wait_for(&format!("seq {}\n", n + 3), 0, Duration::from_secs(60));
+    let (st, v) = palacios_api::request(&p.src_sock, "GET", "/vm", None, Duration::from_secs(10)).unwrap();
+    assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
+    stop(&p.src_sock);
+    assert_eq!(p.src.wait_exit(Duration::from_secs(30)), 130);
+    p.dst.kill9();
+    drop(ns);
 }

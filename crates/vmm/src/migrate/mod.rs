@@ -82,8 +82,8 @@ pub struct Progress {
     pub bandwidth: f64,
     /// What the stop-and-copy would take now, ms.
     pub expected_downtime_ms: f64,
-    /// vCPU throttling (ms paused per round) when the guest dirties faster than the link.
-    pub throttle_ms: u64,
+    /// Auto-converge: the share of time (%) the guest is held paused while the copy catches up.
+    pub throttle_percent: u64,
     /// The guest's pause for the last copy, ms (when done).
     pub downtime_ms: Option<f64>,
     pub total_ms: Option<f64>,
@@ -91,6 +91,63 @@ pub struct Progress {
 }
 
 type Shared = Arc<Mutex<Progress>>;
+
+/// Auto-converge: pauses the guest for a share of every 20 ms while it runs, so the copy can
+/// catch up with a guest that dirties memory faster than the link carries it. Each pause is
+/// short (at most 18 ms), so the guest never stops for long. Stops when dropped.
+struct Throttle {
+    percent: Arc<std::sync::atomic::AtomicU32>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn new(handle: VmHandle) -> Self {
+        use std::sync::atomic::Ordering;
+        let percent = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (percent.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("auto-converge".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    let pct = u64::from(p.load(Ordering::Acquire));
+                    if pct > 0 && handle.pause(Duration::from_secs(1)).is_ok() {
+                        std::thread::sleep(Duration::from_micros(200 * pct));
+                        handle.resume();
+                    }
+                    std::thread::sleep(Duration::from_micros(200 * (100 - pct)));
+                }
+            })
+            .ok();
+        Throttle {
+            percent,
+            stop,
+            thread,
+        }
+    }
+
+    fn percent(&self) -> u32 {
+        self.percent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Slow the guest further: 20 %, then 40, 60, 80, 90 % of the time paused.
+    fn harder(&self) {
+        let p = self.percent();
+        let next = if p == 0 { 20 } else { (p + 20).min(90) };
+        self.percent.store(next, std::sync::atomic::Ordering::Release);
+        tracing::info!("auto-converge: the guest is paused {next}% of the time");
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 fn set(p: &Shared, f: impl FnOnce(&mut Progress)) {
     f(&mut p.lock().unwrap_or_else(|e| e.into_inner()));
@@ -106,9 +163,11 @@ struct Link {
 
 impl Link {
     fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
-        let f = wire::encode(kind, payload);
-        self.s.write_all(&f).map_err(WireError::Io)?;
-        self.sent += f.len() as u64;
+        let (head, tail) = wire::frame_parts(kind, payload);
+        self.s.write_all(&head).map_err(WireError::Io)?;
+        self.s.write_all(payload).map_err(WireError::Io)?;
+        self.s.write_all(&tail).map_err(WireError::Io)?;
+        self.sent += (head.len() + payload.len() + tail.len()) as u64;
         if let Some(cap) = self.cap {
             let due = Duration::from_secs_f64(self.sent as f64 / cap as f64);
             if let Some(wait) = due.checked_sub(self.start.elapsed()) {
@@ -119,9 +178,19 @@ impl Link {
     }
 }
 
-/// Send the pages of `set` (page indices of the dirty log) in batches; zero pages as markers
-/// (`skip_zero`: not at all, for the first pass to a destination whose RAM is still zero).
-/// Returns the pages sent.
+/// Whether a page is all zero (OR-folded in 64-byte blocks, which vectorizes).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64).all(|b| {
+        b.chunks_exact(8)
+            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or_default()))
+            == 0
+    })
+}
+
+/// Send the pages of `set` (page indices of the dirty log) in batches, each page read from
+/// guest memory straight into the frame; zero pages as markers (`skip_zero`: not at all, for
+/// the first pass to a destination whose RAM is still zero; pages the source never touched
+/// are not even read then). Returns the pages sent.
 fn send_pages(
     link: &mut Link,
     parts: &VmParts,
@@ -130,44 +199,55 @@ fn send_pages(
     skip_zero: bool,
 ) -> Result<u64, MigrateError> {
     use palacios_checkpoint::MemorySource;
-    let mut batch: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(wire::BATCH);
+    const CHUNK: u64 = 256 * wire::PAGE as u64;
+    let mut payload: Vec<u8> = Vec::with_capacity(4 + wire::BATCH * (8 + wire::PAGE));
+    payload.extend_from_slice(&[0; 4]);
+    let mut count = 0u32;
     let mut sent = 0u64;
-    let flush = |link: &mut Link, batch: &mut Vec<(u64, Option<Vec<u8>>)>| {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let pages: Vec<wire::Page> = batch.iter().map(|(g, d)| (*g, d.as_deref())).collect();
-        let r = link.frame(Kind::Pages, &wire::encode_pages(&pages));
-        batch.clear();
-        r
-    };
-    let mut page = vec![0u8; wire::PAGE];
+    // Never-touched pages of the chunk being sent (the first pass).
+    let mut untouched: (u64, Option<Vec<bool>>) = (u64::MAX, None);
     for idx in set.iter() {
         let Some(gpa) = parts.dirty.page_gpa(idx) else {
             continue;
         };
-        if skip_zero
-            && src
-                .known_zero(gpa, wire::PAGE as u64)
-                .is_some_and(|z| z.first() == Some(&true))
-        {
-            continue;
+        if skip_zero {
+            let chunk = gpa & !(CHUNK - 1);
+            if untouched.0 != chunk {
+                untouched = (chunk, src.known_zero(chunk, CHUNK));
+            }
+            let k = ((gpa - chunk) / wire::PAGE as u64) as usize;
+            if untouched.1.as_ref().is_some_and(|z| z.get(k) == Some(&true)) {
+                continue;
+            }
         }
+        let at = payload.len();
+        payload.extend_from_slice(&gpa.to_le_bytes());
+        payload.resize(at + 8 + wire::PAGE, 0);
         parts
             .mem
-            .read_slice(&mut page, GuestAddress(gpa))
+            .read_slice(&mut payload[at + 8..], GuestAddress(gpa))
             .map_err(|e| MigrateError::Vm(format!("read guest memory at {gpa:#x}: {e}")))?;
-        let zero = page.iter().all(|&b| b == 0);
-        if zero && skip_zero {
-            continue;
+        if is_zero(&payload[at + 8..]) {
+            if skip_zero {
+                payload.truncate(at);
+                continue;
+            }
+            payload.truncate(at + 8);
+            payload[at] |= 1;
         }
-        batch.push((gpa, (!zero).then(|| page.clone())));
+        count += 1;
         sent += 1;
-        if batch.len() == wire::BATCH {
-            flush(link, &mut batch)?;
+        if count as usize == wire::BATCH {
+            payload[..4].copy_from_slice(&count.to_le_bytes());
+            link.frame(Kind::Pages, &payload)?;
+            payload.truncate(4);
+            count = 0;
         }
     }
-    flush(link, &mut batch)?;
+    if count > 0 {
+        payload[..4].copy_from_slice(&count.to_le_bytes());
+        link.frame(Kind::Pages, &payload)?;
+    }
     Ok(sent)
 }
 
@@ -293,18 +373,11 @@ fn send_inner(
     });
     let mut round = 1;
     let mut prev_dirty = u64::MAX;
-    let mut throttle = 0u64;
+    let mut extra = 0;
+    let throttle = Throttle::new(handle.clone());
     let mut last = Instant::now();
     // Rounds of dirty pages while the guest runs.
     let leftover = loop {
-        if throttle > 0 {
-            // Auto-converge: the guest dirties faster than the link; give the link a head start.
-            handle
-                .pause(Duration::from_secs(10))
-                .map_err(|e| MigrateError::Vm(e.to_string()))?;
-            std::thread::sleep(Duration::from_millis(throttle));
-            handle.resume();
-        }
         let set_ = handle
             .dirty_round()
             .map_err(|e| MigrateError::Vm(format!("dirty log: {e}")))?;
@@ -316,13 +389,22 @@ fn send_inner(
             p.dirty_pages = dirty;
             p.dirty_rate = dirty as f64 / secs;
             p.expected_downtime_ms = expected * 1e3;
-            p.throttle_ms = throttle;
+            p.throttle_percent = throttle.percent() as u64;
         });
-        if expected <= opts.downtime.as_secs_f64() || round >= opts.max_rounds {
+        // Within the limit: stop, unless the rounds still shrink fast (then up to two more
+        // rounds make the pause shorter still).
+        let shrinking = dirty.saturating_mul(4) <= prev_dirty.saturating_mul(3);
+        if round >= opts.max_rounds
+            || (expected <= opts.downtime.as_secs_f64() && (!shrinking || extra >= 2))
+        {
             break set_;
         }
-        if round >= 4 && dirty * 10 >= prev_dirty * 9 {
-            throttle = (throttle * 2).clamp(10, 500);
+        if expected <= opts.downtime.as_secs_f64() {
+            extra += 1;
+        }
+        // Auto-converge: the guest dirties about as fast as the link carries; slow it.
+        if round >= 4 && dirty.saturating_mul(10) >= prev_dirty.saturating_mul(9) {
+            throttle.harder();
         }
         prev_dirty = dirty;
         let (sent0, t) = (link.sent, Instant::now());
@@ -336,6 +418,7 @@ fn send_inner(
             p.bandwidth = bw;
         });
     };
+    drop(throttle);
     // Stop and copy.
     set(progress, |p| p.state = "stop-and-copy".into());
     let paused_at = Instant::now();

@@ -79,6 +79,19 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// A frame's header (8 bytes) and trailer (the CRC) around `payload`, for writing the three
+/// without copying the payload.
+pub fn frame_parts(kind: Kind, payload: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut h = [0u8; 8];
+    h[..2].copy_from_slice(b"PM");
+    h[2] = kind as u8;
+    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut d = CRC.digest();
+    d.update(&h[2..]);
+    d.update(payload);
+    (h, d.finalize().to_le_bytes())
+}
+
 /// Encode a frame.
 pub fn encode(kind: Kind, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 16);
