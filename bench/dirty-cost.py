@@ -38,10 +38,10 @@ def api(sock, method, path, body=None):
     return int(head.split()[1]), json.loads(b) if b else None
 
 
-def run(a, name, n, tracking, tmp):
+def run(a, name, n, tracking, tmp, binary=None):
     sock = os.path.join(tmp, f"{name}-{tracking}.sock")
     p = subprocess.Popen(
-        [a.v3, "--log-level", "error", "run", "--backend", "emu", "--mem", "128", "--api-sock", sock,
+        [binary or a.v3, "--log-level", "error", "run", "--backend", "emu", "--mem", "128", "--api-sock", sock,
          "--kernel", a.guest, "--cmdline", f"bench={name} n={n}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     t0 = None
@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--guest", required=True)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--scale", type=float, default=3.0, help="multiply every N by this")
+    ap.add_argument("--baseline", help="a v3 built without dirty tracking: its times beside 'off'")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="dirty-cost-")
     print("== dirty tracking on the emulator: emubench with tracking off, and on with a round every 50 ms")
@@ -87,11 +88,17 @@ def main():
     for name, n in WORKLOADS.items():
         n = max(1, int(n * a.scale))
         # Interleaved, so slow phases of the host hit both alike.
-        offs, ons = [], []
+        offs, ons, bases = [], [], []
         for _ in range(a.reps):
+            if a.baseline:
+                bases.append(run(a, name, n, False, tmp, a.baseline)[0])
             offs.append(run(a, name, n, False, tmp)[0])
             ons.append(run(a, name, n, True, tmp))
         off = statistics.median(offs)
+        if bases:
+            base = statistics.median(bases)
+            print(f"  {name:6} without tracking code {base * 1000:8.1f} ms   tracking off {off * 1000:8.1f} ms"
+                  f"   ratio {off / base:5.3f}")
         on = statistics.median(r[0] for r in ons)
         rounds, pages = ons[-1][1]
         worst = max(worst, on / off)
