@@ -446,10 +446,18 @@ fn kill_during_a_save_leaves_the_previous_checkpoint() {
             Duration::from_secs(60),
         )
     });
-    std::thread::sleep(Duration::from_millis((first_ms / 3).clamp(5, 200)));
+    std::thread::sleep(Duration::from_millis((first_ms / 4).clamp(5, 100)));
     s.kill9();
-    let _ = saver.join();
-    assert_eq!(std::fs::read(&ck).unwrap(), good, "the checkpoint changed");
+    let finished = matches!(saver.join(), Ok(Ok((200, _))));
+    if finished {
+        // The save beat the kill: the new checkpoint replaced the old one whole (it must load).
+        palacios::vmm::test_support::visible(&format!(
+            "note: {}: the second save finished before the kill ({first_ms} ms saves);              checking that it replaced the first whole",
+            test_name()
+        ));
+    } else {
+        assert_eq!(std::fs::read(&ck).unwrap(), good, "the checkpoint changed");
+    }
     // It loads and runs: stop it through its own API after it printed.
     let sock3 = dir.join("c.sock");
     let sock3_s = sock3.display().to_string();
