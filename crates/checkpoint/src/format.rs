@@ -177,7 +177,7 @@ pub struct MemoryLayout {
 impl MemoryLayout {
     /// Total bytes of the image.
     pub fn image_len(&self) -> u64 {
-        self.slots.iter().map(|s| s.1).sum()
+        self.slots.iter().fold(0u64, |a, s| a.saturating_add(s.1))
     }
 
     /// Check the extents: ascending, disjoint, page aligned, inside the image.

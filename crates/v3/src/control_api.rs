@@ -118,6 +118,10 @@ fn route(st: &ApiState, req: &Request) -> Response {
         ("GET", ["vm", "memory"]) => memory(&h, req),
         ("PUT", ["snapshot", "create"]) => snapshot(&h, req),
         ("PUT", ["migrate"]) => migrate(st, &h, req),
+        ("PUT" | "GET", ["vm", "dirty"]) if migrating(st) => Response::error(
+            409,
+            "a migration uses the dirty log: try again when it is done",
+        ),
         ("PUT", ["vm", "dirty"]) => dirty_switch(&h, req),
         ("GET", ["vm", "dirty"]) => match h.dirty_round() {
             Ok(set) => Response::ok(json!({
@@ -255,6 +259,11 @@ struct MigrateReq {
     downtime_ms: Option<u64>,
     #[serde(default)]
     bandwidth_mbps: Option<u64>,
+}
+
+fn migrating(st: &ApiState) -> bool {
+    let p = st.migration.lock().unwrap_or_else(|p| p.into_inner());
+    matches!(p.state.as_str(), "connecting" | "copying" | "stop-and-copy")
 }
 
 /// Start a migration in the background; `GET /migrate` follows it.

@@ -518,8 +518,21 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
         Ok(c) => c,
         Err(e) => return Err(refuse(&mut conn, format!("the source's config does not decode: {e}"))),
     };
+    if theirs.mem_mib == 0
+        || theirs.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB
+        || theirs.cores == 0
+        || theirs.cores > palacios_vmm::config::vm::MAX_CORES
+    {
+        return Err(refuse(
+            &mut conn,
+            format!(
+                "the source's VM ({} MiB, {} cores) is outside what this VMM runs",
+                theirs.mem_mib, theirs.cores
+            ),
+        ));
+    }
     let mut cfg = match &a.config {
-        None => theirs.clone(),
+        None => untrusted_config(theirs.clone()),
         Some(p) => {
             let mine = match load_config(p) {
                 Ok(c) => c,
@@ -576,6 +589,32 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
             paused: false,
         },
     )
+}
+
+/// A config that came over the network: it names nothing on this host. Its character streams
+/// that reach host files or sockets become `null`, and its files and boot image are dropped
+/// (a reboot then has nothing to boot). `--config` is how to connect them here.
+fn untrusted_config(mut cfg: palacios_vmm::VmConfig) -> palacios_vmm::VmConfig {
+    for d in cfg.devices.iter_mut().filter(|d| d.class == "CHAR_STREAM") {
+        let node = &mut d.node;
+        let safe = |v: &str| v == "console" || v == "stdio" || v == "null";
+        for a in node.attrs.iter_mut().filter(|a| a.name == "name") {
+            if !safe(&a.value) {
+                tracing::warn!("stream '{}' of device '{}' from the source becomes null here (use --config to connect it)", a.value, d.id);
+                a.value = "null".into();
+            }
+        }
+        for c in node.children.iter_mut().filter(|c| c.name == "name") {
+            if !safe(c.text.trim()) {
+                tracing::warn!("stream '{}' of device '{}' from the source becomes null here (use --config to connect it)", c.text.trim(), d.id);
+                c.text = "null".into();
+            }
+        }
+    }
+    cfg.files.clear();
+    cfg.boot = None;
+    cfg.source = None;
+    cfg
 }
 
 fn load(a: LoadArgs) -> u8 {

@@ -92,7 +92,29 @@ pub fn execute(cfg: &VmConfig, first: First, opts: SessionOpts) -> Result<u8, La
             palacios_vmm::config::BackendChoice::Auto => "auto",
         },
     );
-    let mut api = None;
+    // The socket first: a receiver that cannot serve its API must fail before it tells the
+    // source it has the VM.
+    let api = match &opts.api_sock {
+        Some(p) => {
+            let server =
+                palacios_api::Server::start(p, crate::control_api::handler(api_state.clone()))
+                    .map_err(|e| {
+                        LaunchError::Config(format!("cannot serve the API on {}: {e}", p.display()))
+                    });
+            match server {
+                Ok(s) => {
+                    tracing::info!("API socket: {}", p.display());
+                    Some(s)
+                }
+                Err(e) => {
+                    sig_handle.close();
+                    let _ = watcher.join();
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     let result = (|| -> Result<palacios_vmm::vm::RunReport, LaunchError> {
         let mut boots = 0u64;
         loop {
@@ -116,22 +138,6 @@ pub fn execute(cfg: &VmConfig, first: First, opts: SessionOpts) -> Result<u8, La
                 _ => launch::prepare(cfg, image.clone(), backend, host)?,
             };
             api_state.set_handle(prepared.vm.handle());
-            if api.is_none() {
-                if let Some(p) = &opts.api_sock {
-                    let server = palacios_api::Server::start(
-                        p,
-                        crate::control_api::handler(api_state.clone()),
-                    )
-                    .map_err(|e| {
-                        LaunchError::Config(format!(
-                            "cannot serve the API on {}: {e}",
-                            p.display()
-                        ))
-                    })?;
-                    tracing::info!("API socket: {}", p.display());
-                    api = Some(server);
-                }
-            }
             if opts.paused && boots == 0 {
                 // No core runs before the API says so.
                 let _ = prepared.vm.handle().pause(std::time::Duration::from_secs(1));

@@ -383,3 +383,35 @@ fn a_dropped_link_leaves_the_source_running() {
     p.dst.kill9();
     drop(ns);
 }
+
+/// A receiver without --config takes nothing host-specific from the source's config: a
+/// stream to a host file becomes null there (the file is not created), and the VM runs.
+#[test]
+fn the_receiver_opens_no_host_file_the_source_names() {
+    let dir = tmpdir("mig-untrusted-cfg");
+    let log = dir.join("com2.log");
+    let cfg = dir.join("vm.xml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "<vm class=\"PC\"><memory>64</memory><devices><device class=\"SERIAL\" id=\"serial\"/>\
+             <device class=\"CHAR_STREAM\" id=\"com2\"><name>file:{}</name>\
+             <frontend tag=\"serial\"><com_port>2</com_port></frontend></device></devices>\
+             <boot kernel=\"guest:countdown.elf\" cmdline=\"from=300 step=20000000\"/></vm>",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let c = cfg.display().to_string();
+    let mut p = start_pair("mig-untrusted", &["--backend", "emu", &c], &[], &[], "127.0.0.1");
+    p.src.wait_for("countdown 295 ", 0, Duration::from_secs(60));
+    assert!(log.exists(), "the source opened its stream");
+    std::fs::remove_file(&log).unwrap();
+    let r = send(&p, &[]);
+    assert_eq!(r.status, 0, "{}\n{}", r.out(), p.dst.describe());
+    p.dst.wait_for("countdown 280 ", 0, Duration::from_secs(60));
+    assert!(!log.exists(), "the receiver created the source's host file");
+    assert!(p.dst.describe().contains("becomes null here"), "{}", p.dst.describe());
+    stop(&p.dst_sock);
+    p.dst.wait_exit(Duration::from_secs(30));
+}

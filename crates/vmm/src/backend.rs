@@ -23,7 +23,8 @@ impl IoData {
         }
     }
     pub fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
+        // `len` can come from a checkpoint or a migration stream: never trust it.
+        &self.bytes[..(self.len as usize).min(8)]
     }
 }
 

@@ -235,6 +235,8 @@ struct Shared {
     started: AtomicBool,
     /// A save is collecting state: a resume must wait.
     held: AtomicBool,
+    /// Serialises pause and resume (and the clock and timer quiescing they do).
+    ctl: Mutex<()>,
 }
 
 /// A clonable handle on a VM's control channel.
@@ -267,6 +269,7 @@ impl VmHandle {
             parts: std::sync::OnceLock::new(),
             started: AtomicBool::new(false),
             held: AtomicBool::new(false),
+            ctl: Mutex::new(()),
         }))
     }
 
@@ -359,19 +362,22 @@ impl VmHandle {
     /// stopped and no timer callback runs; how long that took. Paused again: no effect.
     pub fn pause(&self, timeout: Duration) -> Result<Duration, ControlError> {
         let t0 = std::time::Instant::now();
-        {
+        // One pause or resume at a time, so the clock and timers follow the paused flag.
+        let _ctl = lock(&self.0.ctl);
+        let was_paused = {
             let mut s = lock(&self.0.state);
             if let Some(o) = &s.outcome {
                 return Err(ControlError::Ended(o.to_string()));
             }
-            if s.paused {
-                return Ok(Duration::ZERO);
-            }
+            let was = s.paused;
             s.paused = true;
             self.0.paused.store(true, Ordering::Release);
-        }
-        for q in lock(&self.0.quiesce).iter() {
-            q.quiesce(true);
+            was
+        };
+        if !was_paused {
+            for q in lock(&self.0.quiesce).iter() {
+                q.quiesce(true);
+            }
         }
         self.0.wakers.wake_all();
         let mut s = lock(&self.0.state);
@@ -379,7 +385,9 @@ impl VmHandle {
             let left = timeout.saturating_sub(t0.elapsed());
             if left.is_zero() {
                 drop(s);
-                self.resume();
+                if !was_paused {
+                    self.resume_locked();
+                }
                 return Err(ControlError::PauseTimeout(timeout.as_millis() as u64));
             }
             s = self
@@ -392,7 +400,7 @@ impl VmHandle {
         if let Some(o) = &s.outcome {
             return Err(ControlError::Ended(o.to_string()));
         }
-        Ok(t0.elapsed())
+        Ok(if was_paused { Duration::ZERO } else { t0.elapsed() })
     }
 
     /// Keep the VM paused (a save collects its state): [`VmHandle::try_resume`] refuses.
@@ -402,15 +410,32 @@ impl VmHandle {
 
     /// Resume unless a save holds the VM paused.
     pub fn try_resume(&self) -> Result<(), ControlError> {
+        let _ctl = lock(&self.0.ctl);
         if self.0.held.load(Ordering::Acquire) {
             return Err(ControlError::Busy);
         }
-        self.resume();
+        self.resume_locked();
         Ok(())
     }
 
-    /// Let a paused VM run again (guest time continues where it stopped).
+    /// Let a paused VM run again (guest time continues where it stopped). A VM a save or a
+    /// migration's last copy holds paused stays paused.
     pub fn resume(&self) {
+        let _ctl = lock(&self.0.ctl);
+        if self.0.held.load(Ordering::Acquire) {
+            return;
+        }
+        self.resume_locked();
+    }
+
+    /// Resume even a held VM (the holder itself, when it is done).
+    pub fn release_and_resume(&self) {
+        let _ctl = lock(&self.0.ctl);
+        self.0.held.store(false, Ordering::Release);
+        self.resume_locked();
+    }
+
+    fn resume_locked(&self) {
         {
             let mut s = lock(&self.0.state);
             if !s.paused {
@@ -604,10 +629,11 @@ impl VmHandle {
     pub fn start_dirty_tracking(&self) -> Result<Arc<crate::dirty::DirtyLog>, CoreStateError> {
         let parts = self.parts().cloned().ok_or(ControlError::NotPaused)?;
         parts.dirty.set_enabled(true);
+        // Marks made meanwhile stay: clearing them after the cores synchronised could drop the
+        // mark of a write translation granted in between (a page would then be missed).
+        let _ = parts.dirty.take();
         parts.backend_obj.set_dirty_log(Some(parts.dirty.clone()))?;
         self.sync_dirty_cores()?;
-        // Marks from before the cores synchronised are meaningless: start clean.
-        let _ = parts.dirty.take();
         Ok(parts.dirty.clone())
     }
 

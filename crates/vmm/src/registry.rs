@@ -356,6 +356,12 @@ impl BuildCtx {
                                 if stop2.load(Ordering::Acquire) {
                                     break 'outer;
                                 }
+                                // Paused meanwhile (a save, a migration's last copy): keep
+                                // the bytes until the VM runs again.
+                                if vm.is_paused() {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                    continue;
+                                }
                                 let took = sink.push(&buf[off..n]);
                                 off += took;
                                 if took == 0 {

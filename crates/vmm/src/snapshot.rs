@@ -178,10 +178,11 @@ pub fn save(
     // Nobody may resume the VM while its state is collected.
     handle.hold_paused(true);
     let r = collect_and_write(handle, &parts, store, path, progress);
-    handle.hold_paused(false);
     // A failed save never leaves a running VM paused (nor stops it).
     if !was_paused && (!stay_paused || r.is_err()) {
-        handle.resume();
+        handle.release_and_resume();
+    } else {
+        handle.hold_paused(false);
     }
     let meta = r?;
     Ok(SaveReport {

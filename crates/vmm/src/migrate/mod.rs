@@ -112,7 +112,8 @@ impl Throttle {
             .spawn(move || {
                 while !s.load(Ordering::Acquire) {
                     let pct = u64::from(p.load(Ordering::Acquire));
-                    if pct > 0 && handle.pause(Duration::from_secs(1)).is_ok() {
+                    // A VM paused by someone else is left alone (and left paused).
+                    if pct > 0 && !handle.is_paused() && handle.pause(Duration::from_secs(1)).is_ok() {
                         std::thread::sleep(Duration::from_micros(200 * pct));
                         handle.resume();
                     }
@@ -228,10 +229,8 @@ fn send_pages(
             .read_slice(&mut payload[at + 8..], GuestAddress(gpa))
             .map_err(|e| MigrateError::Vm(format!("read guest memory at {gpa:#x}: {e}")))?;
         if is_zero(&payload[at + 8..]) {
-            if skip_zero {
-                payload.truncate(at);
-                continue;
-            }
+            // A marker even in the first pass: the destination's devices may have written
+            // that page while it was built (ACPI and MP tables).
             payload.truncate(at + 8);
             payload[at] |= 1;
         }
@@ -425,8 +424,10 @@ fn send_inner(
     handle
         .pause(Duration::from_secs(10))
         .map_err(|e| MigrateError::Vm(e.to_string()))?;
+    // Nobody resumes the VM while its last pages and state go out.
+    handle.hold_paused(true);
     let resume_here = |e: MigrateError| {
-        handle.resume();
+        handle.release_and_resume();
         e
     };
     let mut last_set = leftover;
@@ -458,11 +459,11 @@ fn send_inner(
             Ok(())
         }
         Ok(f) if f.kind == Kind::Refuse => {
-            handle.resume();
+            handle.release_and_resume();
             Err(MigrateError::Refused(wire::refusal(&f.payload)))
         }
         Ok(f) => {
-            handle.resume();
+            handle.release_and_resume();
             Err(MigrateError::Vm(format!(
                 "the destination answered {:?} instead of Resumed",
                 f.kind

@@ -210,6 +210,9 @@ pub fn decode_pages(
         let gpa = u64::from_le_bytes(a.try_into().unwrap_or_default());
         at += 8;
         if gpa & 1 != 0 {
+            if (gpa & !1) % PAGE as u64 != 0 {
+                return Err(bad(format!("zero page address {:#x} is not page aligned", gpa & !1)));
+            }
             f(gpa & !1, None)?;
             continue;
         }
