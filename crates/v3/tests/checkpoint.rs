@@ -69,6 +69,41 @@ fn pause_and_resume(backend: &str) {
     let (mut s, sock) = start(&format!("pause-{backend}"), backend, 100_000, step_ms, &[]);
     let at = s.wait_for("countdown 99997 ", 0, Duration::from_secs(60));
     s.wait_for("\n", at, Duration::from_secs(10));
+    let tsc_held = backend == "emu" || palacios::kvm::tsc_writable();
+    // A host hiccup (a 2-core machine running other tests) in the one step that spans the
+    // pause also shows as a jump: up to three pauses, the smallest jump counts.
+    let mut jumps = Vec::new();
+    for _ in 0..3 {
+        let j = pause_once(&mut s, &sock, backend, step_ms);
+        jumps.push(j);
+        if j < 10.0 || !tsc_held {
+            break;
+        }
+    }
+    let jump_ms = jumps.iter().copied().fold(f64::INFINITY, f64::min);
+    if !tsc_held {
+        palacios::vmm::test_support::skip_machine(
+            &test_name(),
+            &format!(
+                "this host's KVM ignores guest TSC writes, so its TSC ran on across the 2 s pause \
+                 (+{jump_ms:.0} ms); output and guest time did stop"
+            ),
+        );
+    } else {
+        assert!(
+            jump_ms < 10.0,
+            "the TSC advanced {jumps:?} ms beyond one step across 2 s pauses"
+        );
+    }
+    let (st, _) = api(&sock, "PUT", "/vm/stop", None);
+    assert_eq!(st, 200);
+    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+}
+
+/// Pause for 2 s and resume: output and guest time stand still; the TSC's jump across the
+/// pause beyond one step, in ms.
+fn pause_once(s: &mut Session, sock: &Path, backend: &str, step_ms: u64) -> f64 {
+    let sock = sock.to_path_buf();
     let (st, v) = api(&sock, "PUT", "/vm/pause", None);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["state"], "paused");
@@ -100,23 +135,7 @@ fn pause_and_resume(backend: &str) {
     let gap = after[spanning + 1].1 - after[spanning].1;
     let step = step_ms * ticks_per_ms(backend);
     let jump_ms = gap.saturating_sub(step) as f64 / ticks_per_ms(backend) as f64;
-    if backend == "kvm" && !palacios::kvm::tsc_writable() {
-        palacios::vmm::test_support::skip_machine(
-            &test_name(),
-            &format!(
-                "this host's KVM ignores guest TSC writes, so its TSC ran on across the 2 s pause \
-                 (+{jump_ms:.0} ms); output and guest time did stop"
-            ),
-        );
-    } else {
-        assert!(
-            jump_ms < 10.0,
-            "the TSC advanced {jump_ms:.1} ms beyond one step across a 2 s pause"
-        );
-    }
-    let (st, _) = api(&sock, "PUT", "/vm/stop", None);
-    assert_eq!(st, 200);
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+    jump_ms
 }
 
 #[test]
