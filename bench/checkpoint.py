@@ -14,67 +14,22 @@
 Every figure is the median of several runs; ratios are ours / QEMU's (lower is better).
 """
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from vmm_control import Qmp, api, wait_path
+
 MIB = 1 << 20
-
-
-def wait_path(p, timeout=30):
-    t = time.time()
-    while not os.path.exists(p):
-        if time.time() - t > timeout:
-            sys.exit(f"bench: {p} did not appear")
-        time.sleep(0.005)
-
-
-def api(sock, method, path, body=None):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    data = json.dumps(body).encode() if body is not None else b""
-    s.sendall(f"{method} {path} HTTP/1.1\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    out = b""
-    while True:
-        c = s.recv(65536)
-        if not c:
-            break
-        out += c
-    s.close()
-    head, _, body = out.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    return status, json.loads(body) if body else None
 
 
 def disk_bytes(path):
     if os.path.isdir(path):
         return sum(disk_bytes(os.path.join(path, f)) for f in os.listdir(path))
     return os.stat(path).st_blocks * 512
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.f = self.s.makefile("rwb")
-        self.f.readline()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "return" in r or "error" in r:
-                return r
 
 
 def qemu_base(a, mem, qmp, extra=()):

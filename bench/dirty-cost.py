@@ -8,9 +8,7 @@ With tracking off, the emulator's store path is the same as without tracking: an
 hit does not look at the dirty log; only a TLB fill loads one pointer to check it.
 """
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,24 +16,10 @@ import tempfile
 import threading
 import time
 
+from vmm_control import api
+
 WORKLOADS = {"dec": 100_000_000, "mem": 25_000_000, "call": 50_000_000, "alu": 12_500_000,
              "crc32": 125_000_000, "sieve": 50}
-
-
-def api(sock, method, path, body=None):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    data = json.dumps(body).encode() if body is not None else b""
-    s.sendall(f"{method} {path} HTTP/1.1\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    out = b""
-    while True:
-        c = s.recv(65536)
-        if not c:
-            break
-        out += c
-    s.close()
-    head, _, b = out.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(b) if b else None
 
 
 def run(a, name, n, tracking, tmp, binary=None):

@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from vmm_control import Qmp
+
 STEP_MS = 3.125
 
 
@@ -53,31 +55,6 @@ class Lines:
             if time.time() - t0 > timeout:
                 sys.exit("bench: no output")
             time.sleep(0.005)
-
-
-class Qmp:
-    def __init__(self, path):
-        for _ in range(1000):
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                time.sleep(0.005)
-        self.f = self.s.makefile("rwb")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "return" in r or "error" in r:
-                return r
 
 
 def guest_gap(src, dst):

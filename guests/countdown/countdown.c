@@ -10,23 +10,6 @@
 #include "kstd.h"
 #include "multiboot.h"
 
-static uint64_t rdtsc(void)
-{
-	uint32_t lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((uint64_t)hi << 32) | lo;
-}
-
-static uint32_t arg(const char *cmdline, const char *key, uint32_t dflt)
-{
-	char buf[16];
-	uint32_t v;
-	if (cmdline && cmdline_get(cmdline, key, buf, sizeof buf) &&
-	    parse_u32(buf, strlen(buf), &v))
-		return v;
-	return dflt;
-}
-
 void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 {
 	const struct mb_info *mbi = mb_ptr(info);
@@ -36,9 +19,9 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	uart_init(COM1);
 	if (magic == MB_BOOTLOADER_MAGIC && info && (mbi->flags & MB_INFO_CMDLINE))
 		cmdline = mb_ptr(mbi->cmdline);
-	uint32_t from = arg(cmdline, "from", 30);
-	uint32_t step = arg(cmdline, "step", 20000000);
-	uint32_t echo = arg(cmdline, "echo", 0);
+	uint32_t from = cmdline_u32(cmdline, "from", 30);
+	uint32_t step = cmdline_u32(cmdline, "step", 20000000);
+	uint32_t echo = cmdline_u32(cmdline, "echo", 0);
 
 	kprintf("countdown start from %u step %u\n", from, step);
 	for (uint32_t n = from; n > 0; n--) {

@@ -15,23 +15,6 @@
 
 #define REGION 0x1000000u
 
-static uint32_t arg(const char *cmdline, const char *key, uint32_t dflt)
-{
-	char buf[16];
-	uint32_t v;
-	if (cmdline && cmdline_get(cmdline, key, buf, sizeof buf) &&
-	    parse_u32(buf, strlen(buf), &v))
-		return v;
-	return dflt;
-}
-
-static uint64_t rdtsc(void)
-{
-	uint32_t lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((uint64_t)hi << 32) | lo;
-}
-
 static uint32_t word(uint32_t page, uint32_t gen, uint32_t i)
 {
 	uint32_t x = page * 2654435761u ^ gen * 40503u ^ i * 2246822519u;
@@ -64,11 +47,11 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	uart_init(COM1);
 	if (magic == MB_BOOTLOADER_MAGIC && info && (mbi->flags & MB_INFO_CMDLINE))
 		cmdline = mb_ptr(mbi->cmdline);
-	uint32_t npages = arg(cmdline, "mib", 64) * 256;
-	uint32_t per_line = arg(cmdline, "pages", 256);
-	uint32_t verify = arg(cmdline, "verify", 64);
-	uint64_t step = arg(cmdline, "step", 0);
-	uint32_t light = arg(cmdline, "light", 0);
+	uint32_t npages = cmdline_u32(cmdline, "mib", 64) * 256;
+	uint32_t per_line = cmdline_u32(cmdline, "pages", 256);
+	uint32_t verify = cmdline_u32(cmdline, "verify", 64);
+	uint64_t step = cmdline_u32(cmdline, "step", 0);
+	uint32_t light = cmdline_u32(cmdline, "light", 0);
 	if (light)
 		verify = 0;
 	volatile uint32_t *region = phys_ptr(REGION);

@@ -97,6 +97,14 @@ static inline void *phys_ptr(uintptr_t addr)
 	return (void *)addr;
 }
 
+/* The time-stamp counter. */
+static inline uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((uint64_t)hi << 32) | lo;
+}
+
 /* A delay the optimiser cannot remove. */
 static inline void busy_loop(uint32_t iterations)
 {

@@ -21,6 +21,8 @@ int parse_u32(const char *s, size_t len, uint32_t *out);
  * Returns 1 when the word was found.
  */
 int cmdline_get(const char *cmdline, const char *key, char *buf, size_t buflen);
+/* The decimal value of "key=N" in cmdline (which may be NULL), or dflt. */
+uint32_t cmdline_u32(const char *cmdline, const char *key, uint32_t dflt);
 
 /* serial.c: 16550 UARTs, polled. */
 #define COM1 0x3f8

@@ -93,3 +93,13 @@ int cmdline_get(const char *cmdline, const char *key, char *buf, size_t buflen)
 	}
 	return 0;
 }
+
+uint32_t cmdline_u32(const char *cmdline, const char *key, uint32_t dflt)
+{
+	char buf[16];
+	uint32_t v;
+	if (cmdline && cmdline_get(cmdline, key, buf, sizeof buf) &&
+	    parse_u32(buf, strlen(buf), &v))
+		return v;
+	return dflt;
+}

@@ -88,8 +88,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
     let mut lines = head.split("\r\n");
     let line = lines.next().unwrap_or("");
     let mut parts = line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next())
-    {
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(m), Some(t), Some(v), None) => (m, t, v),
         _ => return Err(malformed(format!("bad request line '{}'", truncate(line)))),
     };
@@ -246,7 +245,8 @@ mod tests {
 
     #[test]
     fn parses_a_request_with_query_and_body() {
-        let raw = b"PUT /vm/memory?addr=0x1000&len=16 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+        let raw =
+            b"PUT /vm/memory?addr=0x1000&len=16 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
         let (r, n) = parse_request(raw).unwrap().unwrap();
         assert_eq!(n, raw.len());
         assert_eq!(r.method, "PUT");

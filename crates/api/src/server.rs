@@ -120,12 +120,13 @@ fn accept_loop(listener: UnixListener, handler: Handler, stop: Arc<AtomicBool>) 
                 }
                 let h = handler.clone();
                 let a = active.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        serve_one(conn, &h);
-                        a.fetch_sub(1, Ordering::AcqRel);
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            serve_one(conn, &h);
+                            a.fetch_sub(1, Ordering::AcqRel);
+                        });
                 if spawned.is_err() {
                     active.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -159,7 +160,9 @@ pub fn serve_one(mut conn: UnixStream, handler: &Handler) {
             Ok(Some((req, _))) => {
                 // A panicking handler must not take the VMM down.
                 break std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&req)))
-                    .unwrap_or_else(|_| Response::error(500, "internal error handling the request"));
+                    .unwrap_or_else(|_| {
+                        Response::error(500, "internal error handling the request")
+                    });
             }
             Ok(None) => {}
             Err(e) => break Response::error(e.status(), e),

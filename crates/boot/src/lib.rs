@@ -323,7 +323,10 @@ mod tests {
         // Without the boot-sector signature a flat image is not guessed.
         let e = detect(&[0x90; 16]).unwrap_err().to_string();
         assert!(e.contains("--format flat"), "{e}");
-        assert!(e.contains("cannot tell the kernel's format (16 bytes"), "{e}");
+        assert!(
+            e.contains("cannot tell the kernel's format (16 bytes"),
+            "{e}"
+        );
         let mut sector = vec![0x90u8; 512];
         sector[510..].copy_from_slice(&[0x55, 0xaa]);
         assert_eq!(detect(&sector), Ok(BootFormat::Flat));
@@ -335,9 +338,17 @@ mod tests {
         assert_eq!(detect(&elf64), Ok(BootFormat::Elf64));
         let elf32 = elf::build_test_elf(false, 0x10_0000, &[(0x10_0000, &[0x90; 16], 16)]);
         let e = detect(&elf32).unwrap_err().to_string();
-        assert!(e.contains("ELF file") && e.contains("no Multiboot header"), "{e}");
+        assert!(
+            e.contains("ELF file") && e.contains("no Multiboot header"),
+            "{e}"
+        );
         // A PNG is not a kernel.
         let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
-        assert!(detect(&png).unwrap_err().to_string().contains("89 50 4e 47"));
+        assert!(
+            detect(&png)
+                .unwrap_err()
+                .to_string()
+                .contains("89 50 4e 47")
+        );
     }
 }

@@ -20,7 +20,8 @@ pub const MAX_META: u64 = 256 << 20;
 pub const FLAG_SEPARATE_MEMORY: u32 = 1;
 
 /// The CRC every checkpoint carries: CRC-64/XZ.
-pub const CRC: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
+pub const CRC: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Why a checkpoint cannot be read. Every message names the problem.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,7 +37,9 @@ pub enum FormatError {
     Newer { found: String },
     #[error("checkpoint format {found} is not supported (this build reads {}.x.x)", VERSION.0)]
     Unsupported { found: String },
-    #[error("the checkpoint is corrupt: CRC-64 {found:#018x} does not match the recorded {expected:#018x}")]
+    #[error(
+        "the checkpoint is corrupt: CRC-64 {found:#018x} does not match the recorded {expected:#018x}"
+    )]
     Crc { expected: u64, found: u64 },
     #[error("the checkpoint is corrupt: {0}")]
     Corrupt(String),
@@ -298,7 +301,10 @@ mod tests {
         ));
         let mut bad = b;
         bad[0] = b'X';
-        assert!(matches!(Header::decode(&bad, 1 << 20), Err(FormatError::Magic(_))));
+        assert!(matches!(
+            Header::decode(&bad, 1 << 20),
+            Err(FormatError::Magic(_))
+        ));
         let mut newer = h;
         newer.version = (1, 1, 0);
         let e = Header::decode(&newer.encode(true), 1 << 20).unwrap_err();

@@ -102,7 +102,9 @@ mod tests {
         let g = guest(64 << 10);
         for s in stores() {
             let path = d.join(s.name());
-            let saved = s.save(&path, meta(64 << 10), &g, &mut no_progress()).unwrap();
+            let saved = s
+                .save(&path, meta(64 << 10), &g, &mut no_progress())
+                .unwrap();
             assert_eq!(
                 saved.memory.extents,
                 vec![(0x1000, 0x1000), (0x5000, 0x2000), (0xf000, 0x1000)],
@@ -116,7 +118,8 @@ mod tests {
             // Saving again over it replaces it atomically.
             let mut g2 = guest(64 << 10);
             g2.0[0x3000] = 3;
-            s.save(&path, meta(64 << 10), &g2, &mut no_progress()).unwrap();
+            s.save(&path, meta(64 << 10), &g2, &mut no_progress())
+                .unwrap();
             let o = open(&path, &mut no_progress()).unwrap();
             assert_eq!(o.meta.memory.extents.len(), 4);
         }
@@ -133,7 +136,10 @@ mod tests {
             .save(&home, meta(64 << 10), &g, &mut no_progress())
             .unwrap_err();
         assert!(e.to_string().contains("not a checkpoint"), "{e}");
-        assert_eq!(std::fs::read_to_string(home.join("notes.txt")).unwrap(), "keep me");
+        assert_eq!(
+            std::fs::read_to_string(home.join("notes.txt")).unwrap(),
+            "keep me"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -8,7 +8,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::format::{CRC, FLAG_SEPARATE_MEMORY, FormatError, HEADER_LEN, Header, Meta, PAGE, VERSION};
+use crate::format::{
+    CRC, FLAG_SEPARATE_MEMORY, FormatError, HEADER_LEN, Header, Meta, PAGE, VERSION,
+};
 use crate::{CheckpointError, MemorySource, Progress};
 
 /// A place checkpoints are written to and read from.
@@ -166,7 +168,8 @@ fn write_memory(
                 }
             };
             let zero = |p: usize| {
-                skip.as_ref().is_some_and(|z| z.get(p / page).copied().unwrap_or(false))
+                skip.as_ref()
+                    .is_some_and(|z| z.get(p / page).copied().unwrap_or(false))
                     || is_zero(&chunk[p..p + page])
             };
             // Runs of non-zero pages in this chunk.
@@ -254,7 +257,11 @@ impl ReadAt for File {
             }
             // SAFETY: as above.
             let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
             out.push((data, hole));
             at = hole.max(data + 1);
         }
@@ -496,8 +503,11 @@ impl CheckpointStore for FileStore {
             file.sync_all()
                 .map_err(io_err(format!("fsync {}", tmp.display())))?;
             drop(file);
-            std::fs::rename(&tmp, path)
-                .map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))?;
+            std::fs::rename(&tmp, path).map_err(io_err(format!(
+                "rename {} to {}",
+                tmp.display(),
+                path.display()
+            )))?;
             fsync_dir(&parent_dir(path))
         })();
         if r.is_err() {
@@ -552,8 +562,8 @@ impl CheckpointStore for DirStore {
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
-            let is_checkpoint = !names.is_empty()
-                && names.iter().all(|n| n == "state" || n == "memory");
+            let is_checkpoint =
+                !names.is_empty() && names.iter().all(|n| n == "state" || n == "memory");
             if !names.is_empty() && !is_checkpoint {
                 return Err(CheckpointError::Usage(format!(
                     "{} is a directory that is not a checkpoint (it holds {}): refusing to replace it",
@@ -574,7 +584,8 @@ impl CheckpointStore for DirStore {
                 .map_err(io_err("create the memory image".into()))?;
             let mut digest = CRC.digest();
             write_memory(&memf, 0, &mut meta, mem, &mut digest, progress)?;
-            memf.sync_all().map_err(io_err("fsync the memory image".into()))?;
+            memf.sync_all()
+                .map_err(io_err("fsync the memory image".into()))?;
             let mb = meta.encode();
             digest.update(&mb);
             let mut header = Header {
@@ -588,8 +599,8 @@ impl CheckpointStore for DirStore {
             };
             digest.update(&header.encode(false));
             header.crc = digest.finalize();
-            let mut state = File::create(tmp.join("state"))
-                .map_err(io_err("create the state file".into()))?;
+            let mut state =
+                File::create(tmp.join("state")).map_err(io_err("create the state file".into()))?;
             state
                 .write_all(&header.encode(true))
                 .and_then(|()| state.write_all(&mb))
@@ -601,8 +612,11 @@ impl CheckpointStore for DirStore {
                 // `tmp` now holds the previous checkpoint.
                 let _ = std::fs::remove_dir_all(&tmp);
             } else {
-                std::fs::rename(&tmp, path)
-                    .map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))?;
+                std::fs::rename(&tmp, path).map_err(io_err(format!(
+                    "rename {} to {}",
+                    tmp.display(),
+                    path.display()
+                )))?;
             }
             fsync_dir(&parent_dir(path))
         })();

@@ -24,7 +24,8 @@ use std::time::Instant;
 
 use palacios_vmm::GuestMem;
 use palacios_vmm::backend::{
-    Backend, BackendError, DebugRegs, Exit, FpuState, IoData, SAVED_MSRS, Vcpu, VcpuEvents, VcpuState,
+    Backend, BackendError, DebugRegs, Exit, FpuState, IoData, SAVED_MSRS, Vcpu, VcpuEvents,
+    VcpuState,
 };
 use palacios_vmm::time::DEFAULT_TSC_HZ;
 use palacios_x86::{Regs, SRegs};
@@ -133,11 +134,13 @@ impl Backend for EmuBackend {
         &self,
         log: Option<Arc<palacios_vmm::dirty::DirtyLog>>,
     ) -> Result<(), BackendError> {
-        let phys = lock(&self.phys).clone().ok_or_else(|| BackendError::Unhandled {
-            vcpu: 0,
-            rip: 0,
-            what: "dirty tracking before guest memory was mapped".into(),
-        })?;
+        let phys = lock(&self.phys)
+            .clone()
+            .ok_or_else(|| BackendError::Unhandled {
+                vcpu: 0,
+                rip: 0,
+                what: "dirty tracking before guest memory was mapped".into(),
+            })?;
         if let Some(l) = log {
             let _ = phys.dirty.set(l);
         }

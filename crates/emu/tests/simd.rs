@@ -15,7 +15,10 @@
 #[cfg(not(target_arch = "x86_64"))]
 #[test]
 fn simd_against_host_cpu() {
-    palacios_vmm::test_support::skip_machine("simd", "needs an x86_64 host to run the instructions natively");
+    palacios_vmm::test_support::skip_machine(
+        "simd",
+        "needs an x86_64 host to run the instructions natively",
+    );
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -368,7 +368,9 @@ impl Backend for KvmBackend {
             pending_msr: None,
             needs_completion: false,
             msr_list: self.msr_list.clone(),
-            kernel_irqchip: self.kernel_irqchip.load(std::sync::atomic::Ordering::Acquire),
+            kernel_irqchip: self
+                .kernel_irqchip
+                .load(std::sync::atomic::Ordering::Acquire),
             kick_registered: false,
         }))
     }
@@ -456,7 +458,9 @@ impl KernelIrqchip for KvmIrqchip {
                 source: io::Error::other(format!("malformed state: {e}")),
             })?;
         for c in [&st.pic_master, &st.pic_slave, &st.ioapic] {
-            self.vm.set_irqchip(c).map_err(host_err("KVM_SET_IRQCHIP"))?;
+            self.vm
+                .set_irqchip(c)
+                .map_err(host_err("KVM_SET_IRQCHIP"))?;
         }
         self.vm.set_pit2(&st.pit).map_err(host_err("KVM_SET_PIT2"))
     }
@@ -577,8 +581,10 @@ impl Drop for KvmVcpu {
         if self.kick_registered {
             let mine = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8;
             let _ = IMMEDIATE_EXIT.try_with(|p| {
-                if !p.get().is_null() && p.get() as usize >= mine as usize
-                    && (p.get() as usize) < mine as usize + std::mem::size_of::<kvm_bindings::kvm_run>()
+                if !p.get().is_null()
+                    && p.get() as usize >= mine as usize
+                    && (p.get() as usize)
+                        < mine as usize + std::mem::size_of::<kvm_bindings::kvm_run>()
                 {
                     p.set(std::ptr::null_mut());
                 }
@@ -725,7 +731,10 @@ impl Vcpu for KvmVcpu {
             .fd
             .get_debug_regs()
             .map_err(host_err("KVM_GET_DEBUGREGS"))?;
-        let mp_state = self.fd.get_mp_state().map_err(host_err("KVM_GET_MP_STATE"))?;
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(host_err("KVM_GET_MP_STATE"))?;
         let lapic = if self.kernel_irqchip {
             Some(self.fd.get_lapic().map_err(host_err("KVM_GET_LAPIC"))?)
         } else {
@@ -776,12 +785,12 @@ impl Vcpu for KvmVcpu {
 
     fn restore_state(&mut self, s: &VcpuState) -> Result<(), BackendError> {
         let extras: Option<KvmVcpuExtras> = match &s.backend {
-            Some((name, v)) if name == "kvm" => Some(
-                serde_json::from_value(v.clone()).map_err(|e| BackendError::Host {
+            Some((name, v)) if name == "kvm" => Some(serde_json::from_value(v.clone()).map_err(
+                |e| BackendError::Host {
                     op: "restore KVM vCPU state",
                     source: io::Error::other(format!("malformed KVM state: {e}")),
-                })?,
-            ),
+                },
+            )?),
             _ => None,
         };
         self.set_sregs(&s.sregs)?;
@@ -791,7 +800,9 @@ impl Vcpu for KvmVcpu {
                 // SAFETY: the xsave area came from KVM_GET_XSAVE of a vCPU of this backend
                 // (a kvm_xsave is a plain 4 KiB buffer; KVM validates its contents).
                 unsafe { self.fd.set_xsave(&x.xsave) }.map_err(host_err("KVM_SET_XSAVE"))?;
-                self.fd.set_xcrs(&x.xcrs).map_err(host_err("KVM_SET_XCRS"))?;
+                self.fd
+                    .set_xcrs(&x.xcrs)
+                    .map_err(host_err("KVM_SET_XCRS"))?;
             }
             None => self.set_fpu(&s.fpu)?,
         }
@@ -809,7 +820,9 @@ impl Vcpu for KvmVcpu {
             dbg.flags = x.debugregs.flags;
         }
         if s.debug != DebugRegs::default() {
-            self.fd.set_debug_regs(&dbg).map_err(host_err("KVM_SET_DEBUGREGS"))?;
+            self.fd
+                .set_debug_regs(&dbg)
+                .map_err(host_err("KVM_SET_DEBUGREGS"))?;
         }
         let mut ev = match &extras {
             Some(x) => x.events,
@@ -821,14 +834,19 @@ impl Vcpu for KvmVcpu {
         ev.interrupt.shadow = u8::from(s.events.interrupt_shadow);
         ev.nmi.masked = u8::from(s.events.nmi_blocked);
         ev.nmi.pending = u8::from(s.events.nmi_pending);
-        ev.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW | kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
-        self.fd.set_vcpu_events(&ev).map_err(host_err("KVM_SET_VCPU_EVENTS"))?;
+        ev.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW
+            | kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        self.fd
+            .set_vcpu_events(&ev)
+            .map_err(host_err("KVM_SET_VCPU_EVENTS"))?;
         if let Some(x) = &extras {
             if self.kernel_irqchip {
                 if let Some(l) = &x.lapic {
                     self.fd.set_lapic(l).map_err(host_err("KVM_SET_LAPIC"))?;
                 }
-                self.fd.set_mp_state(x.mp_state).map_err(host_err("KVM_SET_MP_STATE"))?;
+                self.fd
+                    .set_mp_state(x.mp_state)
+                    .map_err(host_err("KVM_SET_MP_STATE"))?;
             }
         }
         self.fd.get_kvm_run().request_interrupt_window = u8::from(s.events.irq_window);

@@ -49,7 +49,10 @@ impl ApiState {
     }
 
     fn handle(&self) -> Option<VmHandle> {
-        self.handle.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -134,7 +137,10 @@ fn route(st: &ApiState, req: &Request) -> Response {
             serde_json::to_value(&*st.migration.lock().unwrap_or_else(|p| p.into_inner()))
                 .unwrap_or_default(),
         ),
-        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "memory" | "dirty"] | ["vm", "cores", _])
+        (
+            _,
+            ["vm"] | ["vm", "pause" | "resume" | "stop" | "memory" | "dirty"] | ["vm", "cores", _],
+        )
         | (_, ["snapshot", "create"] | ["migrate"]) => {
             Response::error(405, format!("{m} is not allowed on {}", req.path))
         }
@@ -221,7 +227,10 @@ fn snapshot(h: &VmHandle, req: &Request) -> Response {
     };
     let path = std::path::PathBuf::from(&r.path);
     if !path.is_absolute() {
-        return Response::error(400, "the snapshot path must be absolute (the VM's working directory is not the client's)");
+        return Response::error(
+            400,
+            "the snapshot path must be absolute (the VM's working directory is not the client's)",
+        );
     }
     match palacios_vmm::snapshot::save(h, store.as_ref(), &path, r.stop, &mut |_, _| {}) {
         Ok(rep) => {

@@ -243,7 +243,6 @@ impl Write for LogWriter {
     }
 }
 
-
 fn init_logging(level: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("bad --log-level '{level}': {e}"))?;
@@ -320,7 +319,9 @@ fn devices() -> u8 {
 fn guests() -> u8 {
     let g = palacios::bundled_guests();
     if g.is_empty() {
-        eprintln!("v3: no guests are bundled: gcc, as, ld or objcopy were missing when this v3 was compiled");
+        eprintln!(
+            "v3: no guests are bundled: gcc, as, ld or objcopy were missing when this v3 was compiled"
+        );
         return status::CONFIG_ERROR;
     }
     for (name, data) in g {
@@ -370,7 +371,9 @@ fn client(vm: &str, method: &str, path: &str, body: Option<serde_json::Value>) -
         Ok((code, v)) => {
             eprintln!(
                 "v3: {vm}: {} (HTTP {code})",
-                v.get("error").and_then(|e| e.as_str()).unwrap_or("request refused")
+                v.get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("request refused")
             );
             status::CONFIG_ERROR
         }
@@ -410,7 +413,8 @@ fn save(vm: &str, path: &std::path::Path, store: &str, stop: bool) -> u8 {
 fn send(vm: &str, dest: &str, downtime: u64, bandwidth: Option<u64>) -> u8 {
     let sock = palacios_api::resolve(vm);
     let t = std::time::Duration::from_secs(30);
-    let body = serde_json::json!({"dest": dest, "downtime_ms": downtime, "bandwidth_mbps": bandwidth});
+    let body =
+        serde_json::json!({"dest": dest, "downtime_ms": downtime, "bandwidth_mbps": bandwidth});
     match palacios_api::request(&sock, "PUT", "/migrate", Some(&body), t) {
         Ok((202, _)) => {}
         Ok((code, v)) => {
@@ -508,7 +512,10 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
     let f = wire::read_frame(&mut conn)
         .map_err(|e| LaunchError::Config(format!("incoming migration from {peer}: {e}")))?;
     if f.kind != wire::Kind::Hello {
-        return Err(refuse(&mut conn, format!("expected Hello, got {:?}", f.kind)));
+        return Err(refuse(
+            &mut conn,
+            format!("expected Hello, got {:?}", f.kind),
+        ));
     }
     let hello: wire::Hello = match serde_json::from_slice(&f.payload) {
         Ok(h) => h,
@@ -516,7 +523,12 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
     };
     let theirs: palacios_vmm::VmConfig = match serde_json::from_value(hello.config.clone()) {
         Ok(c) => c,
-        Err(e) => return Err(refuse(&mut conn, format!("the source's config does not decode: {e}"))),
+        Err(e) => {
+            return Err(refuse(
+                &mut conn,
+                format!("the source's config does not decode: {e}"),
+            ));
+        }
     };
     if theirs.mem_mib == 0
         || theirs.mem_mib > palacios_vmm::config::vm::MAX_MEM_MIB
@@ -577,7 +589,10 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
             _ => cfg.backend,
         },
     };
-    tracing::info!("receiving a VM from {peer} ({} backend there)", hello.backend);
+    tracing::info!(
+        "receiving a VM from {peer} ({} backend there)",
+        hello.backend
+    );
     let api_sock = palacios::session::api_socket(a.api_sock.clone(), a.name.as_deref())?;
     session::execute(
         &cfg,
@@ -600,13 +615,21 @@ fn untrusted_config(mut cfg: palacios_vmm::VmConfig) -> palacios_vmm::VmConfig {
         let safe = |v: &str| v == "console" || v == "stdio" || v == "null";
         for a in node.attrs.iter_mut().filter(|a| a.name == "name") {
             if !safe(&a.value) {
-                tracing::warn!("stream '{}' of device '{}' from the source becomes null here (use --config to connect it)", a.value, d.id);
+                tracing::warn!(
+                    "stream '{}' of device '{}' from the source becomes null here (use --config to connect it)",
+                    a.value,
+                    d.id
+                );
                 a.value = "null".into();
             }
         }
         for c in node.children.iter_mut().filter(|c| c.name == "name") {
             if !safe(c.text.trim()) {
-                tracing::warn!("stream '{}' of device '{}' from the source becomes null here (use --config to connect it)", c.text.trim(), d.id);
+                tracing::warn!(
+                    "stream '{}' of device '{}' from the source becomes null here (use --config to connect it)",
+                    c.text.trim(),
+                    d.id
+                );
                 c.text = "null".into();
             }
         }

@@ -33,7 +33,10 @@ pub struct SessionOpts {
 }
 
 /// The API socket a `--api-sock` / `--name` pair asks for.
-pub fn api_socket(api_sock: Option<PathBuf>, name: Option<&str>) -> Result<Option<PathBuf>, LaunchError> {
+pub fn api_socket(
+    api_sock: Option<PathBuf>,
+    name: Option<&str>,
+) -> Result<Option<PathBuf>, LaunchError> {
     match (api_sock, name) {
         (Some(p), _) => Ok(Some(p)),
         (None, Some(n)) => {
@@ -140,7 +143,10 @@ pub fn execute(cfg: &VmConfig, first: First, opts: SessionOpts) -> Result<u8, La
             api_state.set_handle(prepared.vm.handle());
             if opts.paused && boots == 0 {
                 // No core runs before the API says so.
-                let _ = prepared.vm.handle().pause(std::time::Duration::from_secs(1));
+                let _ = prepared
+                    .vm
+                    .handle()
+                    .pause(std::time::Duration::from_secs(1));
             }
             RAW.store(i32::from(raw), Ordering::Relaxed);
             let report = launch::run(prepared, opts.stats, |h| {

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-fn api(sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     palacios_api::request(sock, method, path, body.as_ref(), Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
@@ -19,7 +24,11 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -
 fn wait_socket(sock: &Path, s: &Session) {
     let t = Instant::now();
     while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "no API socket\n{}", s.describe());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no API socket\n{}",
+            s.describe()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -55,8 +64,15 @@ fn start(tag: &str, backend: &str, from: u32, step_ms: u64, extra: &[&str]) -> (
     let cmdline = format!("from={from} step={}", step_ms * ticks_per_ms(backend));
     let sock_s = sock.display().to_string();
     let mut args = vec![
-        "run", "--backend", backend, "--api-sock", &sock_s, "--kernel", "guest:countdown.elf",
-        "--cmdline", &cmdline,
+        "run",
+        "--backend",
+        backend,
+        "--api-sock",
+        &sock_s,
+        "--kernel",
+        "guest:countdown.elf",
+        "--cmdline",
+        &cmdline,
     ];
     args.extend_from_slice(extra);
     let s = Session::start(&args);
@@ -97,7 +113,12 @@ fn pause_and_resume(backend: &str) {
     }
     let (st, _) = api(&sock, "PUT", "/vm/stop", None);
     assert_eq!(st, 200);
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        130,
+        "{}",
+        s.describe()
+    );
 }
 
 /// Pause for 2 s and resume: output and guest time stand still; the TSC's jump across the
@@ -121,9 +142,18 @@ fn pause_once(s: &mut Session, sock: &Path, backend: &str, step_ms: u64) -> f64 
     let g0 = info["guest_ns"].as_u64().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let during = steps(&s.output());
-    assert_eq!(before, during, "output went on while paused\n{}", s.describe());
+    assert_eq!(
+        before,
+        during,
+        "output went on while paused\n{}",
+        s.describe()
+    );
     let (_, info) = api(&sock, "GET", "/vm", None);
-    assert_eq!(info["guest_ns"].as_u64().unwrap(), g0, "guest time moved while paused");
+    assert_eq!(
+        info["guest_ns"].as_u64().unwrap(),
+        g0,
+        "guest time moved while paused"
+    );
     let (st, v) = api(&sock, "PUT", "/vm/resume", None);
     assert_eq!((st, v["state"].as_str()), (200, Some("running")));
     let last = *before.last().unwrap();
@@ -156,7 +186,11 @@ fn save_stop_load(from: &str, to: &str) {
     let count = if from == "emu" { 300 } else { 60 };
     let tag = format!("ssl-{from}-{to}");
     let (mut s, sock) = start(&tag, from, count, step_ms, &["--cpu", "portable"]);
-    s.wait_for(&format!("countdown {} ", count - 5), 0, Duration::from_secs(60));
+    s.wait_for(
+        &format!("countdown {} ", count - 5),
+        0,
+        Duration::from_secs(60),
+    );
     let ck = sock.with_file_name("vm.ckpt");
     let (st, v) = api(
         &sock,
@@ -166,14 +200,23 @@ fn save_stop_load(from: &str, to: &str) {
     );
     assert_eq!(st, 200, "{v}\n{}", s.describe());
     assert!(v["stored_bytes"].as_u64().unwrap() < v["ram_bytes"].as_u64().unwrap() / 100);
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        130,
+        "{}",
+        s.describe()
+    );
     let before = s.output();
     let last = steps(&before).last().unwrap().0;
     assert!(last <= count - 4, "{}", s.describe());
     let ck_s = ck.display().to_string();
     let r = v3(&["load", &ck_s, "--backend", to], b"", LIMIT);
     assert_eq!(r.status, 0, "{}", r.out());
-    assert!(!r.stdout.contains("countdown start"), "it restarted\n{}", r.out());
+    assert!(
+        !r.stdout.contains("countdown start"),
+        "it restarted\n{}",
+        r.out()
+    );
     // The save may fall in the middle of a line: the two outputs join into one countdown,
     // every step once, in order.
     let joined = format!("{before}{}", r.stdout);
@@ -256,7 +299,10 @@ fn deterministic_replay_across_a_checkpoint_is_exact() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(s.wait_exit(Duration::from_secs(30)), 130);
     let part1 = s.output();
-    assert!(!part1.contains("countdown done"), "saved too late to test anything");
+    assert!(
+        !part1.contains("countdown done"),
+        "saved too late to test anything"
+    );
     let ck_s = ck.display().to_string();
     let b = v3(&["load", &ck_s, "--stats"], b"", LIMIT);
     assert_eq!(b.status, 0, "{}", b.out());
@@ -291,8 +337,17 @@ fn smp_checkpoint(backend: &str) {
     let ck = dir.join("vm.ckpt");
     let sock_s = sock.display().to_string();
     let mut s = Session::start(&[
-        "run", "--backend", backend, "--cores", "4", "--api-sock", &sock_s, "--kernel",
-        "guest:pctest.elf", "--cmdline", "cpus=4 ram_mib=128",
+        "run",
+        "--backend",
+        backend,
+        "--cores",
+        "4",
+        "--api-sock",
+        &sock_s,
+        "--kernel",
+        "guest:pctest.elf",
+        "--cmdline",
+        "cpus=4 ram_mib=128",
     ]);
     wait_socket(&sock, &s);
     // Past the SMP bring-up, in the middle of the tests.
@@ -307,13 +362,27 @@ fn smp_checkpoint(backend: &str) {
         panic!("the guest finished before it could be saved: {v}");
     }
     assert_eq!(st, 200, "{v}\n{}", s.describe());
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        130,
+        "{}",
+        s.describe()
+    );
     let ck_s = ck.display().to_string();
     let r = v3(&["load", &ck_s], b"", LIMIT);
     let all = format!("{}{}", s.output(), r.stdout);
-    assert_eq!(r.status, 1, "every platform test must pass after the restore\n{}", r.out());
+    assert_eq!(
+        r.status,
+        1,
+        "every platform test must pass after the restore\n{}",
+        r.out()
+    );
     assert!(!all.contains("FAIL"), "{all}");
-    assert!(r.stdout.contains("PASS"), "the restored VM ran tests\n{}", r.out());
+    assert!(
+        r.stdout.contains("PASS"),
+        "the restored VM ran tests\n{}",
+        r.out()
+    );
 }
 
 /// Malformed, mismatched and corrupt checkpoints are refused with a message naming the
@@ -338,7 +407,11 @@ fn bad_checkpoints_are_refused_before_anything_runs() {
         std::fs::write(&p, data).unwrap();
         let r = v3(&["load", &p.display().to_string()], b"", LIMIT);
         assert_eq!(r.status, 2, "{name}\n{}", r.out());
-        assert!(r.stderr.contains(needle), "{name}: no {needle:?}\n{}", r.out());
+        assert!(
+            r.stderr.contains(needle),
+            "{name}: no {needle:?}\n{}",
+            r.out()
+        );
         assert!(r.stdout.is_empty(), "{name}: the guest ran\n{}", r.out());
     };
     // A flipped byte in the memory image, in the metadata, in the header.
@@ -354,7 +427,11 @@ fn bad_checkpoints_are_refused_before_anything_runs() {
     let mut newer = bytes.clone();
     newer[10] = 9; // minor version 9
     expect("newer.ckpt", &newer, "newer than this build reads");
-    expect("junk.ckpt", b"GIF89a this is not a checkpoint at all, not even close.....", "not a Palacios-rs checkpoint");
+    expect(
+        "junk.ckpt",
+        b"GIF89a this is not a checkpoint at all, not even close.....",
+        "not a Palacios-rs checkpoint",
+    );
     // Rewrite the checkpoint with a changed metadata (a valid CRC) to test what follows it.
     let rewrite = |name: &str, f: &dyn Fn(&mut palacios_checkpoint::Meta)| -> PathBuf {
         struct Img<'a>(&'a std::fs::File, u64, &'a [(u64, u64)]);
@@ -363,7 +440,11 @@ fn bad_checkpoints_are_refused_before_anything_runs() {
                 let mut at = 0;
                 for &(g, n) in self.2 {
                     if gpa >= g && gpa < g + n {
-                        return std::os::unix::fs::FileExt::read_exact_at(self.0, buf, self.1 + at + gpa - g);
+                        return std::os::unix::fs::FileExt::read_exact_at(
+                            self.0,
+                            buf,
+                            self.1 + at + gpa - g,
+                        );
                     }
                     at += n;
                 }
@@ -376,7 +457,12 @@ fn bad_checkpoints_are_refused_before_anything_runs() {
         let slots = o.meta.memory.slots.clone();
         palacios_checkpoint::store("file")
             .unwrap()
-            .save(&p, meta, &Img(&o.memory, o.mem_offset, &slots), &mut |_, _| {})
+            .save(
+                &p,
+                meta,
+                &Img(&o.memory, o.mem_offset, &slots),
+                &mut |_, _| {},
+            )
             .unwrap();
         p
     };
@@ -407,9 +493,13 @@ fn bad_checkpoints_are_refused_before_anything_runs() {
             state: json!({}),
         })
     });
-    run(&p, "state for device 'nic0' (class RTL8139), which this VM does not have");
+    run(
+        &p,
+        "state for device 'nic0' (class RTL8139), which this VM does not have",
+    );
     let p = rewrite("missing-dev.ckpt", &|m| {
-        m.sections.retain(|s| !(s.kind == "device" && s.class == "8254_PIT"))
+        m.sections
+            .retain(|s| !(s.kind == "device" && s.class == "8254_PIT"))
     });
     run(&p, "no state for device");
     let p = rewrite("bad-version.ckpt", &|m| {
@@ -418,7 +508,9 @@ fn bad_checkpoints_are_refused_before_anything_runs() {
         }
     });
     run(&p, "state version 99 is not supported");
-    let p = rewrite("bad-cores.ckpt", &|m| m.sections.retain(|s| s.kind != "core"));
+    let p = rewrite("bad-cores.ckpt", &|m| {
+        m.sections.retain(|s| s.kind != "core")
+    });
     run(&p, "the checkpoint has 0 cores, the VM 1");
 }
 
@@ -443,13 +535,29 @@ fn kill_during_a_save_leaves_the_previous_checkpoint() {
     let sock_s = sock.display().to_string();
     let m = module.display().to_string();
     let mut s = Session::start(&[
-        "run", "--backend", "emu", "--mem", "512", "--api-sock", &sock_s, "--kernel",
-        "guest:countdown.elf", "--cmdline", "from=100000 step=20000000", "--module", &m,
+        "run",
+        "--backend",
+        "emu",
+        "--mem",
+        "512",
+        "--api-sock",
+        &sock_s,
+        "--kernel",
+        "guest:countdown.elf",
+        "--cmdline",
+        "from=100000 step=20000000",
+        "--module",
+        &m,
     ]);
     wait_socket(&sock, &s);
     s.wait_for("countdown 99999 ", 0, Duration::from_secs(60));
     let ck = dir.join("vm.ckpt");
-    let (st, v) = api(&sock, "PUT", "/snapshot/create", Some(json!({"path": ck.display().to_string()})));
+    let (st, v) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"path": ck.display().to_string()})),
+    );
     assert_eq!(st, 200, "{v}");
     let first_ms = v["total_ms"].as_u64().unwrap();
     let good = std::fs::read(&ck).unwrap();
@@ -485,7 +593,12 @@ fn kill_during_a_save_leaves_the_previous_checkpoint() {
     wait_socket(&sock3, &l);
     l.wait_for("countdown ", 0, Duration::from_secs(60));
     api(&sock3, "PUT", "/vm/stop", None);
-    assert_eq!(l.wait_exit(Duration::from_secs(30)), 130, "{}", l.describe());
+    assert_eq!(
+        l.wait_exit(Duration::from_secs(30)),
+        130,
+        "{}",
+        l.describe()
+    );
 }
 
 /// Nothing a client sends can hurt the VM: malformed, oversized and unknown requests get a
@@ -508,14 +621,26 @@ fn the_api_answers_bad_requests_with_json_errors() {
         (b"GET /vm HTTP/3\r\n\r\n", "501"),
         (b"GET /nope HTTP/1.1\r\n\r\n", "404"),
         (b"DELETE /vm HTTP/1.1\r\n\r\n", "405"),
-        (b"PUT /snapshot/create HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope", "400"),
-        (b"PUT /snapshot/create HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", "413"),
-        (b"GET /vm/memory?addr=0xffffffffffff&len=16 HTTP/1.1\r\n\r\n", "400"),
+        (
+            b"PUT /snapshot/create HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope",
+            "400",
+        ),
+        (
+            b"PUT /snapshot/create HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            "413",
+        ),
+        (
+            b"GET /vm/memory?addr=0xffffffffffff&len=16 HTTP/1.1\r\n\r\n",
+            "400",
+        ),
         (b"GET /vm/memory?addr=0&len=999999 HTTP/1.1\r\n\r\n", "400"),
         (b"GET /vm/cores/7 HTTP/1.1\r\n\r\n", "404"),
     ] {
         let out = raw(req);
-        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{req:?} -> {out}");
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{req:?} -> {out}"
+        );
         assert!(out.contains("{\"error\":"), "{out}");
     }
     let mut big = b"GET /vm HTTP/1.1\r\nX: ".to_vec();
@@ -534,7 +659,11 @@ fn the_api_answers_bad_requests_with_json_errors() {
     assert!(v["regs"]["rip"].as_u64().unwrap() > 0x100000, "{v}");
     drop(idle);
     let before = steps(&s.output()).len();
-    s.wait_for(&format!("countdown {} ", 100_000 - before as u32 - 2), 0, Duration::from_secs(30));
+    s.wait_for(
+        &format!("countdown {} ", 100_000 - before as u32 - 2),
+        0,
+        Duration::from_secs(30),
+    );
     api(&sock, "PUT", "/vm/stop", None);
     assert_eq!(s.wait_exit(Duration::from_secs(30)), 130);
 }

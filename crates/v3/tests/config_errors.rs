@@ -175,8 +175,18 @@ fn format_auto_refuses_what_it_does_not_recognise() {
     p.resize(4096, 0);
     std::fs::write(&png, &p).unwrap();
     for (file, needles) in [
-        (&garbage, &["cannot tell the kernel's format (10 bytes", "--format flat"][..]),
-        (&png, &["cannot tell the kernel's format", "89 50 4e 47", "--format flat"][..]),
+        (
+            &garbage,
+            &["cannot tell the kernel's format (10 bytes", "--format flat"][..],
+        ),
+        (
+            &png,
+            &[
+                "cannot tell the kernel's format",
+                "89 50 4e 47",
+                "--format flat",
+            ][..],
+        ),
         (&trunc, &["truncated"][..]),
         (&trunc32, &["ELF file", "no Multiboot header"][..]),
     ] {
@@ -199,11 +209,24 @@ fn format_auto_refuses_what_it_does_not_recognise() {
     let r = v3(&["run", "--kernel", &tiny], b"", LIMIT);
     assert_eq!(r.status, 2, "{}", r.out());
     let r = v3(
-        &["run", "--backend", "emu", "--format", "flat", "--kernel", &tiny],
+        &[
+            "run",
+            "--backend",
+            "emu",
+            "--format",
+            "flat",
+            "--kernel",
+            &tiny,
+        ],
         b"",
         LIMIT,
     );
-    assert_eq!(r.status, 0, "--format flat must run it to its HLT\n{}", r.out());
+    assert_eq!(
+        r.status,
+        0,
+        "--format flat must run it to its HLT\n{}",
+        r.out()
+    );
 }
 
 /// Each message names its cause: a directory given as a file, a socket that is not there
@@ -219,7 +242,10 @@ fn smaller_messages_name_the_cause() {
         "<vm class=\"PC\"><files><file id=\"k\" filename=\".\"/></files></vm>",
     );
     expect_error(&["check", &c], &["is a directory, not a file"]);
-    expect_error(&["run", "--kernel", &d.display().to_string()], &["is a directory, not a file"]);
+    expect_error(
+        &["run", "--kernel", &d.display().to_string()],
+        &["is a directory, not a file"],
+    );
     let c = write_cfg(
         &d,
         "sock.xml",
@@ -244,7 +270,11 @@ fn smaller_messages_name_the_cause() {
         &["run", "--mem", "1", "--kernel", &k.display().to_string()],
         &["too little memory for this kernel", "the VM has 1 MiB"],
     );
-    let c = write_cfg(&d, "twice.xml", "<vm class=\"PC\"><memory size=\"64\">32</memory></vm>");
+    let c = write_cfg(
+        &d,
+        "twice.xml",
+        "<vm class=\"PC\"><memory size=\"64\">32</memory></vm>",
+    );
     expect_error(&["check", &c], &["<memory> gives its size twice"]);
     expect_error(
         &["run", "--mem", "0", "--kernel", "guest:mbtest.elf"],
@@ -262,11 +292,15 @@ fn smaller_messages_name_the_cause() {
     let r = v3(&["check", &c], b"", LIMIT);
     assert_eq!(r.status, 0, "{}", r.out());
     assert!(
-        r.stderr.contains("unknown attribute 'mode' of <backend> is ignored"),
+        r.stderr
+            .contains("unknown attribute 'mode' of <backend> is ignored"),
         "{}",
         r.out()
     );
-    expect_error(&["run", "--kernel", "guest:nope.elf"], &["no bundled guest 'nope.elf'", "pctest.elf"]);
+    expect_error(
+        &["run", "--kernel", "guest:nope.elf"],
+        &["no bundled guest 'nope.elf'", "pctest.elf"],
+    );
 }
 
 #[test]

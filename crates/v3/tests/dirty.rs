@@ -104,16 +104,25 @@ fn run(backend: Box<dyn Backend>) {
         ("PUSH", STACK - 0x1000),
         ("the hot loop's store", L),
     ] {
-        assert!(first.contains(&gpa), "{what} at {gpa:#x} was not marked: {first:x?}");
+        assert!(
+            first.contains(&gpa),
+            "{what} at {gpa:#x} was not marked: {first:x?}"
+        );
     }
     // The next round: only the loop writes, from translated code on the emulator.
     until_out(v.as_mut());
     backend.collect_dirty(&log).unwrap();
     let second = pages(&log);
     v.sync_dirty();
-    assert!(second.contains(&L), "a store after the round was not marked again: {second:x?}");
+    assert!(
+        second.contains(&L),
+        "a store after the round was not marked again: {second:x?}"
+    );
     for gpa in [A, S, F] {
-        assert!(!second.contains(&gpa), "{gpa:#x} was not written in the second round: {second:x?}");
+        assert!(
+            !second.contains(&gpa),
+            "{gpa:#x} was not written in the second round: {second:x?}"
+        );
     }
     if backend.name() == "emu" {
         let stats = v.stats();
@@ -125,15 +134,24 @@ fn run(backend: Box<dyn Backend>) {
         assert!(translated > 0, "the loop was not translated: {stats:?}");
     }
     // A device's DMA and the VMM write through vm-memory.
-    mem.write_obj(0x55aa_u16, GuestAddress(DMA + 0xfff)).unwrap();
+    mem.write_obj(0x55aa_u16, GuestAddress(DMA + 0xfff))
+        .unwrap();
     let dma = pages(&log);
-    assert_eq!(dma, vec![DMA, DMA + 0x1000], "a write across a page boundary marks both");
+    assert_eq!(
+        dma,
+        vec![DMA, DMA + 0x1000],
+        "a write across a page boundary marks both"
+    );
     // A loader.
-    let image2 = palacios::boot::elf::build_test_elf(true, LOADED, &[(LOADED, &[0x90; 0x2100], 0x2100)]);
+    let image2 =
+        palacios::boot::elf::build_test_elf(true, LOADED, &[(LOADED, &[0x90; 0x2100], 0x2100)]);
     palacios::boot::load(&mem, &map, &params(&image2)).unwrap();
     let loaded = pages(&log);
     for gpa in [LOADED, LOADED + 0x1000, LOADED + 0x2000] {
-        assert!(loaded.contains(&gpa), "the loader's write at {gpa:#x} was not marked: {loaded:x?}");
+        assert!(
+            loaded.contains(&gpa),
+            "the loader's write at {gpa:#x} was not marked: {loaded:x?}"
+        );
     }
     // Off: nothing is marked.
     log.set_enabled(false);
@@ -144,10 +162,12 @@ fn run(backend: Box<dyn Backend>) {
 
 #[test]
 fn every_write_path_marks_its_page_on_the_emulator() {
-    run(Box::new(palacios_emu::EmuBackend::new(palacios_emu::EmuOptions {
-        jit_threshold: Some(16),
-        ..Default::default()
-    })));
+    run(Box::new(palacios_emu::EmuBackend::new(
+        palacios_emu::EmuOptions {
+            jit_threshold: Some(16),
+            ..Default::default()
+        },
+    )));
 }
 
 #[test]

@@ -61,7 +61,11 @@ fn fake(tag: &str) -> Fake {
     let mut perm = std::fs::metadata(&apt).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
     std::fs::set_permissions(&apt, perm).unwrap();
-    std::fs::write(state.join("good"), "the right package contents\n".repeat(100)).unwrap();
+    std::fs::write(
+        state.join("good"),
+        "the right package contents\n".repeat(100),
+    )
+    .unwrap();
     Fake {
         dir,
         bin,
@@ -122,7 +126,12 @@ fn failed_and_corrupt_downloads_are_retried_and_the_result_verified() {
     let f = fake("retry");
     let o = f.command(2).output().unwrap();
     assert!(o.status.success(), "{}", describe(&o));
-    assert_eq!(f.downloads(), 3, "two failures, then success\n{}", describe(&o));
+    assert_eq!(
+        f.downloads(),
+        3,
+        "two failures, then success\n{}",
+        describe(&o)
+    );
     let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
     assert!(path.ends_with("pkg_1.0_all.deb"), "{}", describe(&o));
     assert_eq!(
@@ -132,7 +141,11 @@ fn failed_and_corrupt_downloads_are_retried_and_the_result_verified() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("try 1 of 4 failed"), "{err}");
     assert!(err.contains("try 2 of 4 failed"), "{err}");
-    assert_eq!(f.debs(), vec!["pkg_1.0_all.deb".to_string()], "no .FAILED left behind");
+    assert_eq!(
+        f.debs(),
+        vec!["pkg_1.0_all.deb".to_string()],
+        "no .FAILED left behind"
+    );
     // A second run finds the verified file and downloads nothing.
     let o = f.command(0).output().unwrap();
     assert!(o.status.success(), "{}", describe(&o));

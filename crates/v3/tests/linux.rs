@@ -228,11 +228,20 @@ fn debian_kernel_boots_through_pvh_entry_and_the_console_passes_ctrl_c() {
     s.send_raw(b"\x01h");
     let t = std::time::Instant::now();
     while !s.describe().contains("stop the VM") {
-        assert!(t.elapsed() < Duration::from_secs(10), "no key help\n{}", s.describe());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no key help\n{}",
+            s.describe()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     s.send_raw(b"\x01x");
-    assert_eq!(s.wait_exit(Duration::from_secs(30)), 130, "{}", s.describe());
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        130,
+        "{}",
+        s.describe()
+    );
     assert!(
         s.describe().contains("stopped from the console (Ctrl-A x)"),
         "{}",

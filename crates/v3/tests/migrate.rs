@@ -24,7 +24,11 @@ fn free_port() -> u16 {
 fn wait_socket(sock: &Path, s: &Session) {
     let t = Instant::now();
     while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "no API socket\n{}", s.describe());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no API socket\n{}",
+            s.describe()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -33,7 +37,11 @@ fn wait_listening(addr: &str, s: &Session) {
     // The receiver logs when it listens.
     let t = Instant::now();
     while !s.describe().contains("waiting for a migration") {
-        assert!(t.elapsed() < Duration::from_secs(30), "the receiver does not listen on {addr}\n{}", s.describe());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the receiver does not listen on {addr}\n{}",
+            s.describe()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -54,7 +62,13 @@ struct Pair {
     dest: String,
 }
 
-fn start_pair(tag: &str, src_args: &[&str], recv_extra: &[&str], recv_prefix: &[&str], dest_host: &str) -> Pair {
+fn start_pair(
+    tag: &str,
+    src_args: &[&str],
+    recv_extra: &[&str],
+    recv_prefix: &[&str],
+    dest_host: &str,
+) -> Pair {
     let dir = tmpdir(tag);
     let src_sock = dir.join("src.sock");
     let dst_sock = dir.join("dst.sock");
@@ -96,27 +110,53 @@ fn stop(sock: &Path) {
 fn dirtier_moves(tag: &str, recv_prefix: &[&str], host: &str) {
     let mut p = start_pair(
         tag,
-        &["--backend", "emu", "--mem", "128", "--kernel", "guest:dirtier.elf", "--cmdline", "mib=64 verify=8"],
+        &[
+            "--backend",
+            "emu",
+            "--mem",
+            "128",
+            "--kernel",
+            "guest:dirtier.elf",
+            "--cmdline",
+            "mib=64 verify=8",
+        ],
         &[],
         recv_prefix,
         host,
     );
     p.src.wait_for("seq 3\n", 0, Duration::from_secs(60));
     let r = send(&p, &[]);
-    assert_eq!(r.status, 0, "{}\n--- source\n{}\n--- destination\n{}", r.out(), p.src.describe(), p.dst.describe());
-    assert_eq!(p.src.wait_exit(Duration::from_secs(30)), 0, "{}", p.src.describe());
+    assert_eq!(
+        r.status,
+        0,
+        "{}\n--- source\n{}\n--- destination\n{}",
+        r.out(),
+        p.src.describe(),
+        p.dst.describe()
+    );
+    assert_eq!(
+        p.src.wait_exit(Duration::from_secs(30)),
+        0,
+        "{}",
+        p.src.describe()
+    );
     let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let moved = seqs(&p.src.output()).last().copied().unwrap();
     // Two verifications on the destination, after the move.
     let next = (moved / 8 + 2) * 8;
-    let at = p.dst.wait_for(&format!("seq {next}\n"), 0, Duration::from_secs(60));
+    let at = p
+        .dst
+        .wait_for(&format!("seq {next}\n"), 0, Duration::from_secs(60));
     p.dst.wait_for("verify ", at, Duration::from_secs(60));
     stop(&p.dst_sock);
     p.dst.wait_exit(Duration::from_secs(30));
     let joined = format!("{}{}", p.src.output(), p.dst.output());
     let all = seqs(&joined);
     let want: Vec<u32> = (1..=*all.last().unwrap()).collect();
-    assert_eq!(all, want, "the sequence must continue with no gap and no repeat\n{joined}");
+    assert_eq!(
+        all, want,
+        "the sequence must continue with no gap and no repeat\n{joined}"
+    );
     assert!(!p.dst.output().contains("FAIL"), "{}", p.dst.output());
     assert!(p.dst.output().contains("verify ok"), "{}", p.dst.output());
     eprintln!(
@@ -150,26 +190,61 @@ fn a_guest_migrates_between_the_emulator_and_kvm() {
         return;
     }
     for (from, to) in [("emu", "kvm"), ("kvm", "emu")] {
-        let step = if from == "emu" { "20000000" } else { "100000000" };
+        let step = if from == "emu" {
+            "20000000"
+        } else {
+            "100000000"
+        };
         let cmdline = format!("from=60 step={step}");
         let mut p = start_pair(
             &format!("mig-{from}-{to}"),
-            &["--backend", from, "--cpu", "portable", "--kernel", "guest:countdown.elf", "--cmdline", &cmdline],
+            &[
+                "--backend",
+                from,
+                "--cpu",
+                "portable",
+                "--kernel",
+                "guest:countdown.elf",
+                "--cmdline",
+                &cmdline,
+            ],
             &["--backend", to],
             &[],
             "127.0.0.1",
         );
         p.src.wait_for("countdown 55 ", 0, Duration::from_secs(60));
         let r = send(&p, &[]);
-        assert_eq!(r.status, 0, "{}\n{}\n{}", r.out(), p.src.describe(), p.dst.describe());
+        assert_eq!(
+            r.status,
+            0,
+            "{}\n{}\n{}",
+            r.out(),
+            p.src.describe(),
+            p.dst.describe()
+        );
         assert_eq!(p.src.wait_exit(Duration::from_secs(30)), 0);
-        assert_eq!(p.dst.wait_exit(Duration::from_secs(60)), 0, "{}", p.dst.describe());
+        assert_eq!(
+            p.dst.wait_exit(Duration::from_secs(60)),
+            0,
+            "{}",
+            p.dst.describe()
+        );
         let joined = format!("{}{}", p.src.output(), p.dst.output());
         let n: Vec<u32> = joined
             .split_inclusive('\n')
-            .filter_map(|l| l.strip_prefix("countdown ")?.split(' ').next()?.parse().ok())
+            .filter_map(|l| {
+                l.strip_prefix("countdown ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .collect();
-        assert_eq!(n, (1..=60).rev().collect::<Vec<u32>>(), "{from} -> {to}\n{joined}");
+        assert_eq!(
+            n,
+            (1..=60).rev().collect::<Vec<u32>>(),
+            "{from} -> {to}\n{joined}"
+        );
         assert!(p.dst.output().contains("countdown done"));
     }
 }
@@ -182,29 +257,55 @@ fn the_linux_shell_migrates_alive() {
     }
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/linux.xml");
     let mut p = start_pair("mig-linux", &[config], &[], &[], "127.0.0.1");
-    let ready = p.src.wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(150));
+    let ready = p
+        .src
+        .wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(150));
     p.src.wait_for("# ", ready, Duration::from_secs(60));
     p.src.send("echo before > /tmp/moved");
     std::thread::sleep(Duration::from_millis(500));
     let r = send(&p, &[]);
-    assert_eq!(r.status, 0, "{}\n{}\n{}", r.out(), p.src.describe(), p.dst.describe());
+    assert_eq!(
+        r.status,
+        0,
+        "{}\n{}\n{}",
+        r.out(),
+        p.src.describe(),
+        p.dst.describe()
+    );
     assert_eq!(p.src.wait_exit(Duration::from_secs(30)), 0);
     p.dst.send("cat /tmp/moved; echo after-$((6*7))");
     let at = p.dst.wait_for("before", 0, Duration::from_secs(60));
     p.dst.wait_for("after-42", at, Duration::from_secs(60));
     p.dst.send("poweroff -f");
-    assert_eq!(p.dst.wait_exit(Duration::from_secs(60)), 0, "{}", p.dst.describe());
+    assert_eq!(
+        p.dst.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        p.dst.describe()
+    );
 }
 
 /// The source keeps running and says why: the receiver is killed mid-copy; a chunk is
 /// corrupted on the way; the receiver has another device set.
 #[test]
 fn faults_leave_the_source_running() {
-    let src_args = ["--backend", "emu", "--mem", "128", "--kernel", "guest:dirtier.elf", "--cmdline", "mib=64 verify=0"];
+    let src_args = [
+        "--backend",
+        "emu",
+        "--mem",
+        "128",
+        "--kernel",
+        "guest:dirtier.elf",
+        "--cmdline",
+        "mib=64 verify=0",
+    ];
     let still_running = |p: &mut Pair| {
         let n = seqs(&p.src.output()).last().copied().unwrap_or(0);
-        p.src.wait_for(&format!("seq {}\n", n + 3), 0, Duration::from_secs(60));
-        let (st, v) = palacios_api::request(&p.src_sock, "GET", "/vm", None, Duration::from_secs(10)).unwrap();
+        p.src
+            .wait_for(&format!("seq {}\n", n + 3), 0, Duration::from_secs(60));
+        let (st, v) =
+            palacios_api::request(&p.src_sock, "GET", "/vm", None, Duration::from_secs(10))
+                .unwrap();
         assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
     };
 
@@ -214,7 +315,11 @@ fn faults_leave_the_source_running() {
     let sock = p.src_sock.display().to_string();
     let dest = p.dest.clone();
     let sender = std::thread::spawn(move || {
-        v3(&["send", &sock, &dest, "--bandwidth", "200"], b"", Duration::from_secs(120))
+        v3(
+            &["send", &sock, &dest, "--bandwidth", "200"],
+            b"",
+            Duration::from_secs(120),
+        )
     });
     std::thread::sleep(Duration::from_millis(800));
     p.dst.kill9();
@@ -260,8 +365,17 @@ fn faults_leave_the_source_running() {
     let sock = p.src_sock.display().to_string();
     let r = v3(&["send", &sock, &proxy_addr], b"", Duration::from_secs(120));
     assert_eq!(r.status, 2, "{}", r.out());
-    assert!(r.stderr.contains("corrupt"), "the cause is named\n{}", r.out());
-    assert_eq!(p.dst.wait_exit(Duration::from_secs(30)), 2, "{}", p.dst.describe());
+    assert!(
+        r.stderr.contains("corrupt"),
+        "the cause is named\n{}",
+        r.out()
+    );
+    assert_eq!(
+        p.dst.wait_exit(Duration::from_secs(30)),
+        2,
+        "{}",
+        p.dst.describe()
+    );
     assert!(p.dst.describe().contains("corrupt"), "{}", p.dst.describe());
     still_running(&mut p);
     stop(&p.src_sock);
@@ -277,7 +391,13 @@ fn faults_leave_the_source_running() {
     )
     .unwrap();
     let cfg_s = cfg.display().to_string();
-    let mut p = start_pair("mig-devs", &src_args, &["--config", &cfg_s], &[], "127.0.0.1");
+    let mut p = start_pair(
+        "mig-devs",
+        &src_args,
+        &["--config", &cfg_s],
+        &[],
+        "127.0.0.1",
+    );
     p.src.wait_for("seq 2\n", 0, Duration::from_secs(60));
     let r = send(&p, &[]);
     assert_eq!(r.status, 2, "{}", r.out());
@@ -308,7 +428,12 @@ impl Netns {
             Command::new("ip")
                 .args(args)
                 .output()
-                .map(|o| (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned()))
+                .map(|o| {
+                    (
+                        o.status.success(),
+                        String::from_utf8_lossy(&o.stderr).into_owned(),
+                    )
+                })
                 .unwrap_or((false, "cannot run ip".into()))
         };
         let (ok, err) = ip(&["netns", "add", &name]);
@@ -329,7 +454,9 @@ impl Netns {
             vec!["link", "set", &peer, "netns", &name],
             vec!["addr", "add", &here, "dev", &veth],
             vec!["link", "set", &veth, "up"],
-            vec!["netns", "exec", &name, "ip", "addr", "add", &there, "dev", &peer],
+            vec![
+                "netns", "exec", &name, "ip", "addr", "add", &there, "dev", &peer,
+            ],
             vec!["netns", "exec", &name, "ip", "link", "set", &peer, "up"],
             vec!["netns", "exec", &name, "ip", "link", "set", "lo", "up"],
         ] {
@@ -342,8 +469,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -357,7 +488,16 @@ fn a_dropped_link_leaves_the_source_running() {
     let prefix = ["ip", "netns", "exec", ns.name.as_str()];
     let mut p = start_pair(
         "mig-drop",
-        &["--backend", "emu", "--mem", "128", "--kernel", "guest:dirtier.elf", "--cmdline", "mib=64 verify=0"],
+        &[
+            "--backend",
+            "emu",
+            "--mem",
+            "128",
+            "--kernel",
+            "guest:dirtier.elf",
+            "--cmdline",
+            "mib=64 verify=0",
+        ],
         &[],
         &prefix,
         &ns.peer_ip.clone(),
@@ -366,17 +506,26 @@ fn a_dropped_link_leaves_the_source_running() {
     let sock = p.src_sock.display().to_string();
     let dest = p.dest.clone();
     let sender = std::thread::spawn(move || {
-        v3(&["send", &sock, &dest, "--bandwidth", "200"], b"", Duration::from_secs(120))
+        v3(
+            &["send", &sock, &dest, "--bandwidth", "200"],
+            b"",
+            Duration::from_secs(120),
+        )
     });
     std::thread::sleep(Duration::from_millis(800));
-    let down = Command::new("ip").args(["link", "set", &ns.veth, "down"]).status().unwrap();
+    let down = Command::new("ip")
+        .args(["link", "set", &ns.veth, "down"])
+        .status()
+        .unwrap();
     assert!(down.success());
     let r = sender.join().unwrap();
     assert_eq!(r.status, 2, "{}", r.out());
     assert!(r.stderr.contains("failed"), "{}", r.out());
     let n = seqs(&p.src.output()).last().copied().unwrap_or(0);
-    p.src.wait_for(&format!("seq {}\n", n + 3), 0, Duration::from_secs(60));
-    let (st, v) = palacios_api::request(&p.src_sock, "GET", "/vm", None, Duration::from_secs(10)).unwrap();
+    p.src
+        .wait_for(&format!("seq {}\n", n + 3), 0, Duration::from_secs(60));
+    let (st, v) =
+        palacios_api::request(&p.src_sock, "GET", "/vm", None, Duration::from_secs(10)).unwrap();
     assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
     stop(&p.src_sock);
     assert_eq!(p.src.wait_exit(Duration::from_secs(30)), 130);
@@ -403,7 +552,13 @@ fn the_receiver_opens_no_host_file_the_source_names() {
     )
     .unwrap();
     let c = cfg.display().to_string();
-    let mut p = start_pair("mig-untrusted", &["--backend", "emu", &c], &[], &[], "127.0.0.1");
+    let mut p = start_pair(
+        "mig-untrusted",
+        &["--backend", "emu", &c],
+        &[],
+        &[],
+        "127.0.0.1",
+    );
     p.src.wait_for("countdown 295 ", 0, Duration::from_secs(60));
     assert!(log.exists(), "the source opened its stream");
     std::fs::remove_file(&log).unwrap();
@@ -411,7 +566,11 @@ fn the_receiver_opens_no_host_file_the_source_names() {
     assert_eq!(r.status, 0, "{}\n{}", r.out(), p.dst.describe());
     p.dst.wait_for("countdown 280 ", 0, Duration::from_secs(60));
     assert!(!log.exists(), "the receiver created the source's host file");
-    assert!(p.dst.describe().contains("becomes null here"), "{}", p.dst.describe());
+    assert!(
+        p.dst.describe().contains("becomes null here"),
+        "{}",
+        p.dst.describe()
+    );
     stop(&p.dst_sock);
     p.dst.wait_exit(Duration::from_secs(30));
 }

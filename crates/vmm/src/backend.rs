@@ -225,9 +225,33 @@ pub struct VcpuState {
 
 /// MSRs that every backend saves and restores (architectural ones an OS writes).
 pub const SAVED_MSRS: &[u32] = &[
-    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // variable MTRRs
-    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f,
-    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, // fixed MTRRs
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207, // variable MTRRs
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f,
+    0x250,
+    0x258,
+    0x259,
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f,       // fixed MTRRs
     0x10,        // IA32_TSC
     0x1b,        // IA32_APIC_BASE
     0x3a,        // IA32_FEATURE_CONTROL
@@ -374,9 +398,23 @@ pub const PORTABLE_FEATURES: &[(u32, u32, [u32; 4])] = &[
             0,
             (1 << 13) | (1 << 21) | (1 << 24) | (1 << 31), // cx16 x2apic tsc_deadline hypervisor
             // fpu pse tsc msr pae cx8 apic sep mtrr pge cmov pat clflush mmx fxsr sse sse2
-            (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9)
-                | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 15) | (1 << 16) | (1 << 19)
-                | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26),
+            (1 << 0)
+                | (1 << 3)
+                | (1 << 4)
+                | (1 << 5)
+                | (1 << 6)
+                | (1 << 8)
+                | (1 << 9)
+                | (1 << 11)
+                | (1 << 12)
+                | (1 << 13)
+                | (1 << 15)
+                | (1 << 16)
+                | (1 << 19)
+                | (1 << 23)
+                | (1 << 24)
+                | (1 << 25)
+                | (1 << 26),
         ],
     ),
     (7, 0, [0, 0, 0, 0]),
@@ -384,8 +422,11 @@ pub const PORTABLE_FEATURES: &[(u32, u32, [u32; 4])] = &[
 ];
 
 /// The feature leaves a checkpoint records, and which registers hold feature bits.
-pub const FEATURE_LEAVES: &[(u32, u32, &[usize])] =
-    &[(1, 0, &[2, 3]), (7, 0, &[1, 2, 3]), (0x8000_0001, 0, &[2, 3])];
+pub const FEATURE_LEAVES: &[(u32, u32, &[usize])] = &[
+    (1, 0, &[2, 3]),
+    (7, 0, &[1, 2, 3]),
+    (0x8000_0001, 0, &[2, 3]),
+];
 
 /// Features of `saved` that `target` lacks, as "leaf.reg bit N" strings (empty: compatible).
 pub fn missing_features(

@@ -260,7 +260,9 @@ impl VmHandle {
             paused: AtomicBool::new(false),
             commands: (0..cores).map(|_| Mutex::default()).collect(),
             has_commands: (0..cores).map(|_| AtomicBool::new(false)).collect(),
-            modes: (0..cores).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
+            modes: (0..cores)
+                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .collect(),
             replaced: (0..cores).map(|_| AtomicBool::new(false)).collect(),
             parked_tsc: (0..cores)
                 .map(|_| std::sync::atomic::AtomicU64::new(u64::MAX))
@@ -400,7 +402,11 @@ impl VmHandle {
         if let Some(o) = &s.outcome {
             return Err(ControlError::Ended(o.to_string()));
         }
-        Ok(if was_paused { Duration::ZERO } else { t0.elapsed() })
+        Ok(if was_paused {
+            Duration::ZERO
+        } else {
+            t0.elapsed()
+        })
     }
 
     /// Keep the VM paused (a save collects its state): [`VmHandle::try_resume`] refuses.
@@ -556,7 +562,12 @@ impl VmHandle {
 
     /// What core `cpu` does (kept by the exit loop; set before the VM runs by a restore).
     pub fn core_mode(&self, cpu: u32) -> CoreMode {
-        match self.0.modes.get(cpu as usize).map(|m| m.load(Ordering::Acquire)) {
+        match self
+            .0
+            .modes
+            .get(cpu as usize)
+            .map(|m| m.load(Ordering::Acquire))
+        {
             Some(1) => CoreMode::Running,
             Some(2) => CoreMode::Halted,
             Some(3) => CoreMode::Off,
@@ -599,7 +610,11 @@ impl VmHandle {
             .map(|t| t.load(Ordering::Acquire))
             .unwrap_or(u64::MAX);
         if parked != u64::MAX {
-            for m in s.msrs.iter_mut().filter(|m| m.0 == palacios_x86::msr::IA32_TSC) {
+            for m in s
+                .msrs
+                .iter_mut()
+                .filter(|m| m.0 == palacios_x86::msr::IA32_TSC)
+            {
                 m.1 = parked;
             }
         }
@@ -736,7 +751,10 @@ mod tests {
         h.resume();
         assert!(!h.is_paused());
         h.stop(Outcome::Stopped);
-        assert!(matches!(h.pause(Duration::from_secs(1)), Err(ControlError::Ended(_))));
+        assert!(matches!(
+            h.pause(Duration::from_secs(1)),
+            Err(ControlError::Ended(_))
+        ));
     }
 
     #[test]

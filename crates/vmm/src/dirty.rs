@@ -86,7 +86,11 @@ impl DirtyLog {
 
     /// Mark the pages of `[gpa, gpa+len)`.
     pub fn mark(&self, gpa: u64, len: u64) {
-        if let Some(i) = self.regions.iter().position(|r| gpa >= r.0 && gpa < r.0 + r.1) {
+        if let Some(i) = self
+            .regions
+            .iter()
+            .position(|r| gpa >= r.0 && gpa < r.0 + r.1)
+        {
             self.mark_region(i, gpa - self.regions[i].0, len);
         }
     }
@@ -114,7 +118,11 @@ impl DirtyLog {
     /// in the next one, never lost).
     pub fn take(&self) -> DirtySet {
         DirtySet {
-            bits: self.bits.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect(),
+            bits: self
+                .bits
+                .iter()
+                .map(|w| w.swap(0, Ordering::AcqRel))
+                .collect(),
             pages: self.pages,
         }
     }
@@ -210,12 +218,21 @@ mod tests {
         crate::write_watch::attach_dirty_log(&mem, std::sync::Arc::new(log));
         let log = crate::write_watch::dirty_log(&mem).unwrap();
         mem.write_obj(7u32, GuestAddress(0x9ffe)).unwrap();
-        mem.write_slice(&[1; 3], GuestAddress((1 << 32) + 0x3000)).unwrap();
-        let gpas: Vec<u64> = log.take().iter().map(|p| log.page_gpa(p).unwrap()).collect();
+        mem.write_slice(&[1; 3], GuestAddress((1 << 32) + 0x3000))
+            .unwrap();
+        let gpas: Vec<u64> = log
+            .take()
+            .iter()
+            .map(|p| log.page_gpa(p).unwrap())
+            .collect();
         assert_eq!(gpas, vec![0x9000, 0xa000, (1 << 32) + 0x3000]);
         log.set_enabled(false);
         mem.write_obj(7u32, GuestAddress(0x20000)).unwrap();
-        assert_eq!(log.take().count(), 0, "nothing is marked while tracking is off");
+        assert_eq!(
+            log.take().count(),
+            0,
+            "nothing is marked while tracking is off"
+        );
     }
 
     #[test]

@@ -71,7 +71,11 @@ pub fn bundled_file(bundled: Bundled, path: &Path) -> io::Result<Option<&'static
             } else {
                 format!(
                     "no bundled guest '{name}' (bundled: {})",
-                    bundled.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    bundled
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             },
         )),
@@ -339,10 +343,7 @@ impl Host for DryRunHost {
                     if !dir.is_dir() {
                         return Err(io::Error::new(
                             io::ErrorKind::NotFound,
-                            format!(
-                                "the directory {} does not exist",
-                                dir.display()
-                            ),
+                            format!("the directory {} does not exist", dir.display()),
                         ));
                     }
                 }
@@ -635,11 +636,11 @@ mod tests {
         let s2 = stops.clone();
         let chunks = [
             &b"ab\x03c"[..], // Ctrl-C is an ordinary byte for the guest
-            b"\x01",          // Ctrl-A at the end of one read ...
-            b"\x01d",         // ... then Ctrl-A: one literal Ctrl-A
-            b"\x01h",         // help: nothing for the guest
-            b"\x01z",         // unknown key: both bytes
-            b"e\x01x",        // stop
+            b"\x01",         // Ctrl-A at the end of one read ...
+            b"\x01d",        // ... then Ctrl-A: one literal Ctrl-A
+            b"\x01h",        // help: nothing for the guest
+            b"\x01z",        // unknown key: both bytes
+            b"e\x01x",       // stop
             b"f",
         ];
         let mut input = EscapeInput::new(
@@ -665,9 +666,16 @@ mod tests {
     fn bundled_guests_are_served_by_name() {
         static FILES: Bundled = &[("tiny.bin", b"\xfa\xf4")];
         let host = LinuxHost::new(false).with_bundled(FILES);
-        assert_eq!(host.read_file(Path::new("guest:tiny.bin")).unwrap(), b"\xfa\xf4");
+        assert_eq!(
+            host.read_file(Path::new("guest:tiny.bin")).unwrap(),
+            b"\xfa\xf4"
+        );
         let e = host.read_file(Path::new("guest:nope.elf")).unwrap_err();
-        assert!(e.to_string().contains("no bundled guest 'nope.elf' (bundled: tiny.bin)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("no bundled guest 'nope.elf' (bundled: tiny.bin)"),
+            "{e}"
+        );
         let e = host.read_file(&std::env::temp_dir()).unwrap_err();
         assert!(e.to_string().contains("directory"), "{e}");
     }

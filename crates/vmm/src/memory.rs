@@ -162,7 +162,9 @@ impl MemoryMap {
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| format!("cannot map {size:#x} bytes of the memory image at {at:#x}: {e}"))?;
+            .map_err(|e| {
+                format!("cannot map {size:#x} bytes of the memory image at {at:#x}: {e}")
+            })?;
             let _: &MmapRegion<crate::write_watch::WriteWatch> = &region;
             regions.push(
                 GuestRegionMmap::new(region, GuestAddress(start))

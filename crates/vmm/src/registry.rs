@@ -15,8 +15,8 @@ use crate::irq::InterruptController;
 use crate::irq::{IrqLine, UnconnectedLine};
 use crate::memory::{GuestMem, MemoryMap};
 use crate::msr::MsrBus;
-use crate::time::GuestClock;
 use crate::state::{DeviceState, Stateful};
+use crate::time::GuestClock;
 use crate::timer::TimerQueue;
 
 /// One option a device class understands (for `v3 devices` and for validation).
@@ -93,7 +93,8 @@ impl Registry {
         ctx.current = None;
         r?;
         if !class.stateless() && ctx.device_states.len() == before && !ctx.state_in_backend {
-            ctx.without_state.push(format!("{} (class {})", dev.id, class.name()));
+            ctx.without_state
+                .push(format!("{} (class {})", dev.id, class.name()));
         }
         ctx.state_in_backend = false;
         Ok(())

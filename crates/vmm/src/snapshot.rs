@@ -354,8 +354,16 @@ pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
     if cs.deterministic != parts.clock.is_virtual() {
         return Err(SnapshotError::Mismatch(format!(
             "the checkpoint was taken with {} time, this VM has {} time",
-            if cs.deterministic { "deterministic" } else { "host" },
-            if parts.clock.is_virtual() { "deterministic" } else { "host" }
+            if cs.deterministic {
+                "deterministic"
+            } else {
+                "host"
+            },
+            if parts.clock.is_virtual() {
+                "deterministic"
+            } else {
+                "host"
+            }
         )));
     }
     parts.clock.continue_from(cs.guest_ns);
@@ -387,8 +395,11 @@ pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
                 d.id, s.class, d.class
             )));
         }
-        d.state
-            .restore(&format!("device '{}' ({})", d.id, d.class), s.version, &s.state)?;
+        d.state.restore(
+            &format!("device '{}' ({})", d.id, d.class),
+            s.version,
+            &s.state,
+        )?;
     }
     for s in o.meta.sections("device") {
         if !parts.devices.iter().any(|d| d.id == s.id) {
@@ -398,7 +409,10 @@ pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
             )));
         }
     }
-    match (&parts.irqchip, o.meta.sections("backend").find(|s| s.id == "irqchip")) {
+    match (
+        &parts.irqchip,
+        o.meta.sections("backend").find(|s| s.id == "irqchip"),
+    ) {
         (Some(chip), Some(s)) => chip.restore(&s.state)?,
         (None, None) => {}
         (Some(_), None) => {
@@ -423,10 +437,9 @@ pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
         )));
     }
     for s in cores {
-        let cpu: u32 = s
-            .id
-            .parse()
-            .map_err(|_| SnapshotError::Mismatch(format!("bad core section id '{}'", s.id)))?;
+        let cpu: u32 =
+            s.id.parse()
+                .map_err(|_| SnapshotError::Mismatch(format!("bad core section id '{}'", s.id)))?;
         if s.version != CORE_VERSION {
             return Err(crate::state::StateError::Version {
                 what: format!("core {cpu}"),
@@ -445,7 +458,11 @@ pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
         // that the two agree as they did when saved.
         let ran = parts.clock.now().saturating_sub(cs.guest_ns);
         let ticks = ((u128::from(ran) * u128::from(parts.clock.tsc_hz())) / 1_000_000_000) as u64;
-        for m in st.msrs.iter_mut().filter(|m| m.0 == palacios_x86::msr::IA32_TSC) {
+        for m in st
+            .msrs
+            .iter_mut()
+            .filter(|m| m.0 == palacios_x86::msr::IA32_TSC)
+        {
             m.1 = m.1.wrapping_add(ticks);
         }
         vm.restore_core(cpu, &st).map_err(|e| {

@@ -21,7 +21,9 @@ pub type StateValue = serde_json::Value;
 /// Why a state could not be restored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
-    #[error("{what}: state version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "{what}: state version {found} is not supported (this build reads version {supported})"
+    )]
     Version {
         what: String,
         found: u32,
@@ -60,7 +62,9 @@ impl<T: Serialize + DeserializeOwned + 'static> Stateful for FnState<T> {
     }
     fn save(&self) -> StateValue {
         serde_json::to_value((self.save)()).unwrap_or_else(|e| {
-            tracing::error!("a device state cannot be encoded ({e}); it is saved as null and will not restore");
+            tracing::error!(
+                "a device state cannot be encoded ({e}); it is saved as null and will not restore"
+            );
             StateValue::Null
         })
     }
@@ -131,11 +135,19 @@ mod tests {
         assert_eq!(*cell.lock().unwrap(), (1, "a".into()));
         assert!(matches!(
             s.restore("dev", 3, &saved),
-            Err(StateError::Version { found: 3, supported: 2, .. })
+            Err(StateError::Version {
+                found: 3,
+                supported: 2,
+                ..
+            })
         ));
-        let e = s.restore("dev", 2, &serde_json::json!({"x": 1})).unwrap_err();
+        let e = s
+            .restore("dev", 2, &serde_json::json!({"x": 1}))
+            .unwrap_err();
         assert!(e.to_string().starts_with("dev: malformed state"), "{e}");
-        let e = s.restore("dev", 2, &serde_json::json!([0, "b"])).unwrap_err();
+        let e = s
+            .restore("dev", 2, &serde_json::json!([0, "b"]))
+            .unwrap_err();
         assert_eq!(e.to_string(), "dev: zero is not allowed");
     }
 }

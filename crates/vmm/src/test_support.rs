@@ -33,7 +33,9 @@ pub fn missing_prerequisite(test: &str, reason: &str) {
 /// Panics under CI; otherwise the SKIP line to print.
 fn report_missing(ci: bool, test: &str, reason: &str) -> String {
     if ci {
-        panic!("{test}: prerequisite missing under CI (CI is set, so this fails instead of skipping): {reason}");
+        panic!(
+            "{test}: prerequisite missing under CI (CI is set, so this fails instead of skipping): {reason}"
+        );
     }
     format!("SKIP: {test}: {reason}")
 }
@@ -65,13 +67,13 @@ mod tests {
     fn a_missing_prerequisite_fails_under_ci_with_the_reason() {
         let r = std::panic::catch_unwind(|| report_missing(true, "t", "no guest image"));
         let msg = r.expect_err("must fail under CI");
-        let text = msg
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default();
+        let text = msg.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(text.contains("no guest image"), "{text}");
         assert!(text.contains("prerequisite missing under CI"), "{text}");
         // Outside CI it returns the SKIP line (printed uncaptured) and the caller skips.
-        assert_eq!(report_missing(false, "t", "no guest image"), "SKIP: t: no guest image");
+        assert_eq!(
+            report_missing(false, "t", "no guest image"),
+            "SKIP: t: no guest image"
+        );
     }
 }

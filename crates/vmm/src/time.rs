@@ -222,6 +222,10 @@ mod tests {
         v.continue_from(100);
         assert_eq!(v.now(), 100);
         v.advance_to(150);
-        assert_eq!(v.now(), 150, "a restored virtual clock is advanced by the cores");
+        assert_eq!(
+            v.now(),
+            150,
+            "a restored virtual clock is advanced by the cores"
+        );
     }
 }

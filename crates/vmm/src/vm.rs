@@ -569,7 +569,10 @@ impl CoreLoop {
             && !self.handle.is_stopping()
             && let Err(e) = vcpu.set_msrs(&[t])
         {
-            tracing::debug!("vCPU {}: cannot put the TSC back after a pause: {e}", self.cpu);
+            tracing::debug!(
+                "vCPU {}: cannot put the TSC back after a pause: {e}",
+                self.cpu
+            );
         }
         if !self.handle.is_stopping() {
             self.reanchor_tsc(vcpu);

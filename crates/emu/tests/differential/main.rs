@@ -33,11 +33,14 @@
 #[cfg(not(target_arch = "x86_64"))]
 #[test]
 fn differential_against_host_cpu() {
-    palacios_vmm::test_support::skip_machine("differential", &format!(
-        "differential testing runs x86 instructions natively and needs an x86_64 host \
+    palacios_vmm::test_support::skip_machine(
+        "differential",
+        &format!(
+            "differential testing runs x86 instructions natively and needs an x86_64 host \
          (this host is {})",
-        std::env::consts::ARCH
-    ));
+            std::env::consts::ARCH
+        ),
+    );
 }
 
 #[cfg(target_arch = "x86_64")]

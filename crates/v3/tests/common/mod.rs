@@ -45,7 +45,9 @@ pub fn kvm() -> bool {
         Some(reason) => {
             palacios::vmm::test_support::skip_machine(
                 &test_name(),
-                &format!("KVM is not usable here ({reason}); the KVM half of this test did not run"),
+                &format!(
+                    "KVM is not usable here ({reason}); the KVM half of this test did not run"
+                ),
             );
             false
         }

@@ -113,7 +113,10 @@ impl Throttle {
                 while !s.load(Ordering::Acquire) {
                     let pct = u64::from(p.load(Ordering::Acquire));
                     // A VM paused by someone else is left alone (and left paused).
-                    if pct > 0 && !handle.is_paused() && handle.pause(Duration::from_secs(1)).is_ok() {
+                    if pct > 0
+                        && !handle.is_paused()
+                        && handle.pause(Duration::from_secs(1)).is_ok()
+                    {
                         std::thread::sleep(Duration::from_micros(200 * pct));
                         handle.resume();
                     }
@@ -136,7 +139,8 @@ impl Throttle {
     fn harder(&self) {
         let p = self.percent();
         let next = if p == 0 { 20 } else { (p + 20).min(90) };
-        self.percent.store(next, std::sync::atomic::Ordering::Release);
+        self.percent
+            .store(next, std::sync::atomic::Ordering::Release);
         tracing::info!("auto-converge: the guest is paused {next}% of the time");
     }
 }
@@ -182,9 +186,9 @@ impl Link {
 /// Whether a page is all zero (OR-folded in 64-byte blocks, which vectorizes).
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(64).all(|b| {
-        b.chunks_exact(8)
-            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or_default()))
-            == 0
+        b.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap_or_default())
+        }) == 0
     })
 }
 
@@ -217,7 +221,11 @@ fn send_pages(
                 untouched = (chunk, src.known_zero(chunk, CHUNK));
             }
             let k = ((gpa - chunk) / wire::PAGE as u64) as usize;
-            if untouched.1.as_ref().is_some_and(|z| z.get(k) == Some(&true)) {
+            if untouched
+                .1
+                .as_ref()
+                .is_some_and(|z| z.get(k) == Some(&true))
+            {
                 continue;
             }
         }
@@ -362,7 +370,13 @@ fn send_inner(
     set(progress, |p| p.state = "copying".into());
     // The full pass.
     let pass = Instant::now();
-    let n = send_pages(&mut link, &parts, &src, &DirtySet::all(parts.dirty.pages()), true)?;
+    let n = send_pages(
+        &mut link,
+        &parts,
+        &src,
+        &DirtySet::all(parts.dirty.pages()),
+        true,
+    )?;
     let mut bw = link.sent as f64 / pass.elapsed().as_secs_f64().max(1e-6);
     set(progress, |p| {
         p.round = 1;
@@ -437,9 +451,13 @@ fn send_inner(
             .map_err(|e| resume_here(MigrateError::Vm(format!("dirty log: {e}"))))?,
     );
     let n = send_pages(&mut link, &parts, &src, &last_set, false).map_err(resume_here)?;
-    let meta = crate::snapshot::meta_of(handle, &parts)
-        .map_err(|e| resume_here(MigrateError::Vm(format!("cannot collect the VM's state: {e}"))))?;
-    link.frame(Kind::State, &meta.encode()).map_err(resume_here)?;
+    let meta = crate::snapshot::meta_of(handle, &parts).map_err(|e| {
+        resume_here(MigrateError::Vm(format!(
+            "cannot collect the VM's state: {e}"
+        )))
+    })?;
+    link.frame(Kind::State, &meta.encode())
+        .map_err(resume_here)?;
     link.frame(Kind::Done, b"").map_err(resume_here)?;
     set(progress, |p| {
         p.pages_sent += n;

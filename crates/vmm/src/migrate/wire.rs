@@ -191,10 +191,7 @@ pub fn decode_pages(
     b: &[u8],
     mut f: impl FnMut(u64, Option<&[u8]>) -> Result<(), WireError>,
 ) -> Result<usize, WireError> {
-    let bad = |msg: String| WireError::Malformed {
-        what: "pages",
-        msg,
-    };
+    let bad = |msg: String| WireError::Malformed { what: "pages", msg };
     if b.len() < 4 {
         return Err(bad("no page count".into()));
     }
@@ -211,7 +208,10 @@ pub fn decode_pages(
         at += 8;
         if gpa & 1 != 0 {
             if (gpa & !1) % PAGE as u64 != 0 {
-                return Err(bad(format!("zero page address {:#x} is not page aligned", gpa & !1)));
+                return Err(bad(format!(
+                    "zero page address {:#x} is not page aligned",
+                    gpa & !1
+                )));
             }
             f(gpa & !1, None)?;
             continue;
@@ -251,13 +251,19 @@ mod tests {
     fn frames_round_trip_and_damage_is_caught() {
         let f = encode(Kind::State, b"{\"x\":1}");
         let (got, used) = parse_frame(&f).unwrap();
-        assert_eq!((got.kind, got.payload.as_slice(), used), (Kind::State, &b"{\"x\":1}"[..], f.len()));
+        assert_eq!(
+            (got.kind, got.payload.as_slice(), used),
+            (Kind::State, &b"{\"x\":1}"[..], f.len())
+        );
         for i in 0..f.len() {
             let mut bad = f.clone();
             bad[i] ^= 0x20;
             assert!(parse_frame(&bad).is_err(), "byte {i} flipped unnoticed");
         }
-        assert!(matches!(parse_frame(&f[..f.len() - 1]), Err(WireError::Closed)));
+        assert!(matches!(
+            parse_frame(&f[..f.len() - 1]),
+            Err(WireError::Closed)
+        ));
         let mut big = encode(Kind::Pages, b"");
         big[4..8].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         assert!(matches!(parse_frame(&big), Err(WireError::TooLarge(_))));

@@ -961,12 +961,8 @@ pub(crate) fn undefined_reg_bits(
 
 /// A string instruction with 32-bit addressing (ESI/EDI operands: an 0x67 prefix in 64-bit code).
 fn string_a32(ins: &Instruction) -> bool {
-    (0..ins.op_count()).any(|i| {
-        matches!(
-            ins.op_kind(i),
-            OpKind::MemorySegESI | OpKind::MemoryESEDI
-        )
-    })
+    (0..ins.op_count())
+        .any(|i| matches!(ins.op_kind(i), OpKind::MemorySegESI | OpKind::MemoryESEDI))
 }
 
 /// The address of a (non-RIP-relative or RIP-relative) memory operand.
