@@ -428,6 +428,22 @@ impl KernelIrqchip for KvmIrqchip {
         }
     }
 
+    fn signal_msi(&self, msg: palacios_vmm::irq::MsiMessage) -> bool {
+        let m = kvm_bindings::kvm_msi {
+            address_lo: msg.addr as u32,
+            address_hi: (msg.addr >> 32) as u32,
+            data: msg.data,
+            ..Default::default()
+        };
+        match self.vm.signal_msi(m) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!("KVM_SIGNAL_MSI {msg:x?}: {e}");
+                false
+            }
+        }
+    }
+
     fn save(&self) -> Result<serde_json::Value, BackendError> {
         let chip = |id: u32| {
             let mut c = kvm_bindings::kvm_irqchip {

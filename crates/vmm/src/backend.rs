@@ -309,6 +309,11 @@ pub const CPU_FEATURES: &[&str] = &[
 pub trait KernelIrqchip: Send + Sync {
     /// Set the level of GSI `gsi` (ISA IRQs 0-15 reach both the PIC and the IOAPIC).
     fn set_irq(&self, gsi: u32, level: bool);
+    /// Deliver an MSI message through the in-kernel LAPICs. Returns false where the backend
+    /// cannot (the message is then dropped).
+    fn signal_msi(&self, _msg: crate::irq::MsiMessage) -> bool {
+        false
+    }
     /// The state of the PICs, IOAPIC and PIT (VM paused).
     fn save(&self) -> Result<serde_json::Value, BackendError>;
     /// Replace it (before the VM runs).

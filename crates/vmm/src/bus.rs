@@ -1,9 +1,16 @@
 //! Port-I/O and MMIO buses: devices register address ranges; accesses are dispatched by address.
+//!
+//! Ranges can be added, moved and removed while the VM runs (PCI BAR programming, decode
+//! enable). A range is either *absolute* (the device sees the port or physical address) or
+//! *relative* (the device sees the offset within its range, so a moved BAR needs no change in
+//! the device). Dispatch clones the device out of the map and releases the map before calling
+//! it, so a device may remap ranges (its own or others') from inside an access.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-/// A device reachable through a bus. `addr` is the absolute port or physical address.
+/// A device reachable through a bus. `addr` is the absolute port or physical address, or the
+/// offset within the range for a range registered with [`Bus::insert_relative`].
 pub trait BusDevice: Send {
     fn read(&mut self, addr: u64, data: &mut [u8]);
     fn write(&mut self, addr: u64, data: &[u8]);
@@ -49,31 +56,51 @@ pub enum BusError {
     },
     #[error("{bus} range of device '{name}' is empty or wraps around")]
     BadRange { bus: &'static str, name: String },
+    #[error("no {bus} range starts at {start:#x}")]
+    NoRange { bus: &'static str, start: u64 },
 }
 
+#[derive(Clone)]
 struct Entry {
     /// Inclusive end.
     last: u64,
     name: String,
     dev: SharedDevice,
+    /// The device is addressed by offset within the range.
+    relative: bool,
 }
 
 /// An address space with registered device ranges.
 pub struct Bus {
     kind: &'static str,
-    ranges: BTreeMap<u64, Entry>,
-    fallbacks: Vec<Arc<dyn FallbackDevice>>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
+    fallbacks: RwLock<Vec<Arc<dyn FallbackDevice>>>,
     unclaimed: Mutex<HashMap<u64, u64>>,
+}
+
+fn last_of(start: u64, len: u64) -> Option<u64> {
+    if len == 0 {
+        return None;
+    }
+    start.checked_add(len - 1)
 }
 
 impl Bus {
     pub fn new(kind: &'static str) -> Self {
         Bus {
             kind,
-            ranges: BTreeMap::new(),
-            fallbacks: Vec::new(),
+            ranges: RwLock::new(BTreeMap::new()),
+            fallbacks: RwLock::new(Vec::new()),
             unclaimed: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// "port" or "mmio".
@@ -81,78 +108,153 @@ impl Bus {
         self.kind
     }
 
-    /// Register `dev` for `[start, start+len)`. Overlaps are refused, naming both devices.
+    /// Register `dev` for `[start, start+len)`, addressed absolutely. Overlaps are refused,
+    /// naming both devices.
     pub fn insert(
-        &mut self,
+        &self,
         start: u64,
         len: u64,
         name: &str,
         dev: SharedDevice,
     ) -> Result<(), BusError> {
-        let last = match len.checked_sub(1).and_then(|l| start.checked_add(l)) {
-            Some(l) if len > 0 => l,
-            _ => {
-                return Err(BusError::BadRange {
-                    bus: self.kind,
-                    name: name.into(),
-                });
-            }
-        };
-        let clash = self
-            .ranges
+        self.insert_entry(start, len, name, dev, false)
+    }
+
+    /// Register `dev` for `[start, start+len)`; it sees offsets within the range.
+    pub fn insert_relative(
+        &self,
+        start: u64,
+        len: u64,
+        name: &str,
+        dev: SharedDevice,
+    ) -> Result<(), BusError> {
+        self.insert_entry(start, len, name, dev, true)
+    }
+
+    fn insert_entry(
+        &self,
+        start: u64,
+        len: u64,
+        name: &str,
+        dev: SharedDevice,
+        relative: bool,
+    ) -> Result<(), BusError> {
+        let last = last_of(start, len).ok_or_else(|| BusError::BadRange {
+            bus: self.kind,
+            name: name.into(),
+        })?;
+        let mut map = self.map_mut();
+        Self::check_free(self.kind, &map, start, last, name, None)?;
+        map.insert(
+            start,
+            Entry {
+                last,
+                name: name.into(),
+                dev,
+                relative,
+            },
+        );
+        Ok(())
+    }
+
+    fn check_free(
+        kind: &'static str,
+        map: &BTreeMap<u64, Entry>,
+        start: u64,
+        last: u64,
+        name: &str,
+        ignore: Option<u64>,
+    ) -> Result<(), BusError> {
+        let clash = map
             .range(..=last)
-            .next_back()
+            .rev()
+            .find(|(s, _)| Some(**s) != ignore)
             .filter(|(_, e)| e.last >= start)
             .map(|(s, e)| (*s, e.last, e.name.clone()));
-        if let Some((old_start, old_end, old)) = clash {
-            return Err(BusError::Overlap {
-                bus: self.kind,
+        match clash {
+            Some((old_start, old_end, old)) => Err(BusError::Overlap {
+                bus: kind,
                 new: name.into(),
                 new_start: start,
                 new_end: last,
                 old,
                 old_start,
                 old_end,
-            });
+            }),
+            None => Ok(()),
         }
-        self.ranges.insert(
-            start,
-            Entry {
-                last,
-                name: name.into(),
-                dev,
-            },
-        );
+    }
+
+    /// Remove the range starting at `start`; returns its device.
+    pub fn remove(&self, start: u64) -> Result<SharedDevice, BusError> {
+        self.map_mut()
+            .remove(&start)
+            .map(|e| e.dev)
+            .ok_or(BusError::NoRange {
+                bus: self.kind,
+                start,
+            })
+    }
+
+    /// Move the range starting at `old` to start at `new` (same length, same device). On an
+    /// overlap nothing changes.
+    pub fn relocate(&self, old: u64, new: u64) -> Result<(), BusError> {
+        let mut map = self.map_mut();
+        let e = map.get(&old).cloned().ok_or(BusError::NoRange {
+            bus: self.kind,
+            start: old,
+        })?;
+        let len = e.last - old + 1;
+        let last = last_of(new, len).ok_or_else(|| BusError::BadRange {
+            bus: self.kind,
+            name: e.name.clone(),
+        })?;
+        Self::check_free(self.kind, &map, new, last, &e.name, Some(old))?;
+        map.remove(&old);
+        map.insert(new, Entry { last, ..e });
         Ok(())
     }
 
     /// Add a device consulted for unclaimed addresses.
-    pub fn add_fallback(&mut self, dev: Arc<dyn FallbackDevice>) {
-        self.fallbacks.push(dev);
+    pub fn add_fallback(&self, dev: Arc<dyn FallbackDevice>) {
+        self.fallbacks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dev);
     }
 
-    fn find(&self, addr: u64) -> Option<&Entry> {
-        self.ranges
+    /// The device claiming `addr` and the address it is to see.
+    fn find(&self, addr: u64) -> Option<(SharedDevice, u64)> {
+        self.map()
             .range(..=addr)
             .next_back()
-            .map(|(_, e)| e)
-            .filter(|e| e.last >= addr)
+            .filter(|(_, e)| e.last >= addr)
+            .map(|(s, e)| (e.dev.clone(), if e.relative { addr - s } else { addr }))
+    }
+
+    fn fallback(&self, mut f: impl FnMut(&dyn FallbackDevice) -> bool) -> bool {
+        let fbs = self.fallbacks.read().unwrap_or_else(|p| p.into_inner());
+        fbs.iter().any(|d| f(d.as_ref()))
     }
 
     /// Name of the device claiming `addr`, if any.
-    pub fn owner(&self, addr: u64) -> Option<&str> {
-        self.find(addr).map(|e| e.name.as_str())
+    pub fn owner(&self, addr: u64) -> Option<String> {
+        self.map()
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, e)| e.last >= addr)
+            .map(|(_, e)| e.name.clone())
     }
 
     /// Dispatch a read. Unclaimed addresses read as all-ones. Returns whether a device claimed it.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some(e) => {
-                lock(&e.dev).read(addr, data);
+            Some((dev, a)) => {
+                lock(&dev).read(a, data);
                 true
             }
             None => {
-                if self.fallbacks.iter().any(|f| f.try_read(addr, data)) {
+                if self.fallback(|f| f.try_read(addr, data)) {
                     return true;
                 }
                 data.fill(0xff);
@@ -165,12 +267,12 @@ impl Bus {
     /// Dispatch a write. Unclaimed writes are dropped. Returns whether a device claimed it.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
-            Some(e) => {
-                lock(&e.dev).write(addr, data);
+            Some((dev, a)) => {
+                lock(&dev).write(a, data);
                 true
             }
             None => {
-                if self.fallbacks.iter().any(|f| f.try_write(addr, data)) {
+                if self.fallback(|f| f.try_write(addr, data)) {
                     return true;
                 }
                 self.note_unclaimed(addr, "write");
@@ -201,7 +303,7 @@ impl Bus {
 
     /// Registered ranges as (start, inclusive end, device name).
     pub fn ranges(&self) -> Vec<(u64, u64, String)> {
-        self.ranges
+        self.map()
             .iter()
             .map(|(s, e)| (*s, e.last, e.name.clone()))
             .collect()
@@ -233,7 +335,7 @@ mod tests {
 
     #[test]
     fn dispatches_by_range_with_absolute_addresses() {
-        let mut bus = Bus::new("port");
+        let bus = Bus::new("port");
         let a = dev(0x11);
         bus.insert(0x3f8, 8, "com1", a.clone()).unwrap();
         bus.insert(0x2f8, 8, "com2", dev(0x22)).unwrap();
@@ -248,7 +350,7 @@ mod tests {
 
     #[test]
     fn overlap_names_both_devices() {
-        let mut bus = Bus::new("port");
+        let bus = Bus::new("port");
         bus.insert(0x3f8, 8, "com1", dev(0)).unwrap();
         let err = bus.insert(0x3fc, 2, "generic", dev(0)).unwrap_err();
         let msg = err.to_string();
@@ -270,5 +372,46 @@ mod tests {
         assert!(!bus.write(0xfed0_0000, &[1]));
         assert!(!bus.write(0x10, &[1]));
         assert_eq!(bus.unclaimed(), vec![(0x10, 1), (0xfed0_0000, 2)]);
+    }
+
+    #[test]
+    fn relative_ranges_move_and_go() {
+        let bus = Bus::new("mmio");
+        let a = dev(0x33);
+        bus.insert_relative(0xe000_0000, 0x1000, "bar0", a.clone())
+            .unwrap();
+        bus.insert(0xe000_2000, 0x1000, "other", dev(0x44)).unwrap();
+        assert!(bus.write(0xe000_0010, &[9]));
+        assert_eq!(a.lock().unwrap().1, vec![(0x10, 9)]);
+        // Onto another range: refused, nothing moves.
+        assert!(bus.relocate(0xe000_0000, 0xe000_1800).is_err());
+        assert_eq!(bus.owner(0xe000_0000).as_deref(), Some("bar0"));
+        // Overlapping its own old place is fine.
+        bus.relocate(0xe000_0000, 0xe000_0800).unwrap();
+        assert!(!bus.write(0xe000_0000, &[1]));
+        assert!(bus.write(0xe000_0810, &[7]));
+        assert_eq!(a.lock().unwrap().1, vec![(0x10, 9), (0x10, 7)]);
+        bus.remove(0xe000_0800).unwrap();
+        assert!(bus.remove(0xe000_0800).is_err());
+        assert!(!bus.read(0xe000_0810, &mut [0]));
+    }
+
+    /// A device may remap ranges from inside an access (a PCI BAR write).
+    #[test]
+    fn a_device_may_remap_from_inside_an_access() {
+        struct Mover(Arc<Bus>);
+        impl BusDevice for Mover {
+            fn read(&mut self, _a: u64, d: &mut [u8]) {
+                d.fill(0);
+            }
+            fn write(&mut self, _a: u64, _d: &[u8]) {
+                self.0.relocate(0x100, 0x200).unwrap();
+            }
+        }
+        let bus = Arc::new(Bus::new("port"));
+        let m = Arc::new(Mutex::new(Mover(bus.clone())));
+        bus.insert(0x100, 4, "mover", m).unwrap();
+        assert!(bus.write(0x100, &[0]));
+        assert_eq!(bus.owner(0x200).as_deref(), Some("mover"));
     }
 }

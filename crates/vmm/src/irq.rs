@@ -89,3 +89,62 @@ impl InterruptController for VectorQueue {
             .and_then(|q| crate::bus::lock(q).pop_front())
     }
 }
+
+/// A message-signalled interrupt (MSI or an MSI-X table entry) as a device writes it: the
+/// address (0xFEEx_xxxx on x86: destination, mode) and the data (vector, delivery mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsiMessage {
+    pub addr: u64,
+    pub data: u32,
+}
+
+impl MsiMessage {
+    /// Whether the address is in the x86 interrupt window (0xFEE0_0000-0xFEEF_FFFF).
+    pub fn is_interrupt(&self) -> bool {
+        self.addr >> 20 == 0xfee
+    }
+}
+
+/// Where MSI messages go: the emulated APIC bus, or the backend's in-kernel irqchip.
+pub trait MsiController: Send + Sync {
+    fn send_msi(&self, msg: MsiMessage);
+}
+
+/// The VM's MSI entry point, handed to devices when they are built. The interrupt controller
+/// (the `LAPIC` device, or the in-kernel irqchip) connects itself later; a message sent while
+/// nothing is connected, or outside the interrupt window, is dropped and counted (as on a
+/// machine where the write goes nowhere).
+#[derive(Default)]
+pub struct MsiRouter {
+    target: std::sync::OnceLock<std::sync::Arc<dyn MsiController>>,
+    pub dropped: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+}
+
+impl MsiRouter {
+    /// Connect the controller (first one wins).
+    pub fn connect(&self, c: std::sync::Arc<dyn MsiController>) {
+        let _ = self.target.set(c);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.target.get().is_some()
+    }
+}
+
+impl MsiController for MsiRouter {
+    fn send_msi(&self, msg: MsiMessage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.target.get() {
+            Some(t) if msg.is_interrupt() => {
+                self.sent.fetch_add(1, Relaxed);
+                t.send_msi(msg)
+            }
+            _ => {
+                if self.dropped.fetch_add(1, Relaxed) == 0 {
+                    tracing::debug!("MSI {msg:x?} dropped (no interrupt controller takes it)");
+                }
+            }
+        }
+    }
+}

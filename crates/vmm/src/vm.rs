@@ -163,7 +163,9 @@ impl Vm {
             ctx.timers = TimerQueue::new(ctx.clock.clone());
         }
         if cfg.irqchip == IrqchipMode::Kernel {
-            ctx.kernel_irqchip = Some(backend.create_kernel_irqchip()?);
+            let chip = backend.create_kernel_irqchip()?;
+            ctx.msi.connect(Arc::new(KernelMsi(chip.clone())));
+            ctx.kernel_irqchip = Some(chip);
         }
         create_devices(cfg, registry, &mut ctx)?;
         handle.add_quiesce(Arc::new(TimeQuiesce {
@@ -202,8 +204,8 @@ impl Vm {
         Ok(Vm {
             map,
             mem,
-            pio: Arc::new(ctx.pio),
-            mmio: Arc::new(ctx.mmio),
+            pio: ctx.pio,
+            mmio: ctx.mmio,
             msrs: Arc::new(ctx.msrs),
             handle,
             host,
@@ -755,5 +757,16 @@ impl CoreLoop {
             return false;
         }
         true
+    }
+}
+
+/// MSI messages into the backend's in-kernel LAPICs.
+struct KernelMsi(Arc<dyn crate::backend::KernelIrqchip>);
+
+impl crate::irq::MsiController for KernelMsi {
+    fn send_msi(&self, msg: crate::irq::MsiMessage) {
+        if !self.0.signal_msi(msg) {
+            tracing::debug!("MSI {msg:x?}: the in-kernel irqchip did not take it");
+        }
     }
 }

@@ -81,6 +81,7 @@ impl DeviceClass for LapicClass {
             .insert(0x800, 0x8ff, sys.clone())
             .map_err(|e| ConfigError::new(None, e))?;
         ctx.provide(sys.clone());
+        ctx.msi.connect(sys.clone());
         ctx.on_finish(move |ctx| {
             if let Some(pic) = ctx.service::<PicShared>() {
                 let s = sys.clone();
@@ -98,6 +99,15 @@ impl DeviceClass for LapicClass {
             Ok(())
         });
         Ok(())
+    }
+}
+
+impl palacios_vmm::irq::MsiController for ApicSystem {
+    fn send_msi(&self, msg: palacios_vmm::irq::MsiMessage) {
+        match super::chips::apic::msg::Interrupt::from_msi(msg.addr, msg.data) {
+            Some(intr) => self.deliver(&intr),
+            None => tracing::debug!("MSI {msg:x?} with a reserved delivery mode dropped"),
+        }
     }
 }
 

@@ -117,6 +117,26 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// The interrupt an MSI write carries (Intel SDM vol. 3, 11.11): address bits 19:12 the
+    /// destination ID (bits 11:4 extend it for x2APIC-style 15-bit IDs; ignored here), bit 2 the
+    /// destination mode; data bits 7:0 the vector, 10:8 the delivery mode, 15 the trigger mode,
+    /// 14 the level. `None` for a reserved delivery mode (the message is dropped, as hardware
+    /// leaves it undefined).
+    pub fn from_msi(addr: u64, data: u32) -> Option<Self> {
+        let mode = DeliveryMode::from_bits(data >> 8)?;
+        let level_triggered = data & (1 << 15) != 0;
+        Some(Self {
+            vector: data as u8,
+            mode,
+            dest: ((addr >> 12) & 0xff) as u32,
+            logical: addr & (1 << 2) != 0,
+            level_triggered,
+            assert: !level_triggered || data & (1 << 14) != 0,
+            shorthand: Shorthand::None,
+            source: 0,
+        })
+    }
+
     /// A plain edge-triggered fixed interrupt to a physical destination.
     pub fn fixed(vector: u8, dest: u32) -> Self {
         Self {
