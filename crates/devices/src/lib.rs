@@ -42,6 +42,12 @@ pub fn register_all(r: &mut Registry) {
     r.register(Box::new(pc::pm_timer_dev::PmTimerClass));
     #[cfg(feature = "acpi")]
     r.register(Box::new(pc::acpi_dev::AcpiClass));
+    #[cfg(feature = "pci")]
+    {
+        r.register(Box::new(pc::pci_dev::PciClass));
+        r.register(Box::new(pc::pci_dev::I440fxClass));
+        r.register(Box::new(pc::pci_dev::Piix3Class));
+    }
 }
 
 /// A registry holding every compiled-in class.

@@ -244,6 +244,10 @@ impl Backend for KvmBackend {
         self.tsc_khz.map(|k| u64::from(k) * 1000)
     }
 
+    fn io_events(&self) -> Option<Arc<dyn palacios_vmm::backend::IoEvents>> {
+        Some(Arc::new(KvmIoEvents(self.vm.clone())))
+    }
+
     fn create_kernel_irqchip(&self) -> Result<Arc<dyn KernelIrqchip>, BackendError> {
         self.vm
             .create_irq_chip()
@@ -405,6 +409,42 @@ fn pc_gsi_routing() -> Result<kvm_bindings::KvmIrqRouting, BackendError> {
         op: "KVM_SET_GSI_ROUTING",
         source: io::Error::other(format!("{e:?}")),
     })
+}
+
+/// KVM's ioeventfd: a guest write to a registered address signals an eventfd in the kernel.
+struct KvmIoEvents(Arc<VmFd>);
+
+impl palacios_vmm::backend::IoEvents for KvmIoEvents {
+    fn register(
+        &self,
+        addr: u64,
+        pio: bool,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> io::Result<()> {
+        let a = if pio {
+            kvm_ioctls::IoEventAddress::Pio(addr)
+        } else {
+            kvm_ioctls::IoEventAddress::Mmio(addr)
+        };
+        self.0
+            .register_ioevent(fd, &a, kvm_ioctls::NoDatamatch)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+    fn unregister(
+        &self,
+        addr: u64,
+        pio: bool,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> io::Result<()> {
+        let a = if pio {
+            kvm_ioctls::IoEventAddress::Pio(addr)
+        } else {
+            kvm_ioctls::IoEventAddress::Mmio(addr)
+        };
+        self.0
+            .unregister_ioevent(fd, &a, kvm_ioctls::NoDatamatch)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 /// KVM's in-kernel PIC pair, IOAPIC and PIT.

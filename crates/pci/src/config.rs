@@ -159,7 +159,11 @@ impl ConfigSpace {
         let s = self.u16_at(STATUS);
         self.set_u16(
             STATUS,
-            if on { s | STATUS_INTX } else { s & !STATUS_INTX },
+            if on {
+                s | STATUS_INTX
+            } else {
+                s & !STATUS_INTX
+            },
         );
     }
 
@@ -262,7 +266,10 @@ impl ConfigSpace {
     pub fn add_capability(&mut self, id: u8, body: &[u8], wmask: &[u8]) -> usize {
         let off = self.next_cap;
         let len = 2 + body.len();
-        assert!(off + len <= 0x100, "capabilities overflow the 256-byte space");
+        assert!(
+            off + len <= 0x100,
+            "capabilities overflow the 256-byte space"
+        );
         self.data[off] = id;
         self.data[off + 1] = 0;
         self.data[off + 2..off + len].copy_from_slice(body);
@@ -346,6 +353,9 @@ impl ConfigSpace {
     pub fn set_u32(&mut self, o: usize, v: u32) {
         self.data[o..o + 4].copy_from_slice(&v.to_le_bytes());
     }
+    pub fn set_wmask_byte(&mut self, o: usize, m: u8) {
+        self.wmask[o] = m;
+    }
     pub fn set_wmask16(&mut self, o: usize, m: u16) {
         self.wmask[o..o + 2].copy_from_slice(&m.to_le_bytes());
     }
@@ -427,7 +437,11 @@ mod tests {
     #[test]
     fn capabilities_chain_and_status_w1c() {
         let mut c = ConfigSpace::new(1, 2, (2, 0, 0), 0);
-        let a = c.add_capability(CAP_VENDOR, &[14, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        let a = c.add_capability(
+            CAP_VENDOR,
+            &[14, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[],
+        );
         let b = c.add_capability(CAP_MSIX, &[0; 10], &[0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(c.bytes()[CAP_PTR] as usize, a);
         assert_eq!(c.bytes()[a + 1] as usize, b);

@@ -223,7 +223,10 @@ impl PciRoot {
                 bar: w.index,
             }));
             let label = format!("{name}.bar{}", w.index);
-            match self.bus(w.kind).insert_relative(w.addr, w.size, &label, region) {
+            match self
+                .bus(w.kind)
+                .insert_relative(w.addr, w.size, &label, region)
+            {
                 Ok(()) => mapped.push(*w),
                 Err(e) => {
                     self.bad_bar_maps
@@ -270,7 +273,11 @@ impl PciRoot {
             if addr + spec.size > end {
                 return Err(format!(
                     "the PCI BARs do not fit the {} window (BAR {i} of {at}, {} bytes)",
-                    if spec.kind == BarKind::Io { "I/O" } else { "memory" },
+                    if spec.kind == BarKind::Io {
+                        "I/O"
+                    } else {
+                        "memory"
+                    },
                     spec.size
                 ));
             }
@@ -280,10 +287,7 @@ impl PciRoot {
         for (at, dev) in list {
             let cmd = {
                 let d = lock(&dev);
-                d.config().command()
-                    | config::CMD_MEMORY
-                    | config::CMD_IO
-                    | config::CMD_BUS_MASTER
+                d.config().command() | config::CMD_MEMORY | config::CMD_IO | config::CMD_BUS_MASTER
             };
             self.config_write(0, at, config::COMMAND, &cmd.to_le_bytes());
         }
@@ -400,11 +404,19 @@ pub struct Ecam {
 
 impl BusDevice for Ecam {
     fn read(&mut self, off: u64, data: &mut [u8]) {
-        let (bus, devfn, reg) = ((off >> 20) as u8, DevFn((off >> 12) as u8), (off & 0xfff) as usize);
+        let (bus, devfn, reg) = (
+            (off >> 20) as u8,
+            DevFn((off >> 12) as u8),
+            (off & 0xfff) as usize,
+        );
         self.root.config_read(bus, devfn, reg, data);
     }
     fn write(&mut self, off: u64, data: &[u8]) {
-        let (bus, devfn, reg) = ((off >> 20) as u8, DevFn((off >> 12) as u8), (off & 0xfff) as usize);
+        let (bus, devfn, reg) = (
+            (off >> 20) as u8,
+            DevFn((off >> 12) as u8),
+            (off & 0xfff) as usize,
+        );
         self.root.config_write(bus, devfn, reg, data);
     }
 }

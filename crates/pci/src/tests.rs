@@ -30,30 +30,62 @@ impl IrqLine for Level {
     }
 }
 
-fn setup() -> (Arc<PciRoot>, Arc<Bus>, Arc<Bus>, Arc<Mutex<Dummy>>, [Arc<Level>; 4]) {
+fn setup() -> (
+    Arc<PciRoot>,
+    Arc<Bus>,
+    Arc<Bus>,
+    Arc<Mutex<Dummy>>,
+    [Arc<Level>; 4],
+) {
     let pio = Arc::new(Bus::new("port"));
     let mmio = Arc::new(Bus::new("mmio"));
     let lv: [Arc<Level>; 4] = Default::default();
     let lines: [Arc<dyn IrqLine>; 4] = [lv[0].clone(), lv[1].clone(), lv[2].clone(), lv[3].clone()];
     let root = PciRoot::new(pio.clone(), mmio.clone(), lines);
     let mut cfg = ConfigSpace::new(0x1af4, 0x1042, (1, 0, 0), 1);
-    cfg.add_bar(0, BarSpec { size: 0x40, kind: BarKind::Io, prefetchable: false });
-    cfg.add_bar(2, BarSpec { size: 0x1000, kind: BarKind::Mem64, prefetchable: false });
+    cfg.add_bar(
+        0,
+        BarSpec {
+            size: 0x40,
+            kind: BarKind::Io,
+            prefetchable: false,
+        },
+    );
+    cfg.add_bar(
+        2,
+        BarSpec {
+            size: 0x1000,
+            kind: BarKind::Mem64,
+            prefetchable: false,
+        },
+    );
     cfg.set_interrupt_pin(1);
     let d = Arc::new(Mutex::new(Dummy { cfg, log: vec![] }));
-    pio.insert(0xcf8, 8, "pci", Arc::new(Mutex::new(Conf1::new(root.clone())))).unwrap();
+    pio.insert(
+        0xcf8,
+        8,
+        "pci",
+        Arc::new(Mutex::new(Conf1::new(root.clone()))),
+    )
+    .unwrap();
     (root, pio, mmio, d, lv)
 }
 
 fn cfg_rd(pio: &Bus, devfn: u8, reg: u32) -> u32 {
-    pio.write(0xcf8, &(0x8000_0000u32 | u32::from(devfn) << 8 | reg).to_le_bytes());
+    pio.write(
+        0xcf8,
+        &(0x8000_0000u32 | u32::from(devfn) << 8 | reg).to_le_bytes(),
+    );
     let mut b = [0u8; 4];
     pio.read(0xcfc, &mut b);
     u32::from_le_bytes(b)
 }
 
 fn cfg_wr(pio: &Bus, devfn: u8, reg: u32, v: u32) {
-    pio.write(0xcf8, &(0x8000_0000u32 | u32::from(devfn) << 8 | reg).to_le_bytes());
+    pio.write(
+        0xcf8,
+        &(0x8000_0000u32 | u32::from(devfn) << 8 | reg).to_le_bytes(),
+    );
     pio.write(0xcfc, &v.to_le_bytes());
 }
 
@@ -74,7 +106,17 @@ fn probing_finds_the_function_and_absent_ones_read_all_ones() {
     let mut w = [0u8; 4];
     pio.read(0xcfc, &mut w);
     assert_eq!(w, [0xff; 4]);
-    assert!(root.add(Some(DevFn::new(0, 0)), "again", Arc::new(Mutex::new(Dummy { cfg: ConfigSpace::new(1, 1, (0, 0, 0), 0), log: vec![] }))).is_err());
+    assert!(
+        root.add(
+            Some(DevFn::new(0, 0)),
+            "again",
+            Arc::new(Mutex::new(Dummy {
+                cfg: ConfigSpace::new(1, 1, (0, 0, 0), 0),
+                log: vec![]
+            }))
+        )
+        .is_err()
+    );
 }
 
 #[test]

@@ -104,7 +104,7 @@ pub fn prepare(
     backend: Box<dyn Backend>,
     host: Arc<dyn Host>,
 ) -> Result<Prepared, LaunchError> {
-    let registry = palacios_devices::registry();
+    let registry = crate::registry();
     // Read and check the guest files before building anything (clear errors, nothing started).
     let files = match (&image, &cfg.boot) {
         (Image::FromConfig, Some(b)) => {
@@ -169,7 +169,7 @@ pub fn prepare_restore(
     backend: Box<dyn Backend>,
     host: Arc<dyn Host>,
 ) -> Result<Prepared, LaunchError> {
-    let registry = palacios_devices::registry();
+    let registry = crate::registry();
     let mem = palacios_vmm::snapshot::memory_of(ck, cfg)
         .map_err(|e| LaunchError::Config(format!("cannot restore {}: {e}", ck.path.display())))?;
     let mut vm = Vm::build_with_memory(cfg, &registry, backend, host, Some(mem))?;
@@ -188,7 +188,7 @@ pub fn prepare_incoming(
     host: Arc<dyn Host>,
 ) -> Result<Prepared, LaunchError> {
     use palacios_vmm::migrate::wire;
-    let registry = palacios_devices::registry();
+    let registry = crate::registry();
     let mut vm = match Vm::build(cfg, &registry, backend, host) {
         Ok(vm) => vm,
         Err(e) => {
@@ -229,7 +229,7 @@ fn boot_params<'a>(b: &'a BootConfig, kernel: &'a [u8], mods: &'a [Vec<u8>]) -> 
 /// Validate a config without running anything: the XML, every device's class and options,
 /// and the guest image (loaded into scratch memory).
 pub fn check(cfg: &VmConfig) -> Result<(), LaunchError> {
-    let registry = palacios_devices::registry();
+    let registry = crate::registry();
     let _ = Vm::validate(cfg, &registry, Arc::new(palacios_vmm::host::DryRunHost))?;
     if let Some(b) = &cfg.boot {
         let host = LinuxHost::new(false).with_bundled(crate::bundled_guests());

@@ -50,3 +50,11 @@ pub fn demo_guest() -> Option<&'static [u8]> {
         .find(|(n, _)| *n == "demo.elf")
         .map(|(_, d)| *d)
 }
+
+/// Every device class compiled into `v3`: the PC platform's and the virtio devices with their
+/// disk backends.
+pub fn registry() -> palacios_vmm::Registry {
+    let mut r = palacios_devices::registry();
+    palacios_virtio::classes::register_all(&mut r);
+    r
+}

@@ -306,7 +306,7 @@ fn main() -> ExitCode {
 }
 
 fn devices() -> u8 {
-    let r = palacios_devices::registry();
+    let r = palacios::registry();
     for c in r.classes() {
         println!("{:<12} {}", c.name(), c.help());
         for o in c.options() {

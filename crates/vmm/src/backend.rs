@@ -320,6 +320,24 @@ pub trait KernelIrqchip: Send + Sync {
     fn restore(&self, state: &serde_json::Value) -> Result<(), BackendError>;
 }
 
+/// Guest writes the backend turns into eventfd signals without leaving the kernel (KVM's
+/// ioeventfd): virtio notifications.
+pub trait IoEvents: Send + Sync {
+    /// Signal `fd` on any write of `len` bytes (0: any length) to `addr` (a port when `pio`).
+    fn register(
+        &self,
+        addr: u64,
+        pio: bool,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> std::io::Result<()>;
+    fn unregister(
+        &self,
+        addr: u64,
+        pio: bool,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> std::io::Result<()>;
+}
+
 /// A virtualization backend: creates the VM-wide state and its vCPUs.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
@@ -330,6 +348,11 @@ pub trait Backend: Send + Sync {
         None
     }
     /// Create the backend's own interrupt controllers and PIT (before any vCPU).
+    /// The backend's ioeventfd support, if it has one (the emulator delivers every access to
+    /// the device, which signals the same eventfd itself).
+    fn io_events(&self) -> Option<std::sync::Arc<dyn IoEvents>> {
+        None
+    }
     fn create_kernel_irqchip(&self) -> Result<std::sync::Arc<dyn KernelIrqchip>, BackendError> {
         Err(BackendError::Unhandled {
             vcpu: 0,

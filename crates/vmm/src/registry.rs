@@ -153,6 +153,8 @@ pub struct BuildCtx {
     pub boot_cmdline: String,
     /// Directory of the config file (relative paths resolve against it).
     pub base_dir: Option<std::path::PathBuf>,
+    /// `<files>`: id → path (a RAMDISK names its image by id).
+    pub files: BTreeMap<String, std::path::PathBuf>,
     /// Char frontends by device id.
     pub char_frontends: HashMap<String, Arc<dyn CharFrontend>>,
     pub workers: Vec<Worker>,
@@ -165,6 +167,8 @@ pub struct BuildCtx {
     pub interrupt_controller: Option<Arc<dyn InterruptController>>,
     /// The backend's own irqchip when `<irqchip>kernel</irqchip>`.
     pub kernel_irqchip: Option<Arc<dyn KernelIrqchip>>,
+    /// The backend's ioeventfd support (KVM), for virtio notifications.
+    pub io_events: Option<Arc<dyn crate::backend::IoEvents>>,
     /// Where devices send MSI messages (connected by the interrupt controller).
     pub msi: Arc<crate::irq::MsiRouter>,
     services: HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>,
@@ -196,6 +200,7 @@ impl BuildCtx {
             interrupt_controller: None,
             kernel_irqchip: None,
             msi: Arc::new(crate::irq::MsiRouter::default()),
+            io_events: None,
             services: HashMap::new(),
             host,
             mem,
@@ -205,6 +210,7 @@ impl BuildCtx {
             vm,
             cores,
             base_dir: None,
+            files: BTreeMap::new(),
             boot_cmdline: String::new(),
             char_frontends: HashMap::new(),
             workers: Vec::new(),
@@ -229,6 +235,15 @@ impl BuildCtx {
             return;
         }
         self.device_states.push(DeviceState { id, class, state });
+    }
+
+    /// A path from the config: relative paths are relative to the config file's directory.
+    pub fn resolve_path(&self, p: &str) -> std::path::PathBuf {
+        let path = std::path::Path::new(p);
+        match &self.base_dir {
+            Some(d) if path.is_relative() => d.join(path),
+            _ => path.to_path_buf(),
+        }
     }
 
     /// The device being created is emulated by the backend (KVM's in-kernel irqchip and PIT),

@@ -74,6 +74,7 @@ fn create_devices(
 ) -> Result<(), ConfigError> {
     let src = cfg.source.as_deref();
     ctx.base_dir = src.and_then(|p| p.parent()).map(|p| p.to_path_buf());
+    ctx.files = cfg.files.clone();
     ctx.boot_cmdline = cfg
         .boot
         .as_ref()
@@ -162,6 +163,7 @@ impl Vm {
             ctx.clock = Arc::new(GuestClock::new_virtual(ctx.clock.tsc_hz()));
             ctx.timers = TimerQueue::new(ctx.clock.clone());
         }
+        ctx.io_events = backend.io_events();
         if cfg.irqchip == IrqchipMode::Kernel {
             let chip = backend.create_kernel_irqchip()?;
             ctx.msi.connect(Arc::new(KernelMsi(chip.clone())));

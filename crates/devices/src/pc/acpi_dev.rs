@@ -52,16 +52,21 @@ impl DeviceClass for AcpiClass {
         &[]
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
-        let tables = build_tables(ctx.cores, TABLES_BASE);
-        if !ctx.map.is_backed(TABLES_BASE, tables.len() as u64) {
-            return Err(dev.node.err(format!(
-                "the ACPI tables ({} bytes at {TABLES_BASE:#x}) do not fit in guest RAM",
-                tables.len()
-            )));
-        }
-        ctx.mem
-            .write_slice(&tables, GuestAddress(TABLES_BASE))
-            .map_err(|e| dev.node.err(format!("writing the ACPI tables: {e}")))?;
+        // The tables describe devices created after this one too (the PCI root bridge).
+        let node = dev.node.clone();
+        ctx.on_finish(move |ctx| {
+            let pci = ctx.service::<palacios_pci::PciRoot>().is_some();
+            let tables = build_tables(ctx.cores, TABLES_BASE, pci);
+            if !ctx.map.is_backed(TABLES_BASE, tables.len() as u64) {
+                return Err(node.err(format!(
+                    "the ACPI tables ({} bytes at {TABLES_BASE:#x}) do not fit in guest RAM",
+                    tables.len()
+                )));
+            }
+            ctx.mem
+                .write_slice(&tables, GuestAddress(TABLES_BASE))
+                .map_err(|e| node.err(format!("writing the ACPI tables: {e}")))
+        });
         let pm = Arc::new(Mutex::new(Pm1 {
             regs: Pm1Regs::default(),
             vm: ctx.vm.clone(),
@@ -85,8 +90,68 @@ impl DeviceClass for AcpiClass {
     }
 }
 
+/// The DSDT's PCI part: the root bridge `\_SB.PCI0` (bus 0, its I/O and memory windows, and
+/// `_PRT` routing INTx of every slot to the IOAPIC's PIRQ pins, swizzled by slot), and a
+/// motherboard resource reserving the ECAM window (Linux uses MMCONFIG only where it is).
+fn pci_aml(out: &mut Vec<u8>) {
+    use palacios_pci::{ECAM_BASE, ECAM_SIZE, IO_WINDOW, MEM_WINDOW, PIRQ_GSI};
+    let mut entries: Vec<(u32, u8, u32)> = Vec::new();
+    for slot in 0..32u32 {
+        for pin in 0..4u8 {
+            let gsi = PIRQ_GSI[(slot as usize + pin as usize) % 4];
+            entries.push(((slot << 16) | 0xffff, pin, gsi));
+        }
+    }
+    let pkgs: Vec<aml::Package> = entries
+        .iter()
+        .map(|(adr, pin, gsi)| aml::Package::new(vec![adr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let refs: Vec<&dyn Aml> = pkgs.iter().map(|p| p as &dyn Aml).collect();
+    let prt = aml::Package::new(refs);
+    let io_lo = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+    let conf = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_hi = aml::AddressSpace::new_io(0xd00u16, (IO_WINDOW.1 - 1) as u16, None);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let vga = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        0xa_0000u32,
+        0xb_ffffu32,
+        None,
+    );
+    let mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        MEM_WINDOW.0 as u32,
+        (MEM_WINDOW.1 - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &conf, &io_lo, &io_hi, &vga, &mem]);
+    let hid = aml::EISAName::new("PNP0A03");
+    let hid_c02 = aml::EISAName::new("PNP0C02");
+    let ecam = aml::Memory32Fixed::new(false, ECAM_BASE as u32, ECAM_SIZE as u32);
+    let ecam_crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let n = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_ADR".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
+    ];
+    let pci0 = aml::Device::new("PCI0".into(), n.iter().map(|x| x as &dyn Aml).collect());
+    let m = [
+        aml::Name::new("_HID".into(), &hid_c02),
+        aml::Name::new("_UID".into(), &aml::ONE),
+        aml::Name::new("_CRS".into(), &ecam_crs),
+    ];
+    let mres = aml::Device::new("MRES".into(), m.iter().map(|x| x as &dyn Aml).collect());
+    aml::Scope::new("\\_SB_".into(), vec![&pci0, &mres]).to_aml_bytes(out);
+}
+
 /// The tables, laid out from `base` (the RSDP first, 16-byte aligned; FACS 64-byte aligned).
-pub fn build_tables(cores: u32, base: u64) -> Vec<u8> {
+/// With `pci`, the DSDT describes the PCI root bridge and an MCFG the ECAM window.
+pub fn build_tables(cores: u32, base: u64, pci: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let align = |out: &mut Vec<u8>, a: usize| out.resize(out.len().next_multiple_of(a), 0);
     let rsdp_len = Rsdp::len();
@@ -105,6 +170,9 @@ pub fn build_tables(cores: u32, base: u64) -> Vec<u8> {
         &aml::Package::new(vec![&(S5_TYP as u8), &aml::ZERO, &aml::ZERO, &aml::ZERO]),
     )
     .to_aml_bytes(&mut body);
+    if pci {
+        pci_aml(&mut body);
+    }
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE, 1);
     dsdt.append_slice(&body);
     dsdt.update_checksum();
@@ -152,10 +220,21 @@ pub fn build_tables(cores: u32, base: u64) -> Vec<u8> {
     out.extend_from_slice(madt(cores).as_slice());
     align(&mut out, 16);
 
+    let mcfg_at = base + out.len() as u64;
+    if pci {
+        let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE, 1);
+        m.add_ecam(palacios_pci::ECAM_BASE, 0, 0, 0);
+        m.to_aml_bytes(&mut out);
+        align(&mut out, 16);
+    }
+
     let xsdt_at = base + out.len() as u64;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
     xsdt.add_entry(fadt_at);
     xsdt.add_entry(madt_at);
+    if pci {
+        xsdt.add_entry(mcfg_at);
+    }
     xsdt.to_aml_bytes(&mut out);
 
     let mut rsdp = Vec::new();
@@ -295,7 +374,7 @@ mod tests {
     #[test]
     fn tables_link_up_with_valid_checksums() {
         let base = TABLES_BASE;
-        let t = build_tables(4, base);
+        let t = build_tables(4, base, false);
         assert_eq!(&t[..8], b"RSD PTR ");
         assert_eq!(sum(&t[..20]), 0, "RSDP v1 checksum");
         assert_eq!(sum(&t[..36]), 0, "RSDP extended checksum");

@@ -28,6 +28,8 @@ pub mod mptable_dev;
 pub mod nvram_dev;
 #[cfg(feature = "os-debug")]
 pub mod os_debug;
+#[cfg(feature = "pci")]
+pub mod pci_dev;
 #[cfg(feature = "pic")]
 pub mod pic_dev;
 #[cfg(feature = "pit")]

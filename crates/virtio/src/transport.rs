@@ -1,0 +1,991 @@
+//! virtio over PCI (virtio 1.2, section 4.1): a transitional function with the modern
+//! capabilities in a 64-bit memory BAR and the legacy register block in an I/O BAR, MSI-X,
+//! and a worker thread per device that serves the queues off the vCPU threads.
+//!
+//! BAR 4 (memory, 32 KiB): 0x0000 common configuration, 0x1000 ISR, 0x2000 device
+//! configuration, 0x3000 notifications (4 bytes per queue), 0x4000 MSI-X table, 0x6000 PBA.
+//! BAR 0 (I/O, 256 bytes): the legacy interface (virtio 0.9.5), for drivers like Palacios'
+//! own that predate virtio 1.0.
+//!
+//! Guest-supplied ring addresses and descriptors are untrusted: a ring outside guest memory
+//! or a descriptor chain the queue library refuses puts the device in NEEDS_RESET (with a
+//! configuration interrupt) and the queue is not touched again until the driver resets the
+//! device. The VMM never panics on them.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use palacios_pci::config::{BarKind, BarSpec, CAP_MSIX, CAP_VENDOR, ConfigSpace};
+use palacios_pci::msix::MsixTable;
+use palacios_pci::{BarMapping, PciDevice};
+use palacios_vmm::GuestMem;
+use palacios_vmm::bus::lock;
+use palacios_vmm::irq::{IrqLine, MsiRouter};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::*;
+
+pub const VENDOR: u16 = 0x1af4;
+pub const NO_VECTOR: u16 = 0xffff;
+const MODERN_BAR: usize = 4;
+const LEGACY_BAR: usize = 0;
+const COMMON: u64 = 0x0000;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULT: u32 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x6000;
+const MODERN_SIZE: u64 = 0x8000;
+const LEGACY_SIZE: u64 = 0x100;
+
+/// State shared by the function (vCPU side) and its worker.
+pub struct Shared {
+    pub mem: GuestMem,
+    pub device: Mutex<Box<dyn VirtioDevice>>,
+    pub queues: Vec<Mutex<Queue>>,
+    vectors: Mutex<Vectors>,
+    pub msix: Mutex<MsixTable>,
+    msi: Arc<MsiRouter>,
+    intx: Mutex<Option<Arc<dyn IrqLine>>>,
+    isr: AtomicU8,
+    status: AtomicU8,
+    features: Mutex<u64>,
+    activated: AtomicBool,
+    notify: Vec<EventFd>,
+    stop: EventFd,
+    /// Set while the VM is paused: the worker finishes its batch and waits.
+    paused: Mutex<bool>,
+    pause_cv: Condvar,
+    busy: Mutex<()>,
+    name: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Vectors {
+    config: u16,
+    queues: Vec<u16>,
+}
+
+impl Shared {
+    fn msix_enabled(&self) -> bool {
+        lock(&self.msix).enabled
+    }
+
+    /// Tell the driver queue `q` has used buffers.
+    pub fn signal_queue(&self, q: usize) {
+        let v = lock(&self.vectors)
+            .queues
+            .get(q)
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        self.signal(v, 1);
+    }
+
+    /// Tell the driver the configuration changed.
+    pub fn signal_config(&self) {
+        let v = lock(&self.vectors).config;
+        self.signal(v, 2);
+    }
+
+    fn signal(&self, vector: u16, isr_bit: u8) {
+        let mut msix = lock(&self.msix);
+        if msix.enabled {
+            if vector != NO_VECTOR {
+                msix.notify(vector, self.msi.as_ref());
+            }
+            return;
+        }
+        drop(msix);
+        self.isr.fetch_or(isr_bit, Ordering::AcqRel);
+        if let Some(l) = lock(&self.intx).as_ref() {
+            l.set_level(true);
+        }
+    }
+
+    fn read_isr(&self) -> u8 {
+        let v = self.isr.swap(0, Ordering::AcqRel);
+        if let Some(l) = lock(&self.intx).as_ref() {
+            l.set_level(false);
+        }
+        v
+    }
+
+    fn needs_reset(&self, why: &str) {
+        let old = self.status.fetch_or(S_NEEDS_RESET, Ordering::AcqRel);
+        if old & S_NEEDS_RESET == 0 {
+            tracing::warn!(
+                "{}: the driver broke the virtqueue contract: {why}; device needs reset",
+                self.name
+            );
+            self.signal_config();
+        }
+    }
+
+    fn reset(&self) {
+        self.activated.store(false, Ordering::Release);
+        // Wait for a batch in progress.
+        let _b = lock(&self.busy);
+        lock(&self.device).reset();
+        for q in &self.queues {
+            lock(q).reset();
+        }
+        let mut v = lock(&self.vectors);
+        v.config = NO_VECTOR;
+        v.queues.iter_mut().for_each(|x| *x = NO_VECTOR);
+        *lock(&self.features) = 0;
+        self.isr.store(0, Ordering::Release);
+        if let Some(l) = lock(&self.intx).as_ref() {
+            l.set_level(false);
+        }
+        self.status.store(0, Ordering::Release);
+    }
+
+    /// Serve queue `q` (worker thread).
+    fn serve(&self, q: usize) {
+        if !self.activated.load(Ordering::Acquire)
+            || self.status.load(Ordering::Acquire) & S_NEEDS_RESET != 0
+        {
+            return;
+        }
+        let mut dev = lock(&self.device);
+        let mut queue = lock(&self.queues[q]);
+        if !queue.ready() {
+            return;
+        }
+        // With EVENT_IDX the device publishes avail_event after each batch (enable_notification)
+        // and serves again if the driver added more meanwhile.
+        let mut any = false;
+        let r = loop {
+            match dev.process(QueueCtx {
+                mem: &self.mem,
+                index: q,
+                queue: &mut queue,
+            }) {
+                Ok(used) => any |= used,
+                Err(e) => break Err(e),
+            }
+            if !queue.event_idx_enabled() {
+                break Ok(any);
+            }
+            match queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                Ok(false) => break Ok(any),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        let notify = match r {
+            Ok(true) => queue.needs_notification(&self.mem).unwrap_or(true),
+            Ok(false) => false,
+            Err(e) => {
+                drop(queue);
+                drop(dev);
+                self.needs_reset(&e.0);
+                return;
+            }
+        };
+        let cfg = dev.take_config_changed();
+        drop(queue);
+        drop(dev);
+        if notify {
+            self.signal_queue(q);
+        }
+        if cfg {
+            self.signal_config();
+        }
+    }
+
+    fn serve_host(&self) {
+        if !self.activated.load(Ordering::Acquire)
+            || self.status.load(Ordering::Acquire) & S_NEEDS_RESET != 0
+        {
+            return;
+        }
+        let mut dev = lock(&self.device);
+        let mut guards: Vec<_> = self.queues.iter().map(|q| lock(q)).collect();
+        let mut qs: Vec<&mut Queue> = guards.iter_mut().map(|g| &mut **g).collect();
+        let r = dev.poll_host(&self.mem, &mut qs);
+        drop(qs);
+        let mut notify = Vec::new();
+        match r {
+            Ok(used) => {
+                for i in used {
+                    if let Some(g) = guards.get_mut(i)
+                        && g.needs_notification(&self.mem).unwrap_or(true)
+                    {
+                        notify.push(i);
+                    }
+                }
+            }
+            Err(e) => {
+                drop(guards);
+                drop(dev);
+                self.needs_reset(&e.0);
+                return;
+            }
+        }
+        let cfg = dev.take_config_changed();
+        drop(guards);
+        drop(dev);
+        for i in notify {
+            self.signal_queue(i);
+        }
+        if cfg {
+            self.signal_config();
+        }
+    }
+
+    fn wait_unpaused(&self) {
+        let mut p = lock(&self.paused);
+        while *p {
+            p = self.pause_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Pause (true) or resume a device's worker; pausing waits for the batch in progress, so no
+/// request is in flight while the VM is paused.
+pub fn set_paused(sh: &Shared, paused: bool) {
+    *lock(&sh.paused) = paused;
+    sh.pause_cv.notify_all();
+    if paused {
+        drop(lock(&sh.busy));
+    }
+}
+
+/// The worker: waits on the queue notifications (eventfds written by the vCPU or, on KVM,
+/// by the kernel through ioeventfd) and on the device's host fd.
+fn worker(sh: Arc<Shared>) {
+    loop {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(sh.notify.len() + 2);
+        fds.push(libc::pollfd {
+            fd: sh.stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for e in &sh.notify {
+            fds.push(libc::pollfd {
+                fd: e.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let (host_fd, interval) = {
+            let d = lock(&sh.device);
+            (
+                if sh.activated.load(Ordering::Acquire) {
+                    d.host_fd()
+                } else {
+                    None
+                },
+                d.poll_interval(),
+            )
+        };
+        if let Some(fd) = host_fd {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = interval.map_or(200, |d| d.as_millis().clamp(1, 200) as i32);
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        sh.wait_unpaused();
+        let _busy = lock(&sh.busy);
+        for (i, e) in sh.notify.iter().enumerate() {
+            if fds[i + 1].revents != 0 {
+                let _ = e.read();
+                sh.serve(i);
+            }
+        }
+        if host_fd.is_some() || interval.is_some() {
+            sh.serve_host();
+        }
+    }
+}
+
+/// The checkpoint state of a virtio function.
+#[derive(Serialize, Deserialize)]
+pub struct TransportState {
+    config: ConfigSpace,
+    msix: MsixTable,
+    vectors: Vectors,
+    status: u8,
+    isr: u8,
+    features: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    queue_select: u16,
+    legacy_pfn: Vec<u32>,
+    queues: Vec<QueueSnap>,
+    device: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct QueueSnap {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx: bool,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// The PCI function.
+pub struct VirtioPci {
+    cfg: ConfigSpace,
+    pub shared: Arc<Shared>,
+    msix_cap: usize,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    queue_select: u16,
+    legacy_pfn: Vec<u32>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// Where the notify region is now.
+    pub notify_at: Option<u64>,
+    /// The backend's ioeventfd (KVM): notifications then never leave the kernel.
+    io_events: Option<Arc<dyn palacios_vmm::backend::IoEvents>>,
+    registered: Vec<u64>,
+}
+
+impl VirtioPci {
+    /// A transitional function for `device`. `msi` is the VM's MSI router.
+    pub fn new(
+        name: &str,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMem,
+        msi: Arc<MsiRouter>,
+    ) -> std::io::Result<Self> {
+        let ty = device.device_type();
+        let sizes = device.queue_sizes();
+        let nq = sizes.len();
+        // Transitional IDs 0x1000-0x103f carry the type in the subsystem ID.
+        let legacy_id = match ty {
+            1 => 0x1000,
+            2 => 0x1001,
+            5 => 0x1002,
+            3 => 0x1003,
+            4 => 0x1005,
+            _ => 0x1040 + ty,
+        };
+        let class = match ty {
+            1 => (0x02, 0x00, 0x00),
+            2 => (0x01, 0x00, 0x00),
+            3 => (0x07, 0x80, 0x00),
+            _ => (0xff, 0x00, 0x00),
+        };
+        let mut cfg = ConfigSpace::new(VENDOR, legacy_id, class, 0);
+        cfg.set_subsystem(VENDOR, ty);
+        cfg.set_interrupt_pin(1);
+        cfg.add_bar(
+            LEGACY_BAR,
+            BarSpec {
+                size: LEGACY_SIZE,
+                kind: BarKind::Io,
+                prefetchable: false,
+            },
+        );
+        cfg.add_bar(
+            MODERN_BAR,
+            BarSpec {
+                size: MODERN_SIZE,
+                kind: BarKind::Mem64,
+                prefetchable: false,
+            },
+        );
+        let vcap = |ty: u8, off: u64, len: u64, extra: Option<u32>| {
+            let mut b = vec![
+                if extra.is_some() { 20 } else { 16 },
+                ty,
+                MODERN_BAR as u8,
+                0,
+                0,
+                0,
+            ];
+            b.extend_from_slice(&(off as u32).to_le_bytes());
+            b.extend_from_slice(&(len as u32).to_le_bytes());
+            if let Some(x) = extra {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            b
+        };
+        cfg.add_capability(CAP_VENDOR, &vcap(1, COMMON, 0x40, None), &[]);
+        cfg.add_capability(
+            CAP_VENDOR,
+            &vcap(
+                2,
+                NOTIFY,
+                u64::from(NOTIFY_MULT) * nq as u64,
+                Some(NOTIFY_MULT),
+            ),
+            &[],
+        );
+        cfg.add_capability(CAP_VENDOR, &vcap(3, ISR, 1, None), &[]);
+        cfg.add_capability(CAP_VENDOR, &vcap(4, DEVICE_CFG, 0x1000, None), &[]);
+        let msix = MsixTable::new(nq as u16 + 1);
+        let (body, mask) = msix.capability(MODERN_BAR as u8, MSIX_TABLE as u32, MSIX_PBA as u32);
+        let msix_cap = cfg.add_capability(CAP_MSIX, &body, &mask);
+        let mut queues = Vec::with_capacity(nq);
+        for s in &sizes {
+            queues.push(Mutex::new(Queue::new(*s).map_err(|e| {
+                std::io::Error::other(format!("virtqueue of size {s}: {e}"))
+            })?));
+        }
+        let notify = (0..nq)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
+            mem,
+            device: Mutex::new(device),
+            queues,
+            vectors: Mutex::new(Vectors {
+                config: NO_VECTOR,
+                queues: vec![NO_VECTOR; nq],
+            }),
+            msix: Mutex::new(msix),
+            msi,
+            intx: Mutex::new(None),
+            isr: AtomicU8::new(0),
+            status: AtomicU8::new(0),
+            features: Mutex::new(0),
+            activated: AtomicBool::new(false),
+            notify,
+            stop: EventFd::new(libc::EFD_NONBLOCK)?,
+            paused: Mutex::new(false),
+            pause_cv: Condvar::new(),
+            busy: Mutex::new(()),
+            name: name.to_string(),
+        });
+        let sh = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("virtio-{name}"))
+            .spawn(move || worker(sh))?;
+        Ok(VirtioPci {
+            cfg,
+            shared,
+            msix_cap,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            queue_select: 0,
+            legacy_pfn: vec![0; nq],
+            worker: Some(worker),
+            notify_at: None,
+            io_events: None,
+            registered: Vec::new(),
+        })
+    }
+
+    /// Use the backend's ioeventfd for queue notifications (registered whenever the BAR maps).
+    pub fn set_io_events(&mut self, ev: Arc<dyn palacios_vmm::backend::IoEvents>) {
+        self.io_events = Some(ev);
+    }
+
+    fn update_io_events(&mut self) {
+        let Some(ev) = self.io_events.clone() else {
+            return;
+        };
+        let sh = self.shared.clone();
+        for (q, addr) in std::mem::take(&mut self.registered).into_iter().enumerate() {
+            if let Err(e) = ev.unregister(addr, false, &sh.notify[q]) {
+                tracing::debug!("{}: ioeventfd at {addr:#x} not removed: {e}", sh.name);
+            }
+        }
+        let Some(base) = self.notify_at else {
+            return;
+        };
+        for (q, fd) in sh.notify.iter().enumerate() {
+            let addr = base + q as u64 * u64::from(NOTIFY_MULT);
+            match ev.register(addr, false, fd) {
+                Ok(()) => self.registered.push(addr),
+                Err(e) => {
+                    // Without it the write exits to the VMM, which signals the same eventfd.
+                    tracing::debug!("{}: no ioeventfd at {addr:#x}: {e}", sh.name);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Connect the INTx line (used while MSI-X is off).
+    pub fn set_intx(&self, line: Arc<dyn IrqLine>) {
+        *lock(&self.shared.intx) = Some(line);
+    }
+
+    /// The eventfd the worker waits on for queue `q` (for ioeventfd).
+    pub fn notify_fd(&self, q: usize) -> Option<&EventFd> {
+        self.shared.notify.get(q)
+    }
+
+    fn device_features(&self) -> u64 {
+        lock(&self.shared.device).features() | F_VERSION_1 | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC
+    }
+
+    fn sel_queue(&self) -> Option<&Mutex<Queue>> {
+        self.shared.queues.get(self.queue_select as usize)
+    }
+
+    fn common_read(&mut self, off: u64, data: &mut [u8]) {
+        let sh = self.shared.clone();
+        let qs = self.queue_select as usize;
+        let v: u64 = match off {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.device_features() & 0xffff_ffff,
+                1 => self.device_features() >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => *lock(&sh.features) & 0xffff_ffff,
+                1 => *lock(&sh.features) >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(lock(&sh.vectors).config),
+            0x12 => sh.queues.len() as u64,
+            0x14 => u64::from(sh.status.load(Ordering::Acquire)),
+            0x15 => 0,
+            0x16 => u64::from(self.queue_select),
+            0x18 => self.sel_queue().map_or(0, |q| u64::from(lock(q).size())),
+            0x1a => lock(&sh.vectors)
+                .queues
+                .get(qs)
+                .map_or(NO_VECTOR, |v| *v)
+                .into(),
+            0x1c => self.sel_queue().map_or(0, |q| u64::from(lock(q).ready())),
+            0x1e => qs as u64,
+            0x20 | 0x24 => {
+                self.sel_queue().map_or(0, |q| lock(q).desc_table()) >> ((off - 0x20) * 8)
+            }
+            0x28 | 0x2c => {
+                self.sel_queue().map_or(0, |q| lock(q).avail_ring()) >> ((off - 0x28) * 8)
+            }
+            0x30 | 0x34 => {
+                self.sel_queue().map_or(0, |q| lock(q).used_ring()) >> ((off - 0x30) * 8)
+            }
+            0x38 => qs as u64,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    fn common_write(&mut self, off: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        let sh = self.shared.clone();
+        let live = sh.status.load(Ordering::Acquire) & S_DRIVER_OK != 0;
+        match off {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c => {
+                // Features are fixed once FEATURES_OK is set.
+                if sh.status.load(Ordering::Acquire) & S_FEATURES_OK == 0 {
+                    let mut f = lock(&sh.features);
+                    match self.driver_feature_select {
+                        0 => *f = (*f & !0xffff_ffff) | (v & 0xffff_ffff),
+                        1 => *f = (*f & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
+                        _ => {}
+                    }
+                }
+            }
+            0x10 => lock(&sh.vectors).config = self.valid_vector(v as u16),
+            0x14 => self.write_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            0x18 if !live => {
+                if let Some(q) = self.sel_queue() {
+                    let size = v as u16;
+                    // A size that is not a power of two or exceeds the maximum is ignored
+                    // (the queue keeps its previous size).
+                    let mut q = lock(q);
+                    if size.is_power_of_two() && size <= q.max_size() {
+                        q.set_size(size);
+                    }
+                }
+            }
+            0x1a => {
+                let vec = self.valid_vector(v as u16);
+                if let Some(x) = lock(&sh.vectors).queues.get_mut(self.queue_select as usize) {
+                    *x = vec;
+                }
+            }
+            0x1c => {
+                if let Some(q) = self.sel_queue() {
+                    // Writing 0 is not allowed by the spec; only enabling is honoured.
+                    if v & 1 == 1 {
+                        lock(q).set_ready(true);
+                    }
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if !live => {
+                if let Some(q) = self.sel_queue() {
+                    let mut q = lock(q);
+                    let (lo, hi) = if off % 8 == 0 {
+                        (
+                            Some(v as u32),
+                            if n == 8 { Some((v >> 32) as u32) } else { None },
+                        )
+                    } else {
+                        (None, Some(v as u32))
+                    };
+                    match off & !7 {
+                        0x20 => q.set_desc_table_address(lo, hi),
+                        0x28 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A vector the table has, else NO_VECTOR (what the driver reads back to see it failed).
+    fn valid_vector(&self, v: u16) -> u16 {
+        if (v as usize) < lock(&self.shared.msix).len() {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn write_status(&mut self, v: u8) {
+        let sh = self.shared.clone();
+        if v == 0 {
+            sh.reset();
+            return;
+        }
+        let old = sh.status.load(Ordering::Acquire);
+        let mut new = v | (old & S_NEEDS_RESET);
+        if new & S_FEATURES_OK != 0 && old & S_FEATURES_OK == 0 {
+            // Only offered features may be accepted; modern drivers must accept VERSION_1.
+            let f = *lock(&sh.features);
+            if f & !self.device_features() != 0 || f & F_VERSION_1 == 0 {
+                new &= !S_FEATURES_OK;
+            }
+        }
+        sh.status.store(new, Ordering::Release);
+        if new & S_DRIVER_OK != 0 && old & S_DRIVER_OK == 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let sh = self.shared.clone();
+        let features = *lock(&sh.features);
+        let event_idx = features & F_RING_EVENT_IDX != 0;
+        for q in &sh.queues {
+            let mut q = lock(q);
+            q.set_event_idx(event_idx);
+            if q.ready() && !q.is_valid(&sh.mem) {
+                drop(q);
+                sh.needs_reset("a ring is outside guest memory or misaligned");
+                return;
+            }
+        }
+        lock(&sh.device).activate(features);
+        sh.activated.store(true, Ordering::Release);
+        // Serve anything queued before DRIVER_OK.
+        for e in &sh.notify {
+            let _ = e.write(1);
+        }
+    }
+
+    fn notify(&self, q: usize) {
+        if let Some(e) = self.shared.notify.get(q) {
+            let _ = e.write(1);
+        }
+    }
+
+    fn modern_read(&mut self, off: u64, data: &mut [u8]) {
+        data.fill(0);
+        match off {
+            COMMON..0x40 => self.common_read(off, data),
+            ISR => data[0] = self.shared.read_isr(),
+            DEVICE_CFG..NOTIFY => lock(&self.shared.device).read_config(off - DEVICE_CFG, data),
+            MSIX_TABLE..MSIX_PBA => lock(&self.shared.msix).read_table(off - MSIX_TABLE, data),
+            MSIX_PBA..MODERN_SIZE => lock(&self.shared.msix).read_pba(off - MSIX_PBA, data),
+            _ => {}
+        }
+    }
+
+    fn modern_write(&mut self, off: u64, data: &[u8]) {
+        match off {
+            COMMON..0x40 => self.common_write(off, data),
+            DEVICE_CFG..NOTIFY => lock(&self.shared.device).write_config(off - DEVICE_CFG, data),
+            NOTIFY..MSIX_TABLE => {
+                let q = ((off - NOTIFY) / u64::from(NOTIFY_MULT)) as usize;
+                self.notify(q);
+            }
+            MSIX_TABLE..MSIX_PBA => {
+                let sh = self.shared.clone();
+                lock(&sh.msix).write_table(off - MSIX_TABLE, data, sh.msi.as_ref());
+            }
+            _ => {}
+        }
+    }
+
+    /// Legacy (virtio 0.9.5) registers in the I/O BAR.
+    fn legacy_read(&mut self, off: u64, data: &mut [u8]) {
+        data.fill(0);
+        let sh = self.shared.clone();
+        let cfg_at = if sh.msix_enabled() { 0x18 } else { 0x14 };
+        let qs = self.queue_select as usize;
+        let v: u32 = match off {
+            0x00 => self.device_features() as u32,
+            0x04 => *lock(&sh.features) as u32,
+            0x08 => self.legacy_pfn.get(qs).copied().unwrap_or(0),
+            0x0c => self
+                .sel_queue()
+                .map_or(0, |q| u32::from(lock(q).max_size())),
+            0x0e => u32::from(self.queue_select),
+            0x12 => u32::from(sh.status.load(Ordering::Acquire)),
+            0x13 => u32::from(sh.read_isr()),
+            0x14 if cfg_at == 0x18 => u32::from(lock(&sh.vectors).config),
+            0x16 if cfg_at == 0x18 => u32::from(
+                lock(&sh.vectors)
+                    .queues
+                    .get(qs)
+                    .copied()
+                    .unwrap_or(NO_VECTOR),
+            ),
+            o if o >= cfg_at => {
+                lock(&sh.device).read_config(o - cfg_at, data);
+                return;
+            }
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    fn legacy_write(&mut self, off: u64, data: &[u8]) {
+        let sh = self.shared.clone();
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let cfg_at = if sh.msix_enabled() { 0x18 } else { 0x14 };
+        let qs = self.queue_select as usize;
+        match off {
+            0x04 => {
+                // Legacy drivers see only the low 32 feature bits and never VERSION_1.
+                let offered = self.device_features() & 0xffff_ffff;
+                *lock(&sh.features) = u64::from(v) & offered;
+            }
+            0x08 => {
+                if let (Some(q), Some(p)) = (sh.queues.get(qs), self.legacy_pfn.get_mut(qs)) {
+                    *p = v;
+                    let mut q = lock(q);
+                    if v == 0 {
+                        q.reset();
+                        return;
+                    }
+                    let size = q.max_size();
+                    let desc = u64::from(v) << 12;
+                    let avail = desc + 16 * u64::from(size);
+                    let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4096);
+                    q.set_size(size);
+                    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+                    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+                    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+                    q.set_ready(true);
+                }
+            }
+            0x0e => self.queue_select = v as u16,
+            0x10 => self.notify(v as u16 as usize),
+            0x12 => {
+                let s = v as u8;
+                if s == 0 {
+                    sh.reset();
+                    self.legacy_pfn.iter_mut().for_each(|p| *p = 0);
+                    return;
+                }
+                let old = sh.status.load(Ordering::Acquire);
+                sh.status
+                    .store(s | (old & S_NEEDS_RESET), Ordering::Release);
+                if s & S_DRIVER_OK != 0 && old & S_DRIVER_OK == 0 {
+                    self.activate();
+                }
+            }
+            0x14 if cfg_at == 0x18 => lock(&sh.vectors).config = self.valid_vector(v as u16),
+            0x16 if cfg_at == 0x18 => {
+                let vec = self.valid_vector(v as u16);
+                if let Some(x) = lock(&sh.vectors).queues.get_mut(qs) {
+                    *x = vec;
+                }
+            }
+            o if o >= cfg_at => lock(&sh.device).write_config(o - cfg_at, data),
+            _ => {}
+        }
+    }
+
+    pub fn save(&self) -> TransportState {
+        let sh = &self.shared;
+        let queues = sh
+            .queues
+            .iter()
+            .map(|q| {
+                let s = lock(q).state();
+                QueueSnap {
+                    max_size: s.max_size,
+                    next_avail: s.next_avail,
+                    next_used: s.next_used,
+                    event_idx: s.event_idx_enabled,
+                    size: s.size,
+                    ready: s.ready,
+                    desc: s.desc_table,
+                    avail: s.avail_ring,
+                    used: s.used_ring,
+                }
+            })
+            .collect();
+        TransportState {
+            config: self.cfg.clone(),
+            msix: lock(&sh.msix).clone(),
+            vectors: lock(&sh.vectors).clone(),
+            status: sh.status.load(Ordering::Acquire),
+            isr: sh.isr.load(Ordering::Acquire),
+            features: *lock(&sh.features),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            queue_select: self.queue_select,
+            legacy_pfn: self.legacy_pfn.clone(),
+            queues,
+            device: lock(&sh.device).save(),
+        }
+    }
+
+    pub fn restore(&mut self, st: TransportState) -> Result<(), String> {
+        let sh = self.shared.clone();
+        if st.queues.len() != sh.queues.len() || st.vectors.queues.len() != sh.queues.len() {
+            return Err(format!(
+                "{} queues saved, this device has {}",
+                st.queues.len(),
+                sh.queues.len()
+            ));
+        }
+        if st.msix.len() != lock(&sh.msix).len() || st.msix.pending.len() != st.msix.len() {
+            return Err("MSI-X table of another size".into());
+        }
+        self.cfg.restore_from(&st.config)?;
+        for (q, s) in sh.queues.iter().zip(&st.queues) {
+            let qs = virtio_queue::QueueState {
+                max_size: s.max_size,
+                next_avail: s.next_avail,
+                next_used: s.next_used,
+                event_idx_enabled: s.event_idx,
+                size: s.size,
+                ready: s.ready,
+                desc_table: s.desc,
+                avail_ring: s.avail,
+                used_ring: s.used,
+            };
+            let nq = Queue::try_from(qs).map_err(|e| format!("virtqueue state: {e}"))?;
+            if nq.max_size() != lock(q).max_size() {
+                return Err("virtqueue of another maximum size".into());
+            }
+            *lock(q) = nq;
+        }
+        lock(&sh.device).restore(&st.device)?;
+        *lock(&sh.msix) = st.msix;
+        *lock(&sh.vectors) = st.vectors;
+        sh.status.store(st.status, Ordering::Release);
+        sh.isr.store(st.isr, Ordering::Release);
+        *lock(&sh.features) = st.features;
+        self.device_feature_select = st.device_feature_select;
+        self.driver_feature_select = st.driver_feature_select;
+        self.queue_select = st.queue_select;
+        if st.legacy_pfn.len() == self.legacy_pfn.len() {
+            self.legacy_pfn = st.legacy_pfn;
+        }
+        let live = st.status & S_DRIVER_OK != 0 && st.status & S_NEEDS_RESET == 0;
+        if live {
+            lock(&sh.device).activate(st.features);
+        }
+        sh.activated.store(live, Ordering::Release);
+        if st.isr != 0
+            && let Some(l) = lock(&sh.intx).as_ref()
+        {
+            l.set_level(true);
+        }
+        // Look at every queue once: the driver may have queued work the saved side never saw.
+        for e in &sh.notify {
+            let _ = e.write(1);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VirtioPci {
+    fn drop(&mut self) {
+        let _ = self.shared.stop.write(1);
+        *lock(&self.shared.paused) = false;
+        self.shared.pause_cv.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config(&self) -> &ConfigSpace {
+        &self.cfg
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
+    }
+    fn config_written(&mut self, offset: usize, len: usize) {
+        let mc_at = self.msix_cap + 2;
+        if offset < mc_at + 2 && offset + len > mc_at {
+            let mc = self.cfg.u16_at(mc_at);
+            let sh = self.shared.clone();
+            let was = sh.msix_enabled();
+            lock(&sh.msix).set_control(mc, sh.msi.as_ref());
+            if !was && sh.msix_enabled() {
+                // INTx is not used while MSI-X is on.
+                if let Some(l) = lock(&sh.intx).as_ref() {
+                    l.set_level(false);
+                }
+            }
+        }
+    }
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match bar {
+            MODERN_BAR => self.modern_read(offset, data),
+            LEGACY_BAR => self.legacy_read(offset, data),
+            _ => data.fill(0xff),
+        }
+    }
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match bar {
+            MODERN_BAR => self.modern_write(offset, data),
+            LEGACY_BAR => self.legacy_write(offset, data),
+            _ => {}
+        }
+    }
+    fn bars_mapped(&mut self, bars: &[BarMapping]) {
+        self.notify_at = bars
+            .iter()
+            .find(|b| b.index == MODERN_BAR)
+            .map(|b| b.addr + NOTIFY);
+        self.update_io_events();
+    }
+}
