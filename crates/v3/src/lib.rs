@@ -35,6 +35,7 @@ pub fn bundled_guests() -> palacios_vmm::host::Bundled {
             "mbaout.bin",
             "countdown.elf",
             "dirtier.elf",
+            "virtio.elf",
         )
     }
     #[cfg(not(palacios_demo))]

@@ -101,17 +101,21 @@ fn plug(
     let at = root.add(at, id, pci.clone())?;
     let line = root.intx_line(at, 1);
     palacios_vmm::bus::lock(&pci).set_intx(line);
-    ctx.vm.add_quiesce(Arc::new(Quiesce(pci.clone())));
+    // Weak: the VM handle outlives the devices (and is reachable from them).
+    ctx.vm.add_quiesce(Arc::new(Quiesce(Arc::downgrade(&pci))));
     let _ = cell.set(pci);
     Ok(())
 }
 
-struct Quiesce(Arc<Mutex<VirtioPci>>);
+struct Quiesce(std::sync::Weak<Mutex<VirtioPci>>);
 
 impl palacios_vmm::control::Quiesce for Quiesce {
     fn quiesce(&self, stop: bool) {
+        let Some(pci) = self.0.upgrade() else {
+            return;
+        };
         // Not under the function's lock: the worker may need it to finish its batch.
-        let sh = palacios_vmm::bus::lock(&self.0).shared.clone();
+        let sh = palacios_vmm::bus::lock(&pci).shared.clone();
         crate::transport::set_paused(&sh, stop);
     }
 }

@@ -215,6 +215,16 @@ impl Bus {
         Ok(())
     }
 
+    /// Remove every range and fallback (when the VM goes away: devices may hold the bus they
+    /// sit on, such as a PCI host bridge, and this breaks the cycle so they are dropped).
+    pub fn clear(&self) {
+        self.map_mut().clear();
+        self.fallbacks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Add a device consulted for unclaimed addresses.
     pub fn add_fallback(&self, dev: Arc<dyn FallbackDevice>) {
         self.fallbacks

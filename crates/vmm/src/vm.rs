@@ -237,7 +237,11 @@ impl Vm {
             reason: e.to_string(),
         })?;
         let mut ctx = BuildCtx::new(host, mem, map, VmHandle::new(cfg.cores), cfg.cores);
-        create_devices(cfg, registry, &mut ctx)?;
+        let r = create_devices(cfg, registry, &mut ctx);
+        // Drop the devices now (worker threads, disk connections), not at exit.
+        ctx.pio.clear();
+        ctx.mmio.clear();
+        r?;
         Ok(Validated {
             stateful: ctx
                 .device_states
@@ -770,5 +774,13 @@ impl crate::irq::MsiController for KernelMsi {
         if !self.0.signal_msi(msg) {
             tracing::debug!("MSI {msg:x?}: the in-kernel irqchip did not take it");
         }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Devices that hold the bus they sit on (the PCI host bridge) are dropped with it.
+        self.pio.clear();
+        self.mmio.clear();
     }
 }
