@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reads", type=int, default=5000)
     a = ap.parse_args()
+    a.guest = os.path.abspath(a.guest)
     tmp = tempfile.mkdtemp(prefix="v3-virtio-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     img = os.path.join(tmp, "disk.img")
     disk(img)

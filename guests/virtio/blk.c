@@ -36,7 +36,12 @@ static struct vq q0;
 static uint64_t capacity;
 static unsigned nreq;
 
-int blk_init(struct vdev *d)
+/*
+ * Device start-up (reset, features, MSI-X, queue 0, DRIVER_OK); 'name'
+ * is the check a bad status after DRIVER_OK is reported under (NULL: the
+ * caller reports it).
+ */
+static int blk_start(struct vdev *d, const char *name)
 {
 	static const uint8_t vecs[2] = { VEC_BLK_CONFIG, VEC_BLK_Q0 };
 
@@ -55,9 +60,17 @@ int blk_init(struct vdev *d)
 	vdev_driver_ok(d);
 	uint8_t st = vdev_status(d);
 	if (st != 0x0f) {
-		t_fail("blk init", "status 0x%x after DRIVER_OK", st);
+		if (name)
+			t_fail(name, "status 0x%x after DRIVER_OK", st);
 		return 0;
 	}
+	return 1;
+}
+
+int blk_init(struct vdev *d)
+{
+	if (!blk_start(d, "blk init"))
+		return 0;
 	capacity = cfg_r64(d, 0);
 	t_pass("blk init");
 	kprintf("virtio: blk using %s\n",
@@ -111,6 +124,21 @@ static void fail_status(const char *name, int st)
 		t_fail(name, "status %d", st);
 }
 
+/* Byte i of sector 0 in the test disk layout. */
+static uint8_t sector0_byte(int i)
+{
+	return i < 20 ? (uint8_t)magic[i] : (uint8_t)i;
+}
+
+/* The first byte of buf that differs from the sector 0 layout, or -1. */
+static int sector0_diff(void)
+{
+	for (int i = 0; i < 512; i++)
+		if (buf[i] != sector0_byte(i))
+			return i;
+	return -1;
+}
+
 static uint8_t pat(uint64_t sector, unsigned i)
 {
 	return (uint8_t)((uint32_t)sector * 7 + i);
@@ -157,17 +185,11 @@ void blk_tests(struct vdev *d)
 	if (st != VIRTIO_BLK_S_OK) {
 		fail_status("blk read sector 0", st);
 	} else {
-		int bad = -1;
-		for (unsigned i = 0; i < 512 && bad < 0; i++) {
-			uint8_t want = i < 20 ? (uint8_t)magic[i] : (uint8_t)i;
-			if (buf[i] != want)
-				bad = (int)i;
-		}
+		int bad = sector0_diff();
 		if (bad >= 0)
 			t_fail("blk read sector 0", "byte %d is 0x%02x, expected "
 			       "0x%02x (disk not in the test layout?)", bad,
-			       buf[bad], bad < 20 ? (uint8_t)magic[bad] :
-			       (uint8_t)bad);
+			       buf[bad], sector0_byte(bad));
 		else
 			t_pass("blk read sector 0");
 	}
@@ -301,4 +323,438 @@ void blk_bench(struct vdev *d, uint32_t n)
 		t_fail("blk bench", "%u of %u reads failed", errors, n);
 	else
 		t_pass("blk bench");
+}
+
+/* ------------------------------------------------------------ test=bad */
+
+/*
+ * A misbehaving driver: writes to read-only PCI registers, the modern BAR
+ * over the local APIC, a descriptor outside RAM, a descriptor that chains
+ * to itself, an avail index far ahead of the used index, a queue size
+ * that is not a power of 2 and an MSI-X vector beyond the table. The
+ * device must survive each one (with NEEDS_RESET or an error status, as
+ * the virtio spec allows) and work again after a reset; no wait is
+ * unbounded.
+ */
+
+#define BAD_WAIT_US 2000000u
+#define LAPIC_PHYS  0xfee00000u
+/* Below every PCI hole and MMCONFIG window of the QEMU-like machines. */
+#define OOB_LIMIT   0xb0000000u
+
+/* What a bad request led to. */
+struct bad_res {
+	int used;        /* a used entry appeared */
+	int needs_reset; /* device_status has DEVICE_NEEDS_RESET */
+	uint32_t len;    /* the used entry's length */
+	uint8_t dstatus; /* device_status */
+	uint8_t status;  /* the request's status byte (0xff: not written) */
+};
+
+/* The device was started and has had no bad request since. */
+static int bad_ready;
+
+static void bad_restart_failed(struct vdev *d, const char *name)
+{
+	t_fail(name, "the device did not start again after a reset (device "
+	       "status 0x%x)", vdev_status(d));
+}
+
+/* A started device for the next scenario: reset and restart unless ready. */
+static int bad_begin(struct vdev *d, const char *name)
+{
+	if (bad_ready && vdev_status(d) == 0x0f)
+		return 1;
+	vdev_reset(d);
+	if (!blk_start(d, NULL)) {
+		bad_restart_failed(d, name);
+		return 0;
+	}
+	bad_ready = 1;
+	return 1;
+}
+
+/* Publish head on q0 (whatever its chain is) and notify. */
+static void bad_publish(uint16_t head)
+{
+	uint16_t idx = q0.avail->idx;
+
+	q0.avail->ring[idx & (q0.size - 1)] = head;
+	barrier();
+	q0.avail->idx = (uint16_t)(idx + 1);
+	bad_ready = 0;
+	vq_kick(&q0);
+}
+
+/*
+ * Wait up to BAD_WAIT_US for a used entry on q0 or NEEDS_RESET (hlt with
+ * the wake-up timer when interrupts are in use, else spin).
+ */
+static void bad_wait(struct vdev *d, struct bad_res *r)
+{
+	struct tmo t;
+
+	memset(r, 0, sizeof(*r));
+	tmo_start(&t, BAD_WAIT_US);
+	for (;;) {
+		cli();
+		r->used = q0.used->idx != q0.last_used;
+		r->dstatus = vdev_status(d);
+		r->needs_reset = (r->dstatus & VIRTIO_STATUS_NEEDS_RESET) != 0;
+		if (r->used || r->needs_reset || tmo_done(&t))
+			break;
+		if (d->use_irq && timer_ok)
+			sti_hlt();
+		else
+			cpu_relax();
+	}
+	cli();
+	barrier();
+	if (r->used)
+		r->len = q0.used->ring[q0.last_used & (q0.size - 1)].len;
+	r->status = status;
+}
+
+/* "virtio: <name> -> <outcome>; device status 0x..". */
+static void bad_report(const char *name, const struct bad_res *r,
+		       int has_status)
+{
+	kprintf("virtio: %s ->", name);
+	if (r->used) {
+		if (has_status)
+			kprintf(" status %u,", r->status);
+		kprintf(" used len %u%s", r->len,
+			r->needs_reset ? ", and NEEDS_RESET" : "");
+	} else if (r->needs_reset) {
+		kprintf(" NEEDS_RESET");
+	} else {
+		kprintf(" nothing within %u ms", BAD_WAIT_US / 1000);
+	}
+	kprintf("; device status 0x%x\n", r->dstatus);
+}
+
+static void bad_no_reaction(const char *name, const struct bad_res *r)
+{
+	t_fail(name, "neither a used entry nor NEEDS_RESET within %u ms "
+	       "(device status 0x%x)", BAD_WAIT_US / 1000, r->dstatus);
+}
+
+/* Reset, start again and read sector 0. */
+static void bad_recover(struct vdev *d, const char *name)
+{
+	uint32_t used = 0;
+	int at;
+
+	vdev_reset(d);
+	if (!blk_start(d, NULL)) {
+		bad_restart_failed(d, name);
+		return;
+	}
+	bad_ready = 1;
+	memset(buf, 0xee, 512);
+	int st = blk_req(VIRTIO_BLK_T_IN, 0, 1, 512, &used);
+	if (st != VIRTIO_BLK_S_OK)
+		fail_status(name, st);
+	else if ((at = sector0_diff()) >= 0)
+		t_fail(name, "sector 0 byte %d is 0x%02x, expected 0x%02x", at,
+		       buf[at], sector0_byte(at));
+	else if (used != 513)
+		t_fail(name, "used len %u, want 513", used);
+	else
+		t_pass(name);
+}
+
+/* 1. Writes to read-only configuration registers (PCI 3.0 6.2). */
+static void bad_ro_config(struct vdev *d)
+{
+	static const uint8_t regs[3] = { 0x00, 0x08, 0x34 };
+	const char *name = "bad ro config";
+	struct pci_fn *p = d->pci;
+	uint32_t before[3], after[3];
+	int bad = -1;
+
+	for (int i = 0; i < 3; i++) {
+		before[i] = pci_r32(p, regs[i]);
+		pci_w32(p, regs[i], 0xffffffffu);
+		after[i] = pci_r32(p, regs[i]);
+		if (after[i] != before[i] && bad < 0)
+			bad = i;
+	}
+	uint16_t st0 = pci_r16(p, 0x06);
+	pci_w16(p, 0x06, 0xffff);
+	uint16_t st1 = pci_r16(p, 0x06);
+	kprintf("virtio: %s -> after writing all-ones: id 0x%08x -> 0x%08x, "
+		"class/rev 0x%08x -> 0x%08x, 0x34 0x%08x -> 0x%08x, status "
+		"0x%04x -> 0x%04x\n", name, before[0], after[0], before[1],
+		after[1], before[2], after[2], st0, st1);
+	if (bad >= 0)
+		t_fail(name, "config 0x%02x reads 0x%08x after writing "
+		       "0xffffffff, was 0x%08x", regs[bad], after[bad],
+		       before[bad]);
+	else if (!(st1 & 0x10))
+		t_fail(name, "status register reads 0x%04x after writing "
+		       "0xffff (was 0x%04x): the capability list bit 4 went "
+		       "away", st1, st0);
+	else
+		t_pass(name);
+}
+
+/* 2. The modern BAR moved over the local APIC, then back. */
+static void bad_bar_overlap(struct vdev *d)
+{
+	const char *name = "bad bar overlap";
+	struct pci_fn *p = d->pci;
+	int bi = -1;
+
+	for (int i = 0; i < 6 && bi < 0; i++)
+		if (p->bar[i].mem && p->bar[i].size &&
+		    d->common >= p->bar[i].addr &&
+		    d->common - p->bar[i].addr < p->bar[i].size)
+			bi = i;
+	if (bi < 0) {
+		t_fail(name, "no memory BAR holds the common config at 0x%x",
+		       d->common);
+		return;
+	}
+	if (!have_apic || lapic_base != LAPIC_PHYS) {
+		t_skip(name, "no local APIC at 0x%x (base 0x%x)", LAPIC_PHYS,
+		       lapic_base);
+		return;
+	}
+	uint8_t off = (uint8_t)(0x10 + 4 * bi);
+	int is64 = p->bar[bi].is64;
+	uint16_t cmd = pci_r16(p, 0x04);
+	uint8_t off_hi = (uint8_t)(off + 4);
+	uint32_t lo = pci_r32(p, off), hi = is64 ? pci_r32(p, off_hi) : 0;
+	uint16_t nq0 = mr16(d->common + CC_NUMQ);
+
+	cli();
+	uint32_t id0 = mr32(LAPIC_PHYS + LAPIC_ID);
+	uint32_t ver0 = mr32(LAPIC_PHYS + LAPIC_VER);
+	pci_w32(p, off, LAPIC_PHYS | (lo & 0xfu));
+	if (is64)
+		pci_w32(p, off_hi, 0);
+	pci_w16(p, 0x04, (uint16_t)(cmd | 0x0002)); /* memory decode on */
+	uint32_t moved = pci_r32(p, off);
+	uint32_t id1 = mr32(LAPIC_PHYS + LAPIC_ID);
+	uint32_t ver1 = mr32(LAPIC_PHYS + LAPIC_VER);
+	pci_w32(p, off, lo);
+	if (is64)
+		pci_w32(p, off_hi, hi);
+	pci_w16(p, 0x04, cmd);
+	uint32_t back = pci_r32(p, off);
+	uint16_t nq1 = mr16(d->common + CC_NUMQ);
+	uint8_t ds = vdev_status(d);
+
+	kprintf("virtio: %s -> BAR%d 0x%x moved to 0x%x: lapic id 0x%x ver "
+		"0x%x (before 0x%x 0x%x); put back (reads 0x%x): num_queues %u "
+		"(before %u), device status 0x%x\n", name, bi, lo & ~0xfu,
+		moved & ~0xfu, id1, ver1, id0, ver0, back & ~0xfu, nq1, nq0,
+		ds);
+	if (id1 != id0 || ver1 != ver0)
+		t_fail(name, "with BAR%d at 0x%x the local APIC id/version "
+		       "read 0x%x/0x%x, not 0x%x/0x%x", bi, LAPIC_PHYS, id1,
+		       ver1, id0, ver0);
+	else if (back != lo)
+		t_fail(name, "BAR%d reads 0x%x after writing back 0x%x", bi,
+		       back, lo);
+	else if (nq1 != nq0 || nq1 == 0 || nq1 == 0xffff)
+		t_fail(name, "num_queues reads %u with the BAR back, was %u",
+		       nq1, nq0);
+	else
+		t_pass(name);
+}
+
+/* 3. A device-writable data descriptor outside guest RAM. */
+static void bad_desc_oob(struct vdev *d)
+{
+	const char *name = "bad desc oob";
+	struct pci_fn *p = d->pci;
+	struct bad_res r;
+
+	/* RAM end, rounded up to 1 MiB, plus 256 MiB. */
+	uint32_t addr = ((ram_end + 0xfffffu) & ~0xfffffu) + 0x10000000u;
+	int in_bar = 0;
+	for (int i = 0; i < 6; i++)
+		if (p->bar[i].mem && p->bar[i].size &&
+		    addr + 4096 > p->bar[i].addr &&
+		    addr < p->bar[i].addr + p->bar[i].size)
+			in_bar = 1;
+	if (!ram_end || ram_end > OOB_LIMIT - 0x10100000u || in_bar) {
+		t_skip(name, "no free address above RAM (RAM end 0x%x, "
+		       "candidate 0x%x)", ram_end, addr);
+		return;
+	}
+	if (!bad_begin(d, name))
+		return;
+	kprintf("virtio: %s: RAM ends at 0x%x; data descriptor 0x%x, 4096 "
+		"bytes, device-writable\n", name, ram_end, addr);
+	hdr.type = VIRTIO_BLK_T_IN;
+	hdr.reserved = 0;
+	hdr.sector = 0;
+	status = 0xff;
+	struct sg sg[3] = {
+		{ (uint32_t)(uintptr_t)&hdr, sizeof(hdr) },
+		{ addr, 4096 },
+		{ (uint32_t)(uintptr_t)&status, 1 },
+	};
+	int head = vq_add(&q0, sg, 1, 2);
+	if (head < 0) {
+		t_fail(name, "no free descriptors");
+		return;
+	}
+	bad_ready = 0;
+	vq_kick(&q0);
+	bad_wait(d, &r);
+	bad_report(name, &r, 1);
+	/*
+	 * Neither virtio 1.2 nor PCI asks for an error here: to PCI the
+	 * write is a master abort, which is dropped (QEMU completes it OK).
+	 */
+	if (r.used && r.status == VIRTIO_BLK_S_OK)
+		t_skip(name, "completed with status OK, used len %u: the data "
+		       "for 0x%x, outside RAM, was dropped; the spec requires "
+		       "no error for that", r.len, addr);
+	else if (!r.used && !r.needs_reset)
+		bad_no_reaction(name, &r);
+	else
+		t_pass(name);
+	bad_recover(d, "bad recover oob");
+}
+
+/* 4. A header descriptor whose next is itself (VIRTQ_DESC_F_NEXT set). */
+static void bad_desc_loop(struct vdev *d)
+{
+	const char *name = "bad desc loop";
+	struct bad_res r;
+
+	if (!bad_begin(d, name))
+		return;
+	hdr.type = VIRTIO_BLK_T_IN;
+	hdr.reserved = 0;
+	hdr.sector = 0;
+	status = 0xff;
+	uint16_t h = q0.free_head;
+	q0.desc[h].addr = (uint32_t)(uintptr_t)&hdr;
+	q0.desc[h].len = sizeof(hdr);
+	q0.desc[h].flags = VIRTQ_DESC_F_NEXT;
+	q0.desc[h].next = h;
+	kprintf("virtio: %s: descriptor %u chains to itself\n", name, h);
+	bad_publish(h);
+	bad_wait(d, &r);
+	bad_report(name, &r, 0);
+	/* The chain has no device-writable buffer: nothing can be written. */
+	if (r.used && r.len)
+		t_fail(name, "returned with used len %u, but the chain has no "
+		       "device-writable buffer", r.len);
+	else if (!r.used && !r.needs_reset)
+		bad_no_reaction(name, &r);
+	else
+		t_pass(name);
+	bad_recover(d, "bad recover loop");
+}
+
+/* 5. avail->idx moved more than the queue size ahead of the used index. */
+static void bad_avail_idx(struct vdev *d)
+{
+	const char *name = "bad avail idx";
+	struct bad_res r;
+
+	if (!bad_begin(d, name))
+		return;
+	/* A valid read as head 0 (the zeroed ring slots all name head 0). */
+	hdr.type = VIRTIO_BLK_T_IN;
+	hdr.reserved = 0;
+	hdr.sector = 0;
+	status = 0xff;
+	struct sg sg[3] = {
+		{ (uint32_t)(uintptr_t)&hdr, sizeof(hdr) },
+		{ (uint32_t)(uintptr_t)buf, 512 },
+		{ (uint32_t)(uintptr_t)&status, 1 },
+	};
+	if (vq_add(&q0, sg, 1, 2) < 0) {
+		t_fail(name, "no free descriptors");
+		return;
+	}
+	uint16_t used_idx = q0.used->idx;
+	uint16_t bogus = (uint16_t)(used_idx + 1000);
+	barrier();
+	q0.avail->idx = bogus;
+	kprintf("virtio: %s: avail idx %u, used idx %u, queue size %u\n", name,
+		bogus, used_idx, q0.size);
+	bad_ready = 0;
+	vq_kick(&q0);
+	bad_wait(d, &r);
+	bad_report(name, &r, 1);
+	if (r.used && r.status == VIRTIO_BLK_S_OK)
+		t_fail(name, "a request completed with status OK although "
+		       "avail idx is %u ahead of the used idx (queue size %u)",
+		       (uint16_t)(bogus - used_idx), q0.size);
+	else
+		t_pass(name);
+	bad_recover(d, "bad recover idx");
+}
+
+/* 6. queue_size 3 and queue_msix_vector 0x7fff before the queue is enabled. */
+static void bad_queue_cfg(struct vdev *d)
+{
+	const char *name = "bad queue size", *vname = "bad queue vector";
+
+	vdev_reset(d);
+	bad_ready = 0;
+	if (!vdev_negotiate(d, (uint64_t)1 << VIRTIO_BLK_F_FLUSH)) {
+		bad_restart_failed(d, name);
+		return;
+	}
+	mw16(d->common + CC_Q_SELECT, 0);
+	uint16_t max = mr16(d->common + CC_Q_SIZE);
+	mw16(d->common + CC_Q_SIZE, 3);
+	uint16_t qs = mr16(d->common + CC_Q_SIZE);
+	kprintf("virtio: %s -> queue 0 size %u after writing 3 (maximum %u)\n",
+		name, qs, max);
+	/* virtio 1.2, common configuration structure layout, device
+	 * requirements: without VIRTIO_F_RING_PACKED the device MUST present
+	 * either 0 or a power of 2 in queue_size. */
+	if (qs == 3)
+		t_fail(name, "queue_size reads 3 after writing 3; without "
+		       "VIRTIO_F_RING_PACKED the device must present a power "
+		       "of 2");
+	else if (!qs || (qs & (qs - 1)) || qs > max)
+		t_fail(name, "queue_size reads %u after writing 3, not a power "
+		       "of 2 up to the maximum %u", qs, max);
+	else
+		t_pass(name);
+
+	if (!d->msix_cap) {
+		t_skip(vname, "no MSI-X capability");
+	} else {
+		uint16_t mc = pci_r16(d->pci, (uint8_t)(d->msix_cap + 2));
+		unsigned entries = (mc & 0x7ffu) + 1;
+		mw16(d->common + CC_Q_MSIX, 0x7fff);
+		uint16_t v = mr16(d->common + CC_Q_MSIX);
+		kprintf("virtio: %s -> queue 0 msix_vector 0x%x after writing "
+			"0x7fff (MSI-X table of %u entries)\n", vname, v,
+			entries);
+		/* A mapping the device cannot make MUST read back NO_VECTOR. */
+		if (v != VIRTIO_NO_VECTOR)
+			t_fail(vname, "queue_msix_vector reads 0x%x after "
+			       "writing 0x7fff (table of %u entries), not "
+			       "NO_VECTOR 0xffff", v, entries);
+		else
+			t_pass(vname);
+	}
+	vdev_reset(d);
+}
+
+void blk_bad_tests(struct vdev *d)
+{
+	kprintf("virtio: bad driver tests (each waits up to %u ms)\n",
+		BAD_WAIT_US / 1000);
+	bad_ready = 0;
+	bad_ro_config(d);
+	bad_bar_overlap(d);
+	bad_desc_oob(d);
+	bad_desc_loop(d);
+	bad_avail_idx(d);
+	bad_queue_cfg(d);
 }

@@ -3,7 +3,8 @@
  * ("modern") PCI block and network devices, using MSI-X interrupts.
  *
  * Command line (space-separated words; see guests/README.md):
- *   test=LIST   comma-separated: blk, net, all (blk and net), none.
+ *   test=LIST   comma-separated: blk, net, all (blk and net), bad (a
+ *               misbehaving driver against the block device), none.
  *               Default: every kind of device found, or none with bench=.
  *               The bare words blk and net also select those tests.
  *   bench=N     N random 4 KiB reads from the block device (one in flight)
@@ -22,6 +23,7 @@
 
 int opt_poll, opt_reassign;
 uint32_t opt_qsize = 64;
+uint32_t ram_end;
 
 static char cmdline[1024];
 static unsigned n_passed, n_failed, n_skipped;
@@ -124,8 +126,8 @@ static int get_u32(const char *key, uint32_t *out)
 	return 1;
 }
 
-/* Sets *blk / *net from test=LIST; unknown names are failures. */
-static void parse_tests(const char *list, int *blk, int *net)
+/* Sets *blk / *net / *bad from test=LIST; unknown names are failures. */
+static void parse_tests(const char *list, int *blk, int *net, int *bad)
 {
 	const char *p = list;
 
@@ -144,6 +146,8 @@ static void parse_tests(const char *list, int *blk, int *net)
 			*blk = 1;
 		} else if (len == 3 && !strncmp(w, "net", 3)) {
 			*net = 1;
+		} else if (len == 3 && !strncmp(w, "bad", 3)) {
+			*bad = 1;
 		} else if (len == 4 && !strncmp(w, "none", 4)) {
 			/* device set-up (and bench=) only */
 		} else {
@@ -155,6 +159,32 @@ static void parse_tests(const char *list, int *blk, int *net)
 			t_fail("test", "unknown test '%s'", name);
 		}
 	}
+}
+
+/* ------------------------------------------------------------ memory */
+
+/*
+ * The end of RAM below 4 GiB: the highest type-1 memory-map entry, or
+ * 1 MiB + mem_upper when there is no map.
+ */
+static uint32_t find_ram_end(const struct mb_info *mbi)
+{
+	uint64_t end = 0;
+
+	if (mbi->flags & MB_INFO_MEM)
+		end = 0x100000u + (uint64_t)mbi->mem_upper * 1024;
+	if ((mbi->flags & MB_INFO_MMAP) && mbi->mmap_addr) {
+		mb_mmap_foreach(mbi, e) {
+			if (e->type != MB_MMAP_RAM || e->addr >= 0x100000000ull)
+				continue;
+			uint64_t top = e->addr + e->len;
+			if (top > 0x100000000ull)
+				top = 0x100000000ull;
+			if (top > end)
+				end = top;
+		}
+	}
+	return end >= 0x100000000ull ? 0xfffff000u : (uint32_t)end;
 }
 
 /* ------------------------------------------------------------ main */
@@ -169,6 +199,7 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 		for (i = 0; i < sizeof(cmdline) - 1 && cl[i]; i++)
 			cmdline[i] = cl[i];
 		cmdline[i] = 0;
+		ram_end = find_ram_end(mb_ptr(info));
 	}
 
 	uart_init(COM1);
@@ -198,10 +229,10 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	get_u32("echo", &echo);
 	int do_bench = get_u32("bench", &bench);
 
-	int want_blk = 0, want_net = 0, explicit = 0;
+	int want_blk = 0, want_net = 0, want_bad = 0, explicit = 0;
 	char tests[128];
 	if (cmdline_get(cmdline, "test", tests, sizeof(tests))) {
-		parse_tests(tests, &want_blk, &want_net);
+		parse_tests(tests, &want_blk, &want_net, &want_bad);
 		explicit = 1;
 	}
 	if (word_present("blk")) {
@@ -225,12 +256,13 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 		want_blk = blk != NULL;
 		want_net = net != NULL;
 	}
-	kprintf("virtio: %u virtio functions; tests:%s%s%s; %s%s\n", n,
+	kprintf("virtio: %u virtio functions; tests:%s%s%s%s; %s%s\n", n,
 		want_blk ? " blk" : "", want_net ? " net" : "",
-		do_bench ? " bench" : "", opt_poll ? "poll" : "msi-x",
+		do_bench ? " bench" : "", want_bad ? " bad" : "",
+		opt_poll ? "poll" : "msi-x",
 		opt_reassign ? ", reassign BARs" : "");
 
-	if ((want_blk || do_bench) && !blk)
+	if ((want_blk || want_bad || do_bench) && !blk)
 		t_fail("pci scan", "no virtio block device on bus 0");
 	else if (want_net && !net)
 		t_fail("pci scan", "no virtio network device on bus 0");
@@ -239,12 +271,14 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	else
 		t_pass("pci scan");
 
-	if (blk && (want_blk || do_bench)) {
+	if (blk && (want_blk || want_bad || do_bench)) {
 		if (vdev_probe(&blkdev, blk, "blk") && blk_init(&blkdev)) {
 			if (want_blk)
 				blk_tests(&blkdev);
 			if (do_bench)
 				blk_bench(&blkdev, bench);
+			if (want_bad)
+				blk_bad_tests(&blkdev);
 		}
 	}
 	if (net && want_net) {

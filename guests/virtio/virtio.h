@@ -137,6 +137,27 @@ int pci_setup_bars(struct pci_fn *p, int reassign);
 uint8_t pci_find_cap(const struct pci_fn *p, uint8_t id, uint8_t after);
 
 /* --- vq.c ------------------------------------------------------------------- */
+/* virtio_pci_common_cfg offsets */
+#define CC_DFSELECT   0x00
+#define CC_DF         0x04
+#define CC_GFSELECT   0x08
+#define CC_GF         0x0c
+#define CC_MSIX       0x10
+#define CC_NUMQ       0x12
+#define CC_STATUS     0x14
+#define CC_CFGGEN     0x15
+#define CC_Q_SELECT   0x16
+#define CC_Q_SIZE     0x18
+#define CC_Q_MSIX     0x1a
+#define CC_Q_ENABLE   0x1c
+#define CC_Q_NOFF     0x1e
+#define CC_Q_DESCLO   0x20
+#define CC_Q_DESCHI   0x24
+#define CC_Q_AVAILLO  0x28
+#define CC_Q_AVAILHI  0x2c
+#define CC_Q_USEDLO   0x30
+#define CC_Q_USEDHI   0x34
+
 #define VIRTIO_STATUS_ACK         1
 #define VIRTIO_STATUS_DRIVER      2
 #define VIRTIO_STATUS_DRIVER_OK   4
@@ -210,6 +231,8 @@ struct sg {
 
 extern int opt_poll, opt_reassign;
 extern uint32_t opt_qsize;
+/* The end of guest RAM below 4 GiB (multiboot memory info; 0 if unknown). */
+extern uint32_t ram_end;
 
 /* Find the caps and map BARs; prints FAIL lines itself. */
 int vdev_probe(struct vdev *d, struct pci_fn *p, const char *name);
@@ -263,6 +286,8 @@ int word_present(const char *word);
 int blk_init(struct vdev *d);
 void blk_tests(struct vdev *d);
 void blk_bench(struct vdev *d, uint32_t n);
+/* test=bad: a misbehaving driver (runs last; leaves the device reset). */
+void blk_bad_tests(struct vdev *d);
 int net_init(struct vdev *d);
 void net_test(struct vdev *d, int echo);
 

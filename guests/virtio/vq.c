@@ -4,27 +4,6 @@
  */
 #include "virtio.h"
 
-/* virtio_pci_common_cfg */
-#define CC_DFSELECT   0x00
-#define CC_DF         0x04
-#define CC_GFSELECT   0x08
-#define CC_GF         0x0c
-#define CC_MSIX       0x10
-#define CC_NUMQ       0x12
-#define CC_STATUS     0x14
-#define CC_CFGGEN     0x15
-#define CC_Q_SELECT   0x16
-#define CC_Q_SIZE     0x18
-#define CC_Q_MSIX     0x1a
-#define CC_Q_ENABLE   0x1c
-#define CC_Q_NOFF     0x1e
-#define CC_Q_DESCLO   0x20
-#define CC_Q_DESCHI   0x24
-#define CC_Q_AVAILLO  0x28
-#define CC_Q_AVAILHI  0x2c
-#define CC_Q_USEDLO   0x30
-#define CC_Q_USEDHI   0x34
-
 #define CAP_COMMON 1
 #define CAP_NOTIFY 2
 #define CAP_ISR    3
@@ -321,8 +300,11 @@ int vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t entry,
 	     uint8_t vec)
 {
 	const char *name = tn(d, "queue");
+	/* A queue set up again (after a device reset) keeps its ring memory. */
+	uint8_t *mem = (uint8_t *)q->desc;
 
 	memset(q, 0, sizeof(*q));
+	q->desc = (struct virtq_desc *)mem;
 	q->dev = d;
 	q->index = index;
 	if (index >= d->num_queues) {
@@ -330,7 +312,7 @@ int vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t entry,
 		       d->num_queues);
 		return 0;
 	}
-	if (rings_used >= MAX_RINGS) {
+	if (!mem && rings_used >= MAX_RINGS) {
 		t_fail(name, "out of ring memory");
 		return 0;
 	}
@@ -356,7 +338,8 @@ int vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t entry,
 	q->vec = entry == VIRTIO_NO_VECTOR ? 0 : vec;
 	q->irq_seen = q->vec ? irq_count[q->vec] : 0;
 
-	uint8_t *mem = ring_mem[rings_used++];
+	if (!mem)
+		mem = ring_mem[rings_used++];
 	memset(mem, 0, 3 * 4096);
 	q->desc = (struct virtq_desc *)mem;
 	q->avail = (volatile struct virtq_avail *)(mem + 4096);

@@ -78,6 +78,8 @@ pub const ECAM_SIZE: u64 = 1 << 20;
 /// I/O BARs from 0xc000.
 pub const MEM_WINDOW: (u64, u64) = (0xc000_0000, 0xfec0_0000);
 pub const IO_WINDOW: (u64, u64) = (0xc000, 0x1_0000);
+/// The x86 interrupt window (local APICs, MSI targets): never decoded by PCI.
+pub const LAPIC_WINDOW: (u64, u64) = (0xfee0_0000, 0xfef0_0000);
 /// The GSIs of PIRQA..D on the IOAPIC (pins 16-19): INTx of slot S pin P (1-4) goes to
 /// PIRQ[(S + P - 1) % 4].
 pub const PIRQ_GSI: [u32; 4] = [16, 17, 18, 19];
@@ -218,6 +220,19 @@ impl PciRoot {
             let _ = self.bus(m.kind).remove(m.addr);
         }
         for w in want {
+            // The interrupt window belongs to the local APICs: the CPU never sends those
+            // accesses to PCI (and MSI writes target it), so a BAR there decodes nothing.
+            if w.kind != BarKind::Io && w.addr < LAPIC_WINDOW.1 && w.addr + w.size > LAPIC_WINDOW.0
+            {
+                self.bad_bar_maps
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    "PCI: BAR {} of '{name}' at {:#x} overlaps the local APIC window; not mapped",
+                    w.index,
+                    w.addr
+                );
+                continue;
+            }
             let region = Arc::new(Mutex::new(BarRegion {
                 dev: dev.clone(),
                 bar: w.index,
