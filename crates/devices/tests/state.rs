@@ -47,6 +47,15 @@ const DEVICES: &[(&str, &str)] = &[
         "DEBUG_EXIT",
         r#"<device class="DEBUG_EXIT" id="debug_exit"/>"#,
     ),
+    ("PCI", r#"<device class="PCI" id="pci0"/>"#),
+    (
+        "i440FX",
+        r#"<device class="i440FX" id="nb"><bus>pci0</bus></device>"#,
+    ),
+    (
+        "PIIX3",
+        r#"<device class="PIIX3" id="sb"><bus>pci0</bus></device>"#,
+    ),
 ];
 
 const CORES: u32 = 2;
@@ -123,7 +132,9 @@ fn every_class_saves_its_state_or_says_it_has_none() {
             "NVRAM",
             "OS_DEBUG",
             "PC_TESTDEV",
-            "SERIAL"
+            "PIIX3",
+            "SERIAL",
+            "i440FX",
         ]
     );
     let stateless: Vec<&str> = reg
@@ -138,6 +149,7 @@ fn every_class_saves_its_state_or_says_it_has_none() {
             "DEBUG_EXIT",
             "GENERIC",
             "MPTABLE",
+            "PCI",
             "PM_TIMER"
         ]
     );
@@ -492,8 +504,8 @@ fn every_device_restores_what_it_saved() {
     assert_eq!(
         saved.keys().map(String::as_str).collect::<Vec<_>>(),
         [
-            "acpi", "bochs", "fw_cfg", "ioapic", "keyboard", "lapic", "nvram", "os_debug", "pic",
-            "pit", "serial", "testdev"
+            "acpi", "bochs", "fw_cfg", "ioapic", "keyboard", "lapic", "nb", "nvram", "os_debug",
+            "pic", "pit", "sb", "serial", "testdev"
         ]
     );
     // The saved state is JSON through and through.

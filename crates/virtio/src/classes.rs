@@ -362,4 +362,241 @@ pub fn register_all(r: &mut palacios_vmm::Registry) {
     r.register(Box::new(RamDiskClass));
     r.register(Box::new(TmpDiskClass));
     r.register(Box::new(NetDiskClass));
+    register_net(r);
+}
+
+type NicSlot = Arc<Mutex<Option<(crate::tap::Tap, String)>>>;
+
+/// NIC frontends waiting for a backend (a TAP), by device id.
+#[derive(Default)]
+pub struct NicFrontends {
+    map: Mutex<HashMap<String, NicSlot>>,
+}
+
+fn nic_frontends(ctx: &mut BuildCtx) -> Arc<NicFrontends> {
+    if let Some(f) = ctx.service::<NicFrontends>() {
+        return f;
+    }
+    let f = Arc::new(NicFrontends::default());
+    ctx.provide(f.clone());
+    f
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut m = [0u8; 6];
+    for (b, p) in m.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(m)
+}
+
+pub struct VirtioNicClass;
+
+impl DeviceClass for VirtioNicClass {
+    fn name(&self) -> &'static str {
+        "LNX_VIRTIO_NIC"
+    }
+    fn help(&self) -> &'static str {
+        "virtio network device on PCI (checksum and TSO offloads, mergeable receive buffers); its \
+         host side is a TAP or NIC_BRIDGE backend with <frontend tag=ID>"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[
+            DeviceOption {
+                name: "bus",
+                help: "the PCI bus device's id",
+            },
+            DeviceOption {
+                name: "slot",
+                help: "PCI slot (2-31)",
+            },
+            DeviceOption {
+                name: "mac",
+                help: "the MAC address, aa:bb:cc:dd:ee:ff (default: 52:54:00 plus three bytes from the id)",
+            },
+        ]
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let root = pci_root(ctx, dev)?;
+        let at = slot_of(dev)?;
+        let mac = match dev.node.val("mac")? {
+            Some(m) => {
+                let mac = parse_mac(m).ok_or_else(|| {
+                    dev.node.val_err(
+                        "mac",
+                        format!("'{m}' is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+                    )
+                })?;
+                if mac[0] & 1 != 0 {
+                    return Err(dev
+                        .node
+                        .val_err("mac", format!("'{m}' is a multicast address")));
+                }
+                mac
+            }
+            None => {
+                let h = dev.id.bytes().fold(0x811c_9dc5u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                let b = h.to_le_bytes();
+                [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+            }
+        };
+        let slot: NicSlot = Arc::new(Mutex::new(None));
+        palacios_vmm::bus::lock(&nic_frontends(ctx).map).insert(dev.id.clone(), slot.clone());
+        let cell = Arc::new(OnceLock::new());
+        register_late_state(ctx, &cell);
+        let (id, node) = (dev.id.clone(), dev.node.clone());
+        ctx.on_finish(move |ctx| {
+            let (tap, _) = palacios_vmm::bus::lock(&slot).take().ok_or_else(|| {
+                node.err(format!(
+                    "virtio NIC '{id}' has no backend: add a TAP or NIC_BRIDGE device with <frontend tag=\"{id}\"/>"
+                ))
+            })?;
+            let net = crate::net::Net::new(tap, mac);
+            plug(ctx, &id, at, &root, Box::new(net), &cell).map_err(|e| node.err(e))
+        });
+        Ok(())
+    }
+}
+
+fn attach_nic(
+    ctx: &mut BuildCtx,
+    dev: &DeviceConfig,
+    tap: crate::tap::Tap,
+) -> Result<(), ConfigError> {
+    let n = &dev.node;
+    let fe = n.child("frontend").ok_or_else(|| {
+        n.err(format!(
+            "{} needs a <frontend tag=\"...\"> naming its NIC",
+            dev.class
+        ))
+    })?;
+    let tag = fe.req("tag")?;
+    let f = nic_frontends(ctx);
+    let slot = palacios_vmm::bus::lock(&f.map).get(tag).cloned();
+    let slot = slot.ok_or_else(|| {
+        fe.val_err(
+            "tag",
+            format!("'{tag}' is not a NIC frontend declared before this backend (LNX_VIRTIO_NIC)"),
+        )
+    })?;
+    let mut s = palacios_vmm::bus::lock(&slot);
+    if s.is_some() {
+        return Err(fe.val_err("tag", format!("NIC '{tag}' already has a backend")));
+    }
+    *s = Some((tap, dev.id.clone()));
+    Ok(())
+}
+
+fn open_tap(n: &ConfigNode, name: Option<&str>) -> Result<crate::tap::Tap, ConfigError> {
+    let name = name.unwrap_or("v3tap%d");
+    crate::tap::Tap::open(name).map_err(|e| {
+        n.err(format!(
+            "TAP '{name}': {e} (creating a TAP needs CAP_NET_ADMIN; an existing one can be given \
+             to the user with `ip tuntap add NAME mode tap user USER`)"
+        ))
+    })
+}
+
+pub struct TapClass;
+
+impl DeviceClass for TapClass {
+    fn name(&self) -> &'static str {
+        "TAP"
+    }
+    fn help(&self) -> &'static str {
+        "a Linux TAP interface as a NIC's host side (the virtio-net header and offloads pass through)"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[
+            DeviceOption {
+                name: "frontend",
+                help: "<frontend tag=\"ID\"/>: the NIC served",
+            },
+            DeviceOption {
+                name: "ifname",
+                help: "the TAP's name (created if missing; default v3tapN)",
+            },
+        ]
+    }
+    fn stateless(&self) -> bool {
+        true
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let tap = open_tap(&dev.node, dev.node.val("ifname")?)?;
+        attach_nic(ctx, dev, tap)
+    }
+}
+
+pub struct NicBridgeClass;
+
+impl DeviceClass for NicBridgeClass {
+    fn name(&self) -> &'static str {
+        "NIC_BRIDGE"
+    }
+    fn help(&self) -> &'static str {
+        "a NIC's host side on a Linux bridge: a TAP added to the bridge named by <hostnic name=..> \
+         (or <bridge>)"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[
+            DeviceOption {
+                name: "frontend",
+                help: "<frontend tag=\"ID\"/>: the NIC served",
+            },
+            DeviceOption {
+                name: "hostnic",
+                help: "<hostnic name=\"BRIDGE\"/>: the Linux bridge to join",
+            },
+            DeviceOption {
+                name: "bridge",
+                help: "the Linux bridge to join (instead of hostnic)",
+            },
+            DeviceOption {
+                name: "ifname",
+                help: "the TAP's name (default v3tapN)",
+            },
+        ]
+    }
+    fn stateless(&self) -> bool {
+        true
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let n = &dev.node;
+        let bridge = match (
+            n.child("hostnic").and_then(|h| h.attr("name")),
+            n.val("bridge")?,
+        ) {
+            (Some(a), None) => a.value.clone(),
+            (None, Some(b)) => b.to_string(),
+            _ => {
+                return Err(
+                    n.err("NIC_BRIDGE needs the bridge: <hostnic name=\"BRIDGE\"/> or <bridge>")
+                );
+            }
+        };
+        let tap = open_tap(n, n.val("ifname")?)?;
+        tap.join_bridge(&bridge).map_err(|e| {
+            n.err(format!(
+                "{e} (does the bridge exist? `ip link add {bridge} type bridge`)"
+            ))
+        })?;
+        attach_nic(ctx, dev, tap)
+    }
+}
+
+/// Register the network classes.
+pub fn register_net(r: &mut palacios_vmm::Registry) {
+    r.register(Box::new(VirtioNicClass));
+    r.register(Box::new(TapClass));
+    r.register(Box::new(NicBridgeClass));
 }

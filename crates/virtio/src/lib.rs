@@ -8,7 +8,9 @@ pub mod blk;
 pub mod blk_req;
 pub mod classes;
 pub mod device;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod transport;
 
 pub use device::VirtioDevice;

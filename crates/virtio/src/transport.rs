@@ -207,25 +207,42 @@ impl Shared {
         }
         let mut dev = lock(&self.device);
         let mut guards: Vec<_> = self.queues.iter().map(|q| lock(q)).collect();
-        let mut qs: Vec<&mut Queue> = guards.iter_mut().map(|g| &mut **g).collect();
-        let r = dev.poll_host(&self.mem, &mut qs);
-        drop(qs);
         let mut notify = Vec::new();
-        match r {
-            Ok(used) => {
-                for i in used {
-                    if let Some(g) = guards.get_mut(i)
-                        && g.needs_notification(&self.mem).unwrap_or(true)
-                    {
-                        notify.push(i);
+        // With EVENT_IDX, publish avail_event after serving; go again if buffers arrived
+        // meanwhile (a frame may be waiting for them).
+        for _ in 0..4 {
+            let mut qs: Vec<&mut Queue> = guards.iter_mut().map(|g| &mut **g).collect();
+            let r = dev.poll_host(&self.mem, &mut qs);
+            drop(qs);
+            match r {
+                Ok(used) => {
+                    for i in used {
+                        if let Some(g) = guards.get_mut(i)
+                            && g.needs_notification(&self.mem).unwrap_or(true)
+                            && !notify.contains(&i)
+                        {
+                            notify.push(i);
+                        }
                     }
                 }
+                Err(e) => {
+                    drop(guards);
+                    drop(dev);
+                    self.needs_reset(&e.0);
+                    return;
+                }
             }
-            Err(e) => {
-                drop(guards);
-                drop(dev);
-                self.needs_reset(&e.0);
-                return;
+            let mut again = false;
+            for g in guards.iter_mut() {
+                if g.ready()
+                    && g.event_idx_enabled()
+                    && g.enable_notification(&self.mem).unwrap_or(false)
+                {
+                    again = true;
+                }
+            }
+            if !again {
+                break;
             }
         }
         let cfg = dev.take_config_changed();
