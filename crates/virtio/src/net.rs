@@ -94,6 +94,7 @@ impl Net {
 
     fn transmit(&mut self, mem: &GuestMem, queue: &mut Queue) -> Result<bool, RingError> {
         let chains: Vec<_> = virtio_queue::QueueOwnedT::iter(queue, mem)?.collect();
+        tracing::trace!("virtio-net: {} chains to transmit", chains.len());
         let mut any = false;
         for chain in chains {
             let head = chain.head_index();
@@ -121,7 +122,15 @@ impl Net {
                         off += l;
                     }
                     // The TAP ignores num_buffers on transmit.
-                    if ok && self.tap.write(&self.buf[..n]).is_ok() {
+                    let w = if ok {
+                        self.tap.write(&self.buf[..n])
+                    } else {
+                        Err(std::io::Error::other("guest memory"))
+                    };
+                    if let Err(e) = &w {
+                        tracing::debug!("virtio-net: transmit to {}: {e}", self.tap.name);
+                    }
+                    if w.is_ok() {
                         let mut s = self.stats();
                         s.tx_frames += 1;
                         s.tx_bytes += (n - HDR) as u64;

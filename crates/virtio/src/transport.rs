@@ -94,6 +94,12 @@ impl Shared {
 
     fn signal(&self, vector: u16, isr_bit: u8) {
         let mut msix = lock(&self.msix);
+        tracing::trace!(
+            "{}: signal vector {vector} (MSI-X enabled {}, masked {})",
+            self.name,
+            msix.enabled,
+            msix.function_mask
+        );
         if msix.enabled {
             if vector != NO_VECTOR {
                 msix.notify(vector, self.msi.as_ref());
@@ -147,6 +153,12 @@ impl Shared {
 
     /// Serve queue `q` (worker thread).
     fn serve(&self, q: usize) {
+        tracing::trace!(
+            "{}: queue {q} notified (activated {}, status {:#x})",
+            self.name,
+            self.activated.load(Ordering::Acquire),
+            self.status.load(Ordering::Acquire)
+        );
         if !self.activated.load(Ordering::Acquire)
             || self.status.load(Ordering::Acquire) & S_NEEDS_RESET != 0
         {
@@ -159,22 +171,29 @@ impl Shared {
         }
         // With EVENT_IDX the device publishes avail_event after each batch (enable_notification)
         // and serves again if the driver added more meanwhile.
+        // A receive queue keeps buffers it has no data for, so "more available" alone does
+        // not mean more work: after a pass that used nothing, one more pass is enough.
         let mut any = false;
+        let mut idle_passes = 0;
         let r = loop {
-            match dev.process(QueueCtx {
+            let used = match dev.process(QueueCtx {
                 mem: &self.mem,
                 index: q,
                 queue: &mut queue,
             }) {
-                Ok(used) => any |= used,
+                Ok(used) => used,
                 Err(e) => break Err(e),
-            }
+            };
+            any |= used;
             if !queue.event_idx_enabled() {
                 break Ok(any);
             }
+            if !used {
+                idle_passes += 1;
+            }
             match queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => break Ok(any),
+                Ok(true) if idle_passes < 2 => continue,
+                Ok(_) => break Ok(any),
                 Err(e) => break Err(e.into()),
             }
         };
@@ -214,6 +233,7 @@ impl Shared {
             let mut qs: Vec<&mut Queue> = guards.iter_mut().map(|g| &mut **g).collect();
             let r = dev.poll_host(&self.mem, &mut qs);
             drop(qs);
+            let progressed = matches!(&r, Ok(u) if !u.is_empty());
             match r {
                 Ok(used) => {
                     for i in used {
@@ -241,7 +261,8 @@ impl Shared {
                     again = true;
                 }
             }
-            if !again {
+            // Buffers that are merely available are no reason to go again; new data is.
+            if !again || !progressed {
                 break;
             }
         }
@@ -725,6 +746,7 @@ impl VirtioPci {
     }
 
     fn notify(&self, q: usize) {
+        tracing::trace!("{}: notify {q}", self.shared.name);
         if let Some(e) = self.shared.notify.get(q) {
             let _ = e.write(1);
         }
