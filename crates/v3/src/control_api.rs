@@ -119,6 +119,7 @@ fn route(st: &ApiState, req: &Request) -> Response {
             }
         }
         ("GET", ["vm", "memory"]) => memory(&h, req),
+        ("GET" | "PUT", ["vm", "balloon"]) => balloon(&h, req),
         ("PUT", ["snapshot", "create"]) => snapshot(&h, req),
         ("PUT", ["migrate"]) => migrate(st, &h, req),
         ("PUT" | "GET", ["vm", "dirty"]) if migrating(st) => Response::error(
@@ -343,4 +344,39 @@ fn dirty_switch(h: &VmHandle, req: &Request) -> Response {
         h.stop_dirty_tracking();
     }
     Response::ok(json!({ "on": r.on }))
+}
+
+/// `GET /vm/balloon`: target, actual and the guest's statistics; `PUT` with
+/// `{"target_mib": N}` asks the guest to give N MiB back.
+fn balloon(h: &VmHandle, req: &Request) -> Response {
+    let Some(b) = h
+        .controls::<palacios_virtio::balloon::BalloonControl>()
+        .into_iter()
+        .next()
+    else {
+        return Response::error(404, "this VM has no balloon (LNX_VIRTIO_BALLOON)");
+    };
+    if req.method == "PUT" {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Target {
+            target_mib: u64,
+        }
+        let t: Target = match serde_json::from_slice(&req.body) {
+            Ok(t) => t,
+            Err(e) => return Response::error(400, format!("bad balloon request: {e}")),
+        };
+        let mem_mib = h.parts().map(|p| p.config.mem_mib).unwrap_or(u64::MAX);
+        if t.target_mib >= mem_mib {
+            return Response::error(
+                400,
+                format!(
+                    "target {} MiB is not below the guest's {mem_mib} MiB",
+                    t.target_mib
+                ),
+            );
+        }
+        b.set_target_mib(t.target_mib);
+    }
+    Response::ok(b.report())
 }

@@ -45,6 +45,15 @@ enum Cmd {
     Continue { vm: String },
     /// Stop a VM.
     Stop { vm: String },
+    /// Show a VM's memory balloon (LNX_VIRTIO_BALLOON), or set the memory it should take
+    /// from the guest.
+    Balloon {
+        /// The VM: its --name, or its API socket path.
+        vm: String,
+        /// MiB the guest should give back (0 returns everything).
+        #[arg(long)]
+        target: Option<u64>,
+    },
     /// Live-migrate a running VM to a `v3 receive` (pre-copy; the VM ends here once it runs
     /// there).
     Send {
@@ -292,6 +301,16 @@ fn main() -> ExitCode {
         Cmd::Continue { vm } => client(&vm, "PUT", "/vm/resume", None),
         Cmd::Stop { vm } => client(&vm, "PUT", "/vm/stop", None),
         Cmd::Status { vm } => client(&vm, "GET", "/vm", None),
+        Cmd::Balloon { vm, target: None } => client(&vm, "GET", "/vm/balloon", None),
+        Cmd::Balloon {
+            vm,
+            target: Some(t),
+        } => client(
+            &vm,
+            "PUT",
+            "/vm/balloon",
+            Some(serde_json::json!({ "target_mib": t })),
+        ),
         Cmd::Save {
             vm,
             path,

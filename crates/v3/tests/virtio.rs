@@ -3,7 +3,9 @@
 //! and a virtio-rng. The guest mounts each ext4 disk, reads the file the test put there,
 //! writes one, syncs and powers off; the host reads the written files back with debugfs and
 //! checks the overlay's base image is unchanged. The guest's /proc/interrupts must show the
-//! disks on PCI-MSI (MSI-X), and /dev/hwrng must be the virtio one.
+//! disks on PCI-MSI (MSI-X), /dev/hwrng must be the virtio one, a shell on /dev/hvc0 answers
+//! through the virtio console's Unix socket, and the balloon takes 64 MiB out of MemTotal
+//! and gives it back (`v3 balloon`).
 
 mod common;
 use common::*;
@@ -133,6 +135,8 @@ fn linux_uses_virtio_disks_raw_qcow2_and_nbd_and_the_rng() {
         return;
     }
     let dir = tmpdir("virtio-linux");
+    let hvc_path = dir.join("hvc.sock");
+    let hvc_listener = std::os::unix::net::UnixListener::bind(&hvc_path).unwrap();
     let raw = dir.join("raw.img");
     let base = dir.join("base.img");
     let overlay = dir.join("overlay.qcow2");
@@ -187,6 +191,9 @@ fn linux_uses_virtio_disks_raw_qcow2_and_nbd_and_the_rng() {
     <device class="LNX_VIRTIO_BLK" id="blk2"><bus>pci0</bus><slot>5</slot></device>
     <device class="NETDISK" id="nbd" writable="1" socket="{sock}" export="disk"><frontend tag="blk2"/></device>
     <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus><slot>6</slot></device>
+    <device class="LNX_VIRTIO_CONSOLE" id="hvc"><bus>pci0</bus><slot>7</slot></device>
+    <device class="CHAR_STREAM" id="hvc-sock"><name>unix:{hvc}</name><frontend tag="hvc"/></device>
+    <device class="LNX_VIRTIO_BALLOON" id="balloon"><bus>pci0</bus><slot>8</slot></device>
   </devices>
   <boot format="linux" kernel="kernel" initrd="initrd"
         cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
@@ -197,11 +204,20 @@ fn linux_uses_virtio_disks_raw_qcow2_and_nbd_and_the_rng() {
         raw = raw.display(),
         overlay = overlay.display(),
         sock = sock.display(),
+        hvc = hvc_path.display(),
     );
     let cfg_path = dir.join("virtio.xml");
     std::fs::write(&cfg_path, config).unwrap();
+    let api = dir.join("api.sock");
 
-    let mut s = Session::start(&["run", cfg_path.to_str().unwrap()]);
+    let mut s = Session::start(&[
+        "run",
+        cfg_path.to_str().unwrap(),
+        "--api-sock",
+        api.to_str().unwrap(),
+    ]);
+    let hvc = hvc_listener.accept().map(|(c, _)| c);
+    let mut hvc = hvc.expect("v3 connects the virtio console's stream");
     let ready = s.wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(240));
     let mut at = s.wait_for("# ", ready, Duration::from_secs(60));
     // The console wraps long lines, so commands are short and the answer is what lies
@@ -246,6 +262,93 @@ fn linux_uses_virtio_disks_raw_qcow2_and_nbd_and_the_rng() {
         rng.lines().any(|l| l.trim() == "32"),
         "32 random bytes from /dev/hwrng: {rng:?}"
     );
+
+    // A shell on /dev/hvc0, driven through the console's Unix socket.
+    cmd(
+        &mut s,
+        "setsid sh -c 'exec sh </dev/hvc0 >/dev/hvc0 2>&1' &",
+        30,
+    );
+    hvc.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut got = String::new();
+    for _ in 0..3 {
+        use std::io::{Read, Write};
+        hvc.write_all(b"echo hvc-$((6*7))\n").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 256];
+        while !got.contains("hvc-42") && std::time::Instant::now() < deadline {
+            match hvc.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(_) => break,
+            }
+        }
+        if got.contains("hvc-42") {
+            break;
+        }
+    }
+    assert!(
+        got.contains("hvc-42"),
+        "no answer from the shell on /dev/hvc0: {got:?}"
+    );
+
+    // The balloon: 64 MiB out of the guest, then back.
+    let meminfo =
+        |s: &mut Session, cmd: &mut dyn FnMut(&mut Session, &str, u64) -> String| -> u64 {
+            let out = cmd(s, "grep MemTotal /proc/meminfo", 30);
+            out.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no MemTotal in {out:?}"))
+        };
+    let before = meminfo(&mut s, &mut cmd);
+    let api_s = api.to_str().unwrap();
+    let r = v3(
+        &["balloon", api_s, "--target", "64"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.status, 0, "{}", r.out());
+    let mut after = before;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        after = meminfo(&mut s, &mut cmd);
+        if before - after >= 60 * 1024 {
+            break;
+        }
+    }
+    assert!(
+        before - after >= 60 * 1024 && before - after <= 68 * 1024,
+        "MemTotal {before} kB -> {after} kB with a 64 MiB balloon"
+    );
+    let r = v3(&["balloon", api_s], b"", Duration::from_secs(30));
+    assert!(
+        r.stdout.contains("\"actual_mib\": 64") || r.stdout.contains("\"actual_mib\":64"),
+        "{}",
+        r.out()
+    );
+    let r = v3(
+        &["balloon", api_s, "--target", "0"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.status, 0, "{}", r.out());
+    let mut back = after;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        back = meminfo(&mut s, &mut cmd);
+        if back >= before {
+            break;
+        }
+    }
+    assert_eq!(back, before, "MemTotal after deflating");
+    let r = v3(&["balloon", api_s], b"", Duration::from_secs(30));
+    assert!(
+        r.stdout.contains("total_memory"),
+        "guest statistics: {}",
+        r.out()
+    );
+
     s.send("poweroff -f");
     let status = s.wait_exit(Duration::from_secs(60));
     assert_eq!(status, 0, "{}", s.describe());

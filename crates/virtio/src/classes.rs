@@ -362,6 +362,8 @@ pub fn register_all(r: &mut palacios_vmm::Registry) {
     r.register(Box::new(RamDiskClass));
     r.register(Box::new(TmpDiskClass));
     r.register(Box::new(NetDiskClass));
+    r.register(Box::new(VirtioBalloonClass));
+    r.register(Box::new(VirtioConsoleClass));
     register_net(r);
 }
 
@@ -599,4 +601,96 @@ pub fn register_net(r: &mut palacios_vmm::Registry) {
     r.register(Box::new(VirtioNicClass));
     r.register(Box::new(TapClass));
     r.register(Box::new(NicBridgeClass));
+}
+
+pub struct VirtioBalloonClass;
+
+impl DeviceClass for VirtioBalloonClass {
+    fn name(&self) -> &'static str {
+        "LNX_VIRTIO_BALLOON"
+    }
+    fn help(&self) -> &'static str {
+        "virtio memory balloon on PCI: the guest gives back the memory asked for (`v3 balloon`, \
+         PUT /vm/balloon), freed on the host; statistics every second"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[
+            DeviceOption {
+                name: "bus",
+                help: "the PCI bus device's id",
+            },
+            DeviceOption {
+                name: "slot",
+                help: "PCI slot (2-31)",
+            },
+            DeviceOption {
+                name: "target",
+                help: "MiB to take from the guest at boot (default 0)",
+            },
+        ]
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let root = pci_root(ctx, dev)?;
+        let at = slot_of(dev)?;
+        let target = dev.node.num("target")?.unwrap_or(0);
+        let mem_mib = ctx.map.ram_bytes() >> 20;
+        if target >= mem_mib {
+            return Err(dev.node.val_err(
+                "target",
+                format!("{target} MiB is not below the guest's {mem_mib} MiB"),
+            ));
+        }
+        let b = crate::balloon::Balloon::new(target)
+            .map_err(|e| dev.node.err(format!("cannot create the balloon: {e}")))?;
+        ctx.vm.add_control(&b.ctl);
+        let cell = Arc::new(OnceLock::new());
+        register_late_state(ctx, &cell);
+        // The control must live as long as the device: the device holds it.
+        plug(ctx, &dev.id, at, &root, Box::new(b), &cell).map_err(|e| dev.node.err(e))
+    }
+}
+
+pub struct VirtioConsoleClass;
+
+impl DeviceClass for VirtioConsoleClass {
+    fn name(&self) -> &'static str {
+        "LNX_VIRTIO_CONSOLE"
+    }
+    fn help(&self) -> &'static str {
+        "virtio console on PCI (/dev/hvc0 in Linux); a character frontend: connect it with a \
+         CHAR_STREAM whose <frontend tag=ID>"
+    }
+    fn options(&self) -> &'static [DeviceOption] {
+        &[
+            DeviceOption {
+                name: "bus",
+                help: "the PCI bus device's id",
+            },
+            DeviceOption {
+                name: "slot",
+                help: "PCI slot (2-31)",
+            },
+        ]
+    }
+    fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
+        let root = pci_root(ctx, dev)?;
+        let at = slot_of(dev)?;
+        let port = crate::console::ConsolePort::new()
+            .map_err(|e| dev.node.err(format!("cannot create the console: {e}")))?;
+        ctx.char_frontends.insert(
+            dev.id.clone(),
+            Arc::new(crate::console::ConsoleFrontend(port.clone())),
+        );
+        let cell = Arc::new(OnceLock::new());
+        register_late_state(ctx, &cell);
+        plug(
+            ctx,
+            &dev.id,
+            at,
+            &root,
+            Box::new(crate::console::Console::new(port)),
+            &cell,
+        )
+        .map_err(|e| dev.node.err(e))
+    }
 }

@@ -4,9 +4,11 @@
 //! ([`balloon`]). The Palacios device classes (`LNX_VIRTIO_*`) that put them in a VM are in
 //! [`classes`].
 
+pub mod balloon;
 pub mod blk;
 pub mod blk_req;
 pub mod classes;
+pub mod console;
 pub mod device;
 pub mod net;
 pub mod rng;

@@ -229,6 +229,9 @@ struct Shared {
     /// a checkpoint records, as the guest's time stopped there.
     parked_tsc: Vec<std::sync::atomic::AtomicU64>,
     quiesce: Mutex<Vec<Arc<dyn Quiesce>>>,
+    /// Run-time controls devices offer the control API (a balloon's target), by type. Held
+    /// weakly: the VM handle outlives its devices.
+    controls: Mutex<Vec<std::sync::Weak<dyn std::any::Any + Send + Sync>>>,
     /// What a checkpoint needs (set when the VM is built).
     parts: std::sync::OnceLock<Arc<crate::snapshot::VmParts>>,
     /// The VM's cores have been started (devices may take host input from now on).
@@ -268,6 +271,7 @@ impl VmHandle {
                 .map(|_| std::sync::atomic::AtomicU64::new(u64::MAX))
                 .collect(),
             quiesce: Mutex::new(Vec::new()),
+            controls: Mutex::new(Vec::new()),
             parts: std::sync::OnceLock::new(),
             started: AtomicBool::new(false),
             held: AtomicBool::new(false),
@@ -332,6 +336,22 @@ impl VmHandle {
     /// Fast check for the exit loop.
     pub fn is_stopping(&self) -> bool {
         self.0.stopping.load(Ordering::Acquire)
+    }
+
+    /// Offer a device's run-time control to the control API (found by type with
+    /// [`VmHandle::controls`]).
+    pub fn add_control<T: std::any::Any + Send + Sync>(&self, c: &Arc<T>) {
+        let c: Arc<dyn std::any::Any + Send + Sync> = c.clone();
+        lock(&self.0.controls).push(Arc::downgrade(&c));
+    }
+
+    /// The live controls of type `T`, in the order the devices were created.
+    pub fn controls<T: std::any::Any + Send + Sync>(&self) -> Vec<Arc<T>> {
+        lock(&self.0.controls)
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .filter_map(|a| a.downcast::<T>().ok())
+            .collect()
     }
 
     /// Something besides the cores that pause must stop (guest time, timers, I/O workers).
