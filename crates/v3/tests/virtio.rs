@@ -496,3 +496,83 @@ fn the_small_virtio_guest_passes_on_every_backend_with_msix() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A checkpoint carries the virtio functions: Linux with a virtio disk mounted and the rng in
+/// use is saved, killed and loaded; after the load the same mount reads and writes the disk
+/// and the rng still answers (PCI config, MSI-X table, queue positions restored).
+#[test]
+fn a_linux_guest_with_virtio_devices_survives_save_kill_and_load() {
+    let Some((kernel, initrd, _)) = linux_guest() else {
+        return;
+    };
+    if !need_tools(&["mke2fs", "debugfs"]) {
+        return;
+    }
+    let dir = tmpdir("virtio-ckpt");
+    let disk = dir.join("disk.img");
+    ext4_with(&disk, 16, "before-the-save\n");
+    let config = format!(
+        r#"<vm class="PC">
+  <memory>256</memory>
+  <cores count="1"><core/></cores>
+  <backend>emu</backend>
+  <files>
+    <file id="kernel" filename="{kernel}"/>
+    <file id="initrd" filename="{initrd}"/>
+  </files>
+  <devices>
+    <device class="8259A" id="pic"/>
+    <device class="8254_PIT" id="pit"/>
+    <device class="LAPIC" id="lapic"/>
+    <device class="IOAPIC" id="ioapic"/>
+    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
+    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
+    <device class="PM_TIMER" id="pm_timer"/>
+    <device class="ACPI" id="acpi"/>
+    <device class="SERIAL" id="serial"/>
+    <device class="PCI" id="pci0"/>
+    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>
+    <device class="FILEDISK" id="d0" writable="1"><path>{disk}</path><frontend tag="blk0"/></device>
+    <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus></device>
+  </devices>
+  <boot format="linux" kernel="kernel" initrd="initrd"
+        cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
+</vm>
+"#,
+        kernel = kernel.display(),
+        initrd = initrd.display(),
+        disk = disk.display(),
+    );
+    let cfg = dir.join("ckpt.xml");
+    std::fs::write(&cfg, config).unwrap();
+    let sock = dir.join("vm.sock");
+    let ck = dir.join("vm.ckpt");
+    let mut s = Session::start(&["run", cfg.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()]);
+    let ready = s.wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(240));
+    let at = s.wait_for("# ", ready, Duration::from_secs(60));
+    s.send("mount /dev/vda /mnt && cat /mnt/hello.txt && echo MOUNTED");
+    let m = s.wait_for("\nMOUNTED", at, Duration::from_secs(60));
+    assert!(s.output()[at..m].contains("before-the-save"), "{}", s.describe());
+    s.wait_for("# ", m, Duration::from_secs(30));
+    let (st, v) = palacios_api::request(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&serde_json::json!({"path": ck.display().to_string()})),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(st, 200, "{v}");
+    s.kill9();
+
+    let mut l = Session::start(&["load", ck.to_str().unwrap()]);
+    l.send("cat /mnt/hello.txt; echo after-the-load > /mnt/new.txt; sync; umount /mnt; echo DONE-$((1+1))");
+    let done = l.wait_for("DONE-2", 0, Duration::from_secs(120));
+    l.send("dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | wc -w");
+    let words = l.wait_for("\n16", done, Duration::from_secs(60));
+    assert!(words > done);
+    l.send("poweroff -f");
+    assert_eq!(l.wait_exit(Duration::from_secs(60)), 0, "{}", l.describe());
+    assert_eq!(debugfs_cat(&disk, "/new.txt"), "after-the-load\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
