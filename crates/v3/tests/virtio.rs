@@ -547,12 +547,21 @@ fn a_linux_guest_with_virtio_devices_survives_save_kill_and_load() {
     std::fs::write(&cfg, config).unwrap();
     let sock = dir.join("vm.sock");
     let ck = dir.join("vm.ckpt");
-    let mut s = Session::start(&["run", cfg.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()]);
+    let mut s = Session::start(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
     let ready = s.wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(240));
     let at = s.wait_for("# ", ready, Duration::from_secs(60));
     s.send("mount /dev/vda /mnt && cat /mnt/hello.txt && echo MOUNTED");
     let m = s.wait_for("\nMOUNTED", at, Duration::from_secs(60));
-    assert!(s.output()[at..m].contains("before-the-save"), "{}", s.describe());
+    assert!(
+        s.output()[at..m].contains("before-the-save"),
+        "{}",
+        s.describe()
+    );
     s.wait_for("# ", m, Duration::from_secs(30));
     let (st, v) = palacios_api::request(
         &sock,

@@ -290,3 +290,83 @@ fn linux_virtio_net_pings_and_moves_20mb_each_way_over_tap_and_bridge() {
     assert_eq!(s.wait_exit(Duration::from_secs(60)), 0, "{}", s.describe());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// guests/virtio's net test on every backend: the guest sends a frame of ethertype 0x88b5 on
+/// LNX_VIRTIO_NIC and waits for it to come back (MSI-X); an AF_PACKET echoer on the TAP
+/// (inside a namespace the test makes) returns it.
+#[test]
+fn the_small_guest_sends_and_receives_on_virtio_net_on_every_backend() {
+    let Some(ns) = Netns::create() else {
+        return;
+    };
+    let tap = format!("v3e{}", std::process::id() % 100_000);
+    ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"]);
+    ns.ip(&["link", "set", &tap, "up"]);
+    let echo = format!(
+        "import socket\n\
+         s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x88b5))\n\
+         s.bind(('{tap}',0x88b5))\n\
+         print('ready',flush=True)\n\
+         while True:\n\
+         \x20   f,a=s.recvfrom(2048)\n\
+         \x20   if a[2]==socket.PACKET_OUTGOING: continue\n\
+         \x20   s.send(f)\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", &echo])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+    }
+    let _echo = Bg(child);
+    let dir = tmpdir("virtio-net-small");
+    let cfg = dir.join("net.xml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"<vm class="PC">
+  <memory>64</memory>
+  <cores count="1"><core/></cores>
+  <devices>
+    <device class="8259A" id="pic"/>
+    <device class="LAPIC" id="lapic"/>
+    <device class="IOAPIC" id="ioapic"/>
+    <device class="8254_PIT" id="pit"/>
+    <device class="SERIAL" id="serial"/>
+    <device class="DEBUG_EXIT" id="exit"/>
+    <device class="PCI" id="pci0"/>
+    <device class="LNX_VIRTIO_NIC" id="net0"><bus>pci0</bus></device>
+    <device class="TAP" id="t" ifname="{tap}"><frontend tag="net0"/></device>
+  </devices>
+  <boot format="multiboot" kernel="guest:virtio.elf" cmdline="test=net"/>
+</vm>
+"#
+        ),
+    )
+    .unwrap();
+    let prefix = ["ip", "netns", "exec", ns.0.as_str()];
+    each_backend(|b| {
+        let mut s = Session::start_in(&prefix, &["run", "--backend", b, cfg.to_str().unwrap()]);
+        let status = s.wait_exit(Duration::from_secs(120));
+        let out = s.output();
+        assert_eq!(status, 1, "{b}: {}", s.describe());
+        for want in [
+            "PASS net init",
+            "PASS net tx",
+            "PASS net echo",
+            "PASS net msix",
+        ] {
+            assert!(out.contains(want), "{b}: {want}\n{out}");
+        }
+        assert!(!out.contains("FAIL"), "{b}\n{out}");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
