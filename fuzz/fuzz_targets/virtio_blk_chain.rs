@@ -1,6 +1,7 @@
 #![no_main]
-//! virtio-blk request parsing: any header and descriptor list (as a guest may build them) is
-//! a request whose pieces lie inside the chain, or an error, never a panic.
+//! virtio-blk request parsing and the virtio-net transmit check: any header and descriptor
+//! list (as a guest may build them) is a request whose pieces lie inside the chain, or an
+//! error, never a panic.
 use libfuzzer_sys::fuzz_target;
 use palacios_virtio::blk_req::{Desc, ReqError, parse, MAX_REQUEST_BYTES};
 
@@ -17,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
             write_only: c[12] & 1 != 0,
         })
         .collect();
+    if let Ok(n) = palacios_virtio::net::tx_len(&descs) {
+        assert!((palacios_virtio::net::HDR..=palacios_virtio::net::MAX_FRAME).contains(&n));
+        assert!(descs.iter().all(|d| !d.write_only));
+    }
     match parse(header, &descs) {
         Ok(r) => {
             assert!(r.data_len <= MAX_REQUEST_BYTES);

@@ -71,7 +71,10 @@ pub fn parse(header: [u8; 16], descs: &[Desc]) -> Result<Request, ReqError> {
     let mut segs: Vec<Desc> = Vec::with_capacity(descs.len());
     if first.len > 16 {
         segs.push(Desc {
-            addr: first.addr + 16,
+            addr: first
+                .addr
+                .checked_add(16)
+                .ok_or(bad("the header wraps around the address space"))?,
             len: first.len - 16,
             write_only: false,
         });
@@ -185,6 +188,11 @@ mod tests {
                 ]
             ),
             Err(ReqError::Bad { status: 0x3000, .. })
+        ));
+        // A header whose data part wraps (found by the fuzzer).
+        assert!(matches!(
+            parse(hdr(T_OUT, 0), &[d(u64::MAX, 0x7a0a, false), d(0x2000, 2, true)]),
+            Err(ReqError::Bad { .. })
         ));
         // Status address that wraps.
         assert_eq!(
