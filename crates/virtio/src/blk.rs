@@ -20,7 +20,8 @@ pub const F_DISCARD: u64 = 1 << 13;
 pub const F_WRITE_ZEROES: u64 = 1 << 14;
 
 const SECTOR: u64 = 512;
-const SEG_MAX: u32 = 126;
+/// Segments per request: the queue size less the header and status descriptors.
+const SEG_MAX: u32 = 254;
 const SIZE_MAX: u32 = 1 << 20;
 const CHUNK: usize = 128 << 10;
 
