@@ -563,7 +563,10 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
         ));
     }
     let mut cfg = match &a.config {
-        None => untrusted_config(theirs.clone()),
+        None => match untrusted_config(theirs.clone()) {
+            Ok(c) => c,
+            Err(e) => return Err(refuse(&mut conn, e)),
+        },
         Some(p) => {
             let mine = match load_config(p) {
                 Ok(c) => c,
@@ -627,8 +630,24 @@ fn try_receive(a: ReceiveArgs) -> Result<u8, LaunchError> {
 
 /// A config that came over the network: it names nothing on this host. Its character streams
 /// that reach host files or sockets become `null`, and its files and boot image are dropped
-/// (a reboot then has nothing to boot). `--config` is how to connect them here.
-fn untrusted_config(mut cfg: palacios_vmm::VmConfig) -> palacios_vmm::VmConfig {
+/// (a reboot then has nothing to boot). Devices whose backend is a host resource (a disk
+/// image, an NBD server, a TAP or bridge) are refused: the source must not choose which host
+/// files or interfaces the guest reaches here. `--config` is how to connect them here.
+fn untrusted_config(mut cfg: palacios_vmm::VmConfig) -> Result<palacios_vmm::VmConfig, String> {
+    const HOST_BACKENDS: &[&str] = &["FILEDISK", "QCOWDISK", "NETDISK", "TAP", "NIC_BRIDGE"];
+    let named: Vec<String> = cfg
+        .devices
+        .iter()
+        .filter(|d| HOST_BACKENDS.contains(&d.class.as_str()))
+        .map(|d| format!("{} '{}'", d.class, d.id))
+        .collect();
+    if !named.is_empty() {
+        return Err(format!(
+            "the source's VM uses host resources ({}); this host must say which of its own to \
+             use: give the receiver this host's config with --config",
+            named.join(", ")
+        ));
+    }
     for d in cfg.devices.iter_mut().filter(|d| d.class == "CHAR_STREAM") {
         let node = &mut d.node;
         let safe = |v: &str| v == "console" || v == "stdio" || v == "null";
@@ -656,7 +675,7 @@ fn untrusted_config(mut cfg: palacios_vmm::VmConfig) -> palacios_vmm::VmConfig {
     cfg.files.clear();
     cfg.boot = None;
     cfg.source = None;
-    cfg
+    Ok(cfg)
 }
 
 fn load(a: LoadArgs) -> u8 {

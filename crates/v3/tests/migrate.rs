@@ -10,7 +10,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
@@ -573,4 +573,141 @@ fn the_receiver_opens_no_host_file_the_source_names() {
     );
     stop(&p.dst_sock);
     p.dst.wait_exit(Duration::from_secs(30));
+}
+
+/// Migration carries the virtio functions (shared-storage model: both ends name the same disk
+/// image). Linux with a mounted virtio disk and the rng moves; on the destination the same
+/// mount reads and writes and the rng answers. A receiver without --config refuses a VM whose
+/// disk is a host file, naming it, and the source runs on.
+#[test]
+fn a_linux_guest_with_virtio_devices_migrates() {
+    let Some((kernel, initrd, _)) = linux_guest() else {
+        return;
+    };
+    let tools = ["mke2fs", "debugfs"];
+    if let Some(t) = tools.iter().find(|t| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }) {
+        palacios::vmm::test_support::missing_prerequisite(
+            &test_name(),
+            &format!("{t} (e2fsprogs)"),
+        );
+        return;
+    }
+    let dir = tmpdir("mig-virtio-cfg");
+    let disk = dir.join("disk.img");
+    let src_dir = dir.join("src");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::write(src_dir.join("hello.txt"), "on-the-source\n").unwrap();
+    let o = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&src_dir)
+        .arg(&disk)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = dir.join("vm.xml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"<vm class="PC">
+  <memory>256</memory>
+  <cores count="1"><core/></cores>
+  <backend>emu</backend>
+  <files><file id="kernel" filename="{}"/><file id="initrd" filename="{}"/></files>
+  <devices>
+    <device class="8259A" id="pic"/>
+    <device class="8254_PIT" id="pit"/>
+    <device class="LAPIC" id="lapic"/>
+    <device class="IOAPIC" id="ioapic"/>
+    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
+    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
+    <device class="PM_TIMER" id="pm_timer"/>
+    <device class="ACPI" id="acpi"/>
+    <device class="SERIAL" id="serial"/>
+    <device class="PCI" id="pci0"/>
+    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>
+    <device class="FILEDISK" id="d0" writable="1"><path>{}</path><frontend tag="blk0"/></device>
+    <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus></device>
+  </devices>
+  <boot format="linux" kernel="kernel" initrd="initrd" cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
+</vm>
+"#,
+            kernel.display(),
+            initrd.display(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.display().to_string();
+
+    // Without --config: refused, the source runs on.
+    let mut p = start_pair("mig-virtio-refuse", &[&cfg_s], &[], &[], "127.0.0.1");
+    let ready = p
+        .src
+        .wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(150));
+    p.src.wait_for("# ", ready, Duration::from_secs(60));
+    let r = send(&p, &[]);
+    assert_ne!(r.status, 0, "{}", r.out());
+    assert!(r.stderr.contains("FILEDISK 'd0'"), "{}", r.out());
+    let (st, v) =
+        palacios_api::request(&p.src_sock, "GET", "/vm", None, Duration::from_secs(10)).unwrap();
+    assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
+    stop(&p.src_sock);
+    let _ = p.src.wait_exit(Duration::from_secs(30));
+    p.dst.kill9();
+
+    // With this host's config on the receiver: the VM moves with its devices.
+    let mut p = start_pair(
+        "mig-virtio",
+        &[&cfg_s],
+        &["--config", &cfg_s],
+        &[],
+        "127.0.0.1",
+    );
+    let ready = p
+        .src
+        .wait_for("PALACIOS-LINUX-READY", 0, Duration::from_secs(150));
+    let at = p.src.wait_for("# ", ready, Duration::from_secs(60));
+    p.src
+        .send("mount /dev/vda /mnt && cat /mnt/hello.txt && echo MOUNTED");
+    p.src.wait_for("\nMOUNTED", at, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = send(&p, &[]);
+    assert_eq!(
+        r.status,
+        0,
+        "{}\n{}\n{}",
+        r.out(),
+        p.src.describe(),
+        p.dst.describe()
+    );
+    assert_eq!(p.src.wait_exit(Duration::from_secs(30)), 0);
+    p.dst.send(
+        "cat /mnt/hello.txt; echo moved > /mnt/moved.txt; sync; umount /mnt; echo DONE-$((2+3))",
+    );
+    let at = p.dst.wait_for("on-the-source", 0, Duration::from_secs(60));
+    let done = p.dst.wait_for("DONE-5", at, Duration::from_secs(60));
+    p.dst
+        .send("dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | wc -w");
+    p.dst.wait_for("\n16", done, Duration::from_secs(60));
+    p.dst.send("poweroff -f");
+    assert_eq!(
+        p.dst.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        p.dst.describe()
+    );
+    let o = Command::new("debugfs")
+        .args(["-R", "cat /moved.txt"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "moved\n");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -191,7 +191,10 @@ mod tests {
         ));
         // A header whose data part wraps (found by the fuzzer).
         assert!(matches!(
-            parse(hdr(T_OUT, 0), &[d(u64::MAX, 0x7a0a, false), d(0x2000, 2, true)]),
+            parse(
+                hdr(T_OUT, 0),
+                &[d(u64::MAX, 0x7a0a, false), d(0x2000, 2, true)]
+            ),
             Err(ReqError::Bad { .. })
         ));
         // Status address that wraps.
