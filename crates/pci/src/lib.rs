@@ -8,6 +8,7 @@
 //! function as (BAR index, offset), so a moved BAR needs nothing from the device.
 
 pub mod config;
+pub mod msi;
 pub mod msix;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,9 @@ pub struct PciRoot {
     /// PIRQA..D lines, each shared by the functions routed to it: asserted while any is.
     pirq: [Arc<dyn IrqLine>; 4],
     pirq_state: Mutex<[u32; 4]>,
+    /// PIRQ → ISA IRQ routes (the PIIX3's registers 0x60-0x63) and the ISA lines (0-15).
+    pirq_route: Mutex<[Option<u8>; 4]>,
+    isa_lines: std::sync::OnceLock<Vec<Arc<dyn IrqLine>>>,
     /// Counts of configuration writes the root ignored (no such function, bad BAR).
     pub bad_bar_maps: std::sync::atomic::AtomicU64,
 }
@@ -105,6 +109,8 @@ impl PciRoot {
             slots: Mutex::new(BTreeMap::new()),
             pirq,
             pirq_state: Mutex::new([0; 4]),
+            pirq_route: Mutex::new([None; 4]),
+            isa_lines: std::sync::OnceLock::new(),
             bad_bar_maps: Default::default(),
         })
     }
@@ -172,6 +178,42 @@ impl PciRoot {
         let after = st[pirq] > 0;
         if before != after {
             self.pirq[pirq].set_level(after);
+            if let Some(irq) = lock(&self.pirq_route)[pirq] {
+                self.isa(irq, after);
+            }
+        }
+    }
+
+    fn isa(&self, irq: u8, level: bool) {
+        if let Some(l) = self.isa_lines.get().and_then(|v| v.get(irq as usize)) {
+            l.set_level(level);
+        }
+    }
+
+    /// The ISA IRQ lines 0-15 a PIRQ can be routed to (the PIC's inputs).
+    pub fn set_isa_lines(&self, lines: Vec<Arc<dyn IrqLine>>) {
+        let _ = self.isa_lines.set(lines);
+    }
+
+    /// A PIIX3 PIRQ route register (0x60 + `pirq`): bit 7 disables the route, bits 3-0 are
+    /// the ISA IRQ. IRQs the PIIX3 cannot route to (0-2, 8, 13) disable it too.
+    pub fn set_pirq_route(&self, pirq: usize, reg: u8) {
+        if pirq >= 4 {
+            return;
+        }
+        let irq = reg & 0x0f;
+        let new = (reg & 0x80 == 0 && !matches!(irq, 0..=2 | 8 | 13)).then_some(irq);
+        let asserted = lock(&self.pirq_state)[pirq] > 0;
+        let mut routes = lock(&self.pirq_route);
+        let old = std::mem::replace(&mut routes[pirq], new);
+        drop(routes);
+        if old != new && asserted {
+            if let Some(o) = old {
+                self.isa(o, false);
+            }
+            if let Some(n) = new {
+                self.isa(n, true);
+            }
         }
     }
 

@@ -190,3 +190,26 @@ fn firmware_style_assignment() {
     assert!(mmio.read(bars[1].addr, &mut [0u8; 4]));
     assert_eq!(c.command() & 7, 7);
 }
+
+#[test]
+fn pirq_routes_reach_the_isa_line_the_piix3_names() {
+    let (root, _pio, _m, _d, lv) = setup();
+    let isa: Vec<Arc<Level>> = (0..16).map(|_| Arc::new(Level::default())).collect();
+    root.set_isa_lines(isa.iter().map(|l| l.clone() as Arc<dyn IrqLine>).collect());
+    let line = root.intx_line(DevFn::new(3, 0), 1); // slot 3 INTA -> PIRQD
+    root.set_pirq_route(3, 11);
+    line.set_level(true);
+    assert!(lv[3].1.load(Ordering::Relaxed), "the IOAPIC pin follows");
+    assert!(isa[11].1.load(Ordering::Relaxed), "ISA IRQ 11 follows");
+    // Rerouted while asserted: the old IRQ drops, the new one rises.
+    root.set_pirq_route(3, 10);
+    assert!(!isa[11].1.load(Ordering::Relaxed));
+    assert!(isa[10].1.load(Ordering::Relaxed));
+    // Disabled, and an IRQ the PIIX3 cannot route to.
+    root.set_pirq_route(3, 0x80 | 10);
+    assert!(!isa[10].1.load(Ordering::Relaxed));
+    root.set_pirq_route(3, 2);
+    assert!(!isa[2].1.load(Ordering::Relaxed));
+    line.set_level(false);
+    assert!(!lv[3].1.load(Ordering::Relaxed));
+}

@@ -22,7 +22,7 @@ use palacios_pci::msix::MsixTable;
 use palacios_pci::{BarMapping, PciDevice};
 use palacios_vmm::GuestMem;
 use palacios_vmm::bus::lock;
-use palacios_vmm::irq::{IrqLine, MsiRouter};
+use palacios_vmm::irq::{IrqLine, MsiController, MsiRouter};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -50,6 +50,8 @@ pub struct Shared {
     pub queues: Vec<Mutex<Queue>>,
     vectors: Mutex<Vectors>,
     pub msix: Mutex<MsixTable>,
+    /// The plain MSI message while the guest has MSI (not MSI-X) enabled.
+    msi_message: Mutex<Option<palacios_vmm::irq::MsiMessage>>,
     msi: Arc<MsiRouter>,
     intx: Mutex<Option<Arc<dyn IrqLine>>>,
     isr: AtomicU8,
@@ -108,6 +110,11 @@ impl Shared {
         }
         drop(msix);
         self.isr.fetch_or(isr_bit, Ordering::AcqRel);
+        // Plain MSI: one message for everything; the driver reads the ISR as with INTx.
+        if let Some(m) = *lock(&self.msi_message) {
+            self.msi.send_msi(m);
+            return;
+        }
         if let Some(l) = lock(&self.intx).as_ref() {
             l.set_level(true);
         }
@@ -389,6 +396,9 @@ pub struct VirtioPci {
     cfg: ConfigSpace,
     pub shared: Arc<Shared>,
     msix_cap: usize,
+    msi_cap: palacios_pci::msi::MsiCap,
+    /// VIRTIO_PCI_CAP_PCI_CFG: its offset (the data window is at +16).
+    pci_cfg_cap: usize,
     device_feature_select: u32,
     driver_feature_select: u32,
     queue_select: u16,
@@ -478,6 +488,17 @@ impl VirtioPci {
         let msix = MsixTable::new(nq as u16 + 1);
         let (body, mask) = msix.capability(MODERN_BAR as u8, MSIX_TABLE as u32, MSIX_PBA as u32);
         let msix_cap = cfg.add_capability(CAP_MSIX, &body, &mask);
+        let msi_cap = palacios_pci::msi::MsiCap::add(&mut cfg);
+        // VIRTIO_PCI_CAP_PCI_CFG: bar (byte 4), offset (8), length (12) are the driver's;
+        // pci_cfg_data (16) is a window onto that BAR location.
+        let mut pci_body = vcap(5, 0, 0, None);
+        pci_body[2] = 0;
+        pci_body.extend_from_slice(&[0; 4]);
+        pci_body[0] = 20;
+        let mut pci_mask = vec![0u8; pci_body.len()];
+        pci_mask[2] = 0xff;
+        pci_mask[6..14].fill(0xff);
+        let pci_cfg_cap = cfg.add_capability(CAP_VENDOR, &pci_body, &pci_mask);
         let mut queues = Vec::with_capacity(nq);
         for s in &sizes {
             queues.push(Mutex::new(Queue::new(*s).map_err(|e| {
@@ -496,6 +517,7 @@ impl VirtioPci {
                 queues: vec![NO_VECTOR; nq],
             }),
             msix: Mutex::new(msix),
+            msi_message: Mutex::new(None),
             msi,
             intx: Mutex::new(None),
             isr: AtomicU8::new(0),
@@ -517,6 +539,8 @@ impl VirtioPci {
             cfg,
             shared,
             msix_cap,
+            msi_cap,
+            pci_cfg_cap,
             device_feature_select: 0,
             driver_feature_select: 0,
             queue_select: 0,
@@ -556,6 +580,30 @@ impl VirtioPci {
                     break;
                 }
             }
+        }
+    }
+
+    /// An access through VIRTIO_PCI_CAP_PCI_CFG's data window: `length` bytes (1, 2 or 4) at
+    /// `offset` in BAR `bar`, as the capability's fields say. Anything else reads zero.
+    fn pci_cfg_access(&mut self, at: usize, read: Option<&mut [u8]>, write: Option<&[u8]>) {
+        let c = self.pci_cfg_cap;
+        let bar = self.cfg.bytes()[c + 4] as usize;
+        let off = u64::from(self.cfg.u32_at(c + 8));
+        let len = self.cfg.u32_at(c + 12) as usize;
+        let ok = matches!(len, 1 | 2 | 4) && at == 0 && (bar == MODERN_BAR || bar == LEGACY_BAR);
+        match (read, write) {
+            (Some(d), _) => {
+                d.fill(0);
+                if ok && d.len() >= len {
+                    self.bar_read(bar, off, &mut d[..len]);
+                }
+            }
+            (None, Some(d)) => {
+                if ok && d.len() >= len {
+                    self.bar_write(bar, off, &d[..len]);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -925,6 +973,10 @@ impl VirtioPci {
             return Err("MSI-X table of another size".into());
         }
         self.cfg.restore_from(&st.config)?;
+        *lock(&sh.msi_message) = self
+            .msi_cap
+            .enabled(&self.cfg)
+            .then(|| self.msi_cap.message(&self.cfg));
         for (q, s) in sh.queues.iter().zip(&st.queues) {
             let qs = virtio_queue::QueueState {
                 max_size: s.max_size,
@@ -991,7 +1043,31 @@ impl PciDevice for VirtioPci {
     fn config_mut(&mut self) -> &mut ConfigSpace {
         &mut self.cfg
     }
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        let win = self.pci_cfg_cap + 16;
+        if offset >= win && offset + data.len() <= win + 4 {
+            self.pci_cfg_access(offset - win, Some(data), None);
+            return;
+        }
+        self.cfg.read(offset, data);
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let win = self.pci_cfg_cap + 16;
+        if offset >= win && offset + data.len() <= win + 4 {
+            self.pci_cfg_access(offset - win, None, Some(data));
+            return;
+        }
+        self.cfg.write(offset, data);
+        self.config_written(offset, data.len());
+    }
     fn config_written(&mut self, offset: usize, len: usize) {
+        let m = self.msi_cap.offset;
+        if offset < m + 14 && offset + len > m {
+            *lock(&self.shared.msi_message) = self
+                .msi_cap
+                .enabled(&self.cfg)
+                .then(|| self.msi_cap.message(&self.cfg));
+        }
         let mc_at = self.msix_cap + 2;
         if offset < mc_at + 2 && offset + len > mc_at {
             let mc = self.cfg.u16_at(mc_at);

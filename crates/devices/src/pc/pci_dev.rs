@@ -5,8 +5,9 @@
 //! INTx: slot S pin P drives PIRQ[(S+P-1) mod 4], wired to IOAPIC pins 16-19 (described by
 //! the DSDT's `_PRT`). PCI interrupt lines are active low, as the `_PRT` tells the guest; with
 //! the VMM's own IOAPIC the line is driven electrically (idle high), with KVM's in-kernel
-//! irqchip as "asserted". The PIIX3's PIRQ route registers (0x60-0x63) hold what firmware
-//! writes; routing PIRQs to the 8259 (PIC-only guests) is not modelled.
+//! irqchip as "asserted". The PIIX3's PIRQ route registers (0x60-0x63) also route each PIRQ
+//! to an ISA IRQ (the 8259's input), as firmware programs them for PIC-only guests. An ISA
+//! IRQ shared with an ISA device is not wired-OR: firmware picks free IRQs.
 //!
 //! Without firmware the bus gives every BAR an address and enables decoding once all devices
 //! are created, as a BIOS would.
@@ -71,6 +72,8 @@ impl DeviceClass for PciClass {
             }
         });
         let root = PciRoot::new(ctx.pio.clone(), ctx.mmio.clone(), lines);
+        // ISA IRQs a PIRQ may be routed to by the PIIX3 (asserted-high, like ISA devices).
+        root.set_isa_lines((0..16).map(|i| ctx.irq_line(i)).collect());
         ctx.add_ports(
             0xcf8,
             8,
@@ -194,11 +197,61 @@ impl DeviceClass for Piix3Class {
             // PIRQ route: IRQ in bits 3:0, disable in bit 7; default disabled.
             cfg.bytes_mut()[r] = 0x80;
         }
-        let mut mask = [0u8; 4096];
-        mask[0x60..0x64].fill(0x8f);
-        for (o, m) in mask.iter().enumerate().skip(0x60).take(4) {
-            cfg.set_wmask_byte(o, *m);
+        for o in 0x60..0x64 {
+            cfg.set_wmask_byte(o, 0x8f);
         }
-        add_bridge(ctx, dev, DevFn::new(1, 0), cfg)
+        let root = pci_root(ctx, dev)?;
+        let p = Arc::new(Mutex::new(Piix3 {
+            cfg,
+            root: Arc::downgrade(&root),
+        }));
+        root.add(Some(DevFn::new(1, 0)), &dev.id, p.clone())
+            .map_err(|e| dev.node.err(e))?;
+        let (p1, p2) = (p.clone(), p);
+        ctx.register_state(state_fn(
+            1,
+            move || palacios_vmm::bus::lock(&p1).cfg.clone(),
+            move |saved: ConfigSpace| {
+                let mut p = palacios_vmm::bus::lock(&p2);
+                p.cfg.restore_from(&saved)?;
+                p.apply_routes();
+                Ok(())
+            },
+        ));
+        Ok(())
     }
+}
+
+/// The PIIX3 ISA bridge: its PIRQ route registers steer PCI INTx to ISA IRQs.
+struct Piix3 {
+    cfg: ConfigSpace,
+    root: std::sync::Weak<PciRoot>,
+}
+
+impl Piix3 {
+    fn apply_routes(&self) {
+        if let Some(root) = self.root.upgrade() {
+            for i in 0..4 {
+                root.set_pirq_route(i, self.cfg.bytes()[0x60 + i]);
+            }
+        }
+    }
+}
+
+impl PciDevice for Piix3 {
+    fn config(&self) -> &ConfigSpace {
+        &self.cfg
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
+    }
+    fn config_written(&mut self, offset: usize, len: usize) {
+        if offset < 0x64 && offset + len > 0x60 {
+            self.apply_routes();
+        }
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
 }
