@@ -14,7 +14,11 @@ struct Netns(String);
 
 impl Netns {
     fn create() -> Option<Netns> {
-        let name = format!("v3net{}", std::process::id() % 100_000);
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("v3net{}-{k}", std::process::id());
+        // A namespace of this name can only be a leftover of a killed run with the same pid.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let o = Command::new("ip").args(["netns", "add", &name]).output();
         match o {
             Ok(o) if o.status.success() => {}
