@@ -37,9 +37,37 @@ static uint64_t capacity;
 static unsigned nreq;
 
 /*
- * Device start-up (reset, features, MSI-X, queue 0, DRIVER_OK); 'name'
- * is the check a bad status after DRIVER_OK is reported under (NULL: the
- * caller reports it).
+ * Plain MSI (cmdline msi): one message for every interrupt; the handler
+ * reads (and so clears) the ISR register and counts what it said.
+ */
+static struct vdev *msi_dev;
+static volatile uint32_t msi_irqs, msi_isr_q, msi_isr_cfg, msi_isr_none;
+static int msi_broken; /* set up failed once: MSI-X from then on */
+
+static void blk_msi_irq(void)
+{
+	if (!msi_dev || !msi_dev->isr)
+		return;
+	uint8_t isr = mr8(msi_dev->isr);
+	msi_irqs++;
+	if (isr & 1)
+		msi_isr_q++;
+	if (isr & 2)
+		msi_isr_cfg++;
+	if (!(isr & 3))
+		msi_isr_none++;
+}
+
+/* The vector queue 0's interrupts arrive on (MSI-X entry 1 or the MSI). */
+static uint8_t blk_qvec(struct vdev *d)
+{
+	return d->msi_on ? VEC_BLK_MSI : VEC_BLK_Q0;
+}
+
+/*
+ * Device start-up (reset, features, MSI-X or MSI, queue 0, DRIVER_OK);
+ * 'name' is the check a bad status after DRIVER_OK is reported under
+ * (NULL: the caller reports it).
  */
 static int blk_start(struct vdev *d, const char *name)
 {
@@ -48,14 +76,30 @@ static int blk_start(struct vdev *d, const char *name)
 	if (!vdev_negotiate(d, (uint64_t)1 << VIRTIO_BLK_F_FLUSH))
 		return 0;
 	d->use_irq = 0;
-	if (!opt_poll && vdev_msix_setup(d, vecs, 2) &&
+	d->msi_on = 0;
+	if (!opt_poll && opt_msi && d->msi_cap && !msi_broken) {
+		/* MSI, not MSI-X: virtio has no vectors, so NO_VECTOR. */
+		msi_dev = d;
+		irq_hooks[VEC_BLK_MSI] = blk_msi_irq;
+		if (vdev_msi_setup(d, VEC_BLK_MSI) &&
+		    vdev_config_vector(d, VIRTIO_NO_VECTOR)) {
+			d->use_irq = 1;
+			d->msi_on = 1;
+		} else {
+			vdev_msi_disable(d);
+			msi_broken = 1;
+			kprintf("virtio: blk falling back to MSI-X\n");
+		}
+	}
+	if (!opt_poll && !d->msi_on && vdev_msix_setup(d, vecs, 2) &&
 	    vdev_config_vector(d, 0))
 		d->use_irq = 1;
 	wake_timer(d->use_irq);
 	d->vqs = &q0;
 	d->nvqs = 1;
-	if (!vq_setup(d, &q0, 0, d->use_irq ? 1 : VIRTIO_NO_VECTOR,
-		      VEC_BLK_Q0))
+	if (!vq_setup(d, &q0, 0,
+		      d->use_irq && !d->msi_on ? 1 : VIRTIO_NO_VECTOR,
+		      blk_qvec(d)))
 		return 0;
 	vdev_driver_ok(d);
 	uint8_t st = vdev_status(d);
@@ -69,12 +113,20 @@ static int blk_start(struct vdev *d, const char *name)
 
 int blk_init(struct vdev *d)
 {
+	if (opt_msi && opt_poll)
+		t_skip("blk msi", "poll");
+	else if (opt_msi && !d->msi_cap)
+		t_skip("blk msi", "no MSI capability");
 	if (!blk_start(d, "blk init"))
 		return 0;
 	capacity = cfg_r64(d, 0);
 	t_pass("blk init");
-	kprintf("virtio: blk using %s\n",
-		d->use_irq ? "MSI-X interrupts" : "polling");
+	if (d->msi_on)
+		kprintf("virtio: blk using MSI interrupts (vector 0x%x, the "
+			"handler reads the ISR)\n", VEC_BLK_MSI);
+	else
+		kprintf("virtio: blk using %s\n",
+			d->use_irq ? "MSI-X interrupts" : "polling");
 	return 1;
 }
 
@@ -156,12 +208,106 @@ static int check_pattern(uint64_t first, unsigned count, unsigned *at)
 	return 1;
 }
 
+/*
+ * blk msi: every request had an interrupt through the MSI vector whose
+ * ISR read had the queue bit (0); one request is in flight at a time, so
+ * that is at least one such interrupt per request.
+ */
+static void blk_msi_check(struct vdev *d, unsigned nreqs, uint32_t irqs,
+			  uint32_t isr_q, uint32_t isr_cfg, uint32_t isr_none)
+{
+	const char *name = "blk msi";
+	struct pci_fn *p = d->pci;
+	uint16_t mc = pci_r16(p, (uint8_t)(d->msi_cap + 2));
+	uint16_t xmc = d->msix_cap ? pci_r16(p, (uint8_t)(d->msix_cap + 2)) : 0;
+
+	kprintf("virtio: blk msi: %u requests, %u MSI interrupts (vector "
+		"0x%x): ISR bit 0 (queue) in %u, bit 1 (config) in %u, neither "
+		"in %u; MSI control 0x%x, MSI-X control 0x%x\n", nreqs, irqs,
+		VEC_BLK_MSI, isr_q, isr_cfg, isr_none, mc, xmc);
+	if (!d->use_irq)
+		return; /* "FAIL blk msi (no MSI interrupt ...)" said it */
+	if (irqs < nreqs)
+		t_fail(name, "%u MSI interrupts (vector 0x%x) for %u requests",
+		       irqs, VEC_BLK_MSI, nreqs);
+	else if (isr_q < nreqs)
+		t_fail(name, "ISR bit 0 (queue interrupt) was set in %u of %u "
+		       "interrupts, want at least one per request (%u)", isr_q,
+		       irqs, nreqs);
+	else if (!(mc & 1) || (xmc & 0x8000))
+		t_fail(name, "MSI control 0x%x, MSI-X control 0x%x: want MSI "
+		       "enabled and MSI-X disabled", mc, xmc);
+	else
+		t_pass(name);
+}
+
+/*
+ * pci cfg window: VIRTIO_PCI_CAP_PCI_CFG (virtio 1.1 4.1.4.7) accesses
+ * the BAR through configuration space: bar (+4), offset (+8) and length
+ * (+12) choose the location, pci_cfg_data (+16) is the data. Reads
+ * num_queues through it, and writes queue_select (0) through it.
+ */
+static void pci_cfg_window(struct vdev *d)
+{
+	const char *name = "pci cfg window";
+	struct pci_fn *p = d->pci;
+	uint8_t c = d->pcicfg_cap;
+
+	if (!c) {
+		t_skip(name, "no VIRTIO_PCI_CAP_PCI_CFG capability");
+		return;
+	}
+	uint8_t bar = pci_r8(p, (uint8_t)(d->common_cap + 4));
+	uint32_t coff = pci_r32(p, (uint8_t)(d->common_cap + 8));
+
+	/* Read num_queues (le16 at common + 0x12). */
+	pci_w8(p, (uint8_t)(c + 4), bar);
+	pci_w32(p, (uint8_t)(c + 8), coff + CC_NUMQ);
+	pci_w32(p, (uint8_t)(c + 12), 2);
+	uint8_t rbar = pci_r8(p, (uint8_t)(c + 4));
+	uint32_t roff = pci_r32(p, (uint8_t)(c + 8));
+	uint32_t rlen = pci_r32(p, (uint8_t)(c + 12));
+	uint16_t win = pci_r16(p, (uint8_t)(c + 16));
+	uint16_t direct = mr16(d->common + CC_NUMQ);
+
+	/* Write queue_select = 0 (after setting it to 1 directly). */
+	mw16(d->common + CC_Q_SELECT, 1);
+	uint16_t sel1 = mr16(d->common + CC_Q_SELECT);
+	pci_w32(p, (uint8_t)(c + 8), coff + CC_Q_SELECT);
+	pci_w32(p, (uint8_t)(c + 12), 2);
+	pci_w16(p, (uint8_t)(c + 16), 0);
+	uint16_t sel = mr16(d->common + CC_Q_SELECT);
+	mw16(d->common + CC_Q_SELECT, 0);
+
+	kprintf("virtio: %s: cap 0x%x, common cfg in BAR%u at 0x%x; cap bar "
+		"%u offset 0x%x length %u read back; num_queues %u through the "
+		"window, %u direct; queue_select %u after writing 1 directly, "
+		"%u after writing 0 through the window\n", name, c, bar, coff,
+		rbar, roff, rlen, win, direct, sel1, sel);
+	if (rbar != bar || roff != coff + CC_NUMQ || rlen != 2)
+		t_fail(name, "cap bar/offset/length read back %u/0x%x/%u after "
+		       "writing %u/0x%x/2", rbar, roff, rlen, bar,
+		       coff + CC_NUMQ);
+	else if (win != direct)
+		t_fail(name, "num_queues reads %u through pci_cfg_data, %u "
+		       "through the BAR", win, direct);
+	else if (sel != 0)
+		t_fail(name, "queue_select reads %u after writing 0 through "
+		       "pci_cfg_data (it read %u after writing 1 directly)", sel,
+		       sel1);
+	else
+		t_pass(name);
+}
+
 void blk_tests(struct vdev *d)
 {
 	uint32_t used = 0;
 	int st;
 	unsigned at;
-	uint32_t irq0 = irq_count[VEC_BLK_Q0];
+	uint8_t qvec = blk_qvec(d);
+	uint32_t irq0 = irq_count[qvec];
+	uint32_t mi0 = msi_irqs, mq0 = msi_isr_q, mc0 = msi_isr_cfg;
+	uint32_t mn0 = msi_isr_none;
 	unsigned req0 = nreq;
 
 	/* --- configuration */
@@ -268,13 +414,22 @@ void blk_tests(struct vdev *d)
 		t_pass("blk unsupported type");
 
 	/* --- interrupts and device status */
-	uint32_t nirq = irq_count[VEC_BLK_Q0] - irq0;
+	unsigned nreqs = nreq - req0;
+	uint32_t nirq = irq_count[qvec] - irq0;
 	kprintf("virtio: blk %u requests, %u queue interrupts, %u config "
-		"interrupts\n", nreq - req0, nirq, irq_count[VEC_BLK_CONFIG]);
+		"interrupts\n", nreqs, nirq, irq_count[VEC_BLK_CONFIG]);
 	if (opt_poll)
 		t_skip("blk msix", "poll");
+	else if (d->msi_on)
+		t_skip("blk msix", "plain MSI in use, not MSI-X");
 	else if (d->use_irq)
 		t_pass("blk msix");
+	if (d->msi_on)
+		blk_msi_check(d, nreqs, msi_irqs - mi0, msi_isr_q - mq0,
+			      msi_isr_cfg - mc0, msi_isr_none - mn0);
+
+	pci_cfg_window(d);
+
 	uint8_t s = vdev_status(d);
 	if (s != 0x0f)
 		t_fail("blk status", "device status 0x%x, want 0x0f", s);
@@ -286,7 +441,8 @@ void blk_bench(struct vdev *d, uint32_t n)
 {
 	uint64_t blocks = capacity >> 3;
 	uint32_t x = 12345, errors = 0, nblk;
-	uint32_t irq0 = irq_count[VEC_BLK_Q0];
+	uint8_t qvec = blk_qvec(d);
+	uint32_t irq0 = irq_count[qvec];
 
 	if (blocks == 0 || n == 0) {
 		t_fail("blk bench", "capacity %llu sectors, n %u",
@@ -317,8 +473,8 @@ void blk_bench(struct vdev *d, uint32_t n)
 	kprintf("BENCH reads=%u usec_per_req=%llu iops=%llu\n", n,
 		(unsigned long long)per, (unsigned long long)iops);
 	kprintf("virtio: bench %s, %llu us total, %u interrupts\n",
-		d->use_irq ? "msix" : "poll", (unsigned long long)us,
-		irq_count[VEC_BLK_Q0] - irq0);
+		!d->use_irq ? "poll" : d->msi_on ? "msi" : "msix",
+		(unsigned long long)us, irq_count[qvec] - irq0);
 	if (errors)
 		t_fail("blk bench", "%u of %u reads failed", errors, n);
 	else

@@ -5,6 +5,7 @@
 #include "virtio.h"
 
 volatile uint32_t irq_count[256];
+void (*irq_hooks[256])(void);
 uint32_t tsc_per_ms = 1000000, tsc_per_us = 1000;
 uint32_t lapic_base = 0xfee00000u, apic_id;
 int have_apic, timer_ok;
@@ -159,6 +160,8 @@ void isr_dispatch(struct frame *f)
 		      exc_names[v], v, f->err, f->eip, cr2);
 	}
 	/* 0x20-0x2f: the 8259s are masked; only spurious IRQ7/15 can come. */
+	if (v >= 0x30 && v != VEC_SPURIOUS && irq_hooks[v])
+		irq_hooks[v]();
 	if (v >= 0x30 && v != VEC_SPURIOUS && have_apic)
 		lapic_write(LAPIC_EOI, 0);
 }

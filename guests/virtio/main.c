@@ -9,6 +9,8 @@
  *               The bare words blk and net also select those tests.
  *   bench=N     N random 4 KiB reads from the block device (one in flight)
  *   poll        no interrupts: poll the used rings (MSI-X left disabled)
+ *   msi         blk: plain MSI (capability 0x05) instead of MSI-X, the ISR
+ *               read in the handler (MSI-X if there is no MSI capability)
  *   reassign    give every memory BAR of the devices used a new address
  *               (from 0xe0000000) before using it
  *   qsize=N     largest queue size to use (power of two, default 64)
@@ -21,7 +23,7 @@
 #include "multiboot.h"
 #include "virtio.h"
 
-int opt_poll, opt_reassign;
+int opt_poll, opt_reassign, opt_msi;
 uint32_t opt_qsize = 64;
 uint32_t ram_end;
 
@@ -219,6 +221,7 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 
 	opt_poll = word_present("poll");
 	opt_reassign = word_present("reassign");
+	opt_msi = word_present("msi");
 	get_u32("qsize", &opt_qsize);
 	if (opt_qsize < 2 || opt_qsize > VQ_MAX) {
 		kprintf("virtio: qsize=%u out of range 2..%u, using 64\n",
@@ -259,7 +262,7 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	kprintf("virtio: %u virtio functions; tests:%s%s%s%s; %s%s\n", n,
 		want_blk ? " blk" : "", want_net ? " net" : "",
 		do_bench ? " bench" : "", want_bad ? " bad" : "",
-		opt_poll ? "poll" : "msi-x",
+		opt_poll ? "poll" : opt_msi ? "msi (blk)" : "msi-x",
 		opt_reassign ? ", reassign BARs" : "");
 
 	if ((want_blk || want_bad || do_bench) && !blk)

@@ -53,6 +53,12 @@ uint32_t pci_r32(const struct pci_fn *p, uint8_t reg)
 	return raw_r32(p->bus, p->dev, p->fn, reg);
 }
 
+void pci_w8(const struct pci_fn *p, uint8_t reg, uint8_t v)
+{
+	pci_sel(p->bus, p->dev, p->fn, reg);
+	outb(v, PCI_DATA + (reg & 3));
+}
+
 void pci_w16(const struct pci_fn *p, uint8_t reg, uint16_t v)
 {
 	pci_sel(p->bus, p->dev, p->fn, reg);

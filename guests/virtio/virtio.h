@@ -17,6 +17,7 @@
 #define VEC_TIMER       0x30 /* LAPIC periodic timer: wakes hlt waits */
 #define VEC_BLK_CONFIG  0x40
 #define VEC_BLK_Q0      0x41
+#define VEC_BLK_MSI     0x45 /* plain MSI (cmdline msi): every blk interrupt */
 #define VEC_NET_CONFIG  0x48
 #define VEC_NET_RX      0x49
 #define VEC_NET_TX      0x4a
@@ -83,6 +84,8 @@ static inline void mw32(uint32_t a, uint32_t v) { *(volatile uint32_t *)phys_ptr
 
 /* --- hw.c ------------------------------------------------------------------ */
 extern volatile uint32_t irq_count[256];
+/* Called (IF=0) from the handler of vectors 0x30..0xfe, before the EOI. */
+extern void (*irq_hooks[256])(void);
 extern uint32_t tsc_per_ms, tsc_per_us;
 extern uint32_t lapic_base, apic_id;
 extern int have_apic, timer_ok;
@@ -123,6 +126,7 @@ struct pci_fn {
 uint8_t pci_r8(const struct pci_fn *p, uint8_t reg);
 uint16_t pci_r16(const struct pci_fn *p, uint8_t reg);
 uint32_t pci_r32(const struct pci_fn *p, uint8_t reg);
+void pci_w8(const struct pci_fn *p, uint8_t reg, uint8_t v);
 void pci_w16(const struct pci_fn *p, uint8_t reg, uint16_t v);
 void pci_w32(const struct pci_fn *p, uint8_t reg, uint32_t v);
 /* Fills devs[] with the virtio functions on bus 0; returns how many. */
@@ -214,10 +218,14 @@ struct vdev {
 	const char *name;         /* "blk" or "net" */
 	struct pci_fn *pci;
 	uint32_t common, notify_base, notify_mult, isr, devcfg, devcfg_len;
+	uint8_t common_cap;       /* config offset of the COMMON cfg capability */
+	uint8_t pcicfg_cap;       /* VIRTIO_PCI_CAP_PCI_CFG (cfg_type 5), or 0 */
 	uint8_t msix_cap;
+	uint8_t msi_cap;          /* plain MSI capability (id 0x05), or 0 */
 	uint16_t msix_entries;
 	uint32_t msix_table;
-	int use_irq;              /* MSI-X in use (not poll, not fallen back) */
+	int use_irq;              /* MSI-X or MSI in use (not poll, not fallen back) */
+	int msi_on;               /* plain MSI (not MSI-X): no virtio vectors, ISR read */
 	uint64_t features;        /* offered */
 	uint64_t accepted;
 	uint16_t num_queues;
@@ -229,7 +237,7 @@ struct sg {
 	uint32_t addr, len;
 };
 
-extern int opt_poll, opt_reassign;
+extern int opt_poll, opt_reassign, opt_msi;
 extern uint32_t opt_qsize;
 /* The end of guest RAM below 4 GiB (multiboot memory info; 0 if unknown). */
 extern uint32_t ram_end;
@@ -243,7 +251,18 @@ int vdev_probe(struct vdev *d, struct pci_fn *p, const char *name);
 int vdev_negotiate(struct vdev *d, uint64_t want);
 /* MSI-X table: entry i -> vectors[i]; returns 0 if not possible. */
 int vdev_msix_setup(struct vdev *d, const uint8_t *vectors, unsigned n);
-/* Queue i with MSI-X entry msix_entry (or VIRTIO_NO_VECTOR), irq vector vec. */
+/*
+ * Plain MSI (MSI-X disabled): one message, address 0xfee00000 | apic_id
+ * << 12, data 'vector'. Returns 0 (with a FAIL line, MSI left disabled)
+ * if not possible.
+ */
+int vdev_msi_setup(struct vdev *d, uint8_t vector);
+void vdev_msi_disable(struct vdev *d);
+/*
+ * Queue i with MSI-X entry msix_entry (or VIRTIO_NO_VECTOR), irq vector
+ * vec (with plain MSI, d->msi_on, the entry is NO_VECTOR and vec is the
+ * MSI vector).
+ */
 int vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t msix_entry, uint8_t vec);
 int vdev_config_vector(struct vdev *d, uint16_t msix_entry);
 void vdev_driver_ok(struct vdev *d);
@@ -261,9 +280,9 @@ void vq_kick(struct vq *q);
 /* A completed chain (head, frees its descriptors) or -1. */
 int vq_get_used(struct vq *q, uint32_t *len);
 /*
- * Wait for a completion on q: with MSI-X, for the used ring AND the
- * interrupt (sti; hlt), falling back to polling after a missing
- * interrupt (FAIL "no MSI-X interrupt" once). Returns 1 when a used
+ * Wait for a completion on q: with MSI-X or MSI, for the used ring AND
+ * the interrupt (sti; hlt), falling back to polling after a missing
+ * interrupt (FAIL "no MSI-X interrupt" / "no MSI interrupt" once). Returns 1 when a used
  * entry is there, 0 on timeout.
  */
 int vq_wait(struct vq *q, uint32_t timeout_us);

@@ -1,6 +1,6 @@
 /*
  * virtio guest: the virtio 1.x PCI transport (capabilities, device
- * status, feature negotiation, MSI-X) and split virtqueues.
+ * status, feature negotiation, MSI-X or plain MSI) and split virtqueues.
  */
 #include "virtio.h"
 
@@ -8,6 +8,7 @@
 #define CAP_NOTIFY 2
 #define CAP_ISR    3
 #define CAP_DEVICE 4
+#define CAP_PCI_CFG 5
 
 /* Ring memory: descriptor table, avail ring, used ring, a page each. */
 #define MAX_RINGS 4
@@ -61,7 +62,7 @@ static int cap_region(struct vdev *d, uint8_t at, uint32_t *addr, uint32_t *len)
 
 int vdev_probe(struct vdev *d, struct pci_fn *p, const char *name)
 {
-	uint8_t found[5] = { 0 };
+	uint8_t found[6] = { 0 };
 	uint8_t at = 0;
 	uint32_t len;
 
@@ -74,7 +75,7 @@ int vdev_probe(struct vdev *d, struct pci_fn *p, const char *name)
 	}
 	while ((at = pci_find_cap(p, 0x09, at)) != 0) {
 		uint8_t type = pci_r8(p, (uint8_t)(at + 3));
-		if (type >= 1 && type <= 4 && !found[type])
+		if (type >= 1 && type <= 5 && !found[type])
 			found[type] = at;
 	}
 	if (!found[CAP_COMMON] || !found[CAP_NOTIFY] || !found[CAP_ISR] ||
@@ -87,6 +88,8 @@ int vdev_probe(struct vdev *d, struct pci_fn *p, const char *name)
 	}
 	if (!cap_region(d, found[CAP_COMMON], &d->common, &len))
 		return 0;
+	d->common_cap = found[CAP_COMMON];
+	d->pcicfg_cap = found[CAP_PCI_CFG];
 	if (len < 0x38) {
 		t_fail(tn(d, "caps"), "common config is only %u bytes", len);
 		return 0;
@@ -97,10 +100,12 @@ int vdev_probe(struct vdev *d, struct pci_fn *p, const char *name)
 		return 0;
 	d->notify_mult = pci_r32(p, (uint8_t)(found[CAP_NOTIFY] + 16));
 	d->msix_cap = pci_find_cap(p, 0x11, 0);
+	d->msi_cap = pci_find_cap(p, 0x05, 0);
 	kprintf("virtio: %s caps: common 0x%x notify 0x%x (x%u) isr 0x%x "
-		"device 0x%x (%u bytes) msix cap 0x%x\n", name, d->common,
-		d->notify_base, d->notify_mult, d->isr, d->devcfg,
-		d->devcfg_len, d->msix_cap);
+		"device 0x%x (%u bytes) msix cap 0x%x msi cap 0x%x pci_cfg "
+		"cap 0x%x\n", name, d->common, d->notify_base, d->notify_mult,
+		d->isr, d->devcfg, d->devcfg_len, d->msix_cap, d->msi_cap,
+		d->pcicfg_cap);
 	return 1;
 }
 
@@ -230,6 +235,7 @@ int vdev_msix_setup(struct vdev *d, const uint8_t *vectors, unsigned n)
 		t_fail(name, "no MSI-X capability");
 		return 0;
 	}
+	vdev_msi_disable(d); /* never both MSI and MSI-X */
 	uint16_t mc = pci_r16(p, (uint8_t)(d->msix_cap + 2));
 	uint32_t tbl = pci_r32(p, (uint8_t)(d->msix_cap + 4));
 	unsigned bir = tbl & 7;
@@ -277,6 +283,84 @@ int vdev_msix_setup(struct vdev *d, const uint8_t *vectors, unsigned n)
 	if ((back & 0xc000) != 0x8000) {
 		t_fail(name, "message control reads 0x%x after writing 0x%x",
 		       back, mc);
+		return 0;
+	}
+	return 1;
+}
+
+/* ------------------------------------------------------------ MSI */
+
+void vdev_msi_disable(struct vdev *d)
+{
+	if (!d->msi_cap)
+		return;
+	uint8_t at = (uint8_t)(d->msi_cap + 2);
+	uint16_t mc = pci_r16(d->pci, at);
+	if (mc & 1)
+		pci_w16(d->pci, at, (uint16_t)(mc & ~1u));
+}
+
+/*
+ * PCI 3.0 6.8.1: message control at +2 (bit 0 enable, bits 6:4 multiple
+ * message enable, bit 7 64-bit address, bit 8 per-vector masking),
+ * address at +4, then either the upper address at +8 and data at +12
+ * (64-bit) or data at +8; the mask bits follow the data (+16 or +12).
+ */
+int vdev_msi_setup(struct vdev *d, uint8_t vector)
+{
+	const char *name = tn(d, "msi");
+	struct pci_fn *p = d->pci;
+	uint8_t c = d->msi_cap;
+
+	if (!have_apic) {
+		t_fail(name, "no local APIC");
+		return 0;
+	}
+	if (!c) {
+		t_fail(name, "no MSI capability");
+		return 0;
+	}
+	/* MSI-X off: the device then uses MSI (PCI 3.0 6.8.3.3). */
+	if (d->msix_cap) {
+		uint8_t xat = (uint8_t)(d->msix_cap + 2);
+		uint16_t xmc = pci_r16(p, xat);
+		if (xmc & 0x8000)
+			pci_w16(p, xat, (uint16_t)(xmc & ~0xc000u));
+	}
+	uint8_t mc_at = (uint8_t)(c + 2);
+	uint16_t mc = pci_r16(p, mc_at);
+	int is64 = (mc >> 7) & 1, pvm = (mc >> 8) & 1;
+	uint8_t data_at = (uint8_t)(c + (is64 ? 12 : 8));
+	uint8_t mask_at = (uint8_t)(c + (is64 ? 16 : 12));
+	uint32_t addr = 0xfee00000u | (apic_id << 12);
+
+	/* Disabled while it is programmed; one message (MME 0). */
+	mc = (uint16_t)(mc & ~0x0071u);
+	pci_w16(p, mc_at, mc);
+	pci_w32(p, (uint8_t)(c + 4), addr);
+	if (is64)
+		pci_w32(p, (uint8_t)(c + 8), 0);
+	pci_w16(p, data_at, vector); /* fixed, edge */
+	if (pvm)
+		pci_w32(p, mask_at, pci_r32(p, mask_at) & ~1u);
+	pci_w16(p, mc_at, (uint16_t)(mc | 1));
+
+	uint16_t mc1 = pci_r16(p, mc_at);
+	uint32_t a = pci_r32(p, (uint8_t)(c + 4));
+	uint32_t ahi = is64 ? pci_r32(p, (uint8_t)(c + 8)) : 0;
+	uint16_t data = pci_r16(p, data_at);
+	uint16_t xmc = d->msix_cap ? pci_r16(p, (uint8_t)(d->msix_cap + 2)) : 0;
+	kprintf("virtio: %s msi cap 0x%x: %s-bit address%s; address 0x%x "
+		"(high 0x%x) data 0x%x control 0x%x (MSI-X control 0x%x)\n",
+		d->name, c, is64 ? "64" : "32", pvm ? ", per-vector masking" : "",
+		a, ahi, data, mc1, xmc);
+	if (!(mc1 & 1) || (mc1 & 0x70) || a != addr || ahi || data != vector ||
+	    (xmc & 0x8000)) {
+		t_fail(name, "MSI reads back control 0x%x address 0x%x (high "
+		       "0x%x) data 0x%x (MSI-X control 0x%x) after programming "
+		       "address 0x%x data 0x%x enable 1", mc1, a, ahi, data, xmc,
+		       addr, vector);
+		vdev_msi_disable(d);
 		return 0;
 	}
 	return 1;
@@ -335,7 +419,8 @@ int vq_setup(struct vdev *d, struct vq *q, uint16_t index, uint16_t entry,
 		       index, entry, back);
 		return 0;
 	}
-	q->vec = entry == VIRTIO_NO_VECTOR ? 0 : vec;
+	/* Plain MSI has no virtio vectors: one message for everything. */
+	q->vec = entry != VIRTIO_NO_VECTOR || d->msi_on ? vec : 0;
 	q->irq_seen = q->vec ? irq_count[q->vec] : 0;
 
 	if (!mem)
@@ -482,9 +567,10 @@ int vq_wait(struct vq *q, uint32_t timeout_us)
 	if (!have)
 		return 0;
 	/* A completion without its interrupt: report it once, then poll. */
-	t_fail(tn(d, "msix"), "no MSI-X interrupt (vector 0x%x, queue %u) "
-	       "within %u ms of a used entry; polling the used ring from now "
-	       "on", q->vec, q->index, IRQ_GRACE_US / 1000);
+	t_fail(tn(d, d->msi_on ? "msi" : "msix"), "no %s interrupt (vector "
+	       "0x%x, queue %u) within %u ms of a used entry; polling the used "
+	       "ring from now on", d->msi_on ? "MSI" : "MSI-X", q->vec,
+	       q->index, IRQ_GRACE_US / 1000);
 	d->use_irq = 0;
 	wake_timer(0);
 	return 1;
