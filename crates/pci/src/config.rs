@@ -329,7 +329,7 @@ impl ConfigSpace {
         for o in 0..CONFIG_SIZE {
             let ro = !self.wmask[o] & !self.w1c[o];
             // Status bits the device itself drives may differ; everything else read-only must match.
-            let volatile = o == STATUS || (o >= 0x40 && o < 0x100);
+            let volatile = o == STATUS || (0x40..0x100).contains(&o);
             if !volatile && (self.data[o] & ro) != (saved.data[o] & ro) {
                 return Err(format!(
                     "PCI config space differs at read-only offset {o:#x} ({:#x} saved, {:#x} here)",

@@ -86,7 +86,7 @@ impl Blk {
         };
         match r.kind {
             T_IN => {
-                if r.data_len % SECTOR != 0 || !in_range(r.sector, r.data_len) {
+                if !r.data_len.is_multiple_of(SECTOR) || !in_range(r.sector, r.data_len) {
                     return (S_IOERR, 0);
                 }
                 let mut off = r.sector * SECTOR;
@@ -118,7 +118,7 @@ impl Blk {
                 if self.read_only {
                     return (S_IOERR, 0);
                 }
-                if r.data_len % SECTOR != 0 || !in_range(r.sector, r.data_len) {
+                if !r.data_len.is_multiple_of(SECTOR) || !in_range(r.sector, r.data_len) {
                     return (S_IOERR, 0);
                 }
                 let mut off = r.sector * SECTOR;

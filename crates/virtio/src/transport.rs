@@ -598,10 +598,8 @@ impl VirtioPci {
                     self.bar_read(bar, off, &mut d[..len]);
                 }
             }
-            (None, Some(d)) => {
-                if ok && d.len() >= len {
-                    self.bar_write(bar, off, &d[..len]);
-                }
+            (None, Some(d)) if ok && d.len() >= len => {
+                self.bar_write(bar, off, &d[..len]);
             }
             _ => {}
         }
@@ -681,9 +679,9 @@ impl VirtioPci {
         match off {
             0x00 => self.device_feature_select = v as u32,
             0x08 => self.driver_feature_select = v as u32,
-            0x0c => {
+            0x0c
                 // Features are fixed once FEATURES_OK is set.
-                if sh.status.load(Ordering::Acquire) & S_FEATURES_OK == 0 {
+                if sh.status.load(Ordering::Acquire) & S_FEATURES_OK == 0 => {
                     let mut f = lock(&sh.features);
                     match self.driver_feature_select {
                         0 => *f = (*f & !0xffff_ffff) | (v & 0xffff_ffff),
@@ -691,7 +689,6 @@ impl VirtioPci {
                         _ => {}
                     }
                 }
-            }
             0x10 => lock(&sh.vectors).config = self.valid_vector(v as u16),
             0x14 => self.write_status(v as u8),
             0x16 => self.queue_select = v as u16,
@@ -723,7 +720,7 @@ impl VirtioPci {
             0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if !live => {
                 if let Some(q) = self.sel_queue() {
                     let mut q = lock(q);
-                    let (lo, hi) = if off % 8 == 0 {
+                    let (lo, hi) = if off.is_multiple_of(8) {
                         (
                             Some(v as u32),
                             if n == 8 { Some((v >> 32) as u32) } else { None },
