@@ -394,3 +394,71 @@ fn missing_kvm_is_one_clear_line_naming_the_backends() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("using the emulator backend"), "{err}");
 }
+
+/// PCI and virtio wiring mistakes are named: a frontend without a PCI bus, a virtio disk
+/// without a backend, a backend whose tag names no frontend, a missing image, a second
+/// backend for one frontend, a bad MAC, an NBD server that is not there, a balloon bigger
+/// than the guest.
+#[test]
+fn pci_and_virtio_wiring_errors_name_the_device() {
+    let d = tmpdir("virtio-cfg");
+    let vm = |devs: &str| {
+        format!("<vm class=\"PC\"><memory>64</memory>\n<devices>\n{devs}\n</devices></vm>")
+    };
+    let cases: &[(&str, &[&str])] = &[
+        (
+            r#"<device class="LNX_VIRTIO_BLK" id="blk0"/>"#,
+            &[
+                "device 'blk0' (LNX_VIRTIO_BLK) sits on a PCI bus",
+                "class=\"PCI\"",
+            ],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>"#,
+            &["virtio disk 'blk0' has no backend", "FILEDISK"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="TMPDISK" id="t" size="4"><frontend tag="nope"/></device>"#,
+            &["<frontend tag=\"nope\"> of device 't' names no device"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="TMPDISK" id="t" size="4"><frontend tag="pci0"/></device>"#,
+            &["'pci0' is not a disk frontend"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_BLK" id="b"><bus>pci0</bus></device><device class="FILEDISK" id="f"><path>/no/such/disk.img</path><frontend tag="b"/></device>"#,
+            &["/no/such/disk.img"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_BLK" id="b"><bus>pci0</bus></device><device class="TMPDISK" id="t1" size="4"><frontend tag="b"/></device><device class="TMPDISK" id="t2" size="4"><frontend tag="b"/></device>"#,
+            &["frontend 'b' already has a disk"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_NIC" id="n"><bus>pci0</bus><mac>01:02:03:04:05:06</mac></device>"#,
+            &["multicast"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_NIC" id="n"><bus>pci0</bus><mac>zz</mac></device>"#,
+            &["'zz' is not a MAC address"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_BLK" id="b"><bus>pci0</bus></device><device class="NETDISK" id="n" IP="127.0.0.1" port="1"><frontend tag="b"/></device>"#,
+            &["NBD server 127.0.0.1:1"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_BALLOON" id="b"><bus>pci0</bus><target>64</target></device>"#,
+            &["64 MiB is not below the guest's 64 MiB"],
+        ),
+        (
+            r#"<device class="PCI" id="pci0"/><device class="LNX_VIRTIO_RNG" id="r"><bus>pci0</bus><slot>1</slot></device>"#,
+            &["PCI slot 1: use 2-31"],
+        ),
+    ];
+    for (i, (devs, needles)) in cases.iter().enumerate() {
+        let c = write_cfg(&d, &format!("vm{i}.xml"), &vm(devs));
+        let mut want: Vec<&str> = needles.to_vec();
+        let loc = format!("{c}:");
+        want.push(&loc);
+        expect_error(&["check", &c], &want);
+    }
+}
