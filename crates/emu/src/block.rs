@@ -1,7 +1,6 @@
 //! Basic blocks: guest code decoded once with iced-x86 into records that carry their
 //! handler, cached by physical address and dropped when a page they came from is written.
 
-use std::collections::HashMap;
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
@@ -54,7 +53,9 @@ impl Block {
     }
 }
 
-const FAST: usize = 4096;
+/// Direct-mapped entries in front of the map: a kernel's hot I/O paths span thousands of
+/// blocks, which 4096 entries evicted from each other.
+const FAST: usize = 32768;
 /// The cache is dropped when it holds this many blocks (guests that generate code endlessly).
 const MAX_BLOCKS: usize = 1 << 16;
 /// Longest block.
@@ -77,7 +78,9 @@ struct Link {
 
 /// Blocks of one core.
 pub struct BlockCache {
-    map: HashMap<(u64, u64, u32), u32>,
+    // Fx hashing: the keys are guest addresses, not attacker-chosen collisions against a
+    // shared service, and SipHash showed up in profiles of kernel-heavy guests.
+    map: rustc_hash::FxHashMap<(u64, u64, u32), u32>,
     pub blocks: Vec<Block>,
     fast: Box<[u32]>,
     links: Vec<[Link; 2]>,
@@ -92,7 +95,7 @@ pub struct BlockCache {
 impl Default for BlockCache {
     fn default() -> Self {
         BlockCache {
-            map: HashMap::new(),
+            map: Default::default(),
             blocks: Vec::new(),
             fast: vec![u32::MAX; FAST].into_boxed_slice(),
             links: Vec::new(),
