@@ -1,7 +1,6 @@
 //! Basic blocks: guest code decoded once with iced-x86 into records that carry their
 //! handler, cached by physical address and dropped when a page they came from is written.
 
-
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
 };
