@@ -614,33 +614,15 @@ fn a_linux_guest_with_virtio_devices_migrates() {
     let cfg = dir.join("vm.xml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"<vm class="PC">
-  <memory>256</memory>
-  <cores count="1"><core/></cores>
-  <backend>emu</backend>
-  <files><file id="kernel" filename="{}"/><file id="initrd" filename="{}"/></files>
-  <devices>
-    <device class="8259A" id="pic"/>
-    <device class="8254_PIT" id="pit"/>
-    <device class="LAPIC" id="lapic"/>
-    <device class="IOAPIC" id="ioapic"/>
-    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
-    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
-    <device class="PM_TIMER" id="pm_timer"/>
-    <device class="ACPI" id="acpi"/>
-    <device class="SERIAL" id="serial"/>
-    <device class="PCI" id="pci0"/>
-    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>
+        linux_pci_vm(
+            &kernel,
+            &initrd,
+            &format!(
+                r#"    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>
     <device class="FILEDISK" id="d0" writable="1"><path>{}</path><frontend tag="blk0"/></device>
-    <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus></device>
-  </devices>
-  <boot format="linux" kernel="kernel" initrd="initrd" cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
-</vm>
-"#,
-            kernel.display(),
-            initrd.display(),
-            disk.display()
+    <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus></device>"#,
+                disk.display()
+            ),
         ),
     )
     .unwrap();

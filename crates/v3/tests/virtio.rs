@@ -162,29 +162,11 @@ fn linux_uses_virtio_disks_raw_qcow2_and_nbd_and_the_rng() {
     let sock = dir.join("nbd.sock");
     let nbd = Nbd::start(&nbd_img, &sock);
 
-    let config = format!(
-        r#"<vm class="PC">
-  <memory>256</memory>
-  <cores count="1"><core/></cores>
-  <backend>emu</backend>
-  <files>
-    <file id="kernel" filename="{kernel}"/>
-    <file id="initrd" filename="{initrd}"/>
-  </files>
-  <devices>
-    <device class="8259A" id="pic"/>
-    <device class="8254_PIT" id="pit"/>
-    <device class="LAPIC" id="lapic"/>
-    <device class="IOAPIC" id="ioapic"/>
-    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
-    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
-    <device class="PM_TIMER" id="pm_timer"/>
-    <device class="ACPI" id="acpi"/>
-    <device class="SERIAL" id="serial"/>
-    <device class="PCI" id="pci0"/>
-    <device class="i440FX" id="northbridge"><bus>pci0</bus></device>
-    <device class="PIIX3" id="southbridge"><bus>pci0</bus></device>
-    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus><slot>3</slot></device>
+    let config = linux_pci_vm(
+        &kernel,
+        &initrd,
+        &format!(
+            r#"    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus><slot>3</slot></device>
     <device class="FILEDISK" id="raw" writable="1"><path>{raw}</path><frontend tag="blk0"/></device>
     <device class="LNX_VIRTIO_BLK" id="blk1"><bus>pci0</bus><slot>4</slot></device>
     <device class="QCOWDISK" id="qcow" writable="1"><path>{overlay}</path><frontend tag="blk1"/></device>
@@ -193,18 +175,12 @@ fn linux_uses_virtio_disks_raw_qcow2_and_nbd_and_the_rng() {
     <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus><slot>6</slot></device>
     <device class="LNX_VIRTIO_CONSOLE" id="hvc"><bus>pci0</bus><slot>7</slot></device>
     <device class="CHAR_STREAM" id="hvc-sock"><name>unix:{hvc}</name><frontend tag="hvc"/></device>
-    <device class="LNX_VIRTIO_BALLOON" id="balloon"><bus>pci0</bus><slot>8</slot></device>
-  </devices>
-  <boot format="linux" kernel="kernel" initrd="initrd"
-        cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
-</vm>
-"#,
-        kernel = kernel.display(),
-        initrd = initrd.display(),
-        raw = raw.display(),
-        overlay = overlay.display(),
-        sock = sock.display(),
-        hvc = hvc_path.display(),
+    <device class="LNX_VIRTIO_BALLOON" id="balloon"><bus>pci0</bus><slot>8</slot></device>"#,
+            raw = raw.display(),
+            overlay = overlay.display(),
+            sock = sock.display(),
+            hvc = hvc_path.display(),
+        ),
     );
     let cfg_path = dir.join("virtio.xml");
     std::fs::write(&cfg_path, config).unwrap();
@@ -524,37 +500,15 @@ fn a_linux_guest_with_virtio_devices_survives_save_kill_and_load() {
     let dir = tmpdir("virtio-ckpt");
     let disk = dir.join("disk.img");
     ext4_with(&disk, 16, "before-the-save\n");
-    let config = format!(
-        r#"<vm class="PC">
-  <memory>256</memory>
-  <cores count="1"><core/></cores>
-  <backend>emu</backend>
-  <files>
-    <file id="kernel" filename="{kernel}"/>
-    <file id="initrd" filename="{initrd}"/>
-  </files>
-  <devices>
-    <device class="8259A" id="pic"/>
-    <device class="8254_PIT" id="pit"/>
-    <device class="LAPIC" id="lapic"/>
-    <device class="IOAPIC" id="ioapic"/>
-    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
-    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
-    <device class="PM_TIMER" id="pm_timer"/>
-    <device class="ACPI" id="acpi"/>
-    <device class="SERIAL" id="serial"/>
-    <device class="PCI" id="pci0"/>
-    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>
+    let config = linux_pci_vm(
+        &kernel,
+        &initrd,
+        &format!(
+            r#"    <device class="LNX_VIRTIO_BLK" id="blk0"><bus>pci0</bus></device>
     <device class="FILEDISK" id="d0" writable="1"><path>{disk}</path><frontend tag="blk0"/></device>
-    <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus></device>
-  </devices>
-  <boot format="linux" kernel="kernel" initrd="initrd"
-        cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
-</vm>
-"#,
-        kernel = kernel.display(),
-        initrd = initrd.display(),
-        disk = disk.display(),
+    <device class="LNX_VIRTIO_RNG" id="rng0"><bus>pci0</bus></device>"#,
+            disk = disk.display(),
+        ),
     );
     let cfg = dir.join("ckpt.xml");
     std::fs::write(&cfg, config).unwrap();

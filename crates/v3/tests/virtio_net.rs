@@ -135,39 +135,15 @@ fn linux_virtio_net_pings_and_moves_20mb_each_way_over_tap_and_bridge() {
         std::fs::write(&data, v).unwrap();
     }
     let want = sha256(&data);
-    let config = format!(
-        r#"<vm class="PC">
-  <memory>256</memory>
-  <cores count="1"><core/></cores>
-  <backend>emu</backend>
-  <files>
-    <file id="kernel" filename="{kernel}"/>
-    <file id="initrd" filename="{initrd}"/>
-  </files>
-  <devices>
-    <device class="8259A" id="pic"/>
-    <device class="8254_PIT" id="pit"/>
-    <device class="LAPIC" id="lapic"/>
-    <device class="IOAPIC" id="ioapic"/>
-    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
-    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
-    <device class="PM_TIMER" id="pm_timer"/>
-    <device class="ACPI" id="acpi"/>
-    <device class="SERIAL" id="serial"/>
-    <device class="PCI" id="pci0"/>
-    <device class="i440FX" id="northbridge"><bus>pci0</bus></device>
-    <device class="PIIX3" id="southbridge"><bus>pci0</bus></device>
-    <device class="LNX_VIRTIO_NIC" id="net0"><bus>pci0</bus><slot>3</slot><mac>52:54:00:aa:00:01</mac></device>
+    let config = linux_pci_vm(
+        &kernel,
+        &initrd,
+        &format!(
+            r#"    <device class="LNX_VIRTIO_NIC" id="net0"><bus>pci0</bus><slot>3</slot><mac>52:54:00:aa:00:01</mac></device>
     <device class="TAP" id="net0-tap" ifname="{tap}"><frontend tag="net0"/></device>
     <device class="LNX_VIRTIO_NIC" id="net1"><bus>pci0</bus><slot>4</slot><mac>52:54:00:aa:00:02</mac></device>
-    <device class="NIC_BRIDGE" id="net1-br"><frontend tag="net1"/><hostnic name="v3br0"/></device>
-  </devices>
-  <boot format="linux" kernel="kernel" initrd="initrd"
-        cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
-</vm>
-"#,
-        kernel = kernel.display(),
-        initrd = initrd.display(),
+    <device class="NIC_BRIDGE" id="net1-br"><frontend tag="net1"/><hostnic name="v3br0"/></device>"#,
+        ),
     );
     let cfg = dir.join("net.xml");
     std::fs::write(&cfg, config).unwrap();

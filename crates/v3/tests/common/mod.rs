@@ -426,3 +426,39 @@ impl Drop for Session {
         let _ = self.child.wait();
     }
 }
+
+/// The Linux guest's VM (examples/linux.xml's platform on the emulator) with a PCI bus
+/// (`pci0`, i440FX, PIIX3) and `devices` added.
+pub fn linux_pci_vm(kernel: &Path, initrd: &Path, devices: &str) -> String {
+    format!(
+        r#"<vm class="PC">
+  <memory>256</memory>
+  <cores count="1"><core/></cores>
+  <backend>emu</backend>
+  <files>
+    <file id="kernel" filename="{}"/>
+    <file id="initrd" filename="{}"/>
+  </files>
+  <devices>
+    <device class="8259A" id="pic"/>
+    <device class="8254_PIT" id="pit"/>
+    <device class="LAPIC" id="lapic"/>
+    <device class="IOAPIC" id="ioapic"/>
+    <device class="NVRAM" id="nvram"><start_time>now</start_time></device>
+    <device class="KEYBOARD" id="keyboard" on_reset="stop"/>
+    <device class="PM_TIMER" id="pm_timer"/>
+    <device class="ACPI" id="acpi"/>
+    <device class="SERIAL" id="serial"/>
+    <device class="PCI" id="pci0"/>
+    <device class="i440FX" id="northbridge"><bus>pci0</bus></device>
+    <device class="PIIX3" id="southbridge"><bus>pci0</bus></device>
+{devices}
+  </devices>
+  <boot format="linux" kernel="kernel" initrd="initrd"
+        cmdline="console=ttyS0 nokaslr cryptomgr.notests"/>
+</vm>
+"#,
+        kernel.display(),
+        initrd.display()
+    )
+}
