@@ -19,6 +19,19 @@ use palacios_vmm::irq::IrqLine;
 
 pub use config::{BarKind, BarMapping, BarSpec, ConfigSpace};
 
+/// The VM's PCI bus, for a device that sits on it (`<bus>`), or an error naming what to add.
+pub fn pci_root(
+    ctx: &palacios_vmm::BuildCtx,
+    dev: &palacios_vmm::config::DeviceConfig,
+) -> Result<Arc<PciRoot>, palacios_vmm::ConfigError> {
+    ctx.service::<PciRoot>().ok_or_else(|| {
+        dev.node.err(format!(
+            "device '{}' ({}) sits on a PCI bus: add <device class=\"PCI\" id=\"pci0\"/> before it",
+            dev.id, dev.class
+        ))
+    })
+}
+
 /// One PCI function.
 pub trait PciDevice: Send {
     fn config(&self) -> &ConfigSpace;

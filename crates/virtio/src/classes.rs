@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use palacios_pci::{DevFn, PciRoot};
+use palacios_pci::{DevFn, PciRoot, pci_root};
 use palacios_storage::BlockBackend;
 use palacios_vmm::config::{ConfigNode, DeviceConfig};
 use palacios_vmm::state::state_fn;
@@ -44,12 +44,7 @@ pub struct DiskSlot {
 }
 
 fn frontends(ctx: &mut BuildCtx) -> Arc<DiskFrontends> {
-    if let Some(f) = ctx.service::<DiskFrontends>() {
-        return f;
-    }
-    let f = Arc::new(DiskFrontends::default());
-    ctx.provide(f.clone());
-    f
+    ctx.service_or_default::<DiskFrontends>()
 }
 
 /// Register a block frontend `id` that a disk backend will fill.
@@ -62,14 +57,14 @@ pub fn register_disk_frontend(ctx: &mut BuildCtx, id: &str, class: &'static str)
     slot
 }
 
-fn pci_root(ctx: &BuildCtx, dev: &DeviceConfig) -> Result<Arc<PciRoot>, ConfigError> {
-    ctx.service::<PciRoot>().ok_or_else(|| {
-        dev.node.err(format!(
-            "device '{}' ({}) sits on a PCI bus: add <device class=\"PCI\" id=\"pci0\"/> before it",
-            dev.id, dev.class
-        ))
-    })
-}
+const BUS: DeviceOption = DeviceOption {
+    name: "bus",
+    help: "the PCI bus device's id",
+};
+const SLOT: DeviceOption = DeviceOption {
+    name: "slot",
+    help: "PCI slot (2-31); default: the first free one",
+};
 
 /// `<slot>N</slot>`: a fixed PCI slot, else the first free one.
 fn slot_of(dev: &DeviceConfig) -> Result<Option<DevFn>, ConfigError> {
@@ -146,14 +141,8 @@ impl DeviceClass for VirtioBlkClass {
     }
     fn options(&self) -> &'static [DeviceOption] {
         &[
-            DeviceOption {
-                name: "bus",
-                help: "the PCI bus device's id",
-            },
-            DeviceOption {
-                name: "slot",
-                help: "PCI slot (2-31); default: the first free one",
-            },
+            BUS,
+            SLOT,
             DeviceOption {
                 name: "readonly",
                 help: "1: the guest sees a read-only disk",
@@ -192,16 +181,7 @@ impl DeviceClass for VirtioRngClass {
         "virtio entropy device on PCI, fed by the host's getrandom(2)"
     }
     fn options(&self) -> &'static [DeviceOption] {
-        &[
-            DeviceOption {
-                name: "bus",
-                help: "the PCI bus device's id",
-            },
-            DeviceOption {
-                name: "slot",
-                help: "PCI slot (2-31)",
-            },
-        ]
+        &[BUS, SLOT]
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let root = pci_root(ctx, dev)?;
@@ -376,12 +356,7 @@ pub struct NicFrontends {
 }
 
 fn nic_frontends(ctx: &mut BuildCtx) -> Arc<NicFrontends> {
-    if let Some(f) = ctx.service::<NicFrontends>() {
-        return f;
-    }
-    let f = Arc::new(NicFrontends::default());
-    ctx.provide(f.clone());
-    f
+    ctx.service_or_default::<NicFrontends>()
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -412,14 +387,8 @@ impl DeviceClass for VirtioNicClass {
     }
     fn options(&self) -> &'static [DeviceOption] {
         &[
-            DeviceOption {
-                name: "bus",
-                help: "the PCI bus device's id",
-            },
-            DeviceOption {
-                name: "slot",
-                help: "PCI slot (2-31)",
-            },
+            BUS,
+            SLOT,
             DeviceOption {
                 name: "mac",
                 help: "the MAC address, aa:bb:cc:dd:ee:ff (default: 52:54:00 plus three bytes from the id)",
@@ -615,14 +584,8 @@ impl DeviceClass for VirtioBalloonClass {
     }
     fn options(&self) -> &'static [DeviceOption] {
         &[
-            DeviceOption {
-                name: "bus",
-                help: "the PCI bus device's id",
-            },
-            DeviceOption {
-                name: "slot",
-                help: "PCI slot (2-31)",
-            },
+            BUS,
+            SLOT,
             DeviceOption {
                 name: "target",
                 help: "MiB to take from the guest at boot (default 0)",
@@ -661,16 +624,7 @@ impl DeviceClass for VirtioConsoleClass {
          CHAR_STREAM whose <frontend tag=ID>"
     }
     fn options(&self) -> &'static [DeviceOption] {
-        &[
-            DeviceOption {
-                name: "bus",
-                help: "the PCI bus device's id",
-            },
-            DeviceOption {
-                name: "slot",
-                help: "PCI slot (2-31)",
-            },
-        ]
+        &[BUS, SLOT]
     }
     fn create(&self, ctx: &mut BuildCtx, dev: &DeviceConfig) -> Result<(), ConfigError> {
         let root = pci_root(ctx, dev)?;

@@ -311,6 +311,16 @@ impl BuildCtx {
             .and_then(|a| a.downcast::<T>().ok())
     }
 
+    /// The part of type `T` provided so far, or a new default one (provided now).
+    pub fn service_or_default<T: Default + Send + Sync + 'static>(&mut self) -> Arc<T> {
+        if let Some(s) = self.service::<T>() {
+            return s;
+        }
+        let s = Arc::new(T::default());
+        self.provide(s.clone());
+        s
+    }
+
     /// Route [`BuildCtx::irq_line`] to an interrupt controller (done by the platform).
     pub fn set_irq_provider(&mut self, p: IrqProvider) {
         self.irq_provider = p;

@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 
 use palacios_pci::config::ConfigSpace;
-use palacios_pci::{Conf1, DevFn, Ecam, PciDevice, PciRoot};
+use palacios_pci::{Conf1, DevFn, Ecam, PciDevice, PciRoot, pci_root};
 use palacios_vmm::config::DeviceConfig;
 use palacios_vmm::irq::IrqLine;
 use palacios_vmm::state::state_fn;
@@ -104,16 +104,6 @@ impl DeviceClass for PciClass {
         });
         Ok(())
     }
-}
-
-/// The PCI bus a device names in `<bus>` (the only one), or an error naming what to add.
-pub fn pci_root(ctx: &BuildCtx, dev: &DeviceConfig) -> Result<Arc<PciRoot>, ConfigError> {
-    ctx.service::<PciRoot>().ok_or_else(|| {
-        dev.node.err(format!(
-            "device '{}' ({}) sits on a PCI bus: add <device class=\"PCI\" id=\"pci0\"/> before it",
-            dev.id, dev.class
-        ))
-    })
 }
 
 /// A fixed-function bridge: config space only.

@@ -29,6 +29,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::*;
 
+mod legacy;
+mod state;
+
+pub use state::TransportState;
+
 pub const VENDOR: u16 = 0x1af4;
 pub const NO_VECTOR: u16 = 0xffff;
 const MODERN_BAR: usize = 4;
@@ -359,36 +364,6 @@ fn worker(sh: Arc<Shared>) {
             sh.serve_host();
         }
     }
-}
-
-/// The checkpoint state of a virtio function.
-#[derive(Serialize, Deserialize)]
-pub struct TransportState {
-    config: ConfigSpace,
-    msix: MsixTable,
-    vectors: Vectors,
-    status: u8,
-    isr: u8,
-    features: u64,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    queue_select: u16,
-    legacy_pfn: Vec<u32>,
-    queues: Vec<QueueSnap>,
-    device: serde_json::Value,
-}
-
-#[derive(Serialize, Deserialize)]
-struct QueueSnap {
-    max_size: u16,
-    next_avail: u16,
-    next_used: u16,
-    event_idx: bool,
-    size: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
 }
 
 /// The PCI function.
@@ -823,202 +798,6 @@ impl VirtioPci {
             }
             _ => {}
         }
-    }
-
-    /// Legacy (virtio 0.9.5) registers in the I/O BAR.
-    fn legacy_read(&mut self, off: u64, data: &mut [u8]) {
-        data.fill(0);
-        let sh = self.shared.clone();
-        let cfg_at = if sh.msix_enabled() { 0x18 } else { 0x14 };
-        let qs = self.queue_select as usize;
-        let v: u32 = match off {
-            0x00 => self.device_features() as u32,
-            0x04 => *lock(&sh.features) as u32,
-            0x08 => self.legacy_pfn.get(qs).copied().unwrap_or(0),
-            0x0c => self
-                .sel_queue()
-                .map_or(0, |q| u32::from(lock(q).max_size())),
-            0x0e => u32::from(self.queue_select),
-            0x12 => u32::from(sh.status.load(Ordering::Acquire)),
-            0x13 => u32::from(sh.read_isr()),
-            0x14 if cfg_at == 0x18 => u32::from(lock(&sh.vectors).config),
-            0x16 if cfg_at == 0x18 => u32::from(
-                lock(&sh.vectors)
-                    .queues
-                    .get(qs)
-                    .copied()
-                    .unwrap_or(NO_VECTOR),
-            ),
-            o if o >= cfg_at => {
-                lock(&sh.device).read_config(o - cfg_at, data);
-                return;
-            }
-            _ => 0,
-        };
-        let b = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&b[..n]);
-    }
-
-    fn legacy_write(&mut self, off: u64, data: &[u8]) {
-        let sh = self.shared.clone();
-        let mut b = [0u8; 4];
-        let n = data.len().min(4);
-        b[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(b);
-        let cfg_at = if sh.msix_enabled() { 0x18 } else { 0x14 };
-        let qs = self.queue_select as usize;
-        match off {
-            0x04 => {
-                // Legacy drivers see only the low 32 feature bits and never VERSION_1.
-                let offered = self.device_features() & 0xffff_ffff;
-                *lock(&sh.features) = u64::from(v) & offered;
-            }
-            0x08 => {
-                if let (Some(q), Some(p)) = (sh.queues.get(qs), self.legacy_pfn.get_mut(qs)) {
-                    *p = v;
-                    let mut q = lock(q);
-                    if v == 0 {
-                        q.reset();
-                        return;
-                    }
-                    let size = q.max_size();
-                    let desc = u64::from(v) << 12;
-                    let avail = desc + 16 * u64::from(size);
-                    let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4096);
-                    q.set_size(size);
-                    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-                    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-                    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-                    q.set_ready(true);
-                }
-            }
-            0x0e => self.queue_select = v as u16,
-            0x10 => self.notify(v as u16 as usize),
-            0x12 => {
-                let s = v as u8;
-                if s == 0 {
-                    sh.reset();
-                    self.legacy_pfn.iter_mut().for_each(|p| *p = 0);
-                    return;
-                }
-                let old = sh.status.load(Ordering::Acquire);
-                sh.status
-                    .store(s | (old & S_NEEDS_RESET), Ordering::Release);
-                if s & S_DRIVER_OK != 0 && old & S_DRIVER_OK == 0 {
-                    self.activate();
-                }
-            }
-            0x14 if cfg_at == 0x18 => lock(&sh.vectors).config = self.valid_vector(v as u16),
-            0x16 if cfg_at == 0x18 => {
-                let vec = self.valid_vector(v as u16);
-                if let Some(x) = lock(&sh.vectors).queues.get_mut(qs) {
-                    *x = vec;
-                }
-            }
-            o if o >= cfg_at => lock(&sh.device).write_config(o - cfg_at, data),
-            _ => {}
-        }
-    }
-
-    pub fn save(&self) -> TransportState {
-        let sh = &self.shared;
-        let queues = sh
-            .queues
-            .iter()
-            .map(|q| {
-                let s = lock(q).state();
-                QueueSnap {
-                    max_size: s.max_size,
-                    next_avail: s.next_avail,
-                    next_used: s.next_used,
-                    event_idx: s.event_idx_enabled,
-                    size: s.size,
-                    ready: s.ready,
-                    desc: s.desc_table,
-                    avail: s.avail_ring,
-                    used: s.used_ring,
-                }
-            })
-            .collect();
-        TransportState {
-            config: self.cfg.clone(),
-            msix: lock(&sh.msix).clone(),
-            vectors: lock(&sh.vectors).clone(),
-            status: sh.status.load(Ordering::Acquire),
-            isr: sh.isr.load(Ordering::Acquire),
-            features: *lock(&sh.features),
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            queue_select: self.queue_select,
-            legacy_pfn: self.legacy_pfn.clone(),
-            queues,
-            device: lock(&sh.device).save(),
-        }
-    }
-
-    pub fn restore(&mut self, st: TransportState) -> Result<(), String> {
-        let sh = self.shared.clone();
-        if st.queues.len() != sh.queues.len() || st.vectors.queues.len() != sh.queues.len() {
-            return Err(format!(
-                "{} queues saved, this device has {}",
-                st.queues.len(),
-                sh.queues.len()
-            ));
-        }
-        if st.msix.len() != lock(&sh.msix).len() || st.msix.pending.len() != st.msix.len() {
-            return Err("MSI-X table of another size".into());
-        }
-        self.cfg.restore_from(&st.config)?;
-        *lock(&sh.msi_message) = self
-            .msi_cap
-            .enabled(&self.cfg)
-            .then(|| self.msi_cap.message(&self.cfg));
-        for (q, s) in sh.queues.iter().zip(&st.queues) {
-            let qs = virtio_queue::QueueState {
-                max_size: s.max_size,
-                next_avail: s.next_avail,
-                next_used: s.next_used,
-                event_idx_enabled: s.event_idx,
-                size: s.size,
-                ready: s.ready,
-                desc_table: s.desc,
-                avail_ring: s.avail,
-                used_ring: s.used,
-            };
-            let nq = Queue::try_from(qs).map_err(|e| format!("virtqueue state: {e}"))?;
-            if nq.max_size() != lock(q).max_size() {
-                return Err("virtqueue of another maximum size".into());
-            }
-            *lock(q) = nq;
-        }
-        lock(&sh.device).restore(&st.device)?;
-        *lock(&sh.msix) = st.msix;
-        *lock(&sh.vectors) = st.vectors;
-        sh.status.store(st.status, Ordering::Release);
-        sh.isr.store(st.isr, Ordering::Release);
-        *lock(&sh.features) = st.features;
-        self.device_feature_select = st.device_feature_select;
-        self.driver_feature_select = st.driver_feature_select;
-        self.queue_select = st.queue_select;
-        if st.legacy_pfn.len() == self.legacy_pfn.len() {
-            self.legacy_pfn = st.legacy_pfn;
-        }
-        let live = st.status & S_DRIVER_OK != 0 && st.status & S_NEEDS_RESET == 0;
-        if live {
-            lock(&sh.device).activate(st.features);
-        }
-        sh.activated.store(live, Ordering::Release);
-        if st.isr != 0
-            && let Some(l) = lock(&sh.intx).as_ref()
-        {
-            l.set_level(true);
-        }
-        // Look at every queue once: the driver may have queued work the saved side never saw.
-        for e in &sh.notify {
-            let _ = e.write(1);
-        }
-        Ok(())
     }
 }
 
