@@ -6,6 +6,7 @@
 
 #include "io.h"
 #include "kstd.h"
+#include "tsc.h"
 
 /* Must match cpu.S. */
 #define PCT_MAX_CPUS    64
@@ -91,7 +92,6 @@ extern volatile uint32_t irq_count[256];
 extern volatile uint32_t pic_spurious;
 /* Per vector: deliveries whose LAPIC ISR bit was clear in the handler. */
 extern volatile uint32_t isr_unset[256];
-extern uint32_t tsc_per_ms, tsc_per_us;
 extern uint32_t lapic_base;
 extern int have_apic;
 extern uint32_t bsp_apic_id;
@@ -105,7 +105,6 @@ static inline void wrmsr(uint32_t msr, uint64_t v)
 
 static inline void sti(void) { __asm__ volatile("sti" : : : "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" : : : "memory"); }
-static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
 
 static inline uint32_t irq_save(void)
 {
@@ -125,20 +124,7 @@ static inline void atomic_inc(volatile uint32_t *p)
 	__asm__ volatile("lock incl %0" : "+m"(*p) : : "memory");
 }
 
-uint64_t udiv64(uint64_t n, uint32_t d);
 
-/*
- * Timeouts: a TSC deadline plus a spin budget, so that even a TSC that
- * does not move cannot hang the guest.
- */
-struct tmo {
-	uint64_t end;
-	uint64_t spins, max_spins;
-};
-void tmo_start(struct tmo *t, uint32_t us);
-int tmo_done(struct tmo *t);
-void delay_us(uint32_t us);
-static inline void delay_ms(uint32_t ms) { delay_us(ms * 1000); }
 /* Microseconds since a rdtsc() value (saturates at ~71 minutes). */
 uint32_t us_since(uint64_t t0);
 /* Wait until *p >= v or the timeout; returns 1 when it got there. */

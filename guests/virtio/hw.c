@@ -6,28 +6,11 @@
 
 volatile uint32_t irq_count[256];
 void (*irq_hooks[256])(void);
-uint32_t tsc_per_ms = 1000000, tsc_per_us = 1000;
 uint32_t lapic_base = 0xfee00000u, apic_id;
 int have_apic, timer_ok;
 static uint32_t timer_period;
 
 /* ---------------------------------------------------------------- time */
-
-uint64_t udiv64(uint64_t n, uint32_t d)
-{
-	uint64_t q = 0, r = 0;
-
-	if (!d)
-		return 0;
-	for (int bit = 63; bit >= 0; bit--) {
-		r = (r << 1) | ((n >> bit) & 1);
-		if (r >= d) {
-			r -= d;
-			q |= (uint64_t)1 << bit;
-		}
-	}
-	return q;
-}
 
 uint64_t tsc_to_us(uint64_t ticks)
 {
@@ -35,30 +18,6 @@ uint64_t tsc_to_us(uint64_t ticks)
 	if (ticks < ((uint64_t)1 << 50))
 		return udiv64(ticks * 1000, tsc_per_ms);
 	return udiv64(ticks, tsc_per_us ? tsc_per_us : 1);
-}
-
-void tmo_start(struct tmo *t, uint32_t us)
-{
-	t->end = rdtsc() + (uint64_t)us * tsc_per_us;
-	t->spins = 0;
-	/* Backstop if the TSC is stuck: no loop iteration is under ~5 ns. */
-	t->max_spins = (uint64_t)us * 200 + 1000;
-}
-
-int tmo_done(struct tmo *t)
-{
-	if (++t->spins > t->max_spins)
-		return 1;
-	return rdtsc() >= t->end;
-}
-
-void delay_us(uint32_t us)
-{
-	struct tmo t;
-
-	tmo_start(&t, us);
-	while (!tmo_done(&t))
-		cpu_relax();
 }
 
 /*

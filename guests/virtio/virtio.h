@@ -6,6 +6,7 @@
 
 #include "io.h"
 #include "kstd.h"
+#include "tsc.h"
 
 /* Must match cpu.S. */
 #define SEL_CODE 0x08
@@ -57,7 +58,6 @@ void load_gdt(void);
 
 static inline void sti(void) { __asm__ volatile("sti" : : : "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" : : : "memory"); }
-static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
 /* STI's interrupt shadow covers HLT: no wake-up is lost in between. */
 static inline void sti_hlt(void) { __asm__ volatile("sti; hlt" : : : "memory"); }
 static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
@@ -86,18 +86,9 @@ static inline void mw32(uint32_t a, uint32_t v) { *(volatile uint32_t *)phys_ptr
 extern volatile uint32_t irq_count[256];
 /* Called (IF=0) from the handler of vectors 0x30..0xfe, before the EOI. */
 extern void (*irq_hooks[256])(void);
-extern uint32_t tsc_per_ms, tsc_per_us;
 extern uint32_t lapic_base, apic_id;
 extern int have_apic, timer_ok;
 
-uint64_t udiv64(uint64_t n, uint32_t d);
-struct tmo {
-	uint64_t end;
-	uint64_t spins, max_spins;
-};
-void tmo_start(struct tmo *t, uint32_t us);
-int tmo_done(struct tmo *t);
-void delay_us(uint32_t us);
 uint64_t tsc_to_us(uint64_t ticks);
 
 void time_init(void);
