@@ -4,7 +4,8 @@
 # - busybox-static, with a link in /bin for every applet it lists (`busybox --list`);
 # - the cloud kernel's own virtio modules (virtio, virtio_ring, virtio_pci and its
 #   modern/legacy helpers, virtio_blk, virtio_net, virtio_console, virtio_rng,
-#   virtio_balloon), tun and vxlan, with everything they depend on, uncompressed in
+#   virtio_balloon), tun, vxlan and msr (/dev/cpu/N/msr, which guests/linux/symspy uses to
+#   register its SymSpy page), with everything they depend on, uncompressed in
 #   /lib/modules/NAME.ko. Dependencies come from the package's modules.dep or, as Debian
 #   ships none (depmod makes it at install time), from each module's .modinfo `depends=`;
 #   modules the kernel has built in (modules.builtin) are skipped;
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 out=guests/linux
 cache=$out/cache
 # Bump when the initramfs's contents change, so cached guests are rebuilt once.
-layout=2
+layout=3
 cached() {
   [ -s $out/bzImage ] && [ -s $out/initramfs.cpio.gz ] && [ -s $out/release ] &&
     [ "$(cat $out/layout 2>/dev/null)" = "$layout" ]
@@ -74,7 +75,7 @@ def fail(msg):
 # newer kernels split virtio_pci differently), the others must be modules or built in.
 WANTED = ["virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev",
           "virtio_pci_legacy_dev", "virtio_blk", "virtio_net", "virtio_console",
-          "virtio_rng", "virtio_balloon", "tun", "vxlan"]
+          "virtio_rng", "virtio_balloon", "tun", "vxlan", "msr"]
 OPTIONAL = {"virtio_pci_modern_dev", "virtio_pci_legacy_dev"}
 KO = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
 

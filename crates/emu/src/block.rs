@@ -543,7 +543,7 @@ fn ends_block(i: &Instruction) -> bool {
         Pop => i.op0_kind() == OpKind::Register && i.op0_register() == Register::SS,
         Lmsw | Clts | Wrmsr | Popf | Popfd | Popfq | Sti | Cli | Invlpg | Hlt | Lgdt | Lidt
         | Lldt | Ltr | In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd | Cpuid | Rdmsr
-        | Wbinvd | Invd | Xsetbv | Pause | Mwait | Monitor => true,
+        | Wbinvd | Invd | Xsetbv | Pause | Mwait | Monitor | Vmcall | Vmmcall => true,
         _ => i.code() == Code::INVALID,
     }
 }

@@ -61,29 +61,37 @@ pub struct EmuBackend {
     trapped: Mutex<Arc<Vec<(u32, u32)>>>,
     model: Mutex<Arc<CpuModel>>,
     cores: Arc<AtomicU32>,
-    clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    clock: Mutex<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    tsc_hz: std::sync::atomic::AtomicU64,
     options: EmuOptions,
     deterministic: AtomicBool,
 }
 
 impl EmuBackend {
     pub fn new(options: EmuOptions) -> Self {
-        let start = Instant::now();
-        let hz = DEFAULT_TSC_HZ;
-        let clock = Arc::new(move || {
-            let ns = start.elapsed().as_nanos();
-            (ns * u128::from(hz) / 1_000_000_000) as u64
-        });
+        let clock = tsc_clock(DEFAULT_TSC_HZ, 1);
         EmuBackend {
+            tsc_hz: std::sync::atomic::AtomicU64::new(DEFAULT_TSC_HZ),
             phys: Mutex::new(None),
             trapped: Mutex::new(Arc::new(Vec::new())),
             model: Mutex::new(Arc::new(CpuModel::emulated())),
             cores: Arc::new(AtomicU32::new(0)),
-            clock,
+            clock: Mutex::new(clock),
             options,
             deterministic: AtomicBool::new(false),
         }
     }
+}
+
+/// The TSC from the host clock: `hz` ticks per second of guest time, which runs at
+/// 1/`dilation` of host time.
+fn tsc_clock(hz: u64, dilation: u32) -> Arc<dyn Fn() -> u64 + Send + Sync> {
+    let start = Instant::now();
+    let d = u128::from(dilation.max(1));
+    Arc::new(move || {
+        let ns = start.elapsed().as_nanos() / d;
+        (ns * u128::from(hz) / 1_000_000_000) as u64
+    })
 }
 
 impl Default for EmuBackend {
@@ -107,7 +115,27 @@ impl Backend for EmuBackend {
     }
 
     fn tsc_hz(&self) -> Option<u64> {
-        Some(DEFAULT_TSC_HZ)
+        Some(self.tsc_hz.load(Ordering::Relaxed))
+    }
+
+    fn set_time_scale(&self, tsc_hz: Option<u64>, dilation: u32) -> Result<(), BackendError> {
+        let hz = tsc_hz.unwrap_or(DEFAULT_TSC_HZ);
+        self.tsc_hz.store(hz, Ordering::Relaxed);
+        *lock(&self.clock) = tsc_clock(hz, dilation);
+        Ok(())
+    }
+
+    fn traps_vmcall(&self) -> bool {
+        true
+    }
+
+    fn set_cpuid_leaves(&self, leaves: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError> {
+        let mut model = (**lock(&self.model)).clone();
+        for &(leaf, sub, regs) in leaves {
+            model.set_leaf(leaf, sub, regs);
+        }
+        *lock(&self.model) = Arc::new(model);
+        Ok(())
     }
 
     fn trap_msrs(&self, ranges: &[(u32, u32)]) -> Result<(), BackendError> {
@@ -188,7 +216,7 @@ impl Backend for EmuBackend {
             })?;
         self.cores.fetch_add(1, Ordering::AcqRel);
         let model = lock(&self.model).clone();
-        let mut m = Machine::new(phys, model, self.clock.clone());
+        let mut m = Machine::new(phys, model, lock(&self.clock).clone());
         m.vcpu = index;
         m.deterministic = self.deterministic.load(Ordering::Acquire);
         m.cores_shared = self.cores.clone();

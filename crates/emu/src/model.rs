@@ -117,6 +117,10 @@ impl CpuModel {
             .get(&(0x8000_0000, 0))
             .map(|v| v[0])
             .unwrap_or(0);
+        // The hypervisor range holds only what was set (zeros elsewhere).
+        if (0x4000_0000..0x5000_0000).contains(&leaf) {
+            return self.leaves.get(&(leaf, 0)).copied().unwrap_or([0; 4]);
+        }
         // Out-of-range leaves return the highest basic leaf, as Intel CPUs do.
         let leaf = if leaf >= 0x8000_0000 {
             if leaf > max_ext { max_basic } else { leaf }
@@ -138,6 +142,16 @@ impl CpuModel {
             }
         }
         r
+    }
+
+    /// Add or replace a leaf (subleaf 0 for leaves without subleaves).
+    pub fn set_leaf(&mut self, leaf: u32, subleaf: u32, regs: [u32; 4]) {
+        let sub = if self.subleaf_leaves.contains(&leaf) {
+            subleaf
+        } else {
+            0
+        };
+        self.leaves.insert((leaf, sub), regs);
     }
 
     /// Whether leaf 1 EDX has `bit`.

@@ -113,6 +113,8 @@ pub struct KvmBackend {
     vm: Arc<VmFd>,
     cpuid: std::sync::Mutex<kvm_bindings::CpuId>,
     tsc_khz: Option<u32>,
+    /// `<time khz>`: the TSC frequency each vCPU is given (KVM_SET_TSC_KHZ).
+    set_khz: std::sync::Mutex<Option<u32>>,
     /// Bitmaps referenced by the installed MSR filter (KVM copies them; kept for clarity).
     msr_bitmaps: std::sync::Mutex<Vec<Vec<u8>>>,
     /// KVM_GET_MSR_INDEX_LIST: every MSR a checkpoint saves.
@@ -166,6 +168,7 @@ impl KvmBackend {
             vm: Arc::new(vm),
             cpuid: std::sync::Mutex::new(cpuid),
             tsc_khz,
+            set_khz: std::sync::Mutex::new(None),
             msr_bitmaps: std::sync::Mutex::new(Vec::new()),
             msr_list: Arc::new(msr_list),
             slots: std::sync::Mutex::new(Vec::new()),
@@ -244,7 +247,54 @@ impl Backend for KvmBackend {
     }
 
     fn tsc_hz(&self) -> Option<u64> {
-        self.tsc_khz.map(|k| u64::from(k) * 1000)
+        let set = *self.set_khz.lock().unwrap_or_else(|p| p.into_inner());
+        set.or(self.tsc_khz).map(|k| u64::from(k) * 1000)
+    }
+
+    fn set_time_scale(&self, tsc_hz: Option<u64>, dilation: u32) -> Result<(), BackendError> {
+        if dilation != 1 {
+            return Err(BackendError::Unhandled {
+                vcpu: 0,
+                rip: 0,
+                what: "KVM runs the guest TSC and its own timers at host speed: time dilation \
+                       needs the emulator backend"
+                    .into(),
+            });
+        }
+        let khz = tsc_hz
+            .map(|hz| u32::try_from(hz / 1000).unwrap_or(u32::MAX))
+            .filter(|&k| Some(k) != self.tsc_khz);
+        *self.set_khz.lock().unwrap_or_else(|p| p.into_inner()) = khz;
+        Ok(())
+    }
+
+    fn set_cpuid_leaves(&self, leaves: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError> {
+        let mut cpuid = self.cpuid.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid.as_slice().to_vec();
+        for &(leaf, sub, [eax, ebx, ecx, edx]) in leaves {
+            match entries
+                .iter_mut()
+                .find(|e| e.function == leaf && (e.index == sub || e.flags & 1 == 0))
+            {
+                Some(e) => {
+                    (e.eax, e.ebx, e.ecx, e.edx) = (eax, ebx, ecx, edx);
+                }
+                None => entries.push(kvm_bindings::kvm_cpuid_entry2 {
+                    function: leaf,
+                    index: sub,
+                    eax,
+                    ebx,
+                    ecx,
+                    edx,
+                    ..Default::default()
+                }),
+            }
+        }
+        *cpuid = kvm_bindings::CpuId::from_entries(&entries).map_err(|e| BackendError::Host {
+            op: "build the CPUID table",
+            source: io::Error::other(format!("{e:?}")),
+        })?;
+        Ok(())
     }
 
     fn io_events(&self) -> Option<Arc<dyn palacios_vmm::backend::IoEvents>> {
@@ -367,6 +417,17 @@ impl Backend for KvmBackend {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(host_err("KVM_SET_CPUID2"))?;
+        if let Some(khz) = *self.set_khz.lock().unwrap_or_else(|p| p.into_inner()) {
+            fd.set_tsc_khz(khz).map_err(|e| BackendError::Unhandled {
+                vcpu: index,
+                rip: 0,
+                what: format!(
+                    "KVM cannot run the guest TSC at {khz} kHz here (KVM_SET_TSC_KHZ: {}); \
+                     use the emulator backend or leave <time khz> out",
+                    io::Error::from_raw_os_error(e.errno())
+                ),
+            })?;
+        }
         palacios_vmm::host::set_kick_hook(kick_hook);
         Ok(Box::new(KvmVcpu {
             index,

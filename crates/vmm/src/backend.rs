@@ -66,6 +66,9 @@ pub enum Exit {
     Shutdown,
     /// The run was interrupted from the outside (a kick); nothing to do for the guest.
     Interrupted,
+    /// VMCALL or VMMCALL (the emulator): RIP is past the instruction, the registers hold the
+    /// call ([`crate::hypercall`]).
+    Hypercall,
 }
 
 /// The kinds of [`Exit`], for telemetry.
@@ -81,10 +84,11 @@ pub enum ExitKind {
     MsrWrite,
     Shutdown,
     Interrupted,
+    Hypercall,
 }
 
 impl ExitKind {
-    pub const ALL: [ExitKind; 10] = [
+    pub const ALL: [ExitKind; 11] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -95,6 +99,7 @@ impl ExitKind {
         ExitKind::MsrWrite,
         ExitKind::Shutdown,
         ExitKind::Interrupted,
+        ExitKind::Hypercall,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -108,6 +113,7 @@ impl ExitKind {
             ExitKind::MsrWrite => "msr-write",
             ExitKind::Shutdown => "shutdown",
             ExitKind::Interrupted => "interrupted",
+            ExitKind::Hypercall => "hypercall",
         }
     }
 }
@@ -125,6 +131,7 @@ impl Exit {
             Exit::MsrWrite { .. } => ExitKind::MsrWrite,
             Exit::Shutdown => ExitKind::Shutdown,
             Exit::Interrupted => ExitKind::Interrupted,
+            Exit::Hypercall => ExitKind::Hypercall,
         }
     }
 }
@@ -405,6 +412,28 @@ pub trait Backend: Send + Sync {
     /// each vCPU's [`Vcpu::virtual_ns`]. False if the backend cannot.
     fn enable_virtual_time(&self) -> bool {
         false
+    }
+    /// Add or replace these CPUID leaves, (leaf, subleaf, [eax, ebx, ecx, edx]), before any
+    /// vCPU is created (the hypervisor range 0x40000000-0x4fffffff included).
+    fn set_cpuid_leaves(&self, leaves: &[(u32, u32, [u32; 4])]) -> Result<(), BackendError>;
+    /// VMCALL/VMMCALL reach the VMM as [`Exit::Hypercall`] (KVM keeps them for itself).
+    fn traps_vmcall(&self) -> bool {
+        false
+    }
+    /// Run the guest TSC at `tsc_hz` (`None`: the backend's own) and guest time at
+    /// 1/`dilation` of host time, before any vCPU is created. An error if the backend cannot.
+    fn set_time_scale(&self, tsc_hz: Option<u64>, dilation: u32) -> Result<(), BackendError> {
+        if tsc_hz.is_none() && dilation == 1 {
+            return Ok(());
+        }
+        Err(BackendError::Unhandled {
+            vcpu: 0,
+            rip: 0,
+            what: format!(
+                "backend '{}' cannot set the TSC frequency or dilate time",
+                self.name()
+            ),
+        })
     }
     /// Create vCPU number `index` (its APIC ID is `index`).
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>, BackendError>;

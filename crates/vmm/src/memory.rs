@@ -6,6 +6,12 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// ([`crate::write_watch`]).
 pub type GuestMem = GuestMemoryMmap<crate::write_watch::WriteWatch>;
 
+/// Whether `[addr, addr+len)` lies entirely in one region of guest RAM (`len` > 0).
+pub fn is_ram(mem: &GuestMem, addr: u64, len: u64) -> bool {
+    use vm_memory::GuestMemoryBackend;
+    len > 0 && len <= usize::MAX as u64 && mem.get_slice(GuestAddress(addr), len as usize).is_ok()
+}
+
 /// RAM below 4 GiB ends here; the rest of the low 4 GiB is the MMIO hole (PCI windows,
 /// IOAPIC at 0xFEC00000, LAPIC at 0xFEE00000, firmware at the top).
 pub const LOW_RAM_END: u64 = 0xC000_0000;

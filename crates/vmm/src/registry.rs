@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use crate::backend::KernelIrqchip;
 use crate::bus::{Bus, BusDevice};
-use crate::config::{ConfigError, ConfigNode, DeviceConfig};
+use crate::config::{ConfigError, ConfigNode, DeviceConfig, ExtensionConfig};
 use crate::control::VmHandle;
+use crate::extension::{ExtensionClass, Extensions};
 use crate::host::{Host, HostStream, HostThread};
+use crate::hypercall::Hypercalls;
 use crate::irq::InterruptController;
 use crate::irq::{IrqLine, UnconnectedLine};
 use crate::memory::{GuestMem, MemoryMap};
@@ -47,6 +49,7 @@ pub trait DeviceClass: Send + Sync {
 #[derive(Default)]
 pub struct Registry {
     classes: BTreeMap<&'static str, Box<dyn DeviceClass>>,
+    extensions: BTreeMap<&'static str, Box<dyn ExtensionClass>>,
 }
 
 impl Registry {
@@ -69,6 +72,57 @@ impl Registry {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.classes.keys().copied().collect()
+    }
+
+    /// Register an extension class; a second one with the same name replaces the first.
+    pub fn register_extension(&mut self, class: Box<dyn ExtensionClass>) {
+        self.extensions.insert(class.name(), class);
+    }
+
+    pub fn extension_classes(&self) -> impl Iterator<Item = &dyn ExtensionClass> {
+        self.extensions.values().map(|b| b.as_ref())
+    }
+
+    /// Look the extension up, check its options, and create it into `ctx.extensions`.
+    pub fn create_extension(
+        &self,
+        ctx: &mut BuildCtx,
+        cfg: &ExtensionConfig,
+    ) -> Result<(), ConfigError> {
+        let class = self.extensions.get(cfg.name.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = self.extensions.keys().copied().collect();
+            cfg.node.val_err(
+                "name",
+                format!(
+                    "unknown extension '{}' (known: {})",
+                    cfg.name,
+                    if known.is_empty() {
+                        "none in this build".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            )
+        })?;
+        let mut allowed: Vec<&str> = vec!["name"];
+        allowed.extend(class.options().iter().map(|o| o.name));
+        cfg.node
+            .check_options(&format!("extension {}", class.name()), &allowed)?;
+        ctx.current = Some((format!("extension:{}", cfg.name), class.name().to_string()));
+        let r = class.create(ctx, cfg);
+        ctx.current = None;
+        let ext = r.map_err(|e| {
+            if e.pos.is_none() {
+                ConfigError {
+                    pos: cfg.node.pos,
+                    ..e
+                }
+            } else {
+                e
+            }
+        })?;
+        ctx.extensions.list.push((cfg.name.clone(), ext));
+        Ok(())
     }
 
     /// Look the class up, check the device's options, and create it.
@@ -171,6 +225,12 @@ pub struct BuildCtx {
     pub io_events: Option<Arc<dyn crate::backend::IoEvents>>,
     /// Where devices send MSI messages (connected by the interrupt controller).
     pub msi: Arc<crate::irq::MsiRouter>,
+    /// Hypercall handlers by id (devices and extensions register theirs).
+    pub hypercalls: Arc<Hypercalls>,
+    /// CPUID leaves devices and extensions add or replace: (leaf, subleaf, [eax, ebx, ecx, edx]).
+    pub cpuid: Vec<(u32, u32, [u32; 4])>,
+    /// The extensions created so far.
+    pub extensions: Extensions,
     services: HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>,
     finishers: Vec<Finisher>,
     irq_provider: IrqProvider,
@@ -202,6 +262,9 @@ impl BuildCtx {
             msi: Arc::new(crate::irq::MsiRouter::default()),
             io_events: None,
             services: HashMap::new(),
+            hypercalls: Arc::new(Hypercalls::default()),
+            cpuid: Vec::new(),
+            extensions: Extensions::default(),
             host,
             mem,
             map,
@@ -235,6 +298,36 @@ impl BuildCtx {
             return;
         }
         self.device_states.push(DeviceState { id, class, state });
+    }
+
+    /// Add (or replace) a CPUID leaf the guest sees.
+    pub fn set_cpuid_leaf(&mut self, leaf: u32, subleaf: u32, regs: [u32; 4]) {
+        self.cpuid.retain(|(l, s, _)| (*l, *s) != (leaf, subleaf));
+        self.cpuid.push((leaf, subleaf, regs));
+    }
+
+    /// Register a hypercall handler (an id already taken is a config error).
+    pub fn add_hypercall(
+        &mut self,
+        id: u32,
+        f: impl Fn(&mut crate::hypercall::HcallCtx) + Send + Sync + 'static,
+    ) -> Result<(), ConfigError> {
+        let owner = self
+            .current
+            .as_ref()
+            .map(|(id, class)| format!("{id} ({class})"))
+            .unwrap_or_else(|| "the core".into());
+        self.hypercalls
+            .register(id, &owner, f)
+            .map_err(|e| ConfigError::new(None, e))
+    }
+
+    /// Register the state of a part of the core (not a device): `id` should start with
+    /// `core:`, so that a checkpoint from a build without that part still restores.
+    pub fn register_core_state(&mut self, id: &str, class: &str, state: Arc<dyn Stateful>) {
+        let prev = self.current.replace((id.to_string(), class.to_string()));
+        self.register_state(state);
+        self.current = prev;
     }
 
     /// A path from the config: relative paths are relative to the config file's directory.

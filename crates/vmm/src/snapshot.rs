@@ -378,17 +378,22 @@ pub fn restore_meta(vm: &mut Vm, meta: &Meta) -> Result<(), SnapshotError> {
     }
     // Devices, by config id.
     for d in &parts.devices {
-        let s = o
-            .meta
-            .sections("device")
-            .find(|s| s.id == d.id)
-            .ok_or_else(|| {
-                SnapshotError::Mismatch(format!(
-                    "the checkpoint has no state for device '{}' (class {}): it comes from a VM \
+        let found = o.meta.sections("device").find(|s| s.id == d.id);
+        if found.is_none() && d.id.starts_with("core:") {
+            // A part of the core newer than the checkpoint: it keeps its initial state.
+            tracing::debug!(
+                "the checkpoint has no state for {}: left as it starts",
+                d.id
+            );
+            continue;
+        }
+        let s = found.ok_or_else(|| {
+            SnapshotError::Mismatch(format!(
+                "the checkpoint has no state for device '{}' (class {}): it comes from a VM \
                      with a different device set",
-                    d.id, d.class
-                ))
-            })?;
+                d.id, d.class
+            ))
+        })?;
         if s.class != d.class {
             return Err(SnapshotError::Mismatch(format!(
                 "device '{}' is of class {} in the checkpoint but {} in this VM",

@@ -24,6 +24,8 @@ pub struct GuestClock {
     virtual_ns: Option<AtomicU64>,
     /// Guest time at which the clock was stopped (paused VM); `RUNNING` while it runs.
     frozen: AtomicU64,
+    /// Guest time runs at 1/`dilation` of host time (`<time dilation>`).
+    dilation: AtomicU64,
 }
 
 /// `frozen` value of a running clock.
@@ -38,7 +40,30 @@ impl GuestClock {
             tsc_base: AtomicU64::new(0),
             virtual_ns: None,
             frozen: AtomicU64::new(RUNNING),
+            dilation: AtomicU64::new(1),
         }
+    }
+
+    /// Make guest time run at 1/`d` of host time (before the VM runs).
+    pub fn set_dilation(&self, d: u32) {
+        let d = u64::from(d.max(1));
+        let now = self.now();
+        self.dilation.store(d, Ordering::Relaxed);
+        self.continue_from(now);
+    }
+
+    pub fn dilation(&self) -> u64 {
+        self.dilation.load(Ordering::Relaxed)
+    }
+
+    /// Host time that `ns` of guest time take (for waits).
+    pub fn host_ns(&self, ns: Ns) -> u64 {
+        ns.saturating_mul(self.dilation())
+    }
+
+    /// Host nanoseconds since the clock started, dilated.
+    fn raw(&self) -> u64 {
+        (self.start.elapsed().as_nanos() as u64) / self.dilation.load(Ordering::Relaxed)
     }
 
     /// A clock that only moves when [`GuestClock::advance_to`] is called.
@@ -75,7 +100,7 @@ impl GuestClock {
                 .load(Ordering::Acquire)
                 .wrapping_add(self.offset.load(Ordering::Relaxed));
         }
-        (self.start.elapsed().as_nanos() as u64).wrapping_add(self.offset.load(Ordering::Relaxed))
+        self.raw().wrapping_add(self.offset.load(Ordering::Relaxed))
     }
 
     /// Shift guest time (for restore).
@@ -129,7 +154,7 @@ impl GuestClock {
             self.offset.store(0, Ordering::Release);
             return;
         }
-        let raw = self.start.elapsed().as_nanos() as u64;
+        let raw = self.raw();
         self.offset.store(ns.wrapping_sub(raw), Ordering::Release);
         if self.frozen.load(Ordering::Acquire) != RUNNING {
             self.frozen.store(ns, Ordering::Release);

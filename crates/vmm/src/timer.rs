@@ -107,7 +107,7 @@ impl TimerQueue {
                     self.cond.notify_all();
                 }
                 Some(Reverse((deadline, _, _))) => {
-                    let wait = Duration::from_nanos(deadline - now);
+                    let wait = Duration::from_nanos(self.clock.host_ns(deadline - now));
                     s = self
                         .cond
                         .wait_timeout(s, wait)

@@ -4,18 +4,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use palacios_x86::{CpuState, msr, rflags};
+use palacios_x86::CpuState;
 
-use crate::backend::{Backend, BackendError, CoreMode, Exit, Vcpu, VcpuState};
+use crate::backend::{Backend, BackendError, CoreMode, Vcpu, VcpuState};
 use crate::bus::Bus;
 use crate::config::{ConfigError, IrqchipMode, VmConfig};
 use crate::control::{Outcome, VmHandle};
+use crate::core_loop::CoreLoop;
+use crate::extension::Extensions;
 use crate::host::Host;
+use crate::hypercall::Hypercalls;
 use crate::irq::InterruptController;
 use crate::memory::{GuestMem, MemoryMap};
 use crate::msr::MsrBus;
 use crate::registry::{BuildCtx, Registry, Worker};
 use crate::state::DeviceState;
+use crate::symbiotic::Symbiotic;
 use crate::telemetry::{CoreStats, Telemetry};
 use crate::time::GuestClock;
 use crate::timer::TimerQueue;
@@ -55,6 +59,9 @@ pub struct Vm {
     kernel_irqchip: bool,
     device_states: Vec<DeviceState>,
     without_state: Vec<String>,
+    hypercalls: Arc<Hypercalls>,
+    extensions: Extensions,
+    sym: Arc<Symbiotic>,
 }
 
 /// What [`Vm::validate`] found besides errors.
@@ -93,7 +100,61 @@ fn create_devices(
             e.in_file(src)
         })?;
     }
+    ctx.finish().map_err(|e| e.in_file(src))?;
+    for ext in &cfg.extensions {
+        registry
+            .create_extension(ctx, ext)
+            .map_err(|e| e.in_file(src))?;
+    }
     ctx.finish().map_err(|e| e.in_file(src))
+}
+
+/// The facts GUEST_INFO and SymSpy give the guest, as `key=value` lines.
+fn vmm_info(
+    cfg: &VmConfig,
+    backend: &str,
+    clock: &Arc<GuestClock>,
+) -> Arc<dyn Fn() -> String + Send + Sync> {
+    let vm = cfg
+        .source
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "unnamed".into());
+    let fixed = format!(
+        "vmm=palacios-rs\nversion={}\nbackend={backend}\ncores={}\nvm={vm}\ndilation={}\n",
+        env!("CARGO_PKG_VERSION"),
+        cfg.cores,
+        cfg.time.dilation,
+    );
+    let clock = clock.clone();
+    Arc::new(move || format!("{fixed}tsc_khz={}\n", clock.tsc_hz() / 1000))
+}
+
+/// The core's symbiotic interfaces and hypercalls, before the devices.
+fn attach_core_services(
+    cfg: &VmConfig,
+    backend: &str,
+    ctx: &mut BuildCtx,
+) -> Result<Arc<Symbiotic>, ConfigError> {
+    let info = vmm_info(cfg, backend, &ctx.clock);
+    let sym = Arc::new(Symbiotic::new(ctx.mem.clone(), cfg.cores, info.clone()));
+    let e = |m: String| ConfigError::new(None, m);
+    sym.attach(ctx).map_err(e)?;
+    let clock = ctx.clock.clone();
+    crate::hypercall::register_core(
+        &ctx.hypercalls,
+        info,
+        Arc::new(move || clock.tsc_hz() / 1000),
+    )
+    .map_err(e)?;
+    let (s1, s2) = (sym.clone(), sym.clone());
+    ctx.register_core_state(
+        "core:symbiotic",
+        "symbiotic",
+        crate::state::state_fn(1, move || s1.save(), move |st| s2.restore(st)),
+    );
+    Ok(sym)
 }
 
 impl Vm {
@@ -137,9 +198,15 @@ impl Vm {
             handle.clone(),
             cfg.cores,
         );
+        backend
+            .set_time_scale(cfg.time.tsc_khz.map(|k| k * 1000), cfg.time.dilation)
+            .map_err(|e| {
+                ConfigError::new(None, format!("<time>: {e}")).in_file(cfg.source.as_deref())
+            })?;
         if let Some(hz) = backend.tsc_hz() {
             ctx.clock.set_tsc_hz(hz);
         }
+        ctx.clock.set_dilation(cfg.time.dilation);
         if cfg.deterministic {
             if cfg.cores != 1 {
                 return Err(ConfigError::new(
@@ -169,7 +236,18 @@ impl Vm {
             ctx.msi.connect(Arc::new(KernelMsi(chip.clone())));
             ctx.kernel_irqchip = Some(chip);
         }
+        let sym = attach_core_services(cfg, backend.name(), &mut ctx)
+            .map_err(|e| e.in_file(cfg.source.as_deref()))?;
         create_devices(cfg, registry, &mut ctx)?;
+        let mut leaves = crate::hypercall::cpuid_leaves(
+            backend.traps_vmcall(),
+            (ctx.clock.tsc_hz() / 1000).min(u64::from(u32::MAX)) as u32,
+        );
+        leaves.extend(ctx.cpuid.iter().copied());
+        backend.set_cpuid_leaves(&leaves)?;
+        handle.add_control(&sym);
+        handle.add_control(&Arc::new(ctx.extensions.clone()));
+        handle.add_control(&ctx.hypercalls);
         handle.add_quiesce(Arc::new(TimeQuiesce {
             clock: ctx.clock.clone(),
             timers: ctx.timers.clone(),
@@ -221,6 +299,9 @@ impl Vm {
             telemetry: cfg.telemetry,
             device_states: ctx.device_states,
             without_state: ctx.without_state,
+            hypercalls: ctx.hypercalls,
+            extensions: ctx.extensions,
+            sym,
         })
     }
 
@@ -237,7 +318,8 @@ impl Vm {
             reason: e.to_string(),
         })?;
         let mut ctx = BuildCtx::new(host, mem, map, VmHandle::new(cfg.cores), cfg.cores);
-        let r = create_devices(cfg, registry, &mut ctx);
+        let r = attach_core_services(cfg, "none", &mut ctx)
+            .and_then(|_| create_devices(cfg, registry, &mut ctx));
         // Drop the devices now (worker threads, disk connections), not at exit.
         ctx.pio.clear();
         ctx.mmio.clear();
@@ -359,6 +441,10 @@ impl Vm {
                 timers: self.timers.clone(),
                 running: running.clone(),
                 kernel_irqchip: self.kernel_irqchip,
+                mem: self.mem.clone(),
+                hypercalls: self.hypercalls.clone(),
+                extensions: self.extensions.clone(),
+                sym: self.sym.clone(),
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let cpu = core.cpu;
@@ -475,295 +561,6 @@ pub struct RunReport {
     pub telemetry: Telemetry,
     /// Telemetry was enabled in the config or forced on.
     pub print_telemetry: bool,
-}
-
-struct CoreLoop {
-    cpu: u32,
-    handle: VmHandle,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    msrs: Arc<MsrBus>,
-    irq: Option<Arc<dyn InterruptController>>,
-    clock: Arc<GuestClock>,
-    timers: Arc<TimerQueue>,
-    /// Started cores that have not halted for good.
-    running: Arc<AtomicU32>,
-    kernel_irqchip: bool,
-}
-
-impl CoreLoop {
-    fn fail(&self, e: BackendError) {
-        self.handle.stop(Outcome::Failed(e.to_string()));
-    }
-
-    /// Wait for a start state (core 0 has one at once; the others wait for INIT/SIPI).
-    fn await_start(&self, vcpu: &mut dyn Vcpu) -> bool {
-        if self.kernel_irqchip && self.cpu != 0 {
-            // The backend holds application processors in wait-for-SIPI itself.
-            self.running.fetch_add(1, Ordering::AcqRel);
-            return true;
-        }
-        loop {
-            if self.handle.is_stopping() {
-                return false;
-            }
-            if let Some(mut state) = self.handle.take_start(self.cpu) {
-                // The guest's TSC follows guest time (see crate::time).
-                state.msrs.push((msr::IA32_TSC, self.clock.tsc()));
-                if let Err(e) = vcpu.set_state(&state) {
-                    self.fail(e);
-                    return false;
-                }
-                self.reanchor_tsc(vcpu);
-                self.running.fetch_add(1, Ordering::AcqRel);
-                return true;
-            }
-            self.handle.run_commands(self.cpu, vcpu);
-            if self.handle.is_paused() {
-                self.handle.park(self.cpu, vcpu, None);
-                continue;
-            }
-            self.handle.wakers().wait(self.cpu, None);
-        }
-    }
-
-    /// Some backends ignore TSC writes (this project's software KVM): then the TSC the core
-    /// has is the truth, and guest time's TSC mapping (TSC-deadline timers) follows it. Done
-    /// by core 0 when it starts, resumes or continues from a checkpoint.
-    fn reanchor_tsc(&self, vcpu: &mut dyn Vcpu) {
-        if self.cpu != 0 {
-            return;
-        }
-        // Guest time on both sides of the read: a thread descheduled in between must not
-        // pass for a TSC that differs.
-        let before = self.clock.now();
-        if let Ok(v) = vcpu.msrs(&[msr::IA32_TSC]) {
-            if let Some(&(_, tsc)) = v.first() {
-                let after = self.clock.now();
-                let now = before + (after - before) / 2;
-                let want = self.clock.tsc_at(now);
-                // Only a TSC that really differs (a backend that ignored the write; more than
-                // 10 ms) moves guest time's TSC anchor.
-                if tsc.abs_diff(want) > self.clock.tsc_hz() / 100 + (after - before) {
-                    tracing::debug!(
-                        "guest TSC {tsc:#x} differs from {want:#x}: re-anchoring guest time"
-                    );
-                    self.clock.anchor_tsc(tsc, now);
-                }
-            }
-        }
-    }
-
-    /// Park for a pause: acknowledge and serve commands until resumed. The TSC is put back
-    /// where it was, so the guest sees no jump (unless a command replaced the core's state).
-    fn park(&self, vcpu: &mut dyn Vcpu) {
-        // The TSC as it was when guest time stopped (this core parked a little later).
-        let lag = self.clock.frozen_lag();
-        let hz = self.clock.tsc_hz();
-        let tsc = vcpu
-            .msrs(&[msr::IA32_TSC])
-            .ok()
-            .and_then(|v| v.first().copied())
-            .map(|(i, t)| {
-                (
-                    i,
-                    t.wrapping_sub(((u128::from(lag) * u128::from(hz)) / 1_000_000_000) as u64),
-                )
-            });
-        self.handle.take_state_replaced(self.cpu);
-        self.handle.park(self.cpu, vcpu, tsc.map(|t| t.1));
-        if let Some(t) = tsc
-            && !self.handle.take_state_replaced(self.cpu)
-            && !self.handle.is_stopping()
-            && let Err(e) = vcpu.set_msrs(&[t])
-        {
-            tracing::debug!(
-                "vCPU {}: cannot put the TSC back after a pause: {e}",
-                self.cpu
-            );
-        }
-        if !self.handle.is_stopping() {
-            self.reanchor_tsc(vcpu);
-        }
-    }
-
-    /// Inject what the interrupt controller has pending, or ask for a window.
-    fn inject(&self, vcpu: &mut dyn Vcpu, stats: &mut CoreStats) -> Result<(), BackendError> {
-        let Some(ic) = &self.irq else { return Ok(()) };
-        if ic.take_nmi(self.cpu) {
-            vcpu.inject_nmi()?;
-        }
-        if ic.has_interrupt(self.cpu) {
-            if vcpu.can_inject() {
-                if let Some(v) = ic.acknowledge(self.cpu) {
-                    vcpu.inject_interrupt(v)?;
-                    stats.injected += 1;
-                }
-                vcpu.request_interrupt_window(false);
-            } else {
-                vcpu.request_interrupt_window(true);
-            }
-        }
-        Ok(())
-    }
-
-    fn run(self, mut vcpu: Box<dyn Vcpu>) -> CoreStats {
-        let mut stats = CoreStats::new(self.cpu);
-        crate::bus::set_current_cpu(self.cpu);
-        // In HLT with interrupts enabled: the vCPU must not run again until an interrupt is due.
-        let mut halted = false;
-        // A restored core continues in the mode it was saved in.
-        match self.handle.core_mode(self.cpu) {
-            CoreMode::WaitStart => {
-                if !self.await_start(vcpu.as_mut()) {
-                    return stats;
-                }
-                self.handle.set_core_mode(self.cpu, CoreMode::Running);
-            }
-            CoreMode::Running => {
-                self.reanchor_tsc(vcpu.as_mut());
-                self.running.fetch_add(1, Ordering::AcqRel);
-            }
-            CoreMode::Halted => {
-                self.reanchor_tsc(vcpu.as_mut());
-                self.running.fetch_add(1, Ordering::AcqRel);
-                halted = true;
-            }
-            CoreMode::Off => {
-                self.off(vcpu.as_mut());
-                stats.backend = vcpu.stats();
-                return stats;
-            }
-        }
-        let mut buf = [0u8; 8];
-        let virtual_time = self.clock.is_virtual();
-        while !self.handle.is_stopping() {
-            self.handle.run_commands(self.cpu, vcpu.as_mut());
-            if self.handle.is_paused() {
-                self.park(vcpu.as_mut());
-                continue;
-            }
-            if halted {
-                if self
-                    .irq
-                    .as_ref()
-                    .is_some_and(|ic| ic.has_interrupt(self.cpu) || ic.nmi_pending(self.cpu))
-                {
-                    halted = false;
-                    self.handle.set_core_mode(self.cpu, CoreMode::Running);
-                } else if let Some(next) = virtual_time
-                    .then(|| self.timers.run_due(self.clock.now()))
-                    .flatten()
-                {
-                    // Deterministic time: an idle core skips ahead to the next timer.
-                    vcpu.skip_to(next);
-                    self.clock.advance_to(next);
-                    self.timers.run_due(next);
-                    continue;
-                } else {
-                    if !self.handle.is_paused() {
-                        self.handle.wakers().wait(self.cpu, None);
-                    }
-                    continue;
-                }
-            }
-            if virtual_time {
-                let next = self.timers.run_due(self.clock.now());
-                vcpu.set_virtual_deadline(next.unwrap_or(u64::MAX));
-            }
-            if let Err(e) = self.inject(vcpu.as_mut(), &mut stats) {
-                self.fail(e);
-                break;
-            }
-            let t0 = Instant::now();
-            let exit = match vcpu.run() {
-                Ok(e) => e,
-                Err(e) => {
-                    self.fail(e);
-                    break;
-                }
-            };
-            let t1 = Instant::now();
-            stats.guest_time += t1 - t0;
-            if virtual_time {
-                if let Some(ns) = vcpu.virtual_ns() {
-                    self.clock.advance_to(ns);
-                }
-            }
-            match exit {
-                Exit::IoIn { port, size } => {
-                    let d = &mut buf[..usize::from(size.min(8))];
-                    self.pio.read(u64::from(port), d);
-                    vcpu.complete_read(d);
-                }
-                Exit::IoOut { port, data } => {
-                    self.pio.write(u64::from(port), data.as_slice());
-                }
-                Exit::MmioRead { addr, size } => {
-                    let d = &mut buf[..usize::from(size.min(8))];
-                    self.mmio.read(addr, d);
-                    vcpu.complete_read(d);
-                }
-                Exit::MmioWrite { addr, data } => {
-                    self.mmio.write(addr, data.as_slice());
-                }
-                Exit::MsrRead { index } => vcpu.complete_msr_read(self.msrs.read(self.cpu, index)),
-                Exit::MsrWrite { index, value } => {
-                    vcpu.complete_msr_write(self.msrs.write(self.cpu, index, value))
-                }
-                Exit::Hlt => {
-                    halted = self.halt(vcpu.as_mut());
-                    if halted {
-                        self.handle.set_core_mode(self.cpu, CoreMode::Halted);
-                    }
-                }
-                Exit::IrqWindowOpen | Exit::Interrupted => {}
-                Exit::Shutdown => {
-                    self.handle.stop(Outcome::Shutdown {
-                        vcpu: self.cpu,
-                        rip: vcpu.rip(),
-                    });
-                }
-            }
-            stats.record(exit.kind(), t1.elapsed());
-        }
-        stats.backend = vcpu.stats();
-        stats
-    }
-
-    /// A core halted for good: it only serves commands and pauses until the VM stops.
-    fn off(&self, vcpu: &mut dyn Vcpu) {
-        while !self.handle.is_stopping() {
-            self.handle.run_commands(self.cpu, vcpu);
-            if self.handle.is_paused() {
-                self.park(vcpu);
-                continue;
-            }
-            self.handle.wakers().wait(self.cpu, None);
-        }
-    }
-
-    /// HLT: with interrupts disabled the core is done; otherwise it is halted until an
-    /// interrupt is pending (returns true).
-    fn halt(&self, vcpu: &mut dyn Vcpu) -> bool {
-        let iflag = match vcpu.regs() {
-            Ok(r) => r.rflags & rflags::IF != 0,
-            Err(e) => {
-                self.fail(e);
-                return false;
-            }
-        };
-        if !iflag {
-            tracing::debug!("vCPU {} halted with interrupts disabled", self.cpu);
-            self.handle.set_core_mode(self.cpu, CoreMode::Off);
-            if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.handle.stop(Outcome::Halted);
-            }
-            self.off(vcpu);
-            return false;
-        }
-        true
-    }
 }
 
 /// MSI messages into the backend's in-kernel LAPICs.

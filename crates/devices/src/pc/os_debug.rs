@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use palacios_vmm::config::DeviceConfig;
+use palacios_vmm::hypercall;
 use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, BusDevice, ConfigError, DeviceClass, DeviceOption};
 
@@ -11,6 +12,8 @@ use super::linebuf::LineBuf;
 
 pub const OUTPUT_PORT: u16 = 0xc0c0;
 pub const HEARTBEAT_PORT: u16 = 0x99;
+/// Messages through the OS_DEBUG hypercall are shorter than this.
+pub const MAX_HCALL_MSG: u64 = 256;
 
 pub struct OsDebugClass;
 
@@ -19,7 +22,7 @@ impl DeviceClass for OsDebugClass {
         "OS_DEBUG"
     }
     fn help(&self) -> &'static str {
-        "guest debug output on port 0xc0c0 (logged per line) and heartbeat values on port 0x99"
+        "guest debug output on port 0xc0c0 and through hypercall 0xc0c0 (logged per line), heartbeat values on port 0x99"
     }
     fn options(&self) -> &'static [DeviceOption] {
         &[]
@@ -48,6 +51,21 @@ impl DeviceClass for OsDebugClass {
         ));
         ctx.add_ports(OUTPUT_PORT, 1, &dev.id, d.clone())
             .map_err(|e| dev.node.err(e.msg))?;
+        // Palacios' OS_DEBUG hypercall: RBX = message, RCX = length, RDX = 1 if RBX is virtual.
+        let d3 = d.clone();
+        ctx.add_hypercall(hypercall::id::OS_DEBUG, move |c| {
+            let (addr, len, virt) = (c.arg(0), c.arg(1), c.arg(2) == 1);
+            match c.read_guest(addr, len, MAX_HCALL_MSG - 1, virt) {
+                Ok(msg) => {
+                    lock(&d3).hypercalls += 1;
+                    let text = String::from_utf8_lossy(&msg);
+                    tracing::info!(target: "guest", "os_debug: {}", text.trim_end());
+                    c.ret(0);
+                }
+                Err(e) => c.ret(e),
+            }
+        })
+        .map_err(|e| dev.node.err(e.msg))?;
         ctx.add_ports(HEARTBEAT_PORT, 4, &dev.id, d)
             .map_err(|e| dev.node.err(e.msg))
     }
@@ -68,6 +86,8 @@ struct OsDebugState {
 pub struct OsDebug {
     line: LineBuf,
     pub heartbeats: u64,
+    /// Messages received through the OS_DEBUG hypercall.
+    pub hypercalls: u64,
 }
 
 impl BusDevice for OsDebug {

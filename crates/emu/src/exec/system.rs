@@ -723,6 +723,13 @@ fn rdtsc<const P: bool>(m: &mut Machine, _: &Insn) -> R<()> {
     Ok(())
 }
 
+/// VMCALL/VMMCALL: a hypercall to the VMM, from any privilege level (the VMM refuses what
+/// it does not allow), RIP past the instruction.
+fn vmcall(m: &mut Machine, _: &Insn) -> R<()> {
+    m.exit_after(Exit::Hypercall);
+    Ok(())
+}
+
 fn hlt(m: &mut Machine, _: &Insn) -> R<()> {
     need_cpl0(m)?;
     m.exit_after(Exit::Hlt);
@@ -914,6 +921,7 @@ pub fn handler(mn: Mnemonic, i: &Instruction) -> Option<Handler> {
         Rdtsc => rdtsc::<false>,
         Rdtscp => rdtsc::<true>,
         Hlt => hlt,
+        Vmcall | Vmmcall => vmcall,
         Wbinvd | Invd => wbinvd,
         Syscall => syscall,
         Sysret | Sysretq => sysret,

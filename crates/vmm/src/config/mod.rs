@@ -3,9 +3,11 @@
 //! [`node`] turns XML into an owned tree with positions and applies Palacios' value rule; [`vm`]
 //! reads the VM-level model ([`VmConfig`]) out of it. Devices read their own subtrees.
 
+pub mod ext;
 pub mod node;
 pub mod vm;
 
+pub use ext::{ExtensionConfig, TimeConfig};
 pub use node::{ConfigNode, Pos};
 pub use vm::{
     BackendChoice, BootConfig, BootFormat, DeviceConfig, IrqchipMode, ModuleConfig, VmConfig,

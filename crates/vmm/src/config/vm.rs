@@ -121,6 +121,12 @@ pub struct VmConfig {
     #[serde(default)]
     pub cpu_portable: bool,
     pub boot: Option<BootConfig>,
+    /// `<extensions>`: extensions by name, with their options.
+    #[serde(default)]
+    pub extensions: Vec<super::ExtensionConfig>,
+    /// `<time>` and `<core khz>`: time dilation and the guest TSC frequency.
+    #[serde(default)]
+    pub time: super::TimeConfig,
 }
 
 /// Largest supported guest.
@@ -129,14 +135,7 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 pub const MAX_CORES: u32 = 255;
 
 /// Top-level elements of Palacios configs that this project accepts and ignores.
-const IGNORED_TOP: &[&str] = &[
-    "paging",
-    "schedule_hz",
-    "extensions",
-    "perftune",
-    "mem_layout",
-    "name",
-];
+const IGNORED_TOP: &[&str] = &["paging", "schedule_hz", "perftune", "mem_layout", "name"];
 const KNOWN_TOP: &[&str] = &[
     "memory",
     "cores",
@@ -148,6 +147,8 @@ const KNOWN_TOP: &[&str] = &[
     "clock",
     "cpu",
     "boot",
+    "extensions",
+    "time",
 ];
 
 impl Default for VmConfig {
@@ -166,6 +167,8 @@ impl Default for VmConfig {
             cpu_hide: Vec::new(),
             cpu_portable: false,
             boot: None,
+            extensions: Vec::new(),
+            time: super::TimeConfig::default(),
         }
     }
 }
@@ -319,6 +322,10 @@ impl VmConfig {
                 }
             }
         }
+        if let Some(e) = root.child("extensions") {
+            cfg.extensions = super::ext::parse_extensions(e)?;
+        }
+        cfg.time = super::ext::parse_time(root.child("time"), root.child("cores"))?;
         if let Some(d) = root.child("devices") {
             cfg.parse_devices(d)?;
         }
@@ -501,6 +508,7 @@ impl VmConfig {
 
 fn parse_cores(c: &ConfigNode) -> Result<u32, ConfigError> {
     c.check_options("<cores>", &["count", "core"])?;
+
     let listed = c.children_named("core").count() as u64;
     let count = match c.num("count")? {
         Some(n) => {

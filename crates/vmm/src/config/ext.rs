@@ -1,0 +1,165 @@
+//! `<extensions>` and `<time>` (with per-core `khz`): Palacios' extension list and time control.
+
+use super::{ConfigError, ConfigNode};
+
+/// One `<extension name="...">`, with its subtree (the extension's own options).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExtensionConfig {
+    pub name: String,
+    pub node: ConfigNode,
+}
+
+/// `<time>`: guest time relative to host time, and the guest TSC frequency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TimeConfig {
+    /// Guest time runs at 1/`dilation` of host time (1: real time).
+    pub dilation: u32,
+    /// Guest TSC frequency in kHz (`None`: the backend's).
+    pub tsc_khz: Option<u64>,
+}
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        TimeConfig {
+            dilation: 1,
+            tsc_khz: None,
+        }
+    }
+}
+
+/// Largest time dilation accepted.
+pub const MAX_DILATION: u64 = 1000;
+
+/// Parse `<extensions><extension name="X">...</extension>...</extensions>`.
+pub fn parse_extensions(e: &ConfigNode) -> Result<Vec<ExtensionConfig>, ConfigError> {
+    let mut out: Vec<ExtensionConfig> = Vec::new();
+    for c in &e.children {
+        if c.name != "extension" {
+            return Err(c.err(format!(
+                "unknown element <{}> in <extensions> (expected <extension name=\"...\">)",
+                c.name
+            )));
+        }
+        let name = c.req("name")?.trim().to_string();
+        if name.is_empty() {
+            return Err(c.val_err("name", "<extension name> is empty"));
+        }
+        if out.iter().any(|x| x.name == name) {
+            return Err(c.val_err("name", format!("extension '{name}' is listed twice")));
+        }
+        out.push(ExtensionConfig {
+            name,
+            node: c.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Parse `<time source=".." dilation=".." khz=".."/>` and the `khz` of `<cores><core>`.
+pub fn parse_time(
+    time: Option<&ConfigNode>,
+    cores: Option<&ConfigNode>,
+) -> Result<TimeConfig, ConfigError> {
+    let mut t = TimeConfig::default();
+    if let Some(n) = time {
+        n.check_options("<time>", &["source", "dilation", "khz", "follow_host_time"])?;
+        if let Some(s) = n.val("source")? {
+            if !matches!(s.trim(), "tsc" | "host") {
+                return Err(n.val_err(
+                    "source",
+                    format!("<time source> must be 'tsc' or 'host', not '{s}'"),
+                ));
+            }
+        }
+        if let Some(d) = n.num("dilation")? {
+            if d == 0 || d > MAX_DILATION {
+                return Err(n.val_err(
+                    "dilation",
+                    format!("<time dilation> must be 1 to {MAX_DILATION}, not {d}"),
+                ));
+            }
+            t.dilation = d as u32;
+        }
+        t.tsc_khz = khz(n)?;
+    }
+    if let Some(c) = cores {
+        for core in c.children_named("core") {
+            let Some(k) = khz(core)? else { continue };
+            match t.tsc_khz {
+                Some(prev) if prev != k => {
+                    return Err(core.val_err(
+                        "khz",
+                        format!(
+                            "cores with different TSC frequencies ({prev} and {k} kHz) are not supported: give every core the same khz"
+                        ),
+                    ));
+                }
+                _ => t.tsc_khz = Some(k),
+            }
+        }
+    }
+    Ok(t)
+}
+
+fn khz(n: &ConfigNode) -> Result<Option<u64>, ConfigError> {
+    match n.num("khz")? {
+        Some(k) if !(1_000..=100_000_000).contains(&k) => Err(n.val_err(
+            "khz",
+            format!("khz must be 1000 to 100000000 (1 MHz to 100 GHz), not {k}"),
+        )),
+        k => Ok(k),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(s: &str) -> ConfigNode {
+        ConfigNode::parse_xml(s).unwrap()
+    }
+
+    #[test]
+    fn extensions_keep_their_subtree_and_refuse_duplicates() {
+        let e = parse_extensions(&node(
+            r#"<extensions><extension name="MTRRS"/><extension name="inspector"><x a="1"/></extension></extensions>"#,
+        ))
+        .unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[1].node.child("x").unwrap().attr("a").unwrap().value, "1");
+        let err = parse_extensions(&node(
+            r#"<extensions><extension name="A"/><extension name="A"/></extensions>"#,
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+        let err =
+            parse_extensions(&node(r#"<extensions><ext name="A"/></extensions>"#)).unwrap_err();
+        assert!(err.to_string().contains("expected <extension"), "{err}");
+    }
+
+    #[test]
+    fn time_dilation_and_khz() {
+        let t = parse_time(Some(&node(r#"<time source="tsc" dilation="2"/>"#)), None).unwrap();
+        assert_eq!((t.dilation, t.tsc_khz), (2, None));
+        let cores = node(r#"<cores count="2"><core khz="1500000"/><core khz="1500000"/></cores>"#);
+        assert_eq!(
+            parse_time(None, Some(&cores)).unwrap().tsc_khz,
+            Some(1_500_000)
+        );
+        let bad = node(r#"<cores count="2"><core khz="1500000"/><core khz="1000000"/></cores>"#);
+        assert!(
+            parse_time(None, Some(&bad))
+                .unwrap_err()
+                .to_string()
+                .contains("same khz")
+        );
+        for bad in [
+            r#"<time dilation="0"/>"#,
+            r#"<time dilation="5000"/>"#,
+            r#"<time source="x"/>"#,
+            r#"<time khz="5"/>"#,
+        ] {
+            assert!(parse_time(Some(&node(bad)), None).is_err(), "{bad}");
+        }
+    }
+}
