@@ -1,6 +1,7 @@
 //! Device classes, registered under their Palacios names. Each is behind a Cargo feature of the
 //! same name (all on by default).
 
+pub mod ext;
 pub mod pc;
 
 use palacios_vmm::Registry;
@@ -50,9 +51,21 @@ pub fn register_all(r: &mut Registry) {
     }
 }
 
+/// Register every extension class compiled in.
+#[allow(unused_variables)]
+pub fn register_extensions(r: &mut Registry) {
+    #[cfg(feature = "ext-mtrrs")]
+    r.register_extension(Box::new(ext::mtrrs::MtrrsClass));
+    #[cfg(feature = "ext-vmware")]
+    r.register_extension(Box::new(ext::vmware::VmwareClass));
+    #[cfg(feature = "ext-inspector")]
+    r.register_extension(Box::new(ext::inspector::InspectorClass));
+}
+
 /// A registry holding every compiled-in class.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     register_all(&mut r);
+    register_extensions(&mut r);
     r
 }

@@ -541,6 +541,16 @@ impl Vcpu for EmuVcpu {
     fn regs(&self) -> Result<Regs, BackendError> {
         Ok(self.m.cpu.regs())
     }
+    fn set_aside_pending(&mut self) -> Result<palacios_vmm::backend::PendingIo, BackendError> {
+        Ok(palacios_vmm::backend::PendingIo {
+            io: self.m.io_answer.take(),
+            mmio: std::mem::take(&mut self.m.mmio_answers),
+        })
+    }
+    fn restore_pending(&mut self, p: palacios_vmm::backend::PendingIo) {
+        self.m.io_answer = p.io;
+        self.m.mmio_answers = p.mmio;
+    }
     fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
         self.m.cpu.set_regs(regs);
         Ok(())

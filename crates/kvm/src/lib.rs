@@ -847,7 +847,14 @@ impl Vcpu for KvmVcpu {
             .map_err(host_err("KVM_GET_REGS"))
     }
 
+    fn set_aside_pending(&mut self) -> Result<palacios_vmm::backend::PendingIo, BackendError> {
+        self.complete_pending()?;
+        Ok(Default::default())
+    }
+
     fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        // The last exit's instruction finishes first, or KVM would finish it on top of these.
+        self.complete_pending()?;
         self.fd
             .set_regs(&convert::regs_to_kvm(regs))
             .map_err(host_err("KVM_SET_REGS"))
@@ -861,6 +868,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_sregs(&mut self, sregs: &SRegs) -> Result<(), BackendError> {
+        self.complete_pending()?;
         let mut k = self.fd.get_sregs().map_err(host_err("KVM_GET_SREGS"))?;
         convert::sregs_to_kvm(sregs, &mut k);
         self.fd.set_sregs(&k).map_err(host_err("KVM_SET_SREGS"))

@@ -7,6 +7,7 @@ pub mod platform;
 pub mod progress;
 pub mod session;
 pub mod status;
+pub mod sym_api;
 
 pub use palacios_boot as boot;
 pub use palacios_devices as devices;

@@ -35,6 +35,31 @@ enum Cmd {
     Check { config: PathBuf },
     /// List the registered device classes and their options.
     Devices,
+    /// List the registered extension classes and their options.
+    Extensions,
+    /// Run a SymCall: a function the guest registered, called in guest context on one core.
+    Symcall {
+        /// The VM: its --name, or its API socket path.
+        vm: String,
+        /// The call number (decimal or 0x hex).
+        call: String,
+        /// Up to five arguments (decimal or 0x hex).
+        args: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        cpu: u32,
+        /// Give up (and restore the guest) after this long.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Run it this many times (a benchmark: the result has the mean time per call).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+    },
+    /// Print what the guest published on its SymSpy page.
+    Symspy { vm: String },
+    /// Queue a module blob for the guest to fetch with the SYMMOD_QUERY hypercall.
+    Symmod { vm: String, file: PathBuf },
+    /// Print a VM's state tree (cores, devices, extensions); needs the inspector extension.
+    Inspect { vm: String },
     /// List the guests bundled into this v3 (name them as guest:NAME in a config or --kernel).
     Guests,
     /// Restore a VM from a checkpoint and run it (guest memory is mapped copy-on-write).
@@ -288,6 +313,18 @@ fn main() -> ExitCode {
     }));
     let code = match cli.cmd {
         Cmd::Devices => devices(),
+        Cmd::Extensions => extensions(),
+        Cmd::Symcall {
+            vm,
+            call,
+            args,
+            cpu,
+            timeout_ms,
+            repeat,
+        } => symcall(&vm, &call, &args, cpu, timeout_ms, repeat),
+        Cmd::Symspy { vm } => client(&vm, "GET", "/vm/symspy", None),
+        Cmd::Symmod { vm, file } => symmod(&vm, &file),
+        Cmd::Inspect { vm } => client(&vm, "GET", "/vm/inspect", None),
         Cmd::Guests => guests(),
         Cmd::Load(a) => load(a),
         Cmd::Send {
@@ -333,6 +370,73 @@ fn devices() -> u8 {
         }
     }
     status::OK
+}
+
+fn extensions() -> u8 {
+    let r = palacios::registry();
+    for c in r.extension_classes() {
+        println!("{:<14} {}", c.name(), c.help());
+        for o in c.options() {
+            println!("    {:<10} {}", o.name, o.help);
+        }
+    }
+    status::OK
+}
+
+fn symcall(vm: &str, call: &str, args: &[String], cpu: u32, timeout_ms: u64, repeat: u32) -> u8 {
+    let num = |s: &str| palacios_vmm::config::parse_number(s);
+    let Some(call) = num(call) else {
+        eprintln!("v3: the call number '{call}' is not a number");
+        return status::CONFIG_ERROR;
+    };
+    let mut a = Vec::new();
+    for s in args {
+        match num(s) {
+            Some(v) => a.push(v),
+            None => {
+                eprintln!("v3: the argument '{s}' is not a number");
+                return status::CONFIG_ERROR;
+            }
+        }
+    }
+    if a.len() > 5 {
+        eprintln!("v3: a SymCall takes at most 5 arguments, not {}", a.len());
+        return status::CONFIG_ERROR;
+    }
+    client(
+        vm,
+        "PUT",
+        "/vm/symcall",
+        Some(serde_json::json!({
+            "cpu": cpu, "call": call, "args": a, "timeout_ms": timeout_ms, "repeat": repeat
+        })),
+    )
+}
+
+fn symmod(vm: &str, file: &std::path::Path) -> u8 {
+    let blob = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("v3: cannot read {}: {e}", file.display());
+            return status::CONFIG_ERROR;
+        }
+    };
+    if blob.is_empty() || blob.len() > palacios::sym_api::MAX_API_MODULE {
+        eprintln!(
+            "v3: {}: a module is 1 to {} bytes, not {}",
+            file.display(),
+            palacios::sym_api::MAX_API_MODULE,
+            blob.len()
+        );
+        return status::CONFIG_ERROR;
+    }
+    let hex: String = blob.iter().map(|b| format!("{b:02x}")).collect();
+    client(
+        vm,
+        "PUT",
+        "/vm/symmod",
+        Some(serde_json::json!({ "hex": hex })),
+    )
 }
 
 fn guests() -> u8 {

@@ -28,6 +28,13 @@ impl IoData {
     }
 }
 
+/// I/O answers an exited instruction has not consumed yet (see [`Vcpu::set_aside_pending`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingIo {
+    pub io: Option<IoData>,
+    pub mmio: Vec<(u64, IoData)>,
+}
+
 /// Why a vCPU stopped running guest code. Every backend reports these same values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Exit {
@@ -608,6 +615,15 @@ pub trait Vcpu: Send {
         Vec::new()
     }
 
+    /// Before the VMM replaces the core's registers (a SymCall, a hypercall's results): finish
+    /// or set aside what the last exit's instruction still has to do with an I/O answer. KVM
+    /// completes the instruction; the emulator (which runs it again to pick the answer up)
+    /// hands the answer over, to be given back with [`Vcpu::restore_pending`].
+    fn set_aside_pending(&mut self) -> Result<PendingIo, BackendError> {
+        Ok(PendingIo::default())
+    }
+    /// Give back what [`Vcpu::set_aside_pending`] returned, once the registers are back.
+    fn restore_pending(&mut self, _p: PendingIo) {}
     /// RIP for messages; 0 if it cannot be read.
     fn rip(&self) -> u64 {
         self.regs().map(|r| r.rip).unwrap_or(0)

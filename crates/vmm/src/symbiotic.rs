@@ -15,7 +15,8 @@ use crate::msr::MsrDevice;
 
 /// SymSpy's page address MSR.
 pub const SYMSPY_MSR: u32 = 0x534;
-/// SymCall registration MSRs: entry RIP, stack, CS selector, GS base, FS base.
+/// SymCall registration MSRs: entry RIP, stack, CS selector, GS base, FS base. Palacios
+/// numbers them 0x536-0x539 and 0x540 (0x53a-0x53f are not SymCall's and raise #GP).
 pub const SYMCALL_RIP_MSR: u32 = 0x536;
 pub const SYMCALL_RSP_MSR: u32 = 0x537;
 pub const SYMCALL_CS_MSR: u32 = 0x538;
@@ -366,26 +367,35 @@ impl Symbiotic {
     }
 }
 
+/// Index of a SymCall MSR in a core's registration.
+fn symcall_slot(msr: u32) -> Option<usize> {
+    match msr {
+        SYMCALL_RIP_MSR => Some(0),
+        SYMCALL_RSP_MSR => Some(1),
+        SYMCALL_CS_MSR => Some(2),
+        SYMCALL_GS_MSR => Some(3),
+        SYMCALL_FS_MSR => Some(4),
+        _ => None,
+    }
+}
+
 impl MsrDevice for Symbiotic {
     fn read(&self, cpu: u32, msr: u32) -> Option<u64> {
-        match msr {
-            SYMSPY_MSR => Some(self.symspy_page()),
-            SYMCALL_RIP_MSR..=SYMCALL_FS_MSR => self
-                .symcall_regs(cpu)
-                .map(|r| r[(msr - SYMCALL_RIP_MSR) as usize]),
-            _ => None,
+        if msr == SYMSPY_MSR {
+            return Some(self.symspy_page());
         }
+        let i = symcall_slot(msr)?;
+        self.symcall_regs(cpu).map(|r| r[i])
     }
     fn write(&self, cpu: u32, msr: u32, value: u64) -> bool {
-        match msr {
-            SYMSPY_MSR => self.set_symspy(value),
-            SYMCALL_RIP_MSR..=SYMCALL_FS_MSR => match self.cores.get(cpu as usize) {
-                Some(c) => {
-                    lock(&c.regs)[(msr - SYMCALL_RIP_MSR) as usize] = value;
-                    true
-                }
-                None => false,
-            },
+        if msr == SYMSPY_MSR {
+            return self.set_symspy(value);
+        }
+        match (symcall_slot(msr), self.cores.get(cpu as usize)) {
+            (Some(i), Some(c)) => {
+                lock(&c.regs)[i] = value;
+                true
+            }
             _ => false,
         }
     }
@@ -450,6 +460,9 @@ mod tests {
         assert!(s.write(1, SYMCALL_FS_MSR, 0x77));
         assert_eq!(s.symcall_regs(1), Some([0x1000, 0, 0, 0, 0x77]));
         assert_eq!(s.symcall_regs(0), Some([0; 5]));
+        // Between 0x539 and 0x540 there are no SymCall MSRs.
+        assert!(!s.write(1, 0x53a, 1));
+        assert_eq!(s.read(1, 0x53f), None);
         let st = s.save();
         let t = sym();
         t.restore(st).unwrap();

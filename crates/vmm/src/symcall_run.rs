@@ -48,8 +48,16 @@ impl CoreLoop {
         if rip == 0 {
             return Err(SymCallError::NotRegistered(self.cpu));
         }
+        // The interrupted instruction's I/O answer waits until the state is back.
+        let pending = vcpu.set_aside_pending().map_err(host)?;
         let saved_regs = vcpu.regs().map_err(host)?;
-        let saved_sregs = vcpu.sregs().map_err(host)?;
+        let saved_sregs = match vcpu.sregs() {
+            Ok(s) => s,
+            Err(e) => {
+                vcpu.restore_pending(pending);
+                return Err(host(e));
+            }
+        };
         let mut sregs = saved_sregs;
         if cs != 0 && cs as u16 != sregs.cs.selector {
             let (c, s) = self
@@ -74,6 +82,7 @@ impl CoreLoop {
         let mut outcome = Err(SymCallError::Failed("not run".into()));
         if sregs != saved_sregs {
             if let Err(e) = vcpu.set_sregs(&sregs) {
+                vcpu.restore_pending(pending);
                 return Err(host(e));
             }
         }
@@ -106,9 +115,12 @@ impl CoreLoop {
         }
         let elapsed = t0.elapsed();
         // Put the interrupted code back exactly as it was, whatever happened.
+        // Answers the upcall left unconsumed are dropped with its state.
+        let _ = vcpu.set_aside_pending();
         let restored = vcpu
             .set_sregs(&saved_sregs)
             .and_then(|_| vcpu.set_regs(&saved_regs));
+        vcpu.restore_pending(pending);
         if let Err(e) = restored {
             self.handle.stop(crate::control::Outcome::Failed(format!(
                 "vCPU {}: cannot restore the state after a SymCall: {e}",
