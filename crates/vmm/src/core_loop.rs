@@ -42,7 +42,7 @@ pub(crate) struct CoreLoop {
     pub timers: Arc<TimerQueue>,
     pub mem: GuestMem,
     pub hypercalls: Arc<Hypercalls>,
-    pub extensions: Extensions,
+    pub extensions: Arc<Extensions>,
     pub sym: Arc<Symbiotic>,
     /// Started cores that have not halted for good.
     pub running: Arc<AtomicU32>,

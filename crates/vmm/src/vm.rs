@@ -60,7 +60,7 @@ pub struct Vm {
     device_states: Vec<DeviceState>,
     without_state: Vec<String>,
     hypercalls: Arc<Hypercalls>,
-    extensions: Extensions,
+    extensions: Arc<Extensions>,
     sym: Arc<Symbiotic>,
 }
 
@@ -246,7 +246,8 @@ impl Vm {
         leaves.extend(ctx.cpuid.iter().copied());
         backend.set_cpuid_leaves(&leaves)?;
         handle.add_control(&sym);
-        handle.add_control(&Arc::new(ctx.extensions.clone()));
+        let extensions = Arc::new(std::mem::take(&mut ctx.extensions));
+        handle.add_control(&extensions);
         handle.add_control(&ctx.hypercalls);
         handle.add_quiesce(Arc::new(TimeQuiesce {
             clock: ctx.clock.clone(),
@@ -300,7 +301,7 @@ impl Vm {
             device_states: ctx.device_states,
             without_state: ctx.without_state,
             hypercalls: ctx.hypercalls,
-            extensions: ctx.extensions,
+            extensions,
             sym,
         })
     }

@@ -183,7 +183,10 @@ mod tests {
     #[test]
     fn writes_are_checked_like_hardware() {
         let m = Mtrrs {
-            cores: vec![Mutex::new(CoreMtrrs::default()); 2],
+            cores: vec![
+                Mutex::new(CoreMtrrs::default()),
+                Mutex::new(CoreMtrrs::default()),
+            ],
         };
         assert_eq!(m.read(0, MTRRCAP), Some(CAP));
         assert!(m.write(0, DEF_TYPE, 0xc06));
