@@ -388,7 +388,7 @@ fn linux_guest_uses_the_extensions_and_publishes_a_symspy_page() {
     assert_eq!(tree["vm"]["backend"], "emu");
     // SymSpy: the guest's helper registers a page and publishes; the VMM reads it.
     s.send("/bin/symspy publish");
-    at = s.wait_for("symspy: published", at, Duration::from_secs(60));
+    s.wait_for("symspy: published", at, Duration::from_secs(60));
     let out = s.output();
     assert!(
         out.contains("symspy: vmm vmm=palacios-rs"),
