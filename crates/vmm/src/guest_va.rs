@@ -197,7 +197,7 @@ mod tests {
     fn two_level_paging_and_no_paging() {
         let m = mem();
         let w = |a: u64, v: u32| m.write_obj(v, GuestAddress(a)).unwrap();
-        w(0x10000, 0x11000 | 3);
+        w(0x10000, 0x11000 | 7); // user-accessible
         w(0x11000 + 4 * 5, 0x30_0000 | 7);
         w(0x10000 + 4, 0x80_0000 | 3 | LARGE as u32);
         let s = SRegs {
