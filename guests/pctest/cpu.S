@@ -1,5 +1,5 @@
 /*
- * pctest: descriptor tables, the 256 interrupt stubs and the AP start-up
+ * pctest: the interrupt return path and the AP start-up
  * code (16-bit trampoline copied below 1 MiB, 32-bit entry in the image).
  */
 
@@ -7,23 +7,9 @@
 #define SEL_CODE 0x08
 #define SEL_DATA 0x10
 
-/* --- GDT: null, flat 32-bit code, flat data --------------------------- */
+/* The GDT, load_gdt() and the interrupt stubs are in lib/desc32.S. */
 
 	.data
-	.align 16
-	.globl gdt
-gdt:
-	.quad 0
-	.quad 0x00cf9a000000ffff
-	.quad 0x00cf92000000ffff
-gdt_end:
-
-	.align 4
-	.word 0
-gdt_desc:
-	.word gdt_end - gdt - 1
-	.long gdt
-
 	/* Next AP index (the BSP is 0); lock xadd'ed by each AP. */
 	.align 4
 	.globl ap_next
@@ -31,41 +17,7 @@ ap_next:
 	.long 1
 
 	.text
-	.globl load_gdt
-	.type load_gdt, @function
-load_gdt:
-	lgdt gdt_desc
-	ljmp $SEL_CODE, $1f
-1:	movw $SEL_DATA, %ax
-	movw %ax, %ds
-	movw %ax, %es
-	movw %ax, %fs
-	movw %ax, %gs
-	movw %ax, %ss
-	ret
-	.size load_gdt, . - load_gdt
-
-/* --- interrupt stubs: 16 bytes each, isr_stubs + 16 * vector ----------- */
-
-	.text
-	.align 16
-	.globl isr_stubs, isr_stubs_end
-isr_stubs:
-	.set vec, 0
-	.rept 256
-	.align 16
-	/* The CPU pushes an error code for these; push a dummy for the rest. */
-	.if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
-	.else
-	pushl $0
-	.endif
-	pushl $vec
-	jmp isr_common
-	.set vec, vec + 1
-	.endr
-	.align 16
-isr_stubs_end:   /* idt_init() checks that this is isr_stubs + 4096 */
-
+	.globl isr_common
 isr_common:
 	pushal
 	cld
@@ -120,7 +72,7 @@ tramp_start:
 	.align 4
 	.word 0
 tramp_gdtr:
-	.word gdt_end - gdt - 1
+	.word 3 * 8 - 1          /* lib/desc32.S: null, code, data */
 	.long gdt
 tramp_end:
 	.code32

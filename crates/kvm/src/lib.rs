@@ -435,6 +435,7 @@ impl Backend for KvmBackend {
             pending_read: None,
             pending_msr: None,
             needs_completion: false,
+            pending_out: false,
             msr_list: self.msr_list.clone(),
             kernel_irqchip: self
                 .kernel_irqchip
@@ -526,6 +527,10 @@ pub struct KvmVcpu {
     /// The last exit was to user space for I/O, MMIO or an MSR: KVM finishes that instruction
     /// on the next KVM_RUN, which must happen before the state is read for a checkpoint.
     needs_completion: bool,
+    /// The last exit was an `out`: KVM's completion only moves RIP past it, and only if RIP
+    /// is where the `out` was (its emulator already did so before exiting), so registers may
+    /// be replaced without completing it first.
+    pending_out: bool,
     /// Every MSR KVM can save for this VM (KVM_GET_MSR_INDEX_LIST).
     msr_list: Arc<Vec<u32>>,
     /// The VM uses KVM's in-kernel irqchip (its LAPIC state is per vCPU).
@@ -682,6 +687,7 @@ impl Vcpu for KvmVcpu {
         };
         // A kick that set immediate_exit has done its job.
         self.fd.set_kvm_immediate_exit(0);
+        self.pending_out = matches!(exit, Exit::IoOut { .. });
         self.needs_completion = matches!(
             exit,
             Exit::IoIn { .. }
@@ -853,8 +859,11 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
-        // The last exit's instruction finishes first, or KVM would finish it on top of these.
-        self.complete_pending()?;
+        // The last exit's instruction finishes first, or KVM would finish it on top of these
+        // (an `out` need not: see `pending_out`).
+        if !self.pending_out {
+            self.complete_pending()?;
+        }
         self.fd
             .set_regs(&convert::regs_to_kvm(regs))
             .map_err(host_err("KVM_SET_REGS"))

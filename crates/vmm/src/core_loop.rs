@@ -348,8 +348,8 @@ impl CoreLoop {
 
     /// A hypercall (VMCALL/VMMCALL or the doorbell): the registers hold it.
     fn hypercall(&self, vcpu: &mut dyn Vcpu, in_symcall: bool) -> Result<Flow, BackendError> {
-        // KVM finishes the doorbell's `out` first (RIP then points past it).
-        let pending = vcpu.set_aside_pending()?;
+        // The registers are replaced with RIP unchanged, which a pending `out` (the doorbell)
+        // allows on every backend; VMCALL has nothing pending.
         let regs = vcpu.regs()?;
         let mut ctx = HcallCtx::new(self.cpu, regs, vcpu, &self.mem);
         match ctx.id() {
@@ -366,7 +366,6 @@ impl CoreLoop {
         }
         let regs = ctx.regs;
         vcpu.set_regs(&regs)?;
-        vcpu.restore_pending(pending);
         Ok(Flow::Next)
     }
 
