@@ -429,9 +429,19 @@ impl Backend for KvmBackend {
             })?;
         }
         palacios_vmm::host::set_kick_hook(kick_hook);
+        // Registers come with every exit and go back with the next entry (no ioctls for a
+        // hypercall's or a SymCall's register accesses) where KVM offers it.
+        let mut fd = fd;
+        let sync = self.kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        if sync {
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
         Ok(Box::new(KvmVcpu {
             index,
             fd,
+            sync,
+            sync_fresh: false,
             pending_read: None,
             pending_msr: None,
             needs_completion: false,
@@ -454,6 +464,7 @@ impl KvmVcpu {
         }
         self.fd.set_kvm_immediate_exit(1);
         let r = self.fd.run().map(|e| format!("{e:?}"));
+        self.sync_fresh = self.sync;
         self.fd.set_kvm_immediate_exit(0);
         self.needs_completion = false;
         match r {
@@ -527,6 +538,10 @@ pub struct KvmVcpu {
     /// The last exit was to user space for I/O, MMIO or an MSR: KVM finishes that instruction
     /// on the next KVM_RUN, which must happen before the state is read for a checkpoint.
     needs_completion: bool,
+    /// KVM_CAP_SYNC_REGS is on: regs and sregs are in `kvm_run` after every KVM_RUN.
+    sync: bool,
+    /// `kvm_run`'s copy is current (a KVM_RUN has returned since the vCPU was created).
+    sync_fresh: bool,
     /// The last exit was an `out`: KVM's completion only moves RIP past it, and only if RIP
     /// is where the `out` was (its emulator already did so before exiting), so registers may
     /// be replaced without completing it first.
@@ -617,6 +632,7 @@ impl Vcpu for KvmVcpu {
             self.kick_registered = true;
         }
         let r = self.fd.run();
+        self.sync_fresh = self.sync;
         let exit = match r {
             Ok(VcpuExit::X86Rdmsr(m)) => {
                 let index = m.index;
@@ -847,6 +863,9 @@ impl Vcpu for KvmVcpu {
     }
 
     fn regs(&self) -> Result<Regs, BackendError> {
+        if self.sync_fresh {
+            return Ok(convert::regs_from_kvm(&self.fd.sync_regs().regs));
+        }
         self.fd
             .get_regs()
             .map(|r| convert::regs_from_kvm(&r))
@@ -864,12 +883,21 @@ impl Vcpu for KvmVcpu {
         if !self.pending_out {
             self.complete_pending()?;
         }
+        if self.sync_fresh {
+            // Applied by the next KVM_RUN, before anything else it does.
+            self.fd.sync_regs_mut().regs = convert::regs_to_kvm(regs);
+            self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+            return Ok(());
+        }
         self.fd
             .set_regs(&convert::regs_to_kvm(regs))
             .map_err(host_err("KVM_SET_REGS"))
     }
 
     fn sregs(&self) -> Result<SRegs, BackendError> {
+        if self.sync_fresh {
+            return Ok(convert::sregs_from_kvm(&self.fd.sync_regs().sregs));
+        }
         self.fd
             .get_sregs()
             .map(|s| convert::sregs_from_kvm(&s))
@@ -878,6 +906,12 @@ impl Vcpu for KvmVcpu {
 
     fn set_sregs(&mut self, sregs: &SRegs) -> Result<(), BackendError> {
         self.complete_pending()?;
+        if self.sync_fresh {
+            let k = &mut self.fd.sync_regs_mut().sregs;
+            convert::sregs_to_kvm(sregs, k);
+            self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::SystemRegister);
+            return Ok(());
+        }
         let mut k = self.fd.get_sregs().map_err(host_err("KVM_GET_SREGS"))?;
         convert::sregs_to_kvm(sregs, &mut k);
         self.fd.set_sregs(&k).map_err(host_err("KVM_SET_SREGS"))
