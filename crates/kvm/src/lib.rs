@@ -909,7 +909,8 @@ impl Vcpu for KvmVcpu {
         if self.sync_fresh {
             let k = &mut self.fd.sync_regs_mut().sregs;
             convert::sregs_to_kvm(sregs, k);
-            self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::SystemRegister);
+            self.fd
+                .set_sync_dirty_reg(kvm_ioctls::SyncReg::SystemRegister);
             return Ok(());
         }
         let mut k = self.fd.get_sregs().map_err(host_err("KVM_GET_SREGS"))?;

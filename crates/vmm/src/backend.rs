@@ -624,6 +624,12 @@ pub trait Vcpu: Send {
     }
     /// Give back what [`Vcpu::set_aside_pending`] returned, once the registers are back.
     fn restore_pending(&mut self, _p: PendingIo) {}
+    /// The privilege level and whether the core is in 64-bit mode (for hypercalls; backends
+    /// that know them without building [`SRegs`] say so).
+    fn cpl_and_64bit(&self) -> Result<(u8, bool), BackendError> {
+        let s = self.sregs()?;
+        Ok((s.ss.dpl, s.efer & (1 << 10) != 0 && s.cs.l))
+    }
     /// RIP for messages; 0 if it cannot be read.
     fn rip(&self) -> u64 {
         self.regs().map(|r| r.rip).unwrap_or(0)

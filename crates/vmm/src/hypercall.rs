@@ -52,6 +52,7 @@ pub struct HcallCtx<'a> {
     pub vcpu: &'a mut dyn Vcpu,
     pub mem: &'a GuestMem,
     sregs: Option<SRegs>,
+    mode: Option<(u8, bool)>,
 }
 
 impl<'a> HcallCtx<'a> {
@@ -62,6 +63,7 @@ impl<'a> HcallCtx<'a> {
             vcpu,
             mem,
             sregs: None,
+            mode: None,
         }
     }
 
@@ -99,16 +101,24 @@ impl<'a> HcallCtx<'a> {
         Ok(s)
     }
 
+    /// (CPL, 64-bit mode), read once.
+    fn mode(&mut self) -> (u8, bool) {
+        if let Some(m) = self.mode {
+            return m;
+        }
+        let m = self.vcpu.cpl_and_64bit().unwrap_or((3, true));
+        self.mode = Some(m);
+        m
+    }
+
     /// In 64-bit mode (registers are 64 bits wide).
     pub fn wide(&mut self) -> bool {
-        self.sregs()
-            .map(|s| s.efer & (1 << 10) != 0 && s.cs.l)
-            .unwrap_or(true)
+        self.mode().1
     }
 
     /// The privilege level (CPL) the call came from.
     pub fn cpl(&mut self) -> u8 {
-        self.sregs().map(|s| s.ss.dpl).unwrap_or(3)
+        self.mode().0
     }
 
     /// Read guest memory at a pointer argument (virtual when `virt`): at most `max` bytes.
