@@ -7,31 +7,9 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-
-fn api(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    palacios_api::request(sock, method, path, body.as_ref(), Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-fn wait_socket(sock: &Path, s: &Session) {
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no API socket\n{}",
-            s.describe()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// (N, TSC) of every complete "countdown N tsc T" line.
 fn steps(out: &str) -> Vec<(u32, u64)> {

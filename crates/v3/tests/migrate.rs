@@ -21,18 +21,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_socket(sock: &Path, s: &Session) {
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no API socket\n{}",
-            s.describe()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn wait_listening(addr: &str, s: &Session) {
     // The receiver logs when it listens.
     let t = Instant::now();

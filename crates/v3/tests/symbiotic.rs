@@ -11,28 +11,6 @@ use std::time::Duration;
 
 use serde_json::json;
 
-fn api(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    palacios_api::request(sock, method, path, body.as_ref(), Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-fn wait_socket(sock: &Path, s: &Session) {
-    let t = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no API socket\n{}",
-            s.describe()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A small-guest config: the standard PC, `extra` top-level elements, symtest with `cmdline`.
 fn symtest_config(dir: &Path, backend: &str, extra: &str, cmdline: &str) -> std::path::PathBuf {
     let devices: String = palacios::platform::standard_devices()

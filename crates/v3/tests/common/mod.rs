@@ -462,3 +462,27 @@ pub fn linux_pci_vm(kernel: &Path, initrd: &Path, devices: &str) -> String {
         initrd.display()
     )
 }
+
+/// A control-API request to the VM at `sock` (panics if the socket cannot be used).
+pub fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    palacios_api::request(sock, method, path, body.as_ref(), Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Wait until the VM of `s` has created its API socket.
+pub fn wait_socket(sock: &Path, s: &Session) {
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no API socket\n{}",
+            s.describe()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
