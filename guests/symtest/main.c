@@ -4,7 +4,7 @@
  *
  * Every mode first looks for the interface with CPUID 0x40000100
  * ("PalaciosRsV3") and prints
- *   interface: port=0xe6 version=N vmcall=0|1 tsc_khz=N
+ *   interface: port=0xec version=N vmcall=0|1 tsc_khz=N
  * Without it: "FAIL detect (no Palacios-rs interface)" and outl(3, 0xf4).
  *
  * Command line (space-separated words):

@@ -3,6 +3,8 @@
  *
  * SymCall numbers (EAX at symcall_entry; a0..a4 = EBX, ECX, EDX, ESI, EDI;
  * results: status in EBX, out[0..3] in ECX, EDX, ESI, EDI of SYMCALL_RET):
+ *   0  the null upcall (in cpu.S): status 0 at once, ECX..EDI returned as
+ *      they came (a1..a4); not counted
  *   1  out[0] = a0 * 1000 + a1 * 10 + a2 (32-bit wrap), out[1] = a3 ^ a4,
  *      out[2] = the upcall counter (this call included); status 0
  *   2  busy-wait a0 ms (TSC, CPUID kHz); out[0] = a0; status 0

@@ -264,6 +264,25 @@ impl Backend for KvmBackend {
         let khz = tsc_hz
             .map(|hz| u32::try_from(hz / 1000).unwrap_or(u32::MAX))
             .filter(|&k| Some(k) != self.tsc_khz);
+        if let Some(k) = khz {
+            // Ask a throw-away vCPU now, so that a KVM that cannot scale the TSC is a config
+            // error before anything is built.
+            let probe = self
+                .kvm
+                .create_vm()
+                .and_then(|v| v.create_vcpu(0).and_then(|c| c.set_tsc_khz(k)));
+            if let Err(e) = probe {
+                return Err(BackendError::Unhandled {
+                    vcpu: 0,
+                    rip: 0,
+                    what: format!(
+                        "KVM cannot run the guest TSC at {k} kHz here (KVM_SET_TSC_KHZ: {}); \
+                         use the emulator backend or leave khz out",
+                        io::Error::from_raw_os_error(e.errno())
+                    ),
+                });
+            }
+        }
         *self.set_khz.lock().unwrap_or_else(|p| p.into_inner()) = khz;
         Ok(())
     }

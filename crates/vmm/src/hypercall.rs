@@ -14,8 +14,8 @@ use crate::backend::{BackendError, Vcpu};
 use crate::guest_va::{self, VaError};
 use crate::memory::GuestMem;
 
-/// The doorbell: `outb %al, $0xe6` with the hypercall's registers.
-pub const DOORBELL_PORT: u16 = 0xe6;
+/// The doorbell: `outb %al, $0xec` with the hypercall's registers.
+pub const DOORBELL_PORT: u16 = 0xec;
 /// CPUID leaf with the interface's signature; the next leaf has the details.
 pub const CPUID_BASE: u32 = 0x4000_0100;
 /// The signature in EBX, ECX, EDX of [`CPUID_BASE`].
@@ -309,6 +309,6 @@ mod tests {
             sig.extend_from_slice(&r.to_le_bytes());
         }
         assert_eq!(&sig, SIGNATURE);
-        assert_eq!(l[1].2, [0xe6, 1, 1, 2_000_000]);
+        assert_eq!(l[1].2, [0xec, 1, 1, 2_000_000]);
     }
 }

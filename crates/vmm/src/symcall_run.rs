@@ -117,9 +117,13 @@ impl CoreLoop {
         // Put the interrupted code back exactly as it was, whatever happened.
         // Answers the upcall left unconsumed are dropped with its state.
         let _ = vcpu.set_aside_pending();
-        let restored = vcpu
-            .set_sregs(&saved_sregs)
-            .and_then(|_| vcpu.set_regs(&saved_regs));
+        // Segment and control registers are put back only if the call changed them (loading
+        // them flushes translations on both backends).
+        let restored = match vcpu.sregs() {
+            Ok(now) if now == saved_sregs => Ok(()),
+            _ => vcpu.set_sregs(&saved_sregs),
+        }
+        .and_then(|_| vcpu.set_regs(&saved_regs));
         vcpu.restore_pending(pending);
         if let Err(e) = restored {
             self.handle.stop(crate::control::Outcome::Failed(format!(
