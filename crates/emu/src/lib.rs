@@ -27,6 +27,7 @@ use palacios_vmm::backend::{
     Backend, BackendError, DebugRegs, Exit, FpuState, IoData, SAVED_MSRS, Vcpu, VcpuEvents,
     VcpuState,
 };
+use palacios_vmm::intercept::{Intercepted, Intercepts, space_of};
 use palacios_vmm::time::DEFAULT_TSC_HZ;
 use palacios_x86::{Regs, SRegs};
 
@@ -301,6 +302,25 @@ impl EmuVcpu {
 
     /// Raise an exception; Ok(Some(exit)) for a triple fault.
     fn raise(&mut self, f: Fault) -> Result<Option<Exit>, BackendError> {
+        if self.m.fault_intercepted() {
+            let stop = match f {
+                Fault::Exc(vector, code) => Some((vector, code, 0)),
+                Fault::Pf(lin, code) => Some((14, Some(code), lin)),
+                _ => None,
+            };
+            if let Some((vector, code, cr2)) = stop {
+                let code = if interrupt::has_error_code(vector) {
+                    Some(code.unwrap_or(0))
+                } else {
+                    None
+                };
+                return Ok(Some(Exit::Intercept(Intercepted::UserFault {
+                    vector,
+                    code,
+                    cr2,
+                })));
+            }
+        }
         match interrupt::deliver_exception(&mut self.m, f) {
             Raised::Delivered => Ok(None),
             Raised::Shutdown => Ok(Some(Exit::Shutdown)),
@@ -739,6 +759,53 @@ impl Vcpu for EmuVcpu {
         if self.m.deterministic && ns > self.m.virtual_ns() {
             self.m.skipped += ns - self.m.virtual_ns();
         }
+    }
+
+    fn set_intercepts(&mut self, i: &Intercepts) -> Result<(), BackendError> {
+        if i.is_empty() {
+            self.m.intercepts = None;
+            return Ok(());
+        }
+        self.m.intercepts = Some(Box::new(i.clone()));
+        // Already in user mode in the watched space: stop before running on.
+        if self.m.cpu.cpl == 3
+            && i.user_entry == Some(space_of(self.m.cpu.cr3))
+            && !self.answers_pending()
+        {
+            self.m
+                .exits
+                .push_back(Exit::Intercept(Intercepted::UserEntry));
+        }
+        Ok(())
+    }
+
+    fn intercept_pass(&mut self) {
+        self.m.intercept_pass = Some((self.m.cpu.rip, space_of(self.m.cpu.cr3)));
+    }
+
+    fn inject_exception(
+        &mut self,
+        vector: u8,
+        code: Option<u32>,
+        cr2: u64,
+    ) -> Result<(), BackendError> {
+        let f = if vector == 14 {
+            Fault::Pf(cr2, code.unwrap_or(0))
+        } else {
+            Fault::Exc(vector, code)
+        };
+        match interrupt::deliver_exception(&mut self.m, f) {
+            Raised::Delivered => Ok(()),
+            Raised::Shutdown => {
+                self.m.exits.push_back(Exit::Shutdown);
+                Ok(())
+            }
+            Raised::Fatal(s) => Err(self.fail(s)),
+        }
+    }
+
+    fn flush_tlb(&mut self) {
+        self.m.tlb.flush_all();
     }
 
     fn stats(&self) -> Vec<(String, u64)> {

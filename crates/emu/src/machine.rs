@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use palacios_vmm::backend::{Exit, IoData};
+use palacios_vmm::intercept::{Intercepted, Intercepts, SyscallAbi, space_of};
 
 use crate::cpu::{CS, Cpu, Mode, SS};
 use crate::model::CpuModel;
@@ -112,6 +113,10 @@ pub struct Machine {
     pub cores_shared: Arc<std::sync::atomic::AtomicU32>,
     /// The fault a translated block stopped at (see [`crate::jit`]).
     pub jit_fault: Option<Fault>,
+    /// Guest events the VMM stops at (GEARS); `None` costs one test where they could occur.
+    pub intercepts: Option<Box<Intercepts>>,
+    /// (RIP, space) of an intercepted system call the VMM let through: it runs unstopped once.
+    pub intercept_pass: Option<(u64, u64)>,
 }
 
 impl Machine {
@@ -140,7 +145,49 @@ impl Machine {
             vcpu: 0,
             cores_shared: Arc::new(std::sync::atomic::AtomicU32::new(1)),
             jit_fault: None,
+            intercepts: None,
+            intercept_pass: None,
         }
+    }
+
+    /// A system call from user mode (`abi`, number `nr`): `Err` stops at it, before it runs,
+    /// when the VMM selected it.
+    #[inline]
+    pub fn syscall_intercept(&mut self, abi: SyscallAbi, nr: u64, len: usize) -> R<()> {
+        let Some(f) = self.intercepts.as_ref().and_then(|i| i.syscalls.as_ref()) else {
+            return Ok(());
+        };
+        let space = space_of(self.cpu.cr3);
+        if self.cpu.cpl != 3 || !f.hit(abi, nr, space) {
+            return Ok(());
+        }
+        // The instruction's own RIP (handlers run with RIP already past it).
+        let rip = self.cpu.rip.wrapping_sub(len as u64);
+        if self.intercept_pass.take() == Some((rip, space)) {
+            return Ok(());
+        }
+        Err(Fault::exit(Exit::Intercept(Intercepted::Syscall { abi })))
+    }
+
+    /// The core just changed privilege: stop after this instruction if it entered user mode
+    /// in the watched space.
+    #[inline]
+    pub fn note_user_entry(&mut self) {
+        if self.cpu.cpl == 3
+            && let Some(i) = &self.intercepts
+            && i.user_entry == Some(space_of(self.cpu.cr3))
+        {
+            self.exit_after(Exit::Intercept(Intercepted::UserEntry));
+        }
+    }
+
+    /// Whether an exception at the current instruction stops instead of being delivered.
+    pub fn fault_intercepted(&self) -> bool {
+        self.cpu.cpl == 3
+            && self
+                .intercepts
+                .as_ref()
+                .is_some_and(|i| i.user_faults == Some(space_of(self.cpu.cr3)))
     }
 
     /// Queue an exit for after this instruction.

@@ -2,6 +2,8 @@
 //! guest and run it. The `v3` binary is a thin command line over this crate.
 
 pub mod control_api;
+pub mod gears_api;
+pub mod gears_cli;
 pub mod launch;
 pub mod platform;
 pub mod progress;
@@ -58,5 +60,6 @@ pub fn demo_guest() -> Option<&'static [u8]> {
 pub fn registry() -> palacios_vmm::Registry {
     let mut r = palacios_devices::registry();
     palacios_virtio::classes::register_all(&mut r);
+    palacios_gears::register(&mut r);
     r
 }

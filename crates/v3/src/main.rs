@@ -60,6 +60,8 @@ enum Cmd {
     Symmod { vm: String, file: PathBuf },
     /// Print a VM's state tree (cores, devices, extensions); needs the inspector extension.
     Inspect { vm: String },
+    /// GEARS services and guarded modules of a running VM (docs/gears.md).
+    Gears(palacios::gears_cli::GearsArgs),
     /// List the guests bundled into this v3 (name them as guest:NAME in a config or --kernel).
     Guests,
     /// Restore a VM from a checkpoint and run it (guest memory is mapped copy-on-write).
@@ -325,6 +327,7 @@ fn main() -> ExitCode {
         Cmd::Symspy { vm } => client(&vm, "GET", "/vm/symspy", None),
         Cmd::Symmod { vm, file } => symmod(&vm, &file),
         Cmd::Inspect { vm } => client(&vm, "GET", "/vm/inspect", None),
+        Cmd::Gears(a) => palacios::gears_cli::run(&a),
         Cmd::Guests => guests(),
         Cmd::Load(a) => load(a),
         Cmd::Send {

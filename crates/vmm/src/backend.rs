@@ -76,6 +76,8 @@ pub enum Exit {
     /// VMCALL or VMMCALL (the emulator): RIP is past the instruction, the registers hold the
     /// call ([`crate::hypercall`]).
     Hypercall,
+    /// A guest event the VMM asked to stop at ([`Vcpu::set_intercepts`]).
+    Intercept(crate::intercept::Intercepted),
 }
 
 /// The kinds of [`Exit`], for telemetry.
@@ -92,10 +94,11 @@ pub enum ExitKind {
     Shutdown,
     Interrupted,
     Hypercall,
+    Intercept,
 }
 
 impl ExitKind {
-    pub const ALL: [ExitKind; 11] = [
+    pub const ALL: [ExitKind; 12] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -107,6 +110,7 @@ impl ExitKind {
         ExitKind::Shutdown,
         ExitKind::Interrupted,
         ExitKind::Hypercall,
+        ExitKind::Intercept,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -121,6 +125,7 @@ impl ExitKind {
             ExitKind::Shutdown => "shutdown",
             ExitKind::Interrupted => "interrupted",
             ExitKind::Hypercall => "hypercall",
+            ExitKind::Intercept => "intercept",
         }
     }
 }
@@ -139,6 +144,7 @@ impl Exit {
             Exit::Shutdown => ExitKind::Shutdown,
             Exit::Interrupted => ExitKind::Interrupted,
             Exit::Hypercall => ExitKind::Hypercall,
+            Exit::Intercept(_) => ExitKind::Intercept,
         }
     }
 }
@@ -630,6 +636,39 @@ pub trait Vcpu: Send {
         let s = self.sregs()?;
         Ok((s.ss.dpl, s.efer & (1 << 10) != 0 && s.cs.l))
     }
+    /// Stop at these guest events ([`crate::intercept`]); replaces what was set before.
+    /// Backends that cannot say so (KVM: system calls and user-mode entries do not exit).
+    fn set_intercepts(&mut self, i: &crate::intercept::Intercepts) -> Result<(), BackendError> {
+        if i.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::Unhandled {
+            vcpu: self.index(),
+            rip: 0,
+            what: "this backend cannot stop at system calls or user-mode entries (GEARS \
+                   services need the emulator backend)"
+                .into(),
+        })
+    }
+    /// After an [`Exit::Intercept`] of a system call: execute it when the core resumes.
+    fn intercept_pass(&mut self) {}
+    /// Raise exception `vector` in the guest now, as if the current instruction had (CR2 set
+    /// for a page fault). For services that need the guest kernel to do something first,
+    /// such as fault in a page of a process.
+    fn inject_exception(
+        &mut self,
+        _vector: u8,
+        _code: Option<u32>,
+        _cr2: u64,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Unhandled {
+            vcpu: self.index(),
+            rip: 0,
+            what: "this backend cannot inject exceptions".into(),
+        })
+    }
+    /// The VMM changed the guest's page tables: drop cached translations.
+    fn flush_tlb(&mut self) {}
     /// RIP for messages; 0 if it cannot be read.
     fn rip(&self) -> u64 {
         self.regs().map(|r| r.rip).unwrap_or(0)

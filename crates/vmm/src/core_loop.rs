@@ -12,6 +12,7 @@ use crate::bus::Bus;
 use crate::control::{Outcome, VmHandle};
 use crate::extension::{CoreCtx, CoreHooks, Extensions, run_exit_hooks};
 use crate::hypercall::{DOORBELL_PORT, HcallCtx, Hypercalls, err, id};
+use crate::intercept::Intercepted;
 use crate::irq::InterruptController;
 use crate::memory::GuestMem;
 use crate::msr::MsrBus;
@@ -342,6 +343,14 @@ impl CoreLoop {
             Exit::Hlt => return Ok(Flow::Hlt),
             Exit::IrqWindowOpen | Exit::Interrupted => {}
             Exit::Shutdown => return Ok(Flow::Shutdown),
+            // No service took it: the guest goes on as if nothing had stopped it.
+            Exit::Intercept(i) => match i {
+                Intercepted::Syscall { .. } => vcpu.intercept_pass(),
+                Intercepted::UserEntry => {}
+                Intercepted::UserFault { vector, code, cr2 } => {
+                    vcpu.inject_exception(vector, code, cr2)?
+                }
+            },
         }
         Ok(Flow::Next)
     }

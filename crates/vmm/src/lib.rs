@@ -16,6 +16,7 @@ pub mod extension;
 pub mod guest_va;
 pub mod host;
 pub mod hypercall;
+pub mod intercept;
 pub mod irq;
 pub mod memory;
 pub mod migrate;

@@ -77,3 +77,9 @@ mod tests {
         );
     }
 }
+
+/// Guest RAM of `size` bytes at address 0, for unit tests of code that reads guest memory.
+pub fn guest_mem(size: usize) -> crate::GuestMem {
+    vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), size)])
+        .expect("allocate test guest memory")
+}

@@ -1,6 +1,7 @@
 //! Control transfers: jumps, calls, returns, loops and software interrupts.
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
+use palacios_vmm::intercept::SyscallAbi;
 
 use super::alu::cond;
 use super::interrupt::{self, Source};
@@ -138,6 +139,9 @@ fn jcxz(m: &mut Machine, x: &Insn) -> R<()> {
 
 fn int_n(m: &mut Machine, x: &Insn) -> R<()> {
     let v = x.i.immediate8();
+    if v == 0x80 {
+        m.syscall_intercept(SyscallAbi::Int80, m.cpu.gpr[0] & 0xffff_ffff, x.i.len())?;
+    }
     interrupt::deliver(m, v, Source::Software, None)
 }
 
@@ -226,7 +230,12 @@ fn iret(m: &mut Machine, x: &Insn) -> R<()> {
         Mnemonic::Iretd => 4,
         _ => 8,
     };
-    super::seg::iret(m, size)
+    let cpl = m.cpu.cpl;
+    super::seg::iret(m, size)?;
+    if cpl != m.cpu.cpl {
+        m.note_user_entry();
+    }
+    Ok(())
 }
 
 pub fn handler(mn: Mnemonic, i: &Instruction) -> Option<Handler> {

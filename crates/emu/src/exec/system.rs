@@ -3,6 +3,7 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use palacios_vmm::backend::{Exit, IoData};
+use palacios_vmm::intercept::SyscallAbi;
 use palacios_x86::segment::decode;
 use palacios_x86::{Segment, cr0, cr4, efer, msr};
 
@@ -768,9 +769,12 @@ fn flat_stack(sel: u16, dpl: u8) -> Segment {
     }
 }
 
-fn syscall(m: &mut Machine, _: &Insn) -> R<()> {
+fn syscall(m: &mut Machine, x: &Insn) -> R<()> {
     if m.cpu.efer & efer::SCE == 0 || !m.cpu.long_mode() {
         return Err(ud());
+    }
+    if m.cpu.mode == Mode::Long64 {
+        m.syscall_intercept(SyscallAbi::Syscall64, m.cpu.gpr[0], x.i.len())?;
     }
     let star = m.cpu.msr.star;
     let sel = ((star >> 32) & 0xfffc) as u16;
@@ -815,6 +819,7 @@ fn sysret(m: &mut Machine, x: &Insn) -> R<()> {
     m.cpu.flags = (m.cpu.gpr[11] & fl::WRITABLE & !(fl::RF | fl::VM)) | 2;
     m.cpu.rip = if wide { rip } else { rip & 0xffff_ffff };
     m.cpu.update_mode();
+    m.note_user_entry();
     Ok(())
 }
 
