@@ -60,7 +60,7 @@ impl Gears {
         ctx.add_hypercall(crate::id::LINUX_INFO, move |c| {
             let (addr, len) = (c.arg(0), c.arg(1));
             let r = match c.read_guest(addr, len, 4096, true) {
-                Ok(b) => match LinuxInfo::parse(&b) {
+                Ok(b) => match LinuxInfo::parse(&b).and_then(|i| stable_root(&h.mem, i)) {
                     Ok(i) => {
                         tracing::info!("gears: the guest kernel reported its layout: {i:x?}");
                         *lock(&h.info) = Some(i);
@@ -202,6 +202,19 @@ impl Gears {
             None => Ok(()),
         }
     }
+}
+
+/// The layout as the helper reports it names the page directory of the process that loaded it
+/// (its kernel half maps what every process's does); keep init's instead (pid 1 lives as long
+/// as the guest, the loader's directory is freed when it exits).
+fn stable_root(mem: &GuestMem, mut i: LinuxInfo) -> Result<LinuxInfo, String> {
+    let k = Kernel { mem, info: &i };
+    let init = k
+        .process(1)
+        .map_err(|e| format!("reading the process list: {e}"))?
+        .ok_or("no process 1 on the task list")?;
+    i.kernel_pgd = init.space.ok_or("process 1 has no address space")?;
+    Ok(i)
 }
 
 fn or(a: &mut NrSet, b: &NrSet) {
