@@ -166,7 +166,10 @@ impl Machine {
         if self.intercept_pass.take() == Some((rip, space)) {
             return Ok(());
         }
-        Err(Fault::exit(Exit::Intercept(Intercepted::Syscall { abi })))
+        Err(Fault::exit(Exit::Intercept(Intercepted::Syscall {
+            abi,
+            entered: false,
+        })))
     }
 
     /// The core just changed privilege: stop after this instruction if it entered user mode

@@ -376,9 +376,7 @@ impl Service for Inner {
         if blob.is_empty() || blob.len() > MAX_BLOB {
             return Err(ApiError::bad(format!("a blob has 1 to {MAX_BLOB} bytes")));
         }
-        self.hub
-            .check_backend()
-            .map_err(|e| ApiError::new(409, e))?;
+        self.hub.check_user().map_err(|e| ApiError::new(409, e))?;
         let t = self
             .hub
             .kernel(|k| k.process(r.pid))

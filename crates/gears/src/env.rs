@@ -258,9 +258,7 @@ impl Service for Inner {
     fn start(&self, b: &Value) -> Result<Value, ApiError> {
         let spec: RuleSpec = body(NAME, b)?;
         check_spec(&spec).map_err(ApiError::bad)?;
-        self.hub
-            .check_backend()
-            .map_err(|e| ApiError::new(409, e))?;
+        self.hub.check_user().map_err(|e| ApiError::new(409, e))?;
         Ok(json!({ "id": self.add(spec) }))
     }
     fn stop(&self, id: u64) -> Result<(), ApiError> {
@@ -310,6 +308,7 @@ impl CoreHooks for Hooks {
         match exit {
             Exit::Intercept(Intercepted::Syscall {
                 abi: SyscallAbi::Syscall64,
+                entered: false,
             }) => self.0.on_execve(core),
             _ => ExitAction::Continue,
         }

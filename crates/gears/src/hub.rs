@@ -34,8 +34,10 @@ pub struct Gears {
     /// Generation of `merged`; each core applies it when it changes.
     generation: AtomicU64,
     applied: Vec<AtomicU64>,
-    /// Why the backend refused the intercepts (None: it took them, or nothing tried yet).
+    /// Why the backend refused system-call intercepts (None: it took them, or nothing tried).
     refused: Mutex<Option<String>>,
+    /// Why it refused user-mode entry and fault intercepts.
+    refused_user: Mutex<Option<String>>,
 }
 
 impl Gears {
@@ -53,6 +55,7 @@ impl Gears {
             generation: AtomicU64::new(1),
             applied: (0..ctx.cores).map(|_| AtomicU64::new(0)).collect(),
             refused: Mutex::new(None),
+            refused_user: Mutex::new(None),
         });
         ctx.provide(g.clone());
         ctx.vm.add_control(&g);
@@ -171,33 +174,56 @@ impl Gears {
             return;
         }
         if applied.load(Ordering::Relaxed) == 0 {
-            // First entry: find out whether the backend takes intercepts at all (a space
-            // that never matches), so services can refuse to start on one that does not.
+            // First entry: find out what the backend can stop at (with settings that never
+            // match), so services can refuse to start where it cannot.
+            let mut never = SyscallFilter::default();
+            never
+                .by_space
+                .push((u64::MAX, [[0, 0, 0, 0, 0, 0, 0, 1 << 63]; 2]));
             let probe = Intercepts {
-                user_entry: Some(u64::MAX),
+                syscalls: Some(Arc::new(never)),
                 ..Intercepts::default()
             };
             if let Err(e) = vcpu.set_intercepts(&probe) {
                 *lock(&self.refused) = Some(e.to_string());
             }
-        }
-        let m = lock(&self.merged).clone();
-        match vcpu.set_intercepts(&m) {
-            Ok(()) => {}
-            Err(e) => {
-                let mut r = lock(&self.refused);
-                if r.is_none() {
-                    tracing::warn!("gears: {e}");
-                }
-                *r = Some(e.to_string());
+            let probe = Intercepts {
+                user_entry: Some(u64::MAX),
+                ..Intercepts::default()
+            };
+            if let Err(e) = vcpu.set_intercepts(&probe) {
+                *lock(&self.refused_user) = Some(e.to_string());
             }
+        }
+        let mut m = lock(&self.merged).clone();
+        if lock(&self.refused_user).is_some() {
+            // What the backend can do still applies (system calls on KVM).
+            m.user_entry = None;
+            m.user_faults = None;
+        }
+        if let Err(e) = vcpu.set_intercepts(&m) {
+            let mut r = lock(&self.refused);
+            if r.is_none() {
+                tracing::warn!("gears: {e}");
+            }
+            *r = Some(e.to_string());
         }
         applied.store(g, Ordering::Relaxed);
     }
 
-    /// Whether the backend takes intercepts: an error once a core refused them.
+    /// Whether the backend takes system-call intercepts: an error once a core refused them.
     pub fn check_backend(&self) -> Result<(), String> {
         match &*lock(&self.refused) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether it also stops at user-mode entries and user faults (code and environment
+    /// injection).
+    pub fn check_user(&self) -> Result<(), String> {
+        self.check_backend()?;
+        match &*lock(&self.refused_user) {
             Some(e) => Err(e.clone()),
             None => Ok(()),
         }

@@ -20,6 +20,7 @@ pub mod guard;
 pub mod hub;
 pub mod linux;
 pub mod names;
+pub mod ret;
 pub mod service;
 pub mod syscall;
 pub mod walk;

@@ -169,7 +169,7 @@ impl Inner {
     }
 
     /// A stopped system call: log it for every rule it matches; answer it if one says so.
-    fn on_syscall(&self, core: &mut CoreCtx, abi: SyscallAbi) -> ExitAction {
+    fn on_syscall(&self, core: &mut CoreCtx, abi: SyscallAbi, entered: bool) -> ExitAction {
         let Ok(mut regs) = core.vcpu.regs() else {
             return ExitAction::Continue;
         };
@@ -244,6 +244,13 @@ impl Inner {
         }
         drop(s);
         match answer {
+            Some(v) if entered => match crate::ret::answer_entered(core.vcpu, core.mem, abi, v) {
+                Ok(()) => ExitAction::Handled,
+                Err(e) => {
+                    tracing::warn!("syscall_intercept: cannot answer the call: {e}");
+                    ExitAction::Continue
+                }
+            },
             Some(v) => {
                 regs.rax = match abi {
                     SyscallAbi::Syscall64 => v as u64,
@@ -313,7 +320,9 @@ impl CoreHooks for Hooks {
     }
     fn on_exit(&mut self, core: &mut CoreCtx, exit: &Exit) -> ExitAction {
         match exit {
-            Exit::Intercept(Intercepted::Syscall { abi }) => self.0.on_syscall(core, *abi),
+            Exit::Intercept(Intercepted::Syscall { abi, entered }) => {
+                self.0.on_syscall(core, *abi, *entered)
+            }
             _ => ExitAction::Continue,
         }
     }

@@ -3,6 +3,7 @@
 //! interrupt-window exits; the in-kernel irqchip arrives with the platform work.
 
 mod convert;
+mod gears;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -122,6 +123,8 @@ pub struct KvmBackend {
     /// The memory slots (re-registered with dirty logging on and off).
     slots: std::sync::Mutex<Vec<kvm_userspace_memory_region>>,
     kernel_irqchip: std::sync::atomic::AtomicBool,
+    /// Guest memory, once mapped (handed to each vCPU).
+    mem: std::sync::Mutex<Option<GuestMem>>,
 }
 
 impl KvmBackend {
@@ -173,6 +176,7 @@ impl KvmBackend {
             msr_list: Arc::new(msr_list),
             slots: std::sync::Mutex::new(Vec::new()),
             kernel_irqchip: std::sync::atomic::AtomicBool::new(false),
+            mem: std::sync::Mutex::new(None),
         })
     }
 
@@ -208,6 +212,7 @@ impl Backend for KvmBackend {
                 .map_err(host_err("KVM_SET_USER_MEMORY_REGION"))?;
             self.slots.lock().unwrap_or_else(|p| p.into_inner()).push(r);
         }
+        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem.clone());
         Ok(())
     }
 
@@ -470,6 +475,8 @@ impl Backend for KvmBackend {
                 .kernel_irqchip
                 .load(std::sync::atomic::Ordering::Acquire),
             kick_registered: false,
+            mem: self.mem.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            syscall_hook: None,
         }))
     }
 }
@@ -571,6 +578,10 @@ pub struct KvmVcpu {
     kernel_irqchip: bool,
     /// The thread this vCPU last ran on has its `immediate_exit` registered for kicks.
     kick_registered: bool,
+    /// Guest memory (GEARS reads the IDT).
+    mem: Option<GuestMem>,
+    /// System-call breakpoints (GEARS).
+    syscall_hook: Option<gears::SyscallHook>,
 }
 
 thread_local! {
@@ -636,12 +647,9 @@ impl KvmVcpu {
     }
 }
 
-impl Vcpu for KvmVcpu {
-    fn index(&self) -> u32 {
-        self.index
-    }
-
-    fn run(&mut self) -> Result<Exit, BackendError> {
+impl KvmVcpu {
+    /// One KVM_RUN; a debug exit comes back as (DR6, PC) beside a placeholder exit.
+    fn run_once(&mut self) -> Result<(Exit, Option<(u64, u64)>), BackendError> {
         self.pending_read = None;
         self.pending_msr = None;
         self.needs_completion = false;
@@ -652,6 +660,7 @@ impl Vcpu for KvmVcpu {
         }
         let r = self.fd.run();
         self.sync_fresh = self.sync;
+        let mut debug = None;
         let exit = match r {
             Ok(VcpuExit::X86Rdmsr(m)) => {
                 let index = m.index;
@@ -706,6 +715,10 @@ impl Vcpu for KvmVcpu {
                     suberror: sub,
                 });
             }
+            Ok(VcpuExit::Debug(d)) => {
+                debug = Some((d.dr6, d.pc));
+                Exit::Interrupted
+            }
             Ok(VcpuExit::FailEntry(reason, _cpu)) => {
                 return Err(BackendError::FailEntry {
                     vcpu: self.index,
@@ -732,7 +745,38 @@ impl Vcpu for KvmVcpu {
                 | Exit::MsrRead { .. }
                 | Exit::MsrWrite { .. }
         );
-        Ok(exit)
+        Ok((exit, debug))
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn run(&mut self) -> Result<Exit, BackendError> {
+        loop {
+            let (exit, debug) = self.run_once()?;
+            match debug {
+                // A system-call breakpoint the filter does not select: straight back in.
+                Some((dr6, pc)) => match self.on_debug(dr6, pc)? {
+                    Some(e) => return Ok(e),
+                    None => continue,
+                },
+                None => return Ok(exit),
+            }
+        }
+    }
+
+    fn set_intercepts(
+        &mut self,
+        i: &palacios_vmm::intercept::Intercepts,
+    ) -> Result<(), BackendError> {
+        self.apply_intercepts(i)
+    }
+
+    fn intercept_pass(&mut self) {
+        self.pass_breakpoint();
     }
 
     fn save_state(&mut self) -> Result<VcpuState, BackendError> {

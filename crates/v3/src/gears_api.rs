@@ -19,10 +19,9 @@ pub fn route(h: &VmHandle, req: &Request) -> Option<Response> {
     Some(match (req.method.as_str(), &segs[2..]) {
         ("GET", []) => Response::ok(json!({
             "linux": hub.as_ref().and_then(|g| g.linux()),
-            "backend": hub.as_ref().map(|g| match g.check_backend() {
-                Ok(()) => Value::from("ok"),
-                Err(e) => Value::from(e),
-            }),
+            // "ok", or why the backend cannot do all of GEARS ("syscalls": the part it can).
+            "backend": hub.as_ref().map(|g| status(g.check_user())),
+            "syscalls": hub.as_ref().map(|g| status(g.check_backend())),
             "services": services.iter().map(|s| s.0.name()).collect::<Vec<_>>(),
         })),
         ("GET", ["processes"]) => match &hub {
@@ -83,4 +82,11 @@ pub fn route(h: &VmHandle, req: &Request) -> Option<Response> {
             format!("{} is not allowed on {}", req.method, req.path),
         ),
     })
+}
+
+fn status(r: Result<(), String>) -> Value {
+    match r {
+        Ok(()) => Value::from("ok"),
+        Err(e) => Value::from(e),
+    }
 }

@@ -90,10 +90,16 @@ impl Intercepts {
 /// Why a core stopped at an intercept ([`crate::Exit::Intercept`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Intercepted {
-    /// A selected system call, before it executes: RIP is at the instruction. The core runs
-    /// it when resumed after [`crate::Vcpu::intercept_pass`]; a service that answers it
-    /// itself sets RAX and moves RIP past the 2-byte instruction instead.
-    Syscall { abi: SyscallAbi },
+    /// A selected system call, before it executes (emulator: RIP at the instruction) or at the
+    /// kernel's entry (`entered`). The core runs it when resumed after
+    /// [`crate::Vcpu::intercept_pass`]; a service that answers it itself sets RAX and returns
+    /// to user mode past the instruction instead.
+    Syscall {
+        abi: SyscallAbi,
+        /// The CPU already entered the kernel (KVM: a breakpoint at the kernel's entry). The
+        /// way back to user mode is in RCX/R11 (SYSCALL) or the interrupt frame (INT 0x80).
+        entered: bool,
+    },
     /// The core just entered user mode in the watched space (RIP at the user instruction).
     UserEntry,
     /// User code in the watched space raised `vector` (RIP at the faulting instruction). Not
