@@ -24,6 +24,10 @@ const RF: u64 = 1 << 16;
 /// The breakpoints of an active syscall filter.
 pub(crate) struct SyscallHook {
     filter: Arc<SyscallFilter>,
+    /// Breakpoint exits taken (selected or not), for telemetry.
+    pub(crate) hits: u64,
+    /// Runs since the entry points were last looked up (while one is still unknown).
+    since_lookup: u32,
     /// [SYSCALL entry, INT 0x80 handler] (0: none).
     at: [u64; 2],
 }
@@ -90,21 +94,57 @@ impl KvmVcpu {
                 }
             }
             dbg.arch.debugreg[7] = dr7;
-            self.syscall_hook = Some(SyscallHook { filter, at });
+            self.syscall_hook = Some(SyscallHook {
+                filter,
+                at,
+                hits: 0,
+                since_lookup: 0,
+            });
         }
         self.fd
             .set_guest_debug(&dbg)
             .map_err(host_err("KVM_SET_GUEST_DEBUG"))
     }
 
+    /// Before a run: an entry point not set up yet when the rule came (a rule from the config
+    /// applies before the guest kernel has written LSTAR or its IDT) is looked up again now and
+    /// then.
+    pub(crate) fn refresh_breakpoints(&mut self) -> Result<(), BackendError> {
+        let Some(h) = &mut self.syscall_hook else {
+            return Ok(());
+        };
+        if !h.at.contains(&0) {
+            return Ok(());
+        }
+        h.since_lookup += 1;
+        if h.since_lookup < 64 {
+            return Ok(());
+        }
+        h.since_lookup = 0;
+        let (old, filter, hits) = (h.at, h.filter.clone(), h.hits);
+        let lstar = self.msrs(&[MSR_LSTAR])?.first().map_or(0, |m| m.1);
+        if [lstar, self.int80_handler()] != old {
+            self.apply_intercepts(&Intercepts {
+                syscalls: Some(filter),
+                ..Intercepts::default()
+            })?;
+            if let Some(h) = &mut self.syscall_hook {
+                h.hits = hits;
+            }
+        }
+        Ok(())
+    }
+
     /// A debug exit: `Some` to report, `None` to go back into the guest at once.
     pub(crate) fn on_debug(&mut self, dr6: u64, pc: u64) -> Result<Option<Exit>, BackendError> {
-        let Some(h) = &self.syscall_hook else {
+        let Some(h) = &mut self.syscall_hook else {
             return Err(self.fail(format!("unexpected debug exit at {pc:#x}")));
         };
-        let abi = if dr6 & 1 != 0 || pc == h.at[0] {
+        h.hits += 1;
+        let (at, filter) = (h.at, h.filter.clone());
+        let abi = if dr6 & 1 != 0 || pc == at[0] {
             SyscallAbi::Syscall64
-        } else if dr6 & 2 != 0 || pc == h.at[1] {
+        } else if dr6 & 2 != 0 || pc == at[1] {
             SyscallAbi::Int80
         } else {
             return Err(self.fail(format!("debug exit at {pc:#x} from no breakpoint of ours")));
@@ -115,7 +155,7 @@ impl KvmVcpu {
             SyscallAbi::Int80 => regs.rax & 0xffff_ffff,
         };
         let space = space_of(self.sregs()?.cr3);
-        if h.filter.hit(abi, nr, space) {
+        if filter.hit(abi, nr, space) {
             return Ok(Some(Exit::Intercept(Intercepted::Syscall {
                 abi,
                 entered: true,

@@ -755,6 +755,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self) -> Result<Exit, BackendError> {
+        self.refresh_breakpoints()?;
         loop {
             let (exit, debug) = self.run_once()?;
             match debug {
@@ -777,6 +778,13 @@ impl Vcpu for KvmVcpu {
 
     fn intercept_pass(&mut self) {
         self.pass_breakpoint();
+    }
+
+    fn stats(&self) -> Vec<(String, u64)> {
+        match &self.syscall_hook {
+            Some(h) => vec![("kvm system-call breakpoint exits".to_string(), h.hits)],
+            None => Vec::new(),
+        }
     }
 
     fn save_state(&mut self) -> Result<VcpuState, BackendError> {
