@@ -85,7 +85,7 @@ static inline unsigned long gm_hypercall0(unsigned long id)
 {
 	unsigned long ret = id;
 
-	asm volatile("outb %%al, $0xec" : "+a"(ret) : : "memory");
+	asm volatile("outb %%al, $0xec" : "+a"(ret) : : "rbx", "memory");
 	return ret;
 }
 

@@ -143,6 +143,12 @@ impl Module {
     }
 }
 
+/// Check a manifest as the API or the config would (for fuzzing the parser).
+pub fn check_manifest(json: &[u8]) -> Result<(), String> {
+    let m: Manifest = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    Module::new(m).map(|_| ())
+}
+
 /// `"53 57 ?? e6"` → bytes with wildcards.
 pub fn parse_code(s: &str) -> Result<Vec<Option<u8>>, String> {
     let c: Vec<Option<u8>> = s

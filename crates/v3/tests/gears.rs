@@ -154,6 +154,34 @@ fn linux_guest_syscall_interception_env_and_code_injection() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["backend"], "ok", "{v}");
     assert_eq!(v["linux"]["thread_size"], 16384, "{v}");
+    // The v3 verb: the process list and a service's (empty) rules; a bad action is an error.
+    let ps = v3(
+        &["gears", sock.to_str().unwrap(), "ps"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(ps.status, 0, "{}", ps.out());
+    assert!(ps.stdout.contains("\"comm\": \"kthreadd\""), "{}", ps.out());
+    let l = v3(
+        &["gears", sock.to_str().unwrap(), "syscall_intercept"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert!(
+        l.status == 0 && l.stdout.contains("\"rules\": []"),
+        "{}",
+        l.out()
+    );
+    let bad = v3(
+        &["gears", sock.to_str().unwrap(), "syscall_intercept", "frob"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert!(
+        bad.status != 0 && bad.stderr.contains("unknown action"),
+        "{}",
+        bad.out()
+    );
     let (st, v) = api(&sock, "GET", "/vm/gears/processes", None);
     assert_eq!(st, 200, "{v}");
     assert!(
