@@ -12,6 +12,7 @@
 //! process never sees it). The blob must not use SSE/x87 registers (their state is not saved).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,8 @@ pub struct Inner {
     hub: Arc<Gears>,
     state: Mutex<State>,
     last_check: Mutex<Instant>,
+    /// A job is pending or running (checked on every exit without the lock).
+    active: AtomicBool,
 }
 
 /// The extension object (it keeps the API's control alive).
@@ -190,9 +193,17 @@ impl Inner {
             return ExitAction::Continue;
         }
         let (mem, root) = (core.mem, sregs.cr3);
-        let top = (regs.rsp - GAP) & !0xfff;
         let need = STACK + j.blob.len() as u64 + VMCALL.len() as u64 + 16;
-        let lo = top - need.div_ceil(0x1000) * 0x1000;
+        // The guest's stack pointer is whatever the process made it: no room is an error.
+        let Some((lo, top)) = regs.rsp.checked_sub(GAP).and_then(|t| {
+            let top = t & !0xfff;
+            top.checked_sub(need.div_ceil(0x1000) * 0x1000)
+                .map(|lo| (lo, top))
+        }) else {
+            let msg = format!("no room below the stack pointer {:#x}", regs.rsp);
+            self.finish(&mut s, Status::Failed { error: msg });
+            return ExitAction::Continue;
+        };
         if let Err(e) = walk::check(mem, root, lo, top - lo, true, true) {
             let (addr, code) = match e {
                 WalkError::NotMapped(a) => (a, 6),
@@ -322,6 +333,9 @@ impl Inner {
 
     /// Every so often: a waiting injection whose process is gone fails.
     fn liveness(&self) {
+        if !self.active.load(Ordering::Acquire) {
+            return;
+        }
         {
             let mut t = lock(&self.last_check);
             if t.elapsed() < LIVENESS {
@@ -477,6 +491,7 @@ impl ExtensionClass for CodeInjectClass {
             hub,
             state: Mutex::new(State::default()),
             last_check: Mutex::new(Instant::now()),
+            active: AtomicBool::new(false),
         });
         let (s, l) = (inner.clone(), inner.clone());
         ctx.register_state(state_fn(

@@ -179,10 +179,20 @@ impl Inner {
         }
         let (kept, new) = merge_env(&old, &vars);
         let strings: usize = new.iter().map(|s| s.len() + 1).sum();
-        let top = (regs.rsp - GAP) & !15;
-        let str_lo = top - strings as u64;
         let count = kept.len() + new.len() + 1;
-        let array = (str_lo - 8 * count as u64) & !15;
+        // The caller's stack pointer is whatever it made it: no room is an error.
+        let Some((top, str_lo, array)) = regs.rsp.checked_sub(GAP).and_then(|t| {
+            let top = t & !15;
+            let str_lo = top.checked_sub(strings as u64)?;
+            let array = str_lo.checked_sub(8 * count as u64)? & !15;
+            Some((top, str_lo, array))
+        }) else {
+            self.error(format!(
+                "{file}: no room below the stack pointer {:#x}",
+                regs.rsp
+            ));
+            return ExitAction::Continue;
+        };
         let key = (space_of(root), regs.rip);
         if let Err(e) = walk::check(mem, root, array, top - array, true, true) {
             let (addr, code) = match e {

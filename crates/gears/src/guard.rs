@@ -122,7 +122,8 @@ impl Module {
     }
 
     fn text(&self) -> Option<(u64, u64)> {
-        self.base.map(|b| (b, b + self.manifest.text_size))
+        self.base
+            .map(|b| (b, b.wrapping_add(self.manifest.text_size)))
     }
 
     fn contains(&self, addr: u64) -> bool {
@@ -271,13 +272,13 @@ impl Inner {
         let who = format!("{}:{}", m.manifest.module, e.name);
         match m.base {
             Some(b) => {
-                if rip != b + e.enter && rip != b + e.enter + DOORBELL_LEN {
+                if rip != b.wrapping_add(e.enter) && rip != b.wrapping_add(e.enter + DOORBELL_LEN) {
                     return Self::refuse(
                         &mut s,
                         c,
                         format!(
                             "ENTER of {who} at rip {rip:#x}, not its wrapper's crossing ({:#x})",
-                            b + e.enter
+                            b.wrapping_add(e.enter)
                         ),
                     );
                 }
@@ -307,7 +308,7 @@ impl Inner {
         }
         let region = rsp & !(self.thread_size() - 1);
         if s.settings.check_stack {
-            if slot != rsp + 56 {
+            if slot != rsp.wrapping_add(56) {
                 return Self::refuse(
                     &mut s,
                     c,
@@ -380,14 +381,14 @@ impl Inner {
             );
         };
         let who = format!("{}:{}", m.manifest.module, e.name);
-        if rip != b + e.exit && rip != b + e.exit + DOORBELL_LEN {
+        if rip != b.wrapping_add(e.exit) && rip != b.wrapping_add(e.exit + DOORBELL_LEN) {
             return Self::refuse(
                 &mut s,
                 c,
                 format!("EXIT of {who} at rip {rip:#x}, not its wrapper's crossing"),
             );
         }
-        if s.settings.check_stack && slot != rsp + 24 {
+        if s.settings.check_stack && slot != rsp.wrapping_add(24) {
             return Self::refuse(
                 &mut s,
                 c,

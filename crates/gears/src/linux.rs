@@ -135,22 +135,30 @@ impl Kernel<'_> {
     /// The task_struct at `addr`.
     pub fn task(&self, addr: u64) -> Result<Task, WalkError> {
         let i = self.info;
-        let pid = walk::read_u32(self.mem, self.root(), addr + u64::from(i.off_pid))?;
-        let tgid = walk::read_u32(self.mem, self.root(), addr + u64::from(i.off_tgid))?;
+        let pid = walk::read_u32(
+            self.mem,
+            self.root(),
+            addr.wrapping_add(u64::from(i.off_pid)),
+        )?;
+        let tgid = walk::read_u32(
+            self.mem,
+            self.root(),
+            addr.wrapping_add(u64::from(i.off_tgid)),
+        )?;
         let mut comm = [0u8; 16];
         walk::read(
             self.mem,
             self.root(),
-            addr + u64::from(i.off_comm),
+            addr.wrapping_add(u64::from(i.off_comm)),
             &mut comm,
             false,
         )?;
         let end = comm.iter().position(|b| *b == 0).unwrap_or(16);
-        let mm = self.u64(addr + u64::from(i.off_mm))?;
+        let mm = self.u64(addr.wrapping_add(u64::from(i.off_mm)))?;
         let space = if mm == 0 {
             None
         } else {
-            let pgd = self.u64(mm + u64::from(i.off_mm_pgd))?;
+            let pgd = self.u64(mm.wrapping_add(u64::from(i.off_mm_pgd)))?;
             Some(space_of(pgd.wrapping_sub(i.page_offset)))
         };
         Ok(Task {
@@ -164,7 +172,7 @@ impl Kernel<'_> {
 
     /// The base of the task's kernel stack (`task_struct.stack`).
     pub fn stack_of(&self, task: u64) -> Result<u64, WalkError> {
-        self.u64(task + u64::from(self.info.off_stack))
+        self.u64(task.wrapping_add(u64::from(self.info.off_stack)))
     }
 
     /// The task running on a core whose kernel GS base is `gs_base`.
@@ -176,7 +184,7 @@ impl Kernel<'_> {
     /// Every process (thread-group leader) on the task list, init_task first.
     pub fn processes(&self) -> Result<Vec<Task>, WalkError> {
         let off = u64::from(self.info.off_tasks);
-        let head = self.info.init_task + off;
+        let head = self.info.init_task.wrapping_add(off);
         let mut out = vec![self.task(self.info.init_task)?];
         let mut link = self.u64(head)?;
         while link != head {

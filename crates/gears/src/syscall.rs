@@ -239,7 +239,13 @@ impl Inner {
                 answered,
             });
         }
-        if !matched {
+        // Stopped for one of our numbers but no rule's process: counted (a call stopped for
+        // another service, env_inject's execve say, is not ours to count).
+        let ours = s
+            .rules
+            .iter()
+            .any(|r| palacios_vmm::intercept::nr_in(&r.nrs[abi as usize], nr));
+        if !matched && ours {
             s.unmatched += 1;
         }
         drop(s);

@@ -107,7 +107,10 @@ pub fn check(
         if write && !m.writable {
             return Err(WalkError::ReadOnly(page.max(va)));
         }
-        page += 0x1000;
+        let Some(next) = page.checked_add(0x1000) else {
+            break;
+        };
+        page = next;
     }
     Ok(())
 }

@@ -47,7 +47,7 @@ impl KvmVcpu {
     fn int80_handler(&self) -> u64 {
         let Ok(s) = self.sregs() else { return 0 };
         let Some(mem) = &self.mem else { return 0 };
-        let gate = s.idt.base + 0x80 * 16;
+        let gate = s.idt.base.wrapping_add(0x80 * 16);
         let Ok(t) = self.fd.translate_gva(gate) else {
             return 0;
         };
