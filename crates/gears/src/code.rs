@@ -126,11 +126,12 @@ impl Inner {
     /// The first job not finished is the active one: ask the cores for what it needs.
     fn publish(&self, s: &State) {
         let mut w = Want::default();
-        match s
+        let head = s
             .jobs
             .iter()
-            .find(|j| matches!(j.status, Status::Pending | Status::Running))
-        {
+            .find(|j| matches!(j.status, Status::Pending | Status::Running));
+        self.active.store(head.is_some(), Ordering::Release);
+        match head {
             Some(j) if j.status == Status::Pending => w.user_entry = Some(j.space),
             Some(j) => w.user_faults = Some(j.space),
             None => {}
@@ -351,7 +352,12 @@ impl Inner {
         else {
             return;
         };
-        if let Ok(Ok(None)) = self.hub.kernel(|k| k.process(pid)) {
+        // Gone from the task list, or a zombie (an exiting task has given up its memory).
+        let gone = matches!(
+            self.hub.kernel(|k| k.process(pid)),
+            Ok(Ok(None)) | Ok(Ok(Some(crate::linux::Task { space: None, .. })))
+        );
+        if gone {
             let mut s = lock(&self.state);
             if Self::active(&mut s).is_some_and(|j| j.pid == pid) {
                 let error = if running {
