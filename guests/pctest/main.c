@@ -8,6 +8,8 @@
  *               ram_mib=N (expected RAM)  sipi=each|bcast (SMP start-up)
  *               iret=1 (return from interrupts with IRET, see cpu.S)
  *               isr_check=0 (only report LAPIC ISR bits clear in handlers)
+ *               spin=SECONDS (after the tests, busy every core for SECONDS,
+ *               1..600, of TSC time; see run_spin() in smp.c)
  *
  * Output on COM1: "PASS name", "FAIL name: detail" or "SKIP name: why"
  * per test, then "pctest: N passed, M failed", then outl(failed ? 1 : 0)
@@ -22,6 +24,7 @@ char opt_sipi[16];
 
 static char cmdline[1024];
 static char opt_tests[512];
+static uint32_t opt_spin; /* spin=SECONDS, 0: none */
 static uint32_t mb_flags, mb_mem_lower, mb_mem_upper;
 
 static unsigned n_passed, n_failed, n_skipped;
@@ -282,6 +285,18 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 	if (!cmdline_get(cmdline, "test", opt_tests, sizeof(opt_tests)) ||
 	    !opt_tests[0])
 		memcpy(opt_tests, "all", 4);
+	int spin_bad = 0;
+	char spin[24];
+	if (cmdline_get(cmdline, "spin", spin, sizeof(spin))) {
+		if (strlen(spin) > 3 ||
+		    !parse_u32(spin, strlen(spin), &opt_spin) ||
+		    opt_spin < 1 || opt_spin > 600) {
+			kprintf("FAIL spin: spin=%s is not a whole number of "
+				"seconds in 1..600\n", spin);
+			spin_bad = 1;
+			opt_spin = 0;
+		}
+	}
 	if (opt_cpus < 1 || opt_cpus > PCT_MAX_CPUS) {
 		kprintf("pctest: cpus=%u out of range 1..%u, using 1\n",
 			opt_cpus, PCT_MAX_CPUS);
@@ -303,6 +318,7 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 		run_bench(bench, n, hz, ms);
 	}
 
+	n_failed += spin_bad;
 	select_tests(opt_tests);
 	for (unsigned i = 0; i < NTESTS; i++) {
 		if (!selected[i])
@@ -312,6 +328,15 @@ void kmain(uint32_t magic, uint32_t info, uint32_t eflags)
 		tests[i].fn();
 		quiesce();
 		t_end();
+	}
+	if (opt_spin) {
+		/* Not a test: only a FAIL line if something went wrong. */
+		quiesce();
+		t_begin("spin");
+		run_spin(opt_spin);
+		cli();
+		if (cur_failed)
+			t_end();
 	}
 	finish();
 }

@@ -25,6 +25,7 @@
 #define VEC_TSC_DL      0x43
 #define VEC_SELF_IPI    0x50
 #define VEC_PING        0x51 /* BSP -> AP */
+#define VEC_SPIN        0x52 /* BSP -> AP: start spinning (spin=) */
 #define VEC_PONG_BASE   0x80 /* AP n -> BSP on 0x80 + n (own vector: no
 				      coalescing in the BSP's IRR) */
 #define VEC_LEVEL       0x60
@@ -208,6 +209,8 @@ void t_mptable(void);
 void t_smp(void);
 void t_ipi(void);
 void t_self_ipi(void);
+/* spin=SECONDS: busy every core (starting the APs if needed); smp.c. */
+void run_spin(uint32_t secs);
 
 void t_pit_pic(void);
 void t_pit_ioapic(void);

@@ -7,6 +7,107 @@ volatile uint32_t ap_pings;
 static int smp_started;
 static const char *smp_mode = "none";
 
+/* ------------------------------------------------------------ spin */
+
+/*
+ * spin=SECONDS: every core runs a register-only arithmetic loop with IF=0
+ * (no HLT, PAUSE, I/O or memory traffic inside a round) and reads the TSC
+ * once per round. Each core times its own SECONDS from when it starts, so
+ * the TSCs of different cores need not agree, and nothing depends on how
+ * much CPU time a core gets: a descheduled core just finds more TSC time
+ * gone at its next read.
+ *
+ * A round is up to SPIN_MAX (1M) iterations of 5 instructions. Where that
+ * is slow (a CPU emulator, KVM emulating the guest) a round could run for
+ * seconds and overshoot the end by as much, so rounds start at SPIN_MIN,
+ * a round that took under 2.5 ms of TSC time doubles the next one (up to
+ * SPIN_MAX) and one over 10 ms halves it (down to SPIN_MIN).
+ */
+#define SPIN_MAX 1000000u
+#define SPIN_MIN 1024u
+
+struct spin_result {
+	uint64_t loops;    /* iterations run */
+	uint64_t ticks;    /* TSC ticks from the start to the last read */
+	uint32_t sink;     /* the loop's result, so it computes something */
+	int stuck;         /* the TSC stopped moving */
+};
+
+static volatile uint32_t spin_go, spin_started, spin_done;
+static volatile uint32_t spin_ticks_lo, spin_ticks_hi;
+static struct spin_result spin_res[PCT_MAX_CPUS]; /* by CPU index */
+
+/* One round of n iterations (n > 0), registers only. */
+static inline void spin_round(uint32_t *x, uint32_t *y, uint32_t n)
+{
+	__asm__ volatile("1:\n\t"
+			 "addl %0, %1\n\t"
+			 "roll $5, %1\n\t"
+			 "xorl %1, %0\n\t"
+			 "decl %2\n\t"
+			 "jnz 1b"
+			 : "+r"(*x), "+r"(*y), "+r"(n)
+			 :
+			 : "cc");
+}
+
+/*
+ * Spin for `ticks` TSC ticks, or (when `stop` is not NULL) until *stop
+ * reaches `target`; `ticks` still bounds that wait.
+ */
+static void spin_for(uint64_t ticks, volatile uint32_t *stop, uint32_t target,
+		     struct spin_result *r)
+{
+	uint64_t t0 = rdtsc(), now = t0, prev = t0, still = 0;
+	uint64_t slow = (uint64_t)tsc_per_ms * 10, fast = slow / 4;
+	uint32_t x = 0x9e3779b9u, y = 1, n = SPIN_MIN; /* grows in ~10 rounds */
+
+	r->loops = 0;
+	r->stuck = 0;
+	for (;;) {
+		if (stop && *stop >= target)
+			break;
+		spin_round(&x, &y, n);
+		r->loops += n;
+		now = rdtsc();
+		if (now - t0 >= ticks)
+			break;
+		if (now == prev) {
+			/* 250M instructions without a TSC tick: it is not
+			 * running, and this would never end. */
+			still += n;
+			if (still >= 50u * SPIN_MAX) {
+				r->stuck = 1;
+				break;
+			}
+			continue;
+		}
+		still = 0;
+		if (now - prev > slow && n > SPIN_MIN)
+			n /= 2;
+		else if (now - prev < fast && n < SPIN_MAX)
+			n = n * 2 > SPIN_MAX ? SPIN_MAX : n * 2;
+		prev = now;
+	}
+	r->ticks = now - t0;
+	r->sink = x ^ y;
+}
+
+static void __attribute__((noreturn)) ap_spin(uint32_t idx)
+{
+	uint64_t ticks = ((uint64_t)spin_ticks_hi << 32) | spin_ticks_lo;
+	struct spin_result r;
+
+	atomic_inc(&spin_started);
+	spin_for(ticks, NULL, 0, &r);
+	if (idx < PCT_MAX_CPUS)
+		spin_res[idx] = r;
+	__asm__ volatile("" : : : "memory");
+	atomic_inc(&spin_done);
+	for (;;)
+		__asm__ volatile("cli; hlt" : : : "memory");
+}
+
 /* ------------------------------------------------------------ APs */
 
 /*
@@ -38,8 +139,14 @@ void ap_main(uint32_t idx)
 	lapic_write(LAPIC_TPR, 0);
 	lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | VEC_LAPIC_ONE);
 	atomic_inc(&ap_checked_in);
-	for (;;)
+	for (;;) {
+		/* IF=0 between the check and HLT: STI's shadow covers HLT,
+		 * so the VEC_SPIN IPI that follows spin_go cannot be lost. */
+		cli();
+		if (spin_go)
+			ap_spin(idx);
 		__asm__ volatile("sti; hlt" : : : "memory");
+	}
 }
 
 /* ------------------------------------------------------------ start-up */
@@ -299,4 +406,73 @@ void t_self_ipi(void)
 	if (esr)
 		t_fail("ESR 0x%x", esr);
 	isr_check(VEC_SELF_IPI, u0);
+}
+
+/* ------------------------------------------------------------ spin */
+
+static void spin_report(uint32_t cpu, const struct spin_result *r)
+{
+	uint64_t ms = udiv64(r->ticks, tsc_per_ms ? tsc_per_ms : 1);
+
+	kprintf("pctest: spin: cpu %u: %llu loops in %u ms%s\n", cpu,
+		(unsigned long long)r->loops, (uint32_t)ms,
+		r->stuck ? " (TSC stopped)" : "");
+}
+
+void run_spin(uint32_t secs)
+{
+	uint64_t ticks = (uint64_t)secs * 1000u * tsc_per_ms;
+	/* Grace for the APs to finish after the BSP: they start later, and
+	 * a throttled AP may wait a while for CPU time. */
+	uint64_t grace = (uint64_t)60 * 1000u * tsc_per_ms;
+	struct spin_result bsp, wait;
+	uint32_t n = 0, ipi_ok = 1, started, done;
+
+	if (opt_cpus > 1)
+		smp_bringup(); /* no-op if smp or ipi started them */
+	if (have_apic && smp_started) {
+		n = ap_checked_in;
+		if (n >= PCT_MAX_CPUS)
+			n = PCT_MAX_CPUS - 1;
+		if (n != opt_cpus - 1)
+			t_fail("%u of %u APs running", n, opt_cpus - 1);
+	}
+
+	cli();
+	kprintf("pctest: spinning %u s on %u cores\n", secs, n + 1);
+	spin_ticks_lo = (uint32_t)ticks;
+	spin_ticks_hi = (uint32_t)(ticks >> 32);
+	__asm__ volatile("" : : : "memory");
+	spin_go = 1;
+	__asm__ volatile("" : : : "memory");
+	for (uint32_t i = 1; i <= n; i++)
+		ipi_ok &= lapic_ipi(ap_apic_ids[i],
+				    ICR_ASSERT | ICR_FIXED | VEC_SPIN);
+
+	spin_for(ticks, NULL, 0, &bsp);
+	/* Keep busy (not HLT) while the APs finish. */
+	spin_for(grace, &spin_done, n, &wait);
+	started = spin_started;
+	done = spin_done;
+	__asm__ volatile("" : : : "memory");
+
+	spin_report(0, &bsp);
+	for (uint32_t i = 1; i <= n; i++) {
+		if (spin_res[i].loops)
+			spin_report(i, &spin_res[i]);
+		else
+			kprintf("pctest: spin: cpu %u (apic id %u) did not "
+				"finish\n", i, ap_apic_ids[i]);
+	}
+	if (!ipi_ok)
+		t_fail("ICR delivery status stayed busy");
+	if (started != n || done != n)
+		t_fail("%u of %u APs started spinning, %u finished within "
+		       "60 s", started, n, done);
+	if (bsp.stuck)
+		t_fail("the TSC stopped moving");
+	for (uint32_t i = 1; i <= n; i++)
+		if (spin_res[i].stuck)
+			t_fail("the TSC of cpu %u stopped moving", i);
+	kprintf("pctest: spun %u s on %u cores\n", secs, done + 1);
 }

@@ -77,6 +77,9 @@ fn route(st: &ApiState, req: &Request) -> Response {
     let Some(h) = st.handle() else {
         return Response::error(503, "the VM is not built yet");
     };
+    if let Some(r) = crate::sched_api::route(&h, req) {
+        return r;
+    }
     if let Some(r) = crate::gears_api::route(&h, req) {
         return r;
     }

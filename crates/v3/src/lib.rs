@@ -7,6 +7,7 @@ pub mod gears_cli;
 pub mod launch;
 pub mod platform;
 pub mod progress;
+pub mod sched_api;
 pub mod session;
 pub mod status;
 pub mod sym_api;

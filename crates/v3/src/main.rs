@@ -62,6 +62,8 @@ enum Cmd {
     Inspect { vm: String },
     /// GEARS services and guarded modules of a running VM (docs/gears.md).
     Gears(palacios::gears_cli::GearsArgs),
+    /// Show or change a running VM's VSched reservations (period/slice per vCPU, in µs).
+    Sched(palacios::sched_api::SchedArgs),
     /// List the guests bundled into this v3 (name them as guest:NAME in a config or --kernel).
     Guests,
     /// Restore a VM from a checkpoint and run it (guest memory is mapped copy-on-write).
@@ -328,6 +330,7 @@ fn main() -> ExitCode {
         Cmd::Symmod { vm, file } => symmod(&vm, &file),
         Cmd::Inspect { vm } => client(&vm, "GET", "/vm/inspect", None),
         Cmd::Gears(a) => palacios::gears_cli::run(&a),
+        Cmd::Sched(a) => palacios::sched_api::run(&a),
         Cmd::Guests => guests(),
         Cmd::Load(a) => load(a),
         Cmd::Send {

@@ -45,6 +45,7 @@ pub(crate) struct CoreLoop {
     pub hypercalls: Arc<Hypercalls>,
     pub extensions: Arc<Extensions>,
     pub sym: Arc<Symbiotic>,
+    pub sched: Arc<crate::sched::VSched>,
     /// Started cores that have not halted for good.
     pub running: Arc<AtomicU32>,
     pub kernel_irqchip: bool,
@@ -196,6 +197,8 @@ impl CoreLoop {
         }
         let mut hooks = self.extensions.hooks(self.cpu);
         let virtual_time = self.clock.is_virtual();
+        let mut throttle = crate::sched::CoreThrottle::new(self.cpu);
+        let mut was_halted = halted;
         while !self.handle.is_stopping() {
             self.handle.run_commands(self.cpu, vcpu.as_mut());
             if self.handle.is_paused() {
@@ -238,11 +241,13 @@ impl CoreLoop {
                 self.fail(e);
                 break;
             }
+            throttle.tick(&self.sched, std::mem::take(&mut was_halted));
             let flow = self.step(vcpu.as_mut(), &mut hooks, &mut stats, false);
             match flow {
                 Ok(Flow::Next) => {}
                 Ok(Flow::Hlt) => {
                     halted = self.halt(vcpu.as_mut());
+                    was_halted |= halted;
                     if halted {
                         self.handle.set_core_mode(self.cpu, CoreMode::Halted);
                     }
@@ -262,6 +267,7 @@ impl CoreLoop {
             }
         }
         stats.backend = vcpu.stats();
+        stats.backend.extend(throttle.telemetry());
         stats
     }
 

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod migrate;
 pub mod msr;
 pub mod registry;
+pub mod sched;
 pub mod snapshot;
 pub mod state;
 pub mod symbiotic;

@@ -62,6 +62,8 @@ pub struct Vm {
     hypercalls: Arc<Hypercalls>,
     extensions: Arc<Extensions>,
     sym: Arc<Symbiotic>,
+    /// VSched reservations (crate::sched).
+    sched: Arc<crate::sched::VSched>,
 }
 
 /// What [`Vm::validate`] found besides errors.
@@ -246,6 +248,10 @@ impl Vm {
         leaves.extend(ctx.cpuid.iter().copied());
         backend.set_cpuid_leaves(&leaves)?;
         handle.add_control(&sym);
+        let mut reservations = cfg.sched.clone();
+        reservations.resize(cfg.cores as usize, None);
+        let sched = Arc::new(crate::sched::VSched::new(reservations));
+        handle.add_control(&sched);
         let extensions = Arc::new(std::mem::take(&mut ctx.extensions));
         handle.add_control(&extensions);
         handle.add_control(&ctx.hypercalls);
@@ -303,6 +309,7 @@ impl Vm {
             hypercalls: ctx.hypercalls,
             extensions,
             sym,
+            sched,
         })
     }
 
@@ -446,6 +453,7 @@ impl Vm {
                 hypercalls: self.hypercalls.clone(),
                 extensions: self.extensions.clone(),
                 sym: self.sym.clone(),
+                sched: self.sched.clone(),
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let cpu = core.cpu;

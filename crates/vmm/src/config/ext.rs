@@ -101,6 +101,49 @@ pub fn parse_time(
     Ok(t)
 }
 
+/// VSched reservations: `<core period=".." slice="..">` in µs (Palacios' EDF scheduler), with
+/// `<cores period slice>` as the default for cores that give none. Admission control over
+/// the VM's set is part of the check.
+pub fn parse_sched(
+    cores: Option<&ConfigNode>,
+    count: u32,
+) -> Result<Vec<Option<crate::sched::Reservation>>, ConfigError> {
+    let one = |n: &ConfigNode| -> Result<Option<crate::sched::Reservation>, ConfigError> {
+        match (n.num("period")?, n.num("slice")?) {
+            (None, None) => Ok(None),
+            (Some(period_us), Some(slice_us)) => {
+                let r = crate::sched::Reservation {
+                    period_us,
+                    slice_us,
+                };
+                r.check().map_err(|e| n.val_err("slice", e))?;
+                Ok(Some(r))
+            }
+            _ => Err(n.err("a reservation needs both period and slice (µs)")),
+        }
+    };
+    let Some(c) = cores else {
+        return Ok(Vec::new());
+    };
+    let default = one(c)?;
+    let mut out = vec![default; count as usize];
+    for (i, core) in c.children_named("core").enumerate() {
+        if let (Some(slot), Some(r)) = (out.get_mut(i), one(core)?) {
+            *slot = Some(r);
+        }
+    }
+    if out.iter().all(Option::is_none) {
+        return Ok(Vec::new());
+    }
+    let set: Vec<(u32, crate::sched::Reservation)> = out
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.map(|r| (i as u32, r)))
+        .collect();
+    crate::sched::admit(&set).map_err(|e| c.err(e))?;
+    Ok(out)
+}
+
 fn khz(n: &ConfigNode) -> Result<Option<u64>, ConfigError> {
     match n.num("khz")? {
         Some(k) if !(1_000..=100_000_000).contains(&k) => Err(n.val_err(
@@ -135,6 +178,42 @@ mod tests {
         let err =
             parse_extensions(&node(r#"<extensions><ext name="A"/></extensions>"#)).unwrap_err();
         assert!(err.to_string().contains("expected <extension"), "{err}");
+    }
+
+    #[test]
+    fn sched_reservations_default_override_and_admission() {
+        let c = node(
+            r#"<cores count="3" period="20000" slice="5000"><core period="10000" slice="3000"/><core/><core/></cores>"#,
+        );
+        let r = parse_sched(Some(&c), 3).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].unwrap().slice_us, 3000);
+        assert_eq!(r[1].unwrap().period_us, 20000);
+        assert!(parse_sched(None, 2).unwrap().is_empty());
+        assert!(
+            parse_sched(Some(&node(r#"<cores count="1"><core/></cores>"#)), 1)
+                .unwrap()
+                .is_empty()
+        );
+        let e =
+            parse_sched(Some(&node(r#"<cores><core period="10000"/></cores>"#)), 1).unwrap_err();
+        assert!(e.to_string().contains("both period and slice"), "{e}");
+        let e = parse_sched(
+            Some(&node(
+                r#"<cores><core period="10000" slice="20000"/></cores>"#,
+            )),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("slice"), "{e}");
+        // More full-time cores than the host can give real-time work.
+        let (limit, _) = crate::sched::host_limit();
+        let n = limit.ceil() as u32 + 1;
+        let many = node(&format!(
+            r#"<cores count="{n}" period="10000" slice="10000"/>"#
+        ));
+        let e = parse_sched(Some(&many), n).unwrap_err();
+        assert!(e.to_string().contains("the reservations need"), "{e}");
     }
 
     #[test]

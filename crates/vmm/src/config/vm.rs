@@ -127,6 +127,9 @@ pub struct VmConfig {
     /// `<time>` and `<core khz>`: time dilation and the guest TSC frequency.
     #[serde(default)]
     pub time: super::TimeConfig,
+    /// VSched reservations per core (`<core period slice>`, `<cores period slice>`).
+    #[serde(default)]
+    pub sched: Vec<Option<crate::sched::Reservation>>,
 }
 
 /// Largest supported guest.
@@ -169,6 +172,7 @@ impl Default for VmConfig {
             boot: None,
             extensions: Vec::new(),
             time: super::TimeConfig::default(),
+            sched: Vec::new(),
         }
     }
 }
@@ -326,6 +330,7 @@ impl VmConfig {
             cfg.extensions = super::ext::parse_extensions(e)?;
         }
         cfg.time = super::ext::parse_time(root.child("time"), root.child("cores"))?;
+        cfg.sched = super::ext::parse_sched(root.child("cores"), cfg.cores)?;
         if let Some(d) = root.child("devices") {
             cfg.parse_devices(d)?;
         }
@@ -507,7 +512,7 @@ impl VmConfig {
 }
 
 fn parse_cores(c: &ConfigNode) -> Result<u32, ConfigError> {
-    c.check_options("<cores>", &["count", "core"])?;
+    c.check_options("<cores>", &["count", "core", "period", "slice"])?;
 
     let listed = c.children_named("core").count() as u64;
     let count = match c.num("count")? {
