@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// The tests measure CPU time: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sched(sock: &std::path::Path) -> Value {
     let (st, v) = api(sock, "GET", "/vm/sched", None);
     assert_eq!(st, 200, "{v}");
@@ -44,6 +47,7 @@ fn utilization(a: &Value, b: &Value) -> Vec<f64> {
 
 #[test]
 fn reservations_hold_beside_a_cpu_hog_and_change_at_run_time() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tmpdir("vsched");
     let devices: String = palacios::platform::standard_devices()
         .iter()
@@ -215,4 +219,109 @@ fn reservations_hold_beside_a_cpu_hog_and_change_at_run_time() {
     }
     let (st, _) = api(&sock, "PUT", "/vm/stop", None);
     assert_eq!(st, 200);
+}
+
+fn pctest_config(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &str,
+    cmdline: &str,
+) -> std::path::PathBuf {
+    let devices: String = palacios::platform::standard_devices()
+        .iter()
+        .map(|d| format!("<device class=\"{}\" id=\"{}\"/>", d.class, d.id))
+        .collect();
+    let p = dir.join(format!("{name}.xml"));
+    std::fs::write(
+        &p,
+        format!(
+            "<vm class=\"PC\"><memory>64</memory><backend>emu</backend>{extra}\
+             <devices>{devices}</devices><boot kernel=\"{}\" cmdline=\"{cmdline}\"/></vm>",
+            guest("pctest.elf").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Run v3 to its end; (status, stdout+stderr, CPU seconds it used).
+fn run_timed(cfg: &std::path::Path, extra: &[&str]) -> (i32, String, f64) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_v3"));
+    cmd.arg("run").arg(cfg).args(extra);
+    cmd.stdin(std::process::Stdio::null());
+    let out_path = cfg.with_extension("out");
+    let f = std::fs::File::create(&out_path).unwrap();
+    cmd.stdout(f.try_clone().unwrap()).stderr(f);
+    let child = cmd.spawn().unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it and `status` for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for the child we spawned; the pointers are to live locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(pid, child.id() as i32);
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (
+        code,
+        std::fs::read_to_string(&out_path).unwrap(),
+        secs(ru.ru_utime) + secs(ru.ru_stime),
+    )
+}
+
+/// Palacios' yield policy (`<perftune>`): a greedy core spins through the guest's idle time,
+/// a friendly one sleeps; and `<schedule_hz>` brings a busy core back to its loop that often.
+#[test]
+fn yield_policy_and_schedule_hz_are_honoured() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("perftune");
+    let idle = |name: &str, strategy: &str| {
+        let cfg = pctest_config(
+            &dir,
+            name,
+            &format!(
+                "<perftune><group name=\"yield\"><strategy>{strategy}</strategy></group></perftune>"
+            ),
+            "bench=idle ms=1500",
+        );
+        let (st, out, cpu) = run_timed(&cfg, &[]);
+        assert_eq!(st, 1, "{out}");
+        assert!(out.contains("pctest: bench idle done"), "{out}");
+        cpu
+    };
+    let friendly = idle("friendly", "friendly");
+    let greedy = idle("greedy", "greedy");
+    assert!(
+        greedy > 1.0,
+        "a greedy core spins through 1.5 s of idle: {greedy} s of CPU"
+    );
+    assert!(
+        friendly < 0.6 * greedy,
+        "friendly {friendly} s, greedy {greedy} s"
+    );
+
+    let spin = |name: &str, extra: &str| {
+        let cfg = pctest_config(&dir, name, extra, "spin=2");
+        let (st, out, _) = run_timed(&cfg, &["--stats"]);
+        assert_eq!(st, 1, "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("interrupted"))
+            .unwrap_or("interrupted 0");
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let plain = spin("plain", "");
+    let ticked = spin("ticked", "<schedule_hz>200</schedule_hz>");
+    // 2 s at 200 Hz: about 400 returns to the loop beside what the emulator makes anyway.
+    assert!(
+        ticked >= plain + 200,
+        "schedule_hz 200: {ticked} returns, without: {plain}"
+    );
 }

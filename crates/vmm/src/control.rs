@@ -130,6 +130,14 @@ impl Wakers {
         }
     }
 
+    /// Make core `cpu` leave the backend's run() if it is in it (no event for it).
+    pub fn kick(&self, cpu: u32) {
+        let k = lock(&self.kickers).get(cpu as usize).cloned().flatten();
+        if let Some(k) = k {
+            k.kick();
+        }
+    }
+
     pub fn wake_all(&self) {
         for cpu in 0..self.cores() {
             self.wake(cpu);

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use palacios_x86::{msr, rflags};
 
@@ -46,6 +46,10 @@ pub(crate) struct CoreLoop {
     pub extensions: Arc<Extensions>,
     pub sym: Arc<Symbiotic>,
     pub sched: Arc<crate::sched::VSched>,
+    /// `<schedule_hz>`: yield to the host at least this often.
+    pub schedule_hz: Option<u32>,
+    /// `<perftune>`: what the core does while the guest idles.
+    pub yield_policy: crate::sched::YieldPolicy,
     /// Started cores that have not halted for good.
     pub running: Arc<AtomicU32>,
     pub kernel_irqchip: bool,
@@ -199,6 +203,11 @@ impl CoreLoop {
         let virtual_time = self.clock.is_virtual();
         let mut throttle = crate::sched::CoreThrottle::new(self.cpu);
         let mut was_halted = halted;
+        let mut idle_since: Option<Instant> = None;
+        let yield_every = self
+            .schedule_hz
+            .map(|hz| Duration::from_nanos(1_000_000_000 / u64::from(hz)));
+        let mut last_yield = Instant::now();
         while !self.handle.is_stopping() {
             self.handle.run_commands(self.cpu, vcpu.as_mut());
             if self.handle.is_paused() {
@@ -228,7 +237,7 @@ impl CoreLoop {
                     continue;
                 } else {
                     if !self.handle.is_paused() {
-                        self.handle.wakers().wait(self.cpu, None);
+                        self.idle(&mut idle_since);
                     }
                     continue;
                 }
@@ -241,7 +250,15 @@ impl CoreLoop {
                 self.fail(e);
                 break;
             }
+            idle_since = None;
             throttle.tick(&self.sched, std::mem::take(&mut was_halted));
+            if let Some(every) = yield_every
+                && last_yield.elapsed() >= every
+            {
+                // <schedule_hz>: give the host scheduler a turn.
+                std::thread::yield_now();
+                last_yield = Instant::now();
+            }
             let flow = self.step(vcpu.as_mut(), &mut hooks, &mut stats, false);
             match flow {
                 Ok(Flow::Next) => {}
@@ -269,6 +286,26 @@ impl CoreLoop {
         stats.backend = vcpu.stats();
         stats.backend.extend(throttle.telemetry());
         stats
+    }
+
+    /// The guest is idle (HLT) with nothing due: wait as the yield policy says.
+    fn idle(&self, since: &mut Option<Instant>) {
+        use crate::sched::YieldStrategy;
+        let p = self.yield_policy;
+        let since = *since.get_or_insert_with(Instant::now);
+        match p.strategy {
+            YieldStrategy::Friendly => self.handle.wakers().wait(self.cpu, None),
+            YieldStrategy::Greedy => std::hint::spin_loop(),
+            YieldStrategy::Adaptive => {
+                if since.elapsed() < Duration::from_micros(p.threshold_us) {
+                    std::hint::spin_loop();
+                } else {
+                    self.handle
+                        .wakers()
+                        .wait(self.cpu, Some(Duration::from_micros(p.time_us)));
+                }
+            }
+        }
     }
 
     /// Enter the guest once and handle the exit (extension hooks first).

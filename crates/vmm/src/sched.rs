@@ -103,6 +103,27 @@ pub fn admit(set: &[(u32, Reservation)]) -> Result<(), String> {
     Ok(())
 }
 
+/// What a core does while its guest is idle (HLT): Palacios' `<perftune><group name="yield">`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum YieldStrategy {
+    /// Sleep until an interrupt is due (the host gets the CPU at once).
+    #[default]
+    Friendly,
+    /// Spin, never giving the CPU up (lowest wake-up latency, a full CPU per idle core).
+    Greedy,
+    /// Spin for `threshold_us`, then sleep in steps of `time_us`.
+    Adaptive,
+}
+
+/// The yield policy of idle cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct YieldPolicy {
+    pub strategy: YieldStrategy,
+    pub threshold_us: u64,
+    pub time_us: u64,
+}
+
 /// How a core's reservation is enforced.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

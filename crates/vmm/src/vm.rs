@@ -64,6 +64,8 @@ pub struct Vm {
     sym: Arc<Symbiotic>,
     /// VSched reservations (crate::sched).
     sched: Arc<crate::sched::VSched>,
+    schedule_hz: Option<u32>,
+    yield_policy: crate::sched::YieldPolicy,
 }
 
 /// What [`Vm::validate`] found besides errors.
@@ -310,6 +312,8 @@ impl Vm {
             extensions,
             sym,
             sched,
+            schedule_hz: cfg.schedule_hz,
+            yield_policy: cfg.yield_policy,
         })
     }
 
@@ -417,6 +421,26 @@ impl Vm {
             let boot = self.boot.take().unwrap_or_else(CpuState::reset);
             self.handle.start_core(0, boot);
         }
+        // <schedule_hz>: every core comes back to its loop (and yields) at least this often.
+        let tick_thread = self.schedule_hz.and_then(|hz| {
+            let h = self.handle.clone();
+            let every = Duration::from_nanos(1_000_000_000 / u64::from(hz));
+            let f = Box::new(move || {
+                while !h.is_stopping() {
+                    std::thread::sleep(every);
+                    for cpu in 0..h.wakers().cores() {
+                        h.wakers().kick(cpu);
+                    }
+                }
+            });
+            match self.host.spawn("sched-tick", f) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("<schedule_hz> is not applied: no thread for it: {e}");
+                    None
+                }
+            }
+        });
         let timers = self.timers.clone();
         let timer_thread = match self.host.spawn("timers", Box::new(move || timers.run())) {
             Ok(t) => Some(t),
@@ -454,6 +478,8 @@ impl Vm {
                 extensions: self.extensions.clone(),
                 sym: self.sym.clone(),
                 sched: self.sched.clone(),
+                schedule_hz: self.schedule_hz,
+                yield_policy: self.yield_policy,
             };
             let (tx, rx) = std::sync::mpsc::channel();
             let cpu = core.cpu;
@@ -508,6 +534,11 @@ impl Vm {
         cores.extend(not_started.into_iter().map(CoreStats::new));
         cores.sort_by_key(|c| c.core);
         self.timers.shutdown();
+        if let Some(t) = tick_thread
+            && let Err(p) = t.join()
+        {
+            tracing::error!("sched-tick thread panicked: {p}");
+        }
         if let Some(t) = timer_thread {
             if let Err(p) = t.join() {
                 tracing::error!("timer thread panicked: {p}");

@@ -144,6 +144,65 @@ pub fn parse_sched(
     Ok(out)
 }
 
+/// `<schedule_hz>N</schedule_hz>` (Palacios' scheduling rate): 1 to 10000.
+pub fn parse_schedule_hz(n: Option<&ConfigNode>) -> Result<Option<u32>, ConfigError> {
+    let Some(n) = n else { return Ok(None) };
+    let hz: u32 = n
+        .text
+        .trim()
+        .parse()
+        .map_err(|_| n.err(format!("<schedule_hz> must be a number, not '{}'", n.text)))?;
+    if !(1..=10_000).contains(&hz) {
+        return Err(n.err(format!("<schedule_hz> must be 1 to 10000, not {hz}")));
+    }
+    Ok(Some(hz))
+}
+
+/// `<perftune><group name="yield"><strategy>friendly|greedy|adaptive</strategy>
+/// <threshold>µs</threshold><time>µs</time></group></perftune>`; other groups are ignored.
+pub fn parse_perftune(n: Option<&ConfigNode>) -> Result<crate::sched::YieldPolicy, ConfigError> {
+    use crate::sched::{YieldPolicy, YieldStrategy};
+    let mut p = YieldPolicy {
+        strategy: YieldStrategy::Friendly,
+        threshold_us: 1000,
+        time_us: 1000,
+    };
+    let Some(n) = n else { return Ok(p) };
+    for g in n.children_named("group") {
+        if g.attr("name").map(|a| a.value.as_str()) != Some("yield") {
+            tracing::warn!(
+                "<perftune>: group {:?} is not used",
+                g.attr("name").map(|a| &a.value)
+            );
+            continue;
+        }
+        g.check_options(
+            "<perftune> yield group",
+            &["name", "strategy", "threshold", "time"],
+        )?;
+        p.strategy = match g.val("strategy")?.map(str::trim) {
+            None | Some("friendly") => YieldStrategy::Friendly,
+            Some("greedy") => YieldStrategy::Greedy,
+            Some("adaptive") => YieldStrategy::Adaptive,
+            Some(o) => {
+                return Err(g.val_err(
+                    "strategy",
+                    format!("the yield strategy is friendly, greedy or adaptive, not '{o}'"),
+                ));
+            }
+        };
+        for (key, slot) in [("threshold", &mut p.threshold_us), ("time", &mut p.time_us)] {
+            if let Some(v) = g.num(key)? {
+                if !(1..=10_000_000).contains(&v) {
+                    return Err(g.val_err(key, format!("{key} is 1 to 10000000 µs, not {v}")));
+                }
+                *slot = v;
+            }
+        }
+    }
+    Ok(p)
+}
+
 fn khz(n: &ConfigNode) -> Result<Option<u64>, ConfigError> {
     match n.num("khz")? {
         Some(k) if !(1_000..=100_000_000).contains(&k) => Err(n.val_err(
@@ -214,6 +273,38 @@ mod tests {
         ));
         let e = parse_sched(Some(&many), n).unwrap_err();
         assert!(e.to_string().contains("the reservations need"), "{e}");
+    }
+
+    #[test]
+    fn schedule_hz_and_perftune() {
+        use crate::sched::YieldStrategy;
+        assert_eq!(parse_schedule_hz(None).unwrap(), None);
+        assert_eq!(
+            parse_schedule_hz(Some(&node("<schedule_hz>100</schedule_hz>"))).unwrap(),
+            Some(100)
+        );
+        assert!(parse_schedule_hz(Some(&node("<schedule_hz>0</schedule_hz>"))).is_err());
+        assert!(parse_schedule_hz(Some(&node("<schedule_hz>x</schedule_hz>"))).is_err());
+        let p = parse_perftune(Some(&node(
+            r#"<perftune><group name="yield"><strategy>adaptive</strategy><threshold>500</threshold><time>200</time></group><group name="other"/></perftune>"#,
+        )))
+        .unwrap();
+        assert_eq!(
+            (p.strategy, p.threshold_us, p.time_us),
+            (YieldStrategy::Adaptive, 500, 200)
+        );
+        assert_eq!(
+            parse_perftune(None).unwrap().strategy,
+            YieldStrategy::Friendly
+        );
+        let e = parse_perftune(Some(&node(
+            r#"<perftune><group name="yield"><strategy>lazy</strategy></group></perftune>"#,
+        )))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("friendly, greedy or adaptive"),
+            "{e}"
+        );
     }
 
     #[test]

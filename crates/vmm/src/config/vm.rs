@@ -130,6 +130,12 @@ pub struct VmConfig {
     /// VSched reservations per core (`<core period slice>`, `<cores period slice>`).
     #[serde(default)]
     pub sched: Vec<Option<crate::sched::Reservation>>,
+    /// `<schedule_hz>`: each core returns to its loop (and yields) at least this often.
+    #[serde(default)]
+    pub schedule_hz: Option<u32>,
+    /// `<perftune><group name="yield">`: what idle cores do.
+    #[serde(default)]
+    pub yield_policy: crate::sched::YieldPolicy,
 }
 
 /// Largest supported guest.
@@ -138,7 +144,7 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 pub const MAX_CORES: u32 = 255;
 
 /// Top-level elements of Palacios configs that this project accepts and ignores.
-const IGNORED_TOP: &[&str] = &["paging", "schedule_hz", "perftune", "mem_layout", "name"];
+const IGNORED_TOP: &[&str] = &["paging", "mem_layout", "name"];
 const KNOWN_TOP: &[&str] = &[
     "memory",
     "cores",
@@ -152,6 +158,8 @@ const KNOWN_TOP: &[&str] = &[
     "boot",
     "extensions",
     "time",
+    "schedule_hz",
+    "perftune",
 ];
 
 impl Default for VmConfig {
@@ -173,6 +181,8 @@ impl Default for VmConfig {
             extensions: Vec::new(),
             time: super::TimeConfig::default(),
             sched: Vec::new(),
+            schedule_hz: None,
+            yield_policy: crate::sched::YieldPolicy::default(),
         }
     }
 }
@@ -331,6 +341,8 @@ impl VmConfig {
         }
         cfg.time = super::ext::parse_time(root.child("time"), root.child("cores"))?;
         cfg.sched = super::ext::parse_sched(root.child("cores"), cfg.cores)?;
+        cfg.schedule_hz = super::ext::parse_schedule_hz(root.child("schedule_hz"))?;
+        cfg.yield_policy = super::ext::parse_perftune(root.child("perftune"))?;
         if let Some(d) = root.child("devices") {
             cfg.parse_devices(d)?;
         }
