@@ -212,6 +212,8 @@ impl CoreLoop {
             self.handle.run_commands(self.cpu, vcpu.as_mut());
             if self.handle.is_paused() {
                 self.park(vcpu.as_mut());
+                // A paused core owes nothing to its reservation (no misses counted).
+                was_halted = true;
                 continue;
             }
             if self.sym.has_request(self.cpu) {
