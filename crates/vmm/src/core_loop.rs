@@ -106,9 +106,14 @@ impl CoreLoop {
                 let after = self.clock.now();
                 let now = before + (after - before) / 2;
                 let want = self.clock.tsc_at(now);
-                // Only a TSC that really differs (a backend that ignored the write; more than
-                // 10 ms) moves guest time's TSC anchor.
-                if tsc.abs_diff(want) > self.clock.tsc_hz() / 100 + (after - before) {
+                // Only a TSC that really differs moves guest time's TSC anchor: by more than
+                // 50 µs beyond what the read itself could blur (a backend that ignored the
+                // write, or a restore whose TSC and guest time were saved a little apart).
+                // TSC-deadline timers convert through that anchor, so a smaller error would
+                // make them fire early or late by as much.
+                let hz = self.clock.tsc_hz();
+                let blur = (u128::from(after - before) * u128::from(hz) / 1_000_000_000) as u64;
+                if tsc.abs_diff(want) > hz / 20_000 + blur {
                     tracing::debug!(
                         "guest TSC {tsc:#x} differs from {want:#x}: re-anchoring guest time"
                     );
