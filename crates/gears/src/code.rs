@@ -20,7 +20,6 @@ use palacios_vmm::backend::Exit;
 use palacios_vmm::config::ExtensionConfig;
 use palacios_vmm::extension::{CoreCtx, CoreHooks, ExitAction, Extension, ExtensionClass};
 use palacios_vmm::intercept::{Intercepted, space_of};
-use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, ConfigError, DeviceOption};
 use palacios_x86::Regs;
 use serde_json::{Value, json};
@@ -89,7 +88,7 @@ struct Job {
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct State {
+pub(crate) struct State {
     next_id: u64,
     jobs: VecDeque<Job>,
 }
@@ -499,18 +498,7 @@ impl ExtensionClass for CodeInjectClass {
             last_check: Mutex::new(Instant::now()),
             active: AtomicBool::new(false),
         });
-        let (s, l) = (inner.clone(), inner.clone());
-        ctx.register_state(state_fn(
-            1,
-            move || lock(&s.state).clone(),
-            move |v: State| {
-                l.publish(&v);
-                *lock(&l.state) = v;
-                Ok(())
-            },
-        ));
-        let handle = Arc::new(ServiceHandle(inner.clone()));
-        ctx.vm.add_control(&handle);
+        let handle = crate::service::install(ctx, &inner);
         Ok(Arc::new(CodeInject(inner, handle)))
     }
 }
@@ -530,5 +518,15 @@ mod tests {
     fn status_serializes_with_a_tag() {
         let v = serde_json::to_value(Status::Done { ret: 42 }).unwrap();
         assert_eq!(v, json!({"status": "done", "ret": 42}));
+    }
+}
+
+impl crate::service::Stateful for Inner {
+    type State = State;
+    fn state(&self) -> &Mutex<State> {
+        &self.state
+    }
+    fn publish(&self, s: &State) {
+        Inner::publish(self, s)
     }
 }

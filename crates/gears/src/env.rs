@@ -15,7 +15,6 @@ use palacios_vmm::backend::Exit;
 use palacios_vmm::config::ExtensionConfig;
 use palacios_vmm::extension::{CoreCtx, CoreHooks, ExitAction, Extension, ExtensionClass};
 use palacios_vmm::intercept::{Intercepted, SyscallAbi, nr_add, space_of};
-use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, ConfigError, DeviceOption};
 use serde_json::{Value, json};
 
@@ -51,7 +50,7 @@ struct Rule {
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct State {
+pub(crate) struct State {
     next_id: u64,
     rules: Vec<Rule>,
     errors: VecDeque<String>,
@@ -363,18 +362,7 @@ impl ExtensionClass for EnvInjectClass {
             check_spec(&spec).map_err(|e| r.err(e))?;
             inner.add(spec);
         }
-        let (s, l) = (inner.clone(), inner.clone());
-        ctx.register_state(state_fn(
-            1,
-            move || lock(&s.state).clone(),
-            move |v: State| {
-                l.publish(&v);
-                *lock(&l.state) = v;
-                Ok(())
-            },
-        ));
-        let handle = Arc::new(ServiceHandle(inner.clone()));
-        ctx.vm.add_control(&handle);
+        let handle = crate::service::install(ctx, &inner);
         Ok(Arc::new(EnvInject(inner, handle)))
     }
 }
@@ -412,5 +400,15 @@ mod tests {
         let mut bad = ok;
         bad.program.clear();
         assert!(check_spec(&bad).is_err());
+    }
+}
+
+impl crate::service::Stateful for Inner {
+    type State = State;
+    fn state(&self) -> &Mutex<State> {
+        &self.state
+    }
+    fn publish(&self, s: &State) {
+        Inner::publish(self, s)
     }
 }

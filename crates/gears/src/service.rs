@@ -50,3 +50,33 @@ pub struct ServiceHandle(pub Arc<dyn Service>);
 pub fn body<T: serde::de::DeserializeOwned>(svc: &str, v: &Value) -> Result<T, ApiError> {
     T::deserialize(v).map_err(|e| ApiError::bad(format!("bad {svc} request: {e}")))
 }
+
+/// A service whose state is one serde value behind a mutex, and that tells the cores what to
+/// stop at after the state changes (the rule-based services).
+pub(crate) trait Stateful: Service + 'static {
+    type State: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + 'static;
+    fn state(&self) -> &std::sync::Mutex<Self::State>;
+    /// Ask the cores for what `s` needs.
+    fn publish(&self, s: &Self::State);
+}
+
+/// The end of a service's creation: its state goes into checkpoints (restoring it also
+/// publishes it), and the control API can find it. Keep the returned handle alive.
+pub(crate) fn install<T: Stateful>(
+    ctx: &mut palacios_vmm::BuildCtx,
+    inner: &Arc<T>,
+) -> Arc<ServiceHandle> {
+    let (s, l) = (inner.clone(), inner.clone());
+    ctx.register_state(palacios_vmm::state::state_fn(
+        1,
+        move || crate::lock(s.state()).clone(),
+        move |v: T::State| {
+            l.publish(&v);
+            *crate::lock(l.state()) = v;
+            Ok(())
+        },
+    ));
+    let handle = Arc::new(ServiceHandle(inner.clone()));
+    ctx.vm.add_control(&handle);
+    handle
+}

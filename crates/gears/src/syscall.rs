@@ -14,7 +14,6 @@ use palacios_vmm::backend::Exit;
 use palacios_vmm::config::ExtensionConfig;
 use palacios_vmm::extension::{CoreCtx, CoreHooks, ExitAction, Extension, ExtensionClass};
 use palacios_vmm::intercept::{Intercepted, NrSet, SyscallAbi, nr_add, space_of};
-use palacios_vmm::state::state_fn;
 use palacios_vmm::{BuildCtx, ConfigError, DeviceOption};
 use serde_json::{Value, json};
 
@@ -73,7 +72,7 @@ struct Rule {
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct State {
+pub(crate) struct State {
     next_id: u64,
     rules: Vec<Rule>,
     /// Calls that stopped but matched no rule (another process sharing a selected number).
@@ -385,18 +384,17 @@ impl ExtensionClass for SyscallInterceptClass {
             let spec: RuleSpec = body(NAME, &Value::Object(o)).map_err(|e| r.err(e.msg))?;
             inner.add(spec, true).map_err(|e| r.err(e.msg))?;
         }
-        let (s, l) = (inner.clone(), inner.clone());
-        ctx.register_state(state_fn(
-            1,
-            move || lock(&s.state).clone(),
-            move |v: State| {
-                l.publish(&v);
-                *lock(&l.state) = v;
-                Ok(())
-            },
-        ));
-        let handle = Arc::new(ServiceHandle(inner.clone()));
-        ctx.vm.add_control(&handle);
+        let handle = crate::service::install(ctx, &inner);
         Ok(Arc::new(SyscallIntercept(inner, handle)))
+    }
+}
+
+impl crate::service::Stateful for Inner {
+    type State = State;
+    fn state(&self) -> &Mutex<State> {
+        &self.state
+    }
+    fn publish(&self, s: &State) {
+        Inner::publish(self, s)
     }
 }
