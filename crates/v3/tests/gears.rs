@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The guest kernel, an initrd with the GEARS overlay, and the build directory.
-fn gears_guest(tag: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
+/// A VM config with `extensions` booting the guest kernel with the GEARS overlay appended to
+/// its initramfs: (config path, the build directory of the guest pieces).
+fn gears_guest(tag: &str, extensions: &str) -> Option<(PathBuf, PathBuf)> {
     let (kernel, initrd, _) = linux_guest()?;
     let dir = tmpdir(tag);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -39,8 +40,8 @@ fn gears_guest(tag: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
     let combined = dir.join("initrd");
     std::fs::write(&combined, all).unwrap();
     let cfg = dir.join("gears.xml");
-    let _ = kernel;
-    Some((cfg, combined, out_dir))
+    std::fs::write(&cfg, config(&kernel, &combined, extensions)).unwrap();
+    Some((cfg, out_dir))
 }
 
 fn config(kernel: &Path, initrd: &Path, extensions: &str) -> String {
@@ -110,20 +111,13 @@ fn job_result(sock: &Path, id: u64, s: &mut Session, nudge: &str) -> Value {
 
 #[test]
 fn linux_guest_syscall_interception_env_and_code_injection() {
-    let Some((cfg, initrd, out)) = gears_guest("gears-svc") else {
+    let Some((cfg, out)) = gears_guest(
+        "gears-svc",
+        r#"<extension name="syscall_intercept"/><extension name="env_inject"/><extension name="code_inject"/>"#,
+    ) else {
         return;
     };
-    let (kernel, _, _) = linux_guest().unwrap();
     let dir = cfg.parent().unwrap().to_path_buf();
-    std::fs::write(
-        &cfg,
-        config(
-            &kernel,
-            &initrd,
-            r#"<extension name="syscall_intercept"/><extension name="env_inject"/><extension name="code_inject"/>"#,
-        ),
-    )
-    .unwrap();
     let sock = dir.join("vm.sock");
     let mut s = Session::start(&[
         "run",
@@ -432,20 +426,13 @@ fn linux_guest_syscall_interception_env_and_code_injection() {
 
 #[test]
 fn linux_guest_guarded_module_gets_its_port_only_inside_its_crossings() {
-    let Some((cfg, initrd, out)) = gears_guest("gears-guard") else {
+    let Some((cfg, out)) = gears_guest(
+        "gears-guard",
+        r#"<extension name="guard_mods" port="0x5100" budget_ms="1000"/>"#,
+    ) else {
         return;
     };
-    let (kernel, _, _) = linux_guest().unwrap();
     let dir = cfg.parent().unwrap().to_path_buf();
-    std::fs::write(
-        &cfg,
-        config(
-            &kernel,
-            &initrd,
-            r#"<extension name="guard_mods" port="0x5100" budget_ms="1000"/>"#,
-        ),
-    )
-    .unwrap();
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("guarded.manifest.json")).unwrap())
             .unwrap();
