@@ -474,15 +474,25 @@ pub fn api(
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
-/// Wait until the VM of `s` has created its API socket.
+/// Wait until the VM of `s` has created its API socket and built its VM
+/// (the API answers 503 until then, e.g. while `v3 load` restores).
 pub fn wait_socket(sock: &Path, s: &Session) {
     let t = Instant::now();
-    while !sock.exists() {
+    loop {
         assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no API socket\n{}",
+            t.elapsed() < Duration::from_secs(60),
+            "no API socket, or the VM was never built\n{}",
             s.describe()
         );
+        if sock.exists() {
+            if let Ok((st, _)) =
+                palacios_api::request(sock, "GET", "/vm", None, Duration::from_secs(10))
+            {
+                if st != 503 {
+                    return;
+                }
+            }
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
