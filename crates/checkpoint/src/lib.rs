@@ -4,6 +4,7 @@
 //! comes from a [`MemorySource`]. `docs/checkpoint-format.md` describes the format.
 
 pub mod format;
+pub mod shared;
 pub mod store;
 
 pub use format::{FormatError, Header, MemoryLayout, Meta, Section};

@@ -44,7 +44,11 @@ pub struct Opened {
 
 /// Every store this build has.
 pub fn stores() -> Vec<Box<dyn CheckpointStore>> {
-    vec![Box::new(FileStore), Box::new(DirStore)]
+    vec![
+        Box::new(FileStore),
+        Box::new(DirStore),
+        Box::new(crate::shared::SharedStore::default()),
+    ]
 }
 
 /// The store named `name`.
@@ -68,6 +72,8 @@ pub fn store(name: &str) -> Result<Box<dyn CheckpointStore>, CheckpointError> {
 pub fn open(path: &Path, progress: &mut Progress) -> Result<Opened, CheckpointError> {
     if path.is_dir() {
         DirStore.open(path, progress)
+    } else if crate::shared::is_map(path) {
+        crate::shared::open_map(path, progress)
     } else {
         FileStore.open(path, progress)
     }
@@ -203,7 +209,7 @@ fn write_memory(
 }
 
 /// Whether a page is all zero (OR-folded in 64-byte blocks, which the compiler vectorizes).
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let mut blocks = page.chunks_exact(64);
     for b in &mut blocks {
         let mut acc = 0u64;

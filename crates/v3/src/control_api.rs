@@ -83,6 +83,9 @@ fn route(st: &ApiState, req: &Request) -> Response {
     if let Some(r) = crate::gears_api::route(&h, req) {
         return r;
     }
+    if let Some(r) = crate::concord_api::route(&h, req) {
+        return r;
+    }
     if let Some(r) = crate::sym_api::route(&h, req) {
         return r;
     }

@@ -1,6 +1,8 @@
 //! Palacios-rs as a library: compose a VM from a config (or the standard PC platform), load a
 //! guest and run it. The `v3` binary is a thin command line over this crate.
 
+pub mod concord_api;
+pub mod concord_cli;
 pub mod control_api;
 pub mod gears_api;
 pub mod gears_cli;
@@ -39,6 +41,7 @@ pub fn bundled_guests() -> palacios_vmm::host::Bundled {
             "mbaout.bin",
             "countdown.elf",
             "dirtier.elf",
+            "concord.elf",
             "virtio.elf",
         )
     }
@@ -62,5 +65,6 @@ pub fn registry() -> palacios_vmm::Registry {
     let mut r = palacios_devices::registry();
     palacios_virtio::classes::register_all(&mut r);
     palacios_gears::register(&mut r);
+    palacios_concord::register(&mut r);
     r
 }

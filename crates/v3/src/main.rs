@@ -64,6 +64,8 @@ enum Cmd {
     Gears(palacios::gears_cli::GearsArgs),
     /// Show or change a running VM's VSched reservations (period/slice per vCPU, in µs).
     Sched(palacios::sched_api::SchedArgs),
+    /// ConCORD: memory-content queries and collective checkpoints (docs/concord.md).
+    Concord(palacios::concord_cli::ConcordArgs),
     /// List the guests bundled into this v3 (name them as guest:NAME in a config or --kernel).
     Guests,
     /// Restore a VM from a checkpoint and run it (guest memory is mapped copy-on-write).
@@ -331,6 +333,7 @@ fn main() -> ExitCode {
         Cmd::Inspect { vm } => client(&vm, "GET", "/vm/inspect", None),
         Cmd::Gears(a) => palacios::gears_cli::run(&a),
         Cmd::Sched(a) => palacios::sched_api::run(&a),
+        Cmd::Concord(a) => palacios::concord_cli::run(&a),
         Cmd::Guests => guests(),
         Cmd::Load(a) => load(a),
         Cmd::Send {

@@ -66,6 +66,7 @@ pub enum First<'a> {
 
 /// Run the VM of `cfg` from `first` until it ends; the exit status.
 pub fn execute(cfg: &VmConfig, first: First, opts: SessionOpts) -> Result<u8, LaunchError> {
+    let cfg = &with_session_names(cfg, &opts);
     let (image, mut first) = match first {
         First::Boot(i) => (i, None),
         other => (Image::FromConfig, Some(other)),
@@ -192,4 +193,28 @@ pub fn execute(cfg: &VmConfig, first: First, opts: SessionOpts) -> Result<u8, La
         o => tracing::info!("VM ended: {o} (exit status {code})"),
     }
     Ok(code)
+}
+
+/// ConCORD's tracker learns this session's VM name (its entity, unless the config names one)
+/// and API socket.
+fn with_session_names(cfg: &VmConfig, opts: &SessionOpts) -> VmConfig {
+    let mut cfg = cfg.clone();
+    for e in cfg.extensions.iter_mut().filter(|e| e.name == "concord") {
+        let n = &mut e.node;
+        n.attrs.retain(|a| a.name != "session_name");
+        n.attrs.push(palacios_vmm::config::node::Attr {
+            name: "session_name".into(),
+            value: opts.name.clone(),
+            pos: None,
+        });
+        n.attrs.retain(|a| a.name != "api");
+        if let Some(s) = &opts.api_sock {
+            n.attrs.push(palacios_vmm::config::node::Attr {
+                name: "api".into(),
+                value: s.display().to_string(),
+                pos: None,
+            });
+        }
+    }
+    cfg
 }

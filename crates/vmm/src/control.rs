@@ -200,6 +200,8 @@ pub enum ControlError {
     NotPaused,
     #[error("a checkpoint is being saved: try again when it is done")]
     Busy,
+    #[error("dirty-page tracking is not on (start it first)")]
+    NotTracking,
 }
 
 /// Reading or writing a core's state failed.
@@ -668,33 +670,82 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Start dirty-page tracking (every page written from now on is marked).
+    /// Start dirty-page tracking for migration (every page written from now on is marked).
     pub fn start_dirty_tracking(&self) -> Result<Arc<crate::dirty::DirtyLog>, CoreStateError> {
         let parts = self.parts().cloned().ok_or(ControlError::NotPaused)?;
-        parts.dirty.set_enabled(true);
-        // Marks made meanwhile stay: clearing them after the cores synchronised could drop the
-        // mark of a write translation granted in between (a page would then be missed).
-        let _ = parts.dirty.take();
-        parts.backend_obj.set_dirty_log(Some(parts.dirty.clone()))?;
-        self.sync_dirty_cores()?;
+        let id = {
+            let mut p = crate::bus::lock(&parts.dirty.primary);
+            if let Some(old) = p.take() {
+                parts.dirty.remove_tap(old);
+            }
+            let id = parts.dirty.add_tap();
+            *p = Some(id);
+            id
+        };
+        self.attach_tap(&parts, id)?;
         Ok(parts.dirty.clone())
     }
 
-    /// The pages written since the last round (or since tracking started); afterwards every
-    /// page's next write is marked again.
+    /// A consumer of its own (ConCORD's content tracking): rounds independent of migration's.
+    pub fn dirty_tap(&self) -> Result<DirtyTap, CoreStateError> {
+        let parts = self.parts().cloned().ok_or(ControlError::NotPaused)?;
+        let id = parts.dirty.add_tap();
+        let tap = DirtyTap {
+            handle: self.clone(),
+            id,
+        };
+        self.attach_tap(&parts, id)?;
+        Ok(tap)
+    }
+
+    /// Tell the backends and cores about tracking, for a consumer just added.
+    fn attach_tap(&self, parts: &crate::snapshot::VmParts, id: u64) -> Result<(), CoreStateError> {
+        // Marks made meanwhile stay: clearing them after the cores synchronised could drop the
+        // mark of a write translation granted in between (a page would then be missed).
+        let _ = parts.dirty.take_tap(id);
+        let r = parts
+            .backend_obj
+            .set_dirty_log(Some(parts.dirty.clone()))
+            .map_err(CoreStateError::from)
+            .and_then(|_| self.sync_dirty_cores());
+        if r.is_err() {
+            self.drop_tap(parts, id);
+        }
+        r
+    }
+
+    /// The pages written since migration's last round (or since tracking started);
+    /// afterwards every page's next write is marked again.
     pub fn dirty_round(&self) -> Result<crate::dirty::DirtySet, CoreStateError> {
         let parts = self.parts().cloned().ok_or(ControlError::NotPaused)?;
-        let mut set = parts.dirty.take();
+        let id = (*crate::bus::lock(&parts.dirty.primary)).ok_or(ControlError::NotTracking)?;
+        self.round_of(&parts, id)
+    }
+
+    fn round_of(
+        &self,
+        parts: &crate::snapshot::VmParts,
+        id: u64,
+    ) -> Result<crate::dirty::DirtySet, CoreStateError> {
+        let mut set = parts.dirty.take_tap(id);
         parts.backend_obj.collect_dirty(&parts.dirty)?;
-        set.union(&parts.dirty.take());
+        set.union(&parts.dirty.take_tap(id));
         self.sync_dirty_cores()?;
         Ok(set)
     }
 
-    /// Stop tracking.
+    /// Stop migration's tracking (tracking stays on for other consumers).
     pub fn stop_dirty_tracking(&self) {
         if let Some(parts) = self.parts() {
-            parts.dirty.set_enabled(false);
+            let id = crate::bus::lock(&parts.dirty.primary).take();
+            if let Some(id) = id {
+                self.drop_tap(parts, id);
+            }
+        }
+    }
+
+    fn drop_tap(&self, parts: &crate::snapshot::VmParts, id: u64) {
+        if !parts.dirty.remove_tap(id) {
             let _ = parts.backend_obj.set_dirty_log(None);
             let _ = parts.dirty.take();
         }
@@ -791,5 +842,32 @@ mod tests {
         h.wakers().wake(0);
         h.wakers().wait(0, Some(Duration::from_secs(5)));
         assert!(h.outcome().is_none());
+    }
+}
+
+/// A consumer of the VM's dirty-page log with rounds of its own (see [`crate::dirty`]);
+/// dropping it ends its tracking.
+pub struct DirtyTap {
+    handle: VmHandle,
+    id: u64,
+}
+
+impl DirtyTap {
+    /// The pages written since this consumer's previous round (or since it was made).
+    pub fn round(&self) -> Result<crate::dirty::DirtySet, CoreStateError> {
+        let parts = self
+            .handle
+            .parts()
+            .cloned()
+            .ok_or(ControlError::NotPaused)?;
+        self.handle.round_of(&parts, self.id)
+    }
+}
+
+impl Drop for DirtyTap {
+    fn drop(&mut self) {
+        if let Some(parts) = self.handle.parts() {
+            self.handle.drop_tap(parts, self.id);
+        }
     }
 }

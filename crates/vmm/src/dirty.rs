@@ -9,9 +9,13 @@
 //!   next [`DirtyLog::take`] drops every write translation again);
 //! - KVM, in its own log (slots with dirty logging), merged in by the backend.
 //!
-//! Migration, and later ConCORD's content tracking, are consumers: they call
-//! [`crate::VmHandle::dirty_round`], which takes the log and makes every backend start afresh.
+//! Migration and ConCORD's content tracking are consumers ("taps"), and may run at once: each
+//! has its own rounds ([`crate::VmHandle::dirty_round`] for migration's, a
+//! [`crate::control::DirtyTap`] for any other), and a page taken for one consumer is kept
+//! pending for every other until that one takes its next round. Tracking is on while any
+//! consumer is.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -27,6 +31,11 @@ pub struct DirtyLog {
     /// (guest-physical start, length, first page index) of each region.
     regions: Vec<(u64, u64, usize)>,
     pages: usize,
+    /// The consumers: id → pages taken for another consumer since this one's last round.
+    taps: Mutex<Vec<(u64, Vec<u64>)>>,
+    next_tap: AtomicU64,
+    /// Migration's consumer (the `start/dirty_round/stop` API of the VM handle).
+    pub(crate) primary: Mutex<Option<u64>>,
 }
 
 impl DirtyLog {
@@ -42,6 +51,61 @@ impl DirtyLog {
             bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             regions,
             pages,
+            taps: Mutex::new(Vec::new()),
+            next_tap: AtomicU64::new(1),
+            primary: Mutex::new(None),
+        }
+    }
+
+    /// Register a consumer; it sees the pages written from now on. Turns tracking on.
+    pub fn add_tap(&self) -> u64 {
+        let id = self.next_tap.fetch_add(1, Ordering::Relaxed);
+        let words = self.bits.len();
+        crate::bus::lock(&self.taps).push((id, vec![0; words]));
+        self.set_enabled(true);
+        id
+    }
+
+    /// Drop a consumer; returns whether any consumer is left (if not, tracking is off).
+    pub fn remove_tap(&self, id: u64) -> bool {
+        let mut taps = crate::bus::lock(&self.taps);
+        taps.retain(|t| t.0 != id);
+        let left = !taps.is_empty();
+        if !left {
+            self.set_enabled(false);
+        }
+        left
+    }
+
+    /// Number of consumers.
+    pub fn taps(&self) -> usize {
+        crate::bus::lock(&self.taps).len()
+    }
+
+    /// The pages written since consumer `id`'s previous round (marks taken meanwhile for
+    /// other consumers included).
+    pub fn take_tap(&self, id: u64) -> DirtySet {
+        let mut taps = crate::bus::lock(&self.taps);
+        let raw: Vec<u64> = self
+            .bits
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect();
+        let mut out = raw.clone();
+        for (tid, pending) in taps.iter_mut() {
+            if *tid == id {
+                for (o, p) in out.iter_mut().zip(pending.iter_mut()) {
+                    *o |= std::mem::take(p);
+                }
+            } else {
+                for (p, r) in pending.iter_mut().zip(&raw) {
+                    *p |= r;
+                }
+            }
+        }
+        DirtySet {
+            bits: out,
+            pages: self.pages,
         }
     }
 
@@ -116,15 +180,9 @@ impl DirtyLog {
 
     /// Take the marks (each word swapped with zero: a mark made meanwhile is in this set or
     /// in the next one, never lost).
+    /// Consumers registered with [`DirtyLog::add_tap`] keep these marks pending.
     pub fn take(&self) -> DirtySet {
-        DirtySet {
-            bits: self
-                .bits
-                .iter()
-                .map(|w| w.swap(0, Ordering::AcqRel))
-                .collect(),
-            pages: self.pages,
-        }
+        self.take_tap(0)
     }
 
     /// Guest-physical address of page `index`.

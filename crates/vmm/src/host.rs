@@ -40,6 +40,10 @@ pub trait Host: Send + Sync {
     fn now(&self) -> Duration;
     /// Start a named thread.
     fn spawn(&self, name: &str, f: Box<dyn FnOnce() + Send>) -> io::Result<Box<dyn HostThread>>;
+    /// A host that only validates configs (nothing runs; helper threads are not started).
+    fn is_dry_run(&self) -> bool {
+        false
+    }
     /// Read a whole file.
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// The user's console (the `v3` terminal).
@@ -309,6 +313,9 @@ impl Host for LinuxHost {
 pub struct DryRunHost;
 
 impl Host for DryRunHost {
+    fn is_dry_run(&self) -> bool {
+        true
+    }
     fn now(&self) -> Duration {
         Duration::ZERO
     }
