@@ -31,7 +31,12 @@ pub enum ConcordCmd {
     /// The entities (VMs) the directory knows, with their hosts and page counts.
     Entities,
     /// How many copies of a content exist, and which entities hold them.
-    Copies { hash: String },
+    Copies {
+        hash: String,
+        /// Ask this many times on one connection and add the latency (µs) to the answer.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+    },
     /// Degree of sharing among ENTITIES (all if none): total and distinct pages, sharing
     /// within and across hosts, and the contents with at least K copies.
     Sharing {
@@ -41,6 +46,9 @@ pub enum ConcordCmd {
         /// List this many of the most copied contents.
         #[arg(long, default_value_t = 10)]
         list: usize,
+        /// Ask this many times on one connection and add the latency (µs) to the answer.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Checkpoint VMs together into one store (each distinct page once); each restores
     /// alone with `v3 load STORE/NAME.vm`.
@@ -80,6 +88,31 @@ fn vm_api(vm: &str, method: &str, path: &str) -> Result<Value, String> {
     }
 }
 
+/// Run `q` `repeat` times (at least once); with more than one, the answer gets
+/// `latency_us`: min, median and max over the runs.
+fn timed(
+    repeat: u32,
+    mut q: impl FnMut() -> Result<Value, String>,
+) -> Result<Option<Value>, String> {
+    let mut lat = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..repeat.max(1) {
+        let t = std::time::Instant::now();
+        last = q()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    if repeat > 1 {
+        lat.sort_by(f64::total_cmp);
+        last["latency_us"] = serde_json::json!({
+            "runs": lat.len(),
+            "min": lat[0],
+            "median": lat[lat.len() / 2],
+            "max": lat[lat.len() - 1],
+        });
+    }
+    Ok(Some(last))
+}
+
 /// Run the verb; returns the exit status.
 pub fn run(a: &ConcordArgs) -> u8 {
     match run_inner(a) {
@@ -105,17 +138,26 @@ fn run_inner(a: &ConcordArgs) -> Result<Option<Value>, String> {
             let v = dir().entities().map_err(|e| e.to_string())?;
             Ok(Some(serde_json::to_value(v).unwrap_or_default()))
         }
-        ConcordCmd::Copies { hash } => {
+        ConcordCmd::Copies { hash, repeat } => {
             let h = palacios_concord::parse_hash(hash)
                 .ok_or_else(|| format!("'{hash}' is not a content hash (16 hex digits)"))?;
-            query::copies(dir().as_mut(), h)
-                .map(Some)
-                .map_err(|e| e.to_string())
+            let mut d = dir();
+            timed(*repeat, || {
+                query::copies(d.as_mut(), h).map_err(|e| e.to_string())
+            })
         }
-        ConcordCmd::Sharing { entities, k, list } => {
-            let s =
-                query::sharing(dir().as_mut(), entities, *k, *list).map_err(|e| e.to_string())?;
-            Ok(Some(serde_json::to_value(s).unwrap_or_default()))
+        ConcordCmd::Sharing {
+            entities,
+            k,
+            list,
+            repeat,
+        } => {
+            let mut d = dir();
+            timed(*repeat, || {
+                query::sharing(d.as_mut(), entities, *k, *list)
+                    .map(|s| serde_json::to_value(s).unwrap_or_default())
+                    .map_err(|e| e.to_string())
+            })
         }
         ConcordCmd::Checkpoint { store, stop, vms } => {
             let store = std::path::absolute(store).map_err(|e| e.to_string())?;

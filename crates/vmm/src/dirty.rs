@@ -61,7 +61,17 @@ impl DirtyLog {
     pub fn add_tap(&self) -> u64 {
         let id = self.next_tap.fetch_add(1, Ordering::Relaxed);
         let words = self.bits.len();
-        crate::bus::lock(&self.taps).push((id, vec![0; words]));
+        let mut taps = crate::bus::lock(&self.taps);
+        // Marks made so far belong to the consumers already there.
+        for (w, bits) in self.bits.iter().enumerate() {
+            let raw = bits.swap(0, Ordering::AcqRel);
+            if raw != 0 {
+                for (_, pending) in taps.iter_mut() {
+                    pending[w] |= raw;
+                }
+            }
+        }
+        taps.push((id, vec![0; words]));
         self.set_enabled(true);
         id
     }
@@ -291,6 +301,32 @@ mod tests {
             0,
             "nothing is marked while tracking is off"
         );
+    }
+
+    #[test]
+    fn consumers_each_see_every_write() {
+        let map = MemoryMap::pc(64 << 20);
+        let mem = map.create_memory().unwrap();
+        let log = DirtyLog::new(&mem);
+        let gpas =
+            |s: DirtySet| -> Vec<u64> { s.iter().map(|p| log.page_gpa(p).unwrap()).collect() };
+        assert!(!log.is_enabled());
+        let a = log.add_tap();
+        assert!(log.is_enabled());
+        log.mark(0x1000, 1);
+        let b = log.add_tap();
+        log.mark(0x2000, 1);
+        // a sees both; b only what came after it.
+        assert_eq!(gpas(log.take_tap(a)), vec![0x1000, 0x2000]);
+        log.mark(0x3000, 1);
+        assert_eq!(gpas(log.take_tap(b)), vec![0x2000, 0x3000]);
+        // What b took stays pending for a.
+        assert_eq!(gpas(log.take_tap(a)), vec![0x3000]);
+        assert_eq!(log.take_tap(a).count(), 0);
+        assert!(log.remove_tap(a), "b is left");
+        assert!(log.is_enabled());
+        assert!(!log.remove_tap(b));
+        assert!(!log.is_enabled(), "no consumer: tracking is off");
     }
 
     #[test]
