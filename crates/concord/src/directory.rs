@@ -187,6 +187,64 @@ impl Table {
     }
 }
 
+/// A directory over an in-process [`Table`] for unit tests; entities named in `down` cannot
+/// be read (as behind a Redis master that is down).
+#[cfg(test)]
+pub(crate) struct LocalDir(pub Table, pub Vec<String>);
+
+#[cfg(test)]
+impl Directory for LocalDir {
+    fn describe(&self) -> String {
+        "local".into()
+    }
+    fn publish(
+        &mut self,
+        entity: &str,
+        host: &str,
+        api: &str,
+        full: bool,
+        updates: &[(u64, u32)],
+    ) -> Result<(), DirError> {
+        self.0.apply(Request::Publish {
+            entity: entity.into(),
+            host: host.into(),
+            api: api.into(),
+            full,
+            updates: updates.to_vec(),
+        });
+        Ok(())
+    }
+    fn entities(&mut self) -> Result<Vec<EntityInfo>, DirError> {
+        match self.0.apply(Request::Entities) {
+            Reply::Json(v) => {
+                serde_json::from_value(v).map_err(|e| DirError::Refused(e.to_string()))
+            }
+            r => Err(DirError::Refused(format!("{r:?}"))),
+        }
+    }
+    fn holders(&mut self, hash: u64) -> Result<Vec<(String, u32)>, DirError> {
+        match self.0.apply(Request::Holders(hash)) {
+            Reply::Json(v) => {
+                serde_json::from_value(v).map_err(|e| DirError::Refused(e.to_string()))
+            }
+            r => Err(DirError::Refused(format!("{r:?}"))),
+        }
+    }
+    fn contents(&mut self, entity: &str) -> Result<HashMap<u64, u32>, DirError> {
+        if self.1.iter().any(|d| d == entity) {
+            return Err(DirError::Unavailable("down".into()));
+        }
+        match self.0.apply(Request::Contents(entity.into())) {
+            Reply::Contents(v) => Ok(v.into_iter().collect()),
+            _ => Err(DirError::NoEntity(entity.into())),
+        }
+    }
+    fn remove(&mut self, entity: &str) -> Result<(), DirError> {
+        self.0.apply(Request::Remove(entity.into()));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,56 +163,8 @@ pub fn sharing(
 mod tests {
     use super::*;
     use crate::directory::Table;
-    use crate::wire::{Reply, Request};
 
-    /// A directory over an in-process table, with entities that can be made unreadable.
-    struct Local(Table, Vec<String>);
-    impl Directory for Local {
-        fn describe(&self) -> String {
-            "local".into()
-        }
-        fn publish(
-            &mut self,
-            entity: &str,
-            host: &str,
-            api: &str,
-            full: bool,
-            updates: &[(u64, u32)],
-        ) -> Result<(), DirError> {
-            self.0.apply(Request::Publish {
-                entity: entity.into(),
-                host: host.into(),
-                api: api.into(),
-                full,
-                updates: updates.to_vec(),
-            });
-            Ok(())
-        }
-        fn entities(&mut self) -> Result<Vec<EntityInfo>, DirError> {
-            match self.0.apply(Request::Entities) {
-                Reply::Json(v) => Ok(serde_json::from_value(v).unwrap()),
-                _ => unreachable!(),
-            }
-        }
-        fn holders(&mut self, hash: u64) -> Result<Vec<(String, u32)>, DirError> {
-            match self.0.apply(Request::Holders(hash)) {
-                Reply::Json(v) => Ok(serde_json::from_value(v).unwrap()),
-                _ => unreachable!(),
-            }
-        }
-        fn contents(&mut self, entity: &str) -> Result<HashMap<u64, u32>, DirError> {
-            if self.1.iter().any(|d| d == entity) {
-                return Err(DirError::Unavailable("down".into()));
-            }
-            match self.0.apply(Request::Contents(entity.into())) {
-                Reply::Contents(v) => Ok(v.into_iter().collect()),
-                _ => Err(DirError::NoEntity(entity.into())),
-            }
-        }
-        fn remove(&mut self, _: &str) -> Result<(), DirError> {
-            Ok(())
-        }
-    }
+    use crate::directory::LocalDir as Local;
 
     #[test]
     fn sharing_splits_redundancy_by_host() {

@@ -216,50 +216,9 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 mod tests {
     use super::*;
     use crate::directory::Table;
-    use crate::wire::{Reply, Request};
     use std::sync::Mutex;
 
-    struct Local(Table);
-    impl Directory for Local {
-        fn describe(&self) -> String {
-            "local".into()
-        }
-        fn publish(
-            &mut self,
-            e: &str,
-            h: &str,
-            a: &str,
-            full: bool,
-            u: &[(u64, u32)],
-        ) -> Result<(), DirError> {
-            self.0.apply(Request::Publish {
-                entity: e.into(),
-                host: h.into(),
-                api: a.into(),
-                full,
-                updates: u.to_vec(),
-            });
-            Ok(())
-        }
-        fn entities(&mut self) -> Result<Vec<crate::EntityInfo>, DirError> {
-            match self.0.apply(Request::Entities) {
-                Reply::Json(v) => Ok(serde_json::from_value(v).unwrap()),
-                _ => unreachable!(),
-            }
-        }
-        fn holders(&mut self, _: u64) -> Result<Vec<(String, u32)>, DirError> {
-            Ok(vec![])
-        }
-        fn contents(&mut self, e: &str) -> Result<HashMap<u64, u32>, DirError> {
-            match self.0.apply(Request::Contents(e.into())) {
-                Reply::Contents(v) => Ok(v.into_iter().collect()),
-                _ => Err(DirError::NoEntity(e.into())),
-            }
-        }
-        fn remove(&mut self, _: &str) -> Result<(), DirError> {
-            Ok(())
-        }
-    }
+    use crate::directory::LocalDir;
 
     /// A "collect every distinct content once" service over entities whose real contents
     /// differ from what the directory says (stale tracking).
@@ -304,7 +263,7 @@ mod tests {
 
     #[test]
     fn each_content_once_and_the_local_phase_catches_what_tracking_missed() {
-        let mut d = Local(Table::default());
+        let mut d = LocalDir(Table::default(), vec![]);
         // The directory's (stale) view: a has 1,2,3; b has 2,3,4; c is unknown.
         d.publish("a", "h", "", true, &[(1, 1), (2, 1), (3, 1)])
             .unwrap();

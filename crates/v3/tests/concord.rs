@@ -186,6 +186,26 @@ fn concord(args: &[&str]) -> (i32, Value, String) {
     (r.status, v, r.stderr)
 }
 
+/// `v3 concord checkpoint --stop` of `names` into `store`; its report.
+fn collective_checkpoint(d: &str, store: &Path, names: &[&str]) -> Value {
+    let (st, rep, err) = concord(
+        &[
+            &[
+                "--directory",
+                d,
+                "checkpoint",
+                "--store",
+                store.to_str().unwrap(),
+                "--stop",
+            ],
+            names,
+        ]
+        .concat(),
+    );
+    assert_eq!(st, 0, "{err}");
+    rep
+}
+
 /// One host, four guests: the queries match ground truth; a collective checkpoint stores
 /// each distinct page once, is smaller than four individual checkpoints by what the queries
 /// say is shared, and every VM restores from it with exactly its memory.
@@ -244,21 +264,7 @@ fn four_guests_queries_and_collective_checkpoint() {
     }
     // The collective checkpoint.
     let store = dir.join("store");
-    let (st, rep, err) = concord(
-        &[
-            &[
-                "--directory",
-                &d,
-                "checkpoint",
-                "--store",
-                store.to_str().unwrap(),
-                "--stop",
-            ],
-            &names[..],
-        ]
-        .concat(),
-    );
-    assert_eq!(st, 0, "{err}");
+    let rep = collective_checkpoint(&d, &store, &names);
     for vm in &mut vms {
         vm.s.wait_exit(Duration::from_secs(30));
     }
@@ -360,17 +366,7 @@ fn changed_pages_on(backend: &str) {
         sync(vm);
     }
     let store = dir.join("store");
-    let (st, rep, err) = concord(&[
-        "--directory",
-        &d,
-        "checkpoint",
-        "--store",
-        store.to_str().unwrap(),
-        "--stop",
-        "c0",
-        "c1",
-    ]);
-    assert_eq!(st, 0, "{backend}: {err}");
+    let rep = collective_checkpoint(&d, &store, &["c0", "c1"]);
     let missed: u64 = rep["vms"]
         .as_array()
         .unwrap()
@@ -674,21 +670,7 @@ fn four_linux_guests_collective_checkpoint() {
         })
         .sum();
     let store = dir.join("store");
-    let (st, rep, err) = concord(
-        &[
-            &[
-                "--directory",
-                &d,
-                "checkpoint",
-                "--store",
-                store.to_str().unwrap(),
-                "--stop",
-            ],
-            &names[..],
-        ]
-        .concat(),
-    );
-    assert_eq!(st, 0, "{err}");
+    let rep = collective_checkpoint(&d, &store, &names);
     for (s, _) in &mut vms {
         s.wait_exit(Duration::from_secs(60));
     }
