@@ -165,8 +165,24 @@ impl UnixDirectory {
                         )));
                     }
                 }
-                UnixStream::connect(&self.path)
-                    .map_err(|e| DirError::Unavailable(format!("{}: {e}", self.path.display())))?
+                // Another process may hold the lock and be about to bind: give it a moment.
+                let mut tries = 0;
+                loop {
+                    match UnixStream::connect(&self.path) {
+                        Ok(c) => break c,
+                        Err(e) if tries < 25 && self.hosted.is_none() => {
+                            let _ = e;
+                            tries += 1;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            return Err(DirError::Unavailable(format!(
+                                "{}: {e}",
+                                self.path.display()
+                            )));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 return Err(DirError::Unavailable(format!(

@@ -53,6 +53,8 @@ pub struct Monitor {
     state: Mutex<State>,
     cv: Condvar,
     wake: AtomicBool,
+    /// A sync asked for a publish now, back-off or not.
+    force: AtomicBool,
     pub pages_hashed: AtomicU64,
     pub hash_ns: AtomicU64,
     pub updates_published: AtomicU64,
@@ -78,6 +80,7 @@ impl Monitor {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             wake: AtomicBool::new(false),
+            force: AtomicBool::new(false),
             pages_hashed: AtomicU64::new(0),
             hash_ns: AtomicU64::new(0),
             updates_published: AtomicU64::new(0),
@@ -107,6 +110,8 @@ impl Monitor {
             "last_error": s.last_error,
             "pages_hashed": hashed,
             "hash_ns_per_page": if hashed == 0 { 0 } else { ns / hashed },
+            "hash_ns": ns,
+            "publish_ns": self.publish_ns.load(Ordering::Relaxed),
             "updates_published": self.updates_published.load(Ordering::Relaxed),
             "publish_ms": self.publish_ns.load(Ordering::Relaxed) / 1_000_000,
             "publish_errors": self.publish_errors.load(Ordering::Relaxed),
@@ -130,10 +135,17 @@ impl Monitor {
             s.rounds + 2
         };
         loop {
+            self.force.store(true, Ordering::Release);
             self.wake.store(true, Ordering::Release);
             self.cv.notify_all();
             let s = lock(&self.state);
             if s.rounds >= target {
+                if !s.connected || s.need_full || !s.pending.is_empty() {
+                    return Err(format!(
+                        "tracking finished the round, but the directory did not take it: {}",
+                        s.last_error.as_deref().unwrap_or("not connected")
+                    ));
+                }
                 break;
             }
             let left = timeout.saturating_sub(t.elapsed());
@@ -250,7 +262,11 @@ impl Monitor {
             // Hash what changed.
             let t0 = Instant::now();
             let mut changed: Vec<(usize, u64)> = Vec::new();
-            for i in set.iter() {
+            for (n, i) in set.iter().enumerate() {
+                if n % 4096 == 4095 && (stop.load(Ordering::Acquire) || handle.outcome().is_some())
+                {
+                    return;
+                }
                 let Some(gpa) = parts.dirty.page_gpa(i) else {
                     continue;
                 };
@@ -282,7 +298,9 @@ impl Monitor {
                 let heartbeat = s
                     .last_publish
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-                if Instant::now() < retry_at || (s.pending.is_empty() && !s.need_full && !heartbeat)
+                let forced = self.force.swap(false, Ordering::AcqRel);
+                if (Instant::now() < retry_at && !forced)
+                    || (s.pending.is_empty() && !s.need_full && !heartbeat)
                 {
                     None
                 } else if s.need_full {
