@@ -37,6 +37,8 @@ pub struct Translation {
     /// Permissions for this privilege (bits of [`perm`]).
     pub perm: u8,
     pub global: bool,
+    /// log2 of the page size the translation came from (12, 21 or 22).
+    pub page_bits: u8,
 }
 
 /// TLB permission bits.
@@ -60,6 +62,7 @@ pub fn walk(
             phys: lin & 0xffff_ffff,
             perm: perm::R | perm::W | perm::X,
             global: false,
+            page_bits: 12,
         });
     }
     let nxe = cpu.efer & efer::NXE != 0;
@@ -223,6 +226,7 @@ pub fn walk(
         phys: leaf | (lin & ((1u64 << page_bits) - 1)),
         perm: p,
         global,
+        page_bits: page_bits as u8,
     })
 }
 
@@ -239,6 +243,8 @@ pub struct Entry {
     pub phys: u64,
     /// Index of the physical page in the code-page tables.
     pub code_page: usize,
+    /// log2 of the size of the page the entry is a 4 KiB piece of.
+    pub page_bits: u8,
 }
 
 const EMPTY: Entry = Entry {
@@ -248,6 +254,7 @@ const EMPTY: Entry = Entry {
     host: std::ptr::null_mut(),
     phys: 0,
     code_page: 0,
+    page_bits: 12,
 };
 
 pub const TLB_SIZE: usize = 1024;
@@ -259,6 +266,8 @@ pub struct Tlb {
     pub code_epoch: u64,
     /// Bumped by every flush: block chaining trusts a link only within one generation.
     pub generation: u64,
+    /// Some entry may be a piece of a 2 or 4 MiB page (INVLPG must then drop all pieces).
+    pub has_large: bool,
 }
 
 // SAFETY: the host pointers in the entries point into guest RAM, which lives as long as the
@@ -271,6 +280,7 @@ impl Default for Tlb {
             sets: [[EMPTY; TLB_SIZE]; 2],
             code_epoch: 0,
             generation: 0,
+            has_large: false,
         }
     }
 }
@@ -285,6 +295,7 @@ impl Tlb {
     pub fn flush_all(&mut self) {
         self.generation += 1;
         self.sets = [[EMPTY; TLB_SIZE]; 2];
+        self.has_large = false;
     }
 
     /// A CR3 write: global entries survive.
@@ -299,8 +310,9 @@ impl Tlb {
         }
     }
 
-    /// INVLPG: the page holding `lin`. Large pages occupy one entry per 4 KiB page used, so
-    /// an exact-page flush is enough.
+    /// INVLPG: the page holding `lin`. A large page occupies one entry per 4 KiB piece used,
+    /// so every piece of a large page that holds `lin` goes, as on hardware (SDM 4.10.4.1:
+    /// INVLPG invalidates the translation of the whole page, whatever its size).
     pub fn flush_page(&mut self, lin: u64) {
         let page = lin >> 12;
         self.generation += 1;
@@ -308,6 +320,18 @@ impl Tlb {
             let e = &mut set[Self::slot(lin)];
             if e.page == page {
                 *e = EMPTY;
+            }
+        }
+        if self.has_large {
+            for set in &mut self.sets {
+                for e in set.iter_mut() {
+                    if e.page != u64::MAX
+                        && e.page_bits > 12
+                        && (e.page << 12) >> e.page_bits == lin >> e.page_bits
+                    {
+                        *e = EMPTY;
+                    }
+                }
             }
         }
     }
@@ -339,6 +363,10 @@ impl Tlb {
             host: unsafe { host.sub(off) },
             phys: t.phys & !0xfff,
             code_page,
+            page_bits: t.page_bits,
         };
+        if t.page_bits > 12 {
+            self.has_large = true;
+        }
     }
 }

@@ -266,3 +266,45 @@ pub(crate) fn paging_pae_pdpte_reserved_bits() {
         ]
     );
 }
+
+/// INVLPG of one address inside a 4 MiB page drops the translation of the whole page: after
+/// the PDE is pointed elsewhere, another 4 KiB piece of the page that was used before the
+/// INVLPG reads the new frame, not the old one (SDM 4.10.4.1).
+#[test]
+pub(crate) fn invlpg_drops_every_piece_of_a_large_page() {
+    let g = Guest::new();
+    g.boot_pm32();
+    g.idt32();
+    g.tss32(&[]);
+    let root = g.paging32();
+    for (base, a, b) in [
+        (0x80_0000u64, 0x1111u32, 0xaaaa),
+        (0xc0_0000, 0x2222, 0xbbbb),
+    ] {
+        g.w32(base, a);
+        g.w32(base + 0x1000, b);
+    }
+    g.code(32, PM32, &|a| {
+        pm32_init(a, true)?;
+        enable_paging32(a, root)?;
+        a.mov(eax, cr4)?;
+        a.or(eax, 0x10)?;
+        a.mov(cr4, eax)?;
+        a.mov(
+            dword_ptr((PD32 + 4) as u32),
+            (0x80_0000 | P | RW | PS) as u32,
+        )?;
+        report_mem(a, 0x40_0000, 0xffff_ffff)?;
+        report_mem(a, 0x40_1000, 0xffff_ffff)?;
+        a.mov(
+            dword_ptr((PD32 + 4) as u32),
+            (0xc0_0000 | P | RW | PS) as u32,
+        )?;
+        a.invlpg(ptr(0x40_0000u32))?;
+        report_mem(a, 0x40_1000, 0xffff_ffff)?;
+        report_mem(a, 0x40_0000, 0xffff_ffff)?;
+        a.hlt()
+    });
+    let out = run(&g);
+    assert_eq!(out.events, vals(&[0x1111, 0xaaaa, 0xbbbb, 0x2222]));
+}
