@@ -290,6 +290,12 @@ impl BlockCache {
 pub fn code_linear(m: &Machine, rip: u64, len: u64) -> R<u64> {
     let cs = &m.cpu.seg[CS];
     if m.cpu.mode == Mode::Long64 {
+        // A non-canonical RIP is never fetched: #GP(0). Branches check their targets (the
+        // fault comes on the branch, as on hardware); this catches execution running off the
+        // end of the lower half.
+        if ((rip as i64) << 16 >> 16) as u64 != rip {
+            return Err(gp(0));
+        }
         return Ok(rip);
     }
     if m.cpu.mode != Mode::Real && rip.wrapping_add(len - 1) > u64::from(cs.limit) {
@@ -323,8 +329,13 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
     // The next page, if it is code-fetchable RAM: instructions may straddle the boundary.
     let mut second: Option<usize> = None;
     let next_lin = lin.wrapping_add(in_page as u64);
-    let next_ok = m.cpu.mode == Mode::Long64 || next_lin <= 0xffff_ffff;
-    let mut second_fault = None;
+    let next_ok = if m.cpu.mode == Mode::Long64 {
+        crate::machine::canonical(next_lin)
+    } else {
+        next_lin <= 0xffff_ffff
+    };
+    // An instruction that runs into the non-canonical hole is #GP(0), as its fetch would be.
+    let mut second_fault = (!next_ok && m.cpu.mode == Mode::Long64).then(|| gp(0));
     if next_ok {
         match fetch_target(
             m,

@@ -257,3 +257,56 @@ pub(crate) fn paging_4level_user_faults() {
     );
     assert_eq!(g.r32(DATA + 0x4000), 5);
 }
+
+/// Execution reaching a non-canonical RIP raises #GP(0), not a page fault at the
+/// non-canonical address (and nothing non-canonical reaches the TLB): by a branch (the fault
+/// comes on the branch) and by running off the end of the lower canonical half.
+#[test]
+pub(crate) fn non_canonical_rip_raises_gp() {
+    let g = Guest::new();
+    g.boot_long(0);
+    g.idt64();
+    g.tss64(0x4f00);
+    // Map the last page of the lower half (PML4[255], PDPT[511], PD[511], PT[511]) to a
+    // frame ending in 16 NOPs.
+    let (pdpt2, pd2, pt2, frame) = (0x30000u64, 0x31000u64, 0x32000u64, 0x40000u64);
+    g.write(pdpt2, &[0; 0x3000]);
+    g.w64(PML4 + 255 * 8, pdpt2 | P | RW);
+    g.w64(pdpt2 + 511 * 8, pd2 | P | RW);
+    g.w64(pd2 + 511 * 8, pt2 | P | RW);
+    g.w64(pt2 + 511 * 8, frame | P | RW);
+    g.write(frame + 0xff0, &[0x90; 16]);
+    g.code(64, LM64, &|a| {
+        lm64_init(a, true)?;
+        a.probe64(|a| {
+            a.mov(rax, 0x0000_8000_0000_0000u64)?;
+            a.jmp(rax)
+        })?;
+        a.probe64(|a| {
+            a.mov(rax, 0xffff_7fff_ffff_f000u64)?;
+            a.call(rax)
+        })?;
+        // Running off the end of the lower half: NOPs in its last page, then 0x8000_0000_0000.
+        a.probe64(|a| {
+            a.mov(rax, 0x7fff_ffff_fff0u64)?;
+            a.jmp(rax)
+        })?;
+        // An instruction straddling into the hole (MOV EAX, imm32 at the last two bytes).
+        a.mov(rax, 0x7fff_ffff_fffeu64)?;
+        a.mov(word_ptr(rax), 0x01b8)?;
+        a.probe64(|a| a.jmp(rax))?;
+        a.val(0x64)?;
+        a.hlt()
+    });
+    let out = run(&g);
+    assert_eq!(
+        out.events,
+        vec![
+            exc(13, Some(0), KCODE64),
+            exc(13, Some(0), KCODE64),
+            exc(13, Some(0), KCODE64),
+            exc(13, Some(0), KCODE64),
+            Ev::Val(0x64)
+        ]
+    );
+}
