@@ -232,6 +232,7 @@ impl BlockCache {
         // A page that another core just turned into code loses its write translations here
         // too, so cross-modifying writes are seen while this core keeps chaining.
         m.sync_code_epoch();
+        m.cpu.flags &= !crate::cpu::fl::RF;
         let rip = m.cpu.rip;
         let cs_base = m.cpu.seg[CS].base;
         let writes = m.phys.code.writes();

@@ -372,6 +372,10 @@ impl EmuVcpu {
                 return Ok(Exit::IrqWindowOpen);
             }
             self.m.sync_code_epoch();
+            // RF lasts one instruction (an IRET's target); with no instruction breakpoints
+            // to suppress, clearing it before the next block is the same as after its first
+            // instruction for everything a guest can see.
+            self.m.cpu.flags &= !cpu::fl::RF;
             let idx = match self.cache.lookup(&mut self.m) {
                 Ok(i) => i,
                 Err(Fault::Exit(e)) => {

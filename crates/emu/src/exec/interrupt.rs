@@ -251,6 +251,14 @@ pub fn has_error_code(v: u8) -> bool {
     matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21)
 }
 
+/// Fault-class exception vectors (the instruction is restarted after the handler).
+fn is_fault(v: u8) -> bool {
+    matches!(
+        v,
+        0 | 5 | 6 | 7 | 10 | 11 | 12 | 13 | 14 | 16 | 17 | 19 | 20 | 21
+    )
+}
+
 fn contributory(v: u8) -> bool {
     matches!(v, 0 | 10 | 11 | 12 | 13)
 }
@@ -299,9 +307,17 @@ pub fn deliver_exception(m: &mut Machine, f: Fault) -> Raised {
                 }
             }
         }
+        // Fault-class exceptions push RFLAGS with RF set, so that the handler's IRET does
+        // not hit an instruction breakpoint again (SDM Vol. 3 17.3.1.1). #DB is left out: its
+        // instruction-breakpoint form is the exception, and its other forms are traps.
+        let before = m.cpu.flags;
+        if is_fault(vector) {
+            m.cpu.flags |= fl::RF;
+        }
         match deliver(m, vector, Source::Exception, code) {
             Ok(()) => return Raised::Delivered,
             Err(e) => {
+                m.cpu.flags = before;
                 first = Some(vector);
                 current = e;
             }

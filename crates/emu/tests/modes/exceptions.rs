@@ -237,3 +237,59 @@ pub(crate) fn triple_faults_shut_down() {
     let s = out.vcpu.sregs().unwrap();
     assert_eq!(s.cr2, DATA + 0x1800 - 4, "CR2 is the last faulting address");
 }
+
+/// Fault-class exceptions push RFLAGS with RF set (SDM Vol. 3 17.3.1.1); a trap (INT3) does
+/// not, and RF does not outlive the instruction after the handler's IRET.
+#[test]
+pub(crate) fn faults_push_rflags_with_rf() {
+    let g = Guest::new();
+    g.boot_long(0);
+    g.idt64();
+    g.tss64(0x4f00);
+    // Handlers: report the pushed RFLAGS' RF bit, skip the faulting instruction, return.
+    let h = g.code(64, CODE3, &|a| {
+        a.here("ud")?;
+        a.mov(rax, qword_ptr(rsp + 16))?;
+        a.shr(rax, 16)?;
+        a.and(eax, 1)?;
+        a.rep_eax()?;
+        a.add(qword_ptr(rsp), 2)?;
+        a.iretq()?;
+        a.here("gp")?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.shr(rax, 16)?;
+        a.and(eax, 1)?;
+        a.rep_eax()?;
+        a.add(rsp, 8)?;
+        a.add(qword_ptr(rsp), 3)?; // MOV CR4, RAX
+        a.iretq()?;
+        a.here("bp")?;
+        a.mov(rax, qword_ptr(rsp + 16))?;
+        a.shr(rax, 16)?;
+        a.and(eax, 1)?;
+        a.or(eax, 0x30)?;
+        a.rep_eax()?;
+        a.iretq()
+    });
+    g.set_gate64(6, gate64(KCODE64, h["ud"], 0xe, 0, 0));
+    g.set_gate64(13, gate64(KCODE64, h["gp"], 0xe, 0, 0));
+    g.set_gate64(3, gate64(KCODE64, h["bp"], 0xe, 0, 0));
+    g.code(64, LM64, &|a| {
+        lm64_init(a, true)?;
+        a.ud2()?;
+        // #GP: a CR4 write setting a reserved bit.
+        a.mov(rax, 1u64 << 40)?;
+        a.mov(cr4, rax)?;
+        a.int3()?;
+        // RF is gone after the instruction that followed the handler's IRET.
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.shr(rax, 16)?;
+        a.and(eax, 1)?;
+        a.or(eax, 0x40)?;
+        a.rep_eax()?;
+        a.hlt()
+    });
+    let out = run(&g);
+    assert_eq!(out.events, vals(&[1, 1, 0x30, 0x40]));
+}
