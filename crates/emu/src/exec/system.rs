@@ -391,6 +391,10 @@ fn lldt(m: &mut Machine, x: &Insn) -> R<()> {
             Some(u32::from(sel & 0xfffc)),
         ));
     }
+    // A 64-bit descriptor's base must be canonical (SDM Vol. 2 LLDT, IA-32e mode).
+    if m.cpu.long_mode() && !canonical(d.base | base_hi) {
+        return Err(gp(u32::from(sel & 0xfffc)));
+    }
     m.cpu.ldtr = Segment {
         base: d.base | base_hi,
         ..d
@@ -427,6 +431,10 @@ fn ltr(m: &mut Machine, x: &Insn) -> R<()> {
             crate::machine::NP,
             Some(u32::from(sel & 0xfffc)),
         ));
+    }
+    // A 64-bit TSS descriptor's base must be canonical (SDM Vol. 2 LTR, IA-32e mode).
+    if m.cpu.long_mode() && !canonical(d.base | ((hi & 0xffff_ffff) << 32)) {
+        return Err(gp(u32::from(sel & 0xfffc)));
     }
     // Mark it busy in the GDT.
     m.write_sys(addr + 5, 1, (lo >> 40) | 2)?;

@@ -310,3 +310,45 @@ pub(crate) fn non_canonical_rip_raises_gp() {
         ]
     );
 }
+
+/// LTR and LLDT in IA-32e mode check that the 64-bit descriptor's base is canonical: #GP with
+/// the selector when it is not; a canonical upper-half base loads.
+#[test]
+pub(crate) fn ltr_lldt_refuse_non_canonical_bases() {
+    let g = Guest::new();
+    g.boot_long(0);
+    g.idt64();
+    g.tss64(0x4f00);
+    let (tss2, ldt_bad, ldt_ok) = (0x60u16, 0x70u16, 0x80u16);
+    g.set_desc(tss2, desc(0x9000, 0x67, 0x89, 0));
+    g.w64(GDT + u64::from(tss2) + 8, 0x8000); // base 0x0000_8000_0000_9000
+    g.set_desc(ldt_bad, desc(0x9000, 0xff, 0x82, 0));
+    g.w64(GDT + u64::from(ldt_bad) + 8, 0x8000);
+    g.set_desc(ldt_ok, desc(0x9000, 0xff, 0x82, 0));
+    g.w64(GDT + u64::from(ldt_ok) + 8, 0xffff_ffff); // base 0xffff_ffff_0000_9000
+    g.code(64, LM64, &|a| {
+        lm64_init(a, true)?;
+        a.probe64(|a| {
+            a.mov(ax, u32::from(tss2))?;
+            a.ltr(ax)
+        })?;
+        a.probe64(|a| {
+            a.mov(ax, u32::from(ldt_bad))?;
+            a.lldt(ax)
+        })?;
+        a.mov(ax, u32::from(ldt_ok))?;
+        a.lldt(ax)?;
+        a.sldt(eax)?;
+        a.rep_eax()?;
+        a.hlt()
+    });
+    let out = run(&g);
+    assert_eq!(
+        out.events,
+        vec![
+            exc(13, Some(u32::from(tss2)), KCODE64),
+            exc(13, Some(u32::from(ldt_bad)), KCODE64),
+            Ev::Val(u64::from(ldt_ok)),
+        ]
+    );
+}
