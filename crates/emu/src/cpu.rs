@@ -54,7 +54,29 @@ pub struct MsrFile {
     pub mtrr_var: [u64; 16],
     /// Fixed-range MTRRs in MSR order (0x250, 0x258, 0x259, 0x268-0x26f).
     pub mtrr_fixed: [u64; 11],
+    /// IA32_MCG_STATUS, IA32_MCG_CTL.
+    pub mcg_status: u64,
+    pub mcg_ctl: u64,
+    /// MCi_CTL, MCi_STATUS, MCi_ADDR, MCi_MISC of each bank (0x400 + 4i ...).
+    pub mc: [[u64; 4]; MC_BANKS],
 }
+
+/// Machine-check banks IA32_MCG_CAP reports.
+pub const MC_BANKS: usize = 4;
+/// IA32_MCG_CAP: MCG_CTL present, [`MC_BANKS`] banks, nothing else.
+pub const MCG_CAP: u64 = (1 << 8) | MC_BANKS as u64;
+/// The machine-check MSRs the emulator keeps (saved with the core's state).
+pub const MCE_MSRS: [u32; 2 + 4 * MC_BANKS] = {
+    let mut v = [0u32; 2 + 4 * MC_BANKS];
+    v[0] = 0x17a;
+    v[1] = 0x17b;
+    let mut i = 0;
+    while i < 4 * MC_BANKS {
+        v[2 + i] = 0x400 + i as u32;
+        i += 1;
+    }
+    v
+};
 
 /// The processor mode, derived from CR0.PE, EFER.LMA, RFLAGS.VM and CS.L.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -611,8 +611,10 @@ impl Vcpu for EmuVcpu {
 
     fn save_state(&mut self) -> Result<VcpuState, BackendError> {
         let m = &self.m;
+        // The machine-check MSRs are the emulator's own (KVM skips them on a restore there).
         let mut msrs: Vec<(u32, u64)> = SAVED_MSRS
             .iter()
+            .chain(cpu::MCE_MSRS.iter())
             .filter_map(|&i| exec::read_msr(m, i).map(|v| (i, v)))
             .collect();
         msrs.sort_by_key(|&(i, _)| i);
@@ -677,7 +679,7 @@ impl Vcpu for EmuVcpu {
         self.m.cpu.fpu.set_state(&s.fpu);
         self.m.tlb.flush_all();
         for &(i, v) in &s.msrs {
-            if !SAVED_MSRS.contains(&i) {
+            if !SAVED_MSRS.contains(&i) && !cpu::MCE_MSRS.contains(&i) {
                 continue;
             }
             if !exec::write_msr(&mut self.m, i, v) {

@@ -18,11 +18,13 @@ pub mod edx1 {
     pub const TSC: u32 = 1 << 4;
     pub const MSR: u32 = 1 << 5;
     pub const PAE: u32 = 1 << 6;
+    pub const MCE: u32 = 1 << 7;
     pub const CX8: u32 = 1 << 8;
     pub const APIC: u32 = 1 << 9;
     pub const SEP: u32 = 1 << 11;
     pub const MTRR: u32 = 1 << 12;
     pub const PGE: u32 = 1 << 13;
+    pub const MCA: u32 = 1 << 14;
     pub const CMOV: u32 = 1 << 15;
     pub const PAT: u32 = 1 << 16;
     pub const CLFSH: u32 = 1 << 19;
@@ -66,11 +68,13 @@ impl CpuModel {
             | edx1::TSC
             | edx1::MSR
             | edx1::PAE
+            | edx1::MCE
             | edx1::CX8
             | edx1::APIC
             | edx1::SEP
             | edx1::MTRR
             | edx1::PGE
+            | edx1::MCA
             | edx1::CMOV
             | edx1::PAT
             | edx1::CLFSH

@@ -594,8 +594,22 @@ pub fn read_msr(m: &Machine, index: u32) -> Option<u64> {
         0x2ff => f.mtrr_def_type,
         0x200..=0x20f => f.mtrr_var[(index - 0x200) as usize],
         0x250 | 0x258 | 0x259 | 0x268..=0x26f => f.mtrr_fixed[fixed_mtrr(index)],
+        // Machine check (SDM Vol. 3 16.3): MCG_CAP, MCG_STATUS, MCG_CTL and the banks.
+        0x179 => crate::cpu::MCG_CAP,
+        0x17a => f.mcg_status,
+        0x17b => f.mcg_ctl,
+        i if mc_bank(i).is_some() => {
+            let (b, k) = mc_bank(i)?;
+            f.mc[b][k]
+        }
         _ => return None,
     })
+}
+
+/// (bank, register) of a machine-check bank MSR (CTL, STATUS, ADDR, MISC).
+fn mc_bank(index: u32) -> Option<(usize, usize)> {
+    let o = index.checked_sub(0x400)? as usize;
+    (o < 4 * crate::cpu::MC_BANKS).then_some((o / 4, o % 4))
 }
 
 fn fixed_mtrr(index: u32) -> usize {
@@ -662,6 +676,16 @@ pub fn write_msr(m: &mut Machine, index: u32, v: u64) -> bool {
         0x2ff => m.cpu.msr.mtrr_def_type = v,
         0x200..=0x20f => m.cpu.msr.mtrr_var[(index - 0x200) as usize] = v,
         0x250 | 0x258 | 0x259 | 0x268..=0x26f => m.cpu.msr.mtrr_fixed[fixed_mtrr(index)] = v,
+        // MCG_CAP is read-only; MCG_STATUS holds RIPV, EIPV and MCIP; MCG_CTL is all zeros or
+        // all ones; a bank's CTL takes any value, and its STATUS, ADDR and MISC only zero
+        // (no error is ever logged here).
+        0x17a if v & !7 == 0 => m.cpu.msr.mcg_status = v,
+        0x17b if v == 0 || v == u64::MAX => m.cpu.msr.mcg_ctl = v,
+        i if mc_bank(i).is_some_and(|(_, k)| k == 0 || v == 0) => {
+            if let Some((b, k)) = mc_bank(i) {
+                m.cpu.msr.mc[b][k] = v;
+            }
+        }
         _ => return false,
     }
     let _ = long;

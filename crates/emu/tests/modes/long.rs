@@ -352,3 +352,74 @@ pub(crate) fn ltr_lldt_refuse_non_canonical_bases() {
         ]
     );
 }
+
+/// Machine check: CPUID advertises MCE and MCA; MCG_CAP reports 4 banks with MCG_CTL; the
+/// registers read their reset values, take what the SDM allows, and refuse the rest with #GP.
+#[test]
+pub(crate) fn machine_check_msrs() {
+    let g = Guest::new();
+    g.boot_long(0);
+    g.idt64();
+    g.tss64(0x4f00);
+    g.code(64, LM64, &|a| {
+        lm64_init(a, true)?;
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(eax, edx)?;
+        a.and(eax, (1 << 7) | (1 << 14))?;
+        a.rep_eax()?;
+        for msr in [0x179u32, 0x17a, 0x17b, 0x400, 0x401, 0x40f] {
+            a.mov(ecx, msr)?;
+            a.rdmsr()?;
+            a.rep_eax()?;
+        }
+        // MCG_CTL all ones; bank 0's CTL anything; then read back.
+        a.mov(ecx, 0x17bu32)?;
+        a.mov(eax, 0xffff_ffffu32)?;
+        a.mov(edx, 0xffff_ffffu32)?;
+        a.wrmsr()?;
+        a.rdmsr()?;
+        a.rep_eax()?;
+        a.mov(ecx, 0x400u32)?;
+        a.mov(eax, 0x1234u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.rdmsr()?;
+        a.rep_eax()?;
+        // Refused: MCG_CAP, a non-zero STATUS, MCG_CTL neither 0 nor all ones, bank 4.
+        for (msr, v) in [(0x179u32, 0u32), (0x401, 1), (0x17b, 5), (0x410, 0)] {
+            a.probe64(|a| {
+                a.mov(ecx, msr)?;
+                a.mov(eax, v)?;
+                a.xor(edx, edx)?;
+                a.wrmsr()
+            })?;
+        }
+        a.probe64(|a| {
+            a.mov(ecx, 0x410u32)?;
+            a.rdmsr()
+        })?;
+        a.hlt()
+    });
+    let out = run(&g);
+    let gp0 = exc(13, Some(0), KCODE64);
+    assert_eq!(
+        out.events,
+        vec![
+            Ev::Val((1 << 7) | (1 << 14)),
+            Ev::Val(0x104),
+            Ev::Val(0),
+            Ev::Val(0),
+            Ev::Val(0),
+            Ev::Val(0),
+            Ev::Val(0),
+            Ev::Val(0xffff_ffff),
+            Ev::Val(0x1234),
+            gp0.clone(),
+            gp0.clone(),
+            gp0.clone(),
+            gp0.clone(),
+            gp0,
+        ]
+    );
+}
