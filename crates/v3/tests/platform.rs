@@ -686,3 +686,32 @@ fn cpu_features_can_be_hidden_on_the_emulator() {
         "{err}"
     );
 }
+
+/// The quick form (`v3 run --kernel`) is the standard PC, ACPI included: its RSDP is in the
+/// BIOS area where a guest looks for it.
+#[test]
+fn quick_form_has_acpi_tables() {
+    let cfg =
+        palacios::platform::standard_pc(64, 1, palacios::vmm::config::BackendChoice::Emu, None);
+    assert!(
+        cfg.devices.iter().any(|d| d.class == "ACPI"),
+        "{:?}",
+        cfg.devices
+    );
+    let backend = palacios::launch::backend(cfg.backend).unwrap();
+    let vm = Vm::build(
+        &cfg,
+        &palacios::registry(),
+        backend,
+        Arc::new(LinuxHost::new(false)),
+    )
+    .unwrap();
+    let mut bios = vec![0u8; 0x20000];
+    vm.memory()
+        .read_slice(&mut bios, GuestAddress(0xe0000))
+        .unwrap();
+    assert!(
+        bios.chunks(16).any(|c| c.starts_with(b"RSD PTR ")),
+        "no RSDP in 0xE0000-0xFFFFF"
+    );
+}
