@@ -57,6 +57,9 @@ impl Block {
 const FAST: usize = 32768;
 /// The cache is dropped when it holds this many blocks (guests that generate code endlessly).
 const MAX_BLOCKS: usize = 1 << 16;
+/// Most host memory the decoded blocks of one core may hold; the cache is dropped when a new
+/// block would pass it (a guest cannot pin more than this per vCPU).
+pub const MAX_CACHE_BYTES: usize = 32 << 20;
 /// Longest block.
 const MAX_INSNS: usize = 64;
 
@@ -89,6 +92,17 @@ pub struct BlockCache {
     /// Bumped whenever a block is dropped or replaced: translations' links made before are
     /// void ([`crate::jit::Slot`]).
     link_epoch: u64,
+    /// Host bytes the blocks hold (their records and links), bounded by [`MAX_CACHE_BYTES`].
+    pub bytes: usize,
+    /// Times the cache was dropped because it was full (by count, by bytes or the JIT's arena).
+    pub drops: u64,
+}
+
+/// Host bytes block `b` holds in the cache.
+fn block_bytes(b: &Block) -> usize {
+    std::mem::size_of::<Block>()
+        + std::mem::size_of::<[Link; 2]>()
+        + b.insns.len() * std::mem::size_of::<Insn>()
 }
 
 impl Default for BlockCache {
@@ -101,6 +115,8 @@ impl Default for BlockCache {
             jit: crate::jit::Jit::default(),
             threshold: crate::jit::THRESHOLD,
             link_epoch: 0,
+            bytes: 0,
+            drops: 0,
         }
     }
 }
@@ -121,6 +137,7 @@ impl BlockCache {
     /// The block at the current CS:RIP, decoding it if needed.
     pub fn lookup(&mut self, m: &mut Machine) -> R<u32> {
         if self.jit.full {
+            self.drops += 1;
             self.clear();
         }
         let rip = m.cpu.rip;
@@ -152,14 +169,17 @@ impl BlockCache {
             }
             let b = decode(m, lin, phys, rip, bits)?;
             self.link_epoch += 1;
+            self.bytes = self.bytes - block_bytes(&self.blocks[idx as usize]) + block_bytes(&b);
             self.blocks[idx as usize] = b;
             self.fast[slot] = idx;
             return Ok(idx);
         }
-        if self.blocks.len() >= MAX_BLOCKS {
+        let b = decode(m, lin, phys, rip, bits)?;
+        if self.blocks.len() >= MAX_BLOCKS || self.bytes + block_bytes(&b) > MAX_CACHE_BYTES {
+            self.drops += 1;
             self.clear();
         }
-        let b = decode(m, lin, phys, rip, bits)?;
+        self.bytes += block_bytes(&b);
         let idx = self.blocks.len() as u32;
         self.blocks.push(b);
         self.links.push([Link::default(); 2]);
@@ -172,6 +192,12 @@ impl BlockCache {
         self.map.clear();
         self.blocks.clear();
         self.links.clear();
+        self.bytes = 0;
+        // Give the memory back too (a cleared Vec keeps its capacity).
+        if self.blocks.capacity() > 4096 {
+            self.blocks.shrink_to(4096);
+            self.links.shrink_to(4096);
+        }
         self.fast.fill(u32::MAX);
         self.jit.reset();
         self.link_epoch += 1;

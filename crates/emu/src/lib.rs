@@ -821,6 +821,12 @@ impl Vcpu for EmuVcpu {
             ("emu blocks decoded".to_string(), s.blocks_decoded),
             ("emu code-page writes".to_string(), s.smc_invalidations),
             ("emu blocks translated".to_string(), s.blocks_translated),
+            ("emu block cache bytes".to_string(), self.cache.bytes as u64),
+            (
+                "emu block cache bytes limit".to_string(),
+                block::MAX_CACHE_BYTES as u64,
+            ),
+            ("emu block cache drops".to_string(), self.cache.drops),
         ];
         for (name, n) in &s.unimplemented {
             v.push((format!("emu unimplemented {name} (#UD)"), *n));

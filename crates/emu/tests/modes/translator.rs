@@ -170,3 +170,33 @@ fn translator_matches_the_interpreter() {
     assert_eq!(interp.len(), 1 + 1 + 14 + 1, "{interp:?}");
     assert_eq!(jit, interp);
 }
+
+/// A guest that runs through many long blocks cannot make one core's block cache hold more
+/// host memory than the limit: the cache is dropped instead, and `--stats` reports both.
+#[test]
+fn block_cache_is_bounded_by_memory() {
+    let g = Guest::new();
+    g.boot_pm32();
+    // 12,000 blocks of 63 NOPs and a JMP to the next, from 1 MiB; then HLT.
+    let n = 12_000u64;
+    let base = 0x10_0000u64;
+    let mut code = Vec::new();
+    for _ in 0..n {
+        code.extend_from_slice(&[0x90; 63]);
+        code.extend_from_slice(&[0xe9, 0, 0, 0, 0]); // jmp +0: the next block
+    }
+    code.push(0xf4);
+    g.write(base, &code);
+    g.code(32, PM32, &|a| {
+        pm32_init(a, false)?;
+        a.mov(eax, base as u32)?;
+        a.jmp(eax)
+    });
+    let out = run(&g);
+    let stats: std::collections::HashMap<String, u64> = out.vcpu.stats().into_iter().collect();
+    let bytes = stats["emu block cache bytes"];
+    let limit = stats["emu block cache bytes limit"];
+    assert!(bytes <= limit, "{bytes} > {limit}");
+    assert!(stats["emu block cache drops"] >= 1, "{stats:?}");
+    assert!(stats["emu blocks decoded"] >= n, "{stats:?}");
+}
