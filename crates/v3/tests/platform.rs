@@ -715,3 +715,82 @@ fn quick_form_has_acpi_tables() {
         "no RSDP in 0xE0000-0xFFFFF"
     );
 }
+
+/// A panic on a vCPU thread (here an extension's exit hook; the same for an interpreted
+/// handler or a device) ends the VM with a failure that says so, on every backend, instead
+/// of leaving `v3` waiting for the core's outcome.
+#[test]
+fn a_panic_on_a_vcpu_thread_fails_the_vm() {
+    use palacios::vmm::backend::Exit;
+    use palacios::vmm::config::ExtensionConfig;
+    use palacios::vmm::extension::{CoreCtx, CoreHooks, ExitAction, Extension, ExtensionClass};
+    use palacios::vmm::{BuildCtx, ConfigError, DeviceOption};
+    struct Boom;
+    impl CoreHooks for Boom {
+        fn on_exit(&mut self, _: &mut CoreCtx, exit: &Exit) -> ExitAction {
+            if matches!(exit, Exit::IoOut { port: 0x80, .. }) {
+                panic!("boom at port 0x80");
+            }
+            ExitAction::Continue
+        }
+    }
+    struct BoomExt;
+    impl Extension for BoomExt {
+        fn core(&self, _: u32) -> Option<Box<dyn CoreHooks>> {
+            Some(Box::new(Boom))
+        }
+    }
+    struct BoomClass;
+    impl ExtensionClass for BoomClass {
+        fn name(&self) -> &'static str {
+            "boom"
+        }
+        fn help(&self) -> &'static str {
+            "panics at an OUT to port 0x80 (test)"
+        }
+        fn options(&self) -> &'static [DeviceOption] {
+            &[]
+        }
+        fn create(
+            &self,
+            _: &mut BuildCtx,
+            _: &ExtensionConfig,
+        ) -> Result<Arc<dyn Extension>, ConfigError> {
+            Ok(Arc::new(BoomExt))
+        }
+    }
+    common::each_backend(|b| {
+        let mut reg = palacios::registry();
+        reg.register_extension(Box::new(BoomClass));
+        let cfg = VmConfig::parse(
+            &format!(
+                r#"<vm class="PC"><memory>16</memory><backend>{b}</backend>
+                 <extensions><extension name="boom"/></extensions><devices/></vm>"#
+            ),
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let backend = palacios::launch::backend(cfg.backend).unwrap();
+        let mut vm = Vm::build(&cfg, &reg, backend, Arc::new(LinuxHost::new(false))).unwrap();
+        // out 0x80, al ; hlt
+        vm.memory()
+            .write_slice(&[0xe6, 0x80, 0xf4], GuestAddress(0x1000))
+            .unwrap();
+        vm.set_boot_state(CpuState::real_mode_at(0x1000));
+        let h = vm.handle();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            h.stop(Outcome::Failed("time limit".into()));
+        });
+        let r = vm.run();
+        match r.outcome {
+            Outcome::Failed(m) => {
+                assert!(
+                    m.contains("internal error on vCPU 0") && m.contains("boom"),
+                    "{m}"
+                )
+            }
+            o => panic!("{b}: {o:?}"),
+        }
+    });
+}

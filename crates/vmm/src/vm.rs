@@ -487,7 +487,24 @@ impl Vm {
             let f = Box::new(move || {
                 let handle = core.handle.clone();
                 let cpu = core.cpu;
-                let stats = core.run(vcpu);
+                // A panic on a vCPU thread (a bug in a handler, a hook or a device) ends the
+                // VM with a failure instead of leaving it waiting for this core forever.
+                let stats =
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.run(vcpu)))
+                    {
+                        Ok(s) => s,
+                        Err(p) => {
+                            let what = p
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| p.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            handle.stop(Outcome::Failed(format!(
+                            "internal error on vCPU {cpu} (a bug, not the guest's doing): {what}"
+                        )));
+                            CoreStats::new(cpu)
+                        }
+                    };
                 handle.drop_commands(cpu);
                 handle.core_exited();
                 let _ = tx.send(stats);
