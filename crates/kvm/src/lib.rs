@@ -694,6 +694,12 @@ impl KvmVcpu {
 }
 
 impl Vcpu for KvmVcpu {
+    fn exception_pending(&self) -> bool {
+        self.fd
+            .get_vcpu_events()
+            .is_ok_and(|e| e.exception.injected != 0 || e.exception.pending != 0)
+    }
+
     fn index(&self) -> u32 {
         self.index
     }

@@ -794,3 +794,60 @@ fn a_panic_on_a_vcpu_thread_fails_the_vm() {
         }
     });
 }
+
+/// `STI; HLT` with TF set: the single-step #DB after HLT is delivered (its handler runs with
+/// IF clear), and the VM goes on instead of ending as "halted with interrupts disabled".
+#[test]
+fn sti_hlt_with_tf_single_steps_instead_of_ending() {
+    common::each_backend(|_b| {
+        let mut vm = build(
+            r#"<vm class="PC"><memory>16</memory><devices>
+                 <device class="DEBUG_EXIT" id="exit"/>
+               </devices></vm>"#,
+        );
+        // #DB handler: count at [0x500].
+        let mut h = CodeAssembler::new(16).unwrap();
+        h.inc(word_ptr(0x500)).unwrap();
+        h.iret().unwrap();
+        let handler = h.assemble(0x2000).unwrap();
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.xor(ax, ax).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(sp, 0x7000).unwrap();
+        a.mov(word_ptr(0x500), 0).unwrap();
+        a.pushf().unwrap();
+        a.pop(ax).unwrap();
+        a.or(ax, 0x100).unwrap();
+        a.push(ax).unwrap();
+        a.popf().unwrap(); // TF on: a #DB after each instruction from the next one
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.pushf().unwrap();
+        a.pop(ax).unwrap();
+        a.and(ax, !0x100).unwrap();
+        a.push(ax).unwrap();
+        a.popf().unwrap();
+        a.cli().unwrap();
+        a.movzx(eax, word_ptr(0x500)).unwrap();
+        a.out(0xf4, eax).unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(0x1000).unwrap();
+        let mem = vm.memory();
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&handler, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0x2000u16, GuestAddress(4)).unwrap();
+        mem.write_obj(0u16, GuestAddress(6)).unwrap();
+        vm.set_boot_state(CpuState::real_mode_at(0x1000));
+        let hd = vm.handle();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            hd.stop(Outcome::Failed("time limit".into()));
+        });
+        match vm.run().outcome {
+            // #DBs after STI, HLT, PUSHF, POP, AND, PUSH and the POPF that clears TF.
+            Outcome::DebugExit(n) => assert_eq!(n, 7, "single-step traps"),
+            o => panic!("{_b}: {o:?}"),
+        }
+    });
+}

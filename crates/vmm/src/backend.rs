@@ -530,6 +530,11 @@ pub fn missing_features(
 
 /// One virtual core. Lives on its own thread.
 pub trait Vcpu: Send {
+    /// An exception is waiting to be delivered at the next entry (KVM queues the
+    /// single-step #DB of a HLT executed with TF set); a HLT then does not halt.
+    fn exception_pending(&self) -> bool {
+        false
+    }
     fn index(&self) -> u32;
     /// Run guest code until the next exit.
     fn run(&mut self) -> Result<Exit, BackendError>;

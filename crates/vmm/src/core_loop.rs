@@ -443,6 +443,9 @@ impl CoreLoop {
     /// HLT: with interrupts disabled the core is done; otherwise it is halted until an
     /// interrupt is pending (returns true).
     fn halt(&self, vcpu: &mut dyn Vcpu) -> bool {
+        if vcpu.exception_pending() {
+            return false; // delivered at the next entry, which ends the halt at once
+        }
         let iflag = match vcpu.regs() {
             Ok(r) => r.rflags & rflags::IF != 0,
             Err(e) => {

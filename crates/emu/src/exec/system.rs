@@ -765,6 +765,12 @@ fn vmcall(m: &mut Machine, _: &Insn) -> R<()> {
 
 fn hlt(m: &mut Machine, _: &Insn) -> R<()> {
     need_cpl0(m)?;
+    // With TF set, the single-step #DB after HLT is an event that ends the halt at once (as
+    // on KVM): the core goes into the handler instead of halting, so the VMM never sees a
+    // halt whose RFLAGS are the handler's (IF clear) and takes it for the end of the guest.
+    if m.cpu.flags & crate::cpu::fl::TF != 0 {
+        return Ok(());
+    }
     m.exit_after(Exit::Hlt);
     Ok(())
 }
