@@ -280,7 +280,7 @@ fn extensions_are_listed_and_unknown_names_refused() {
     assert_eq!(r.status, 2, "{}", r.out());
     assert!(
         r.stderr
-            .contains("unknown extension 'NOPE' (known: MTRRS, VMWARE_IFACE, code_inject, env_inject, guard_mods, inspector, syscall_intercept)"),
+            .contains("unknown extension 'NOPE' (known: MTRRS, VMWARE_IFACE, code_inject, concord, env_inject, guard_mods, inspector, syscall_intercept)"),
         "{}",
         r.out()
     );
