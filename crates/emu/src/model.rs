@@ -145,6 +145,16 @@ impl CpuModel {
                 r[3] |= 1 << 28; // HTT: the logical-processor count field is valid.
             }
         }
+        if leaf == 0xb {
+            // Extended topology: one thread per core, `cores` cores in the package; EDX is
+            // the x2APIC ID, the same the local APIC reports.
+            let shift = cores.max(1).next_power_of_two().trailing_zeros();
+            r = match subleaf {
+                0 => [0, 1, (1 << 8), apic_id],
+                1 => [shift, cores.max(1), (2 << 8) | 1, apic_id],
+                s => [0, 0, s & 0xff, apic_id],
+            };
+        }
         r
     }
 

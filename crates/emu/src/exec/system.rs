@@ -606,6 +606,14 @@ pub fn read_msr(m: &Machine, index: u32) -> Option<u64> {
     })
 }
 
+/// MAXPHYADDR as CPUID.80000008H:EAX[7:0] reports it (36 when the leaf is absent).
+fn phys_bits(m: &Machine) -> u32 {
+    match m.model.cpuid(0x8000_0008, 0, m.vcpu, 1)[0] & 0xff {
+        0 => 36,
+        b => b.min(52),
+    }
+}
+
 /// (bank, register) of a machine-check bank MSR (CTL, STATUS, ADDR, MISC).
 fn mc_bank(index: u32) -> Option<(usize, usize)> {
     let o = index.checked_sub(0x400)? as usize;
@@ -668,6 +676,10 @@ pub fn write_msr(m: &mut Machine, index: u32, v: u64) -> bool {
             m.cpu.msr.pat = v;
         }
         msr::IA32_MISC_ENABLE => m.cpu.msr.misc_enable = v,
+        // Reserved: bits 0-7 and 9, and the address bits above MAXPHYADDR (SDM Vol. 3 11.4.4).
+        msr::IA32_APIC_BASE if v & (0x2ff | !((1u64 << phys_bits(m)) - 1)) != 0 => {
+            return false;
+        }
         msr::IA32_APIC_BASE => m.cpu.apic_base = v,
         0xc000_0103 => m.cpu.msr.tsc_aux = v & 0xffff_ffff,
         // Writing IA32_BIOS_SIGN_ID (zero, before CPUID) is how software asks for the
@@ -736,7 +748,11 @@ fn cpuid(m: &mut Machine, _: &Insn) -> R<()> {
     let leaf = m.cpu.gpr[0] as u32;
     let sub = m.cpu.gpr[1] as u32;
     let cores = m.cores_shared.load(std::sync::atomic::Ordering::Relaxed);
-    let r = m.model.cpuid(leaf, sub, m.vcpu, cores);
+    let mut r = m.model.cpuid(leaf, sub, m.vcpu, cores);
+    // CPUID.1:EDX.APIC follows IA32_APIC_BASE's global enable (SDM Vol. 3 11.4.3).
+    if leaf == 1 && m.cpu.apic_base & (1 << 11) == 0 {
+        r[3] &= !(1 << 9);
+    }
     for (n, v) in [(0, r[0]), (3, r[1]), (1, r[2]), (2, r[3])] {
         m.set_gpr(n, 4, u64::from(v));
     }

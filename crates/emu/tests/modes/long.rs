@@ -423,3 +423,77 @@ pub(crate) fn machine_check_msrs() {
         ]
     );
 }
+
+/// The APIC's CPUID and IA32_APIC_BASE rules: CPUID.1:EDX.APIC clears while the APIC is
+/// globally disabled; reserved bits of IA32_APIC_BASE (0-7, 9, above MAXPHYADDR) raise #GP;
+/// leaf 0xB reports the x2APIC ID (the initial APIC ID of leaf 1) and the topology levels.
+#[test]
+pub(crate) fn apic_base_and_cpuid_agree() {
+    let g = Guest::new();
+    g.boot_long(0);
+    g.idt64();
+    g.tss64(0x4f00);
+    let apic_bit = |a: &mut Asm| -> AsmResult {
+        a.mov(eax, 1)?;
+        a.cpuid()?;
+        a.mov(eax, edx)?;
+        a.shr(eax, 9)?;
+        a.and(eax, 1)?;
+        a.rep_eax()
+    };
+    g.code(64, LM64, &|a| {
+        lm64_init(a, true)?;
+        apic_bit(a)?;
+        a.mov(ecx, 0x1bu32)?;
+        a.mov(eax, 0xfee0_0000u32)?; // EN clear: globally disabled
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        apic_bit(a)?;
+        for (lo, hi) in [
+            (0xfee0_0801u32, 0u32),
+            (0xfee0_0a00, 0),
+            (0xfee0_0800, 1 << 18),
+        ] {
+            a.probe64(|a| {
+                a.mov(ecx, 0x1bu32)?;
+                a.mov(eax, lo)?;
+                a.mov(edx, hi)?;
+                a.wrmsr()
+            })?;
+        }
+        a.mov(ecx, 0x1bu32)?;
+        a.mov(eax, 0xfee0_0900u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        apic_bit(a)?;
+        for sub in [0u32, 1, 2] {
+            a.mov(eax, 0xbu32)?;
+            a.mov(ecx, sub)?;
+            a.cpuid()?;
+            a.mov(eax, ecx)?;
+            a.rep_eax()?;
+            a.mov(eax, edx)?;
+            a.rep_eax()?;
+        }
+        a.hlt()
+    });
+    let out = run(&g);
+    let gp0 = exc(13, Some(0), KCODE64);
+    assert_eq!(
+        out.events,
+        vec![
+            Ev::Val(1),
+            Ev::Val(0),
+            gp0.clone(),
+            gp0.clone(),
+            gp0,
+            Ev::Val(1),
+            Ev::Val(0x100),
+            Ev::Val(0),
+            Ev::Val(0x201),
+            Ev::Val(0),
+            Ev::Val(2),
+            Ev::Val(0),
+        ]
+    );
+}
