@@ -158,12 +158,14 @@ impl BlockCache {
             && b.rip == rip
             && b.bits == bits
             && b.valid(m)
+            && second_page_ok(b, m, lin)
         {
             return Ok(idx);
         }
         let key = (phys, rip, bits);
         if let Some(&idx) = self.map.get(&key) {
-            if self.blocks[idx as usize].valid(m) {
+            let b = &self.blocks[idx as usize];
+            if b.valid(m) && second_page_ok(b, m, lin) {
                 self.fast[slot] = idx;
                 return Ok(idx);
             }
@@ -311,6 +313,20 @@ impl BlockCache {
         }
         Ok(idx)
     }
+}
+
+/// A block whose last instruction runs into the next page is only good while that page is
+/// still mapped, executable, to the frame its bytes came from: a remapped or not-present
+/// second page makes the block be decoded again (which faults at that instruction).
+fn second_page_ok(b: &Block, m: &mut Machine, lin: u64) -> bool {
+    if b.npages < 2 {
+        return true;
+    }
+    let mut next = (lin | 0xfff).wrapping_add(1);
+    if m.cpu.mode != Mode::Long64 {
+        next &= 0xffff_ffff;
+    }
+    matches!(fetch_target(m, next), Ok((_, Target::Ram(_, p))) if p == b.pages[1].0)
 }
 
 /// Linear address of CS:`rip`, checking `len` bytes against the CS limit outside 64-bit mode.

@@ -308,3 +308,49 @@ pub(crate) fn invlpg_drops_every_piece_of_a_large_page() {
     let out = run(&g);
     assert_eq!(out.events, vals(&[0x1111, 0xaaaa, 0xbbbb, 0x2222]));
 }
+
+/// An instruction straddling two pages is re-checked against the second page's current
+/// mapping: after that page is remapped the new bytes are used, and after it is unmapped the
+/// fetch faults at that instruction (CR2 at the second page).
+#[test]
+pub(crate) fn straddling_instruction_follows_the_second_page() {
+    let g = Guest::new();
+    g.boot_pm32();
+    g.idt32();
+    g.tss32(&[]);
+    let root = g.paging32();
+    let (code, second, other) = (0x20_0000u64, 0x20_1000u64, 0x20_2000u64);
+    // mov eax, imm32 across the boundary; ret on the second page.
+    g.write(code + 0xffe, &[0xb8, 0x11]);
+    g.write(second, &[0x22, 0x33, 0x44, 0xc3]);
+    g.write(other, &[0x55, 0x66, 0x77, 0xc3]);
+    g.code(32, PM32, &|a| {
+        pm32_init(a, true)?;
+        enable_paging32(a, root)?;
+        a.mov(ebx, (code + 0xffe) as u32)?;
+        a.call(ebx)?;
+        a.rep_eax()?;
+        a.mov(
+            dword_ptr(pte32(second) as u32),
+            (other | P | RW | US) as u32,
+        )?;
+        a.invlpg(ptr(second as u32))?;
+        a.call(ebx)?;
+        a.rep_eax()?;
+        a.mov(dword_ptr(pte32(second) as u32), 0)?;
+        a.invlpg(ptr(second as u32))?;
+        a.probe32(|a| a.call(ebx))?;
+        a.val(0xd0e)?;
+        a.hlt()
+    });
+    let out = run(&g);
+    assert_eq!(
+        out.events,
+        vec![
+            Ev::Val(0x4433_2211),
+            Ev::Val(0x7766_5511),
+            pf(0, second, KCODE32),
+            Ev::Val(0xd0e),
+        ]
+    );
+}
