@@ -366,11 +366,17 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
         unreachable!("lookup checked RAM");
     };
     let in_page = (0x1000 - (lin & 0xfff)) as usize;
+    // Mark the page as code and read its version before copying its bytes: a write made by
+    // another core after the copy then either bumps the version (the block is stale at
+    // once) or is seen in the copy. (Copying first left a window where such a write was in
+    // neither, and the block stayed stale.)
+    m.phys.code.mark_code(page);
+    let v1 = m.phys.code.version(page);
     let mut bytes = Vec::with_capacity(in_page + 15);
     // SAFETY: `p` is the host address of `phys`; the rest of its page is backed.
     bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p, in_page) });
     // The next page, if it is code-fetchable RAM: instructions may straddle the boundary.
-    let mut second: Option<usize> = None;
+    let mut second: Option<(usize, *mut u8)> = None;
     let next_lin = lin.wrapping_add(in_page as u64);
     let next_ok = if m.cpu.mode == Mode::Long64 {
         crate::machine::canonical(next_lin)
@@ -391,7 +397,7 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
             Ok((_, Target::Ram(p2, page2))) => {
                 // SAFETY: `p2` is the start of a backed page; 15 bytes stay within it.
                 bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p2, 15) });
-                second = Some(page2);
+                second = Some((page2, p2));
             }
             Ok((_, Target::Mmio)) => {}
             Err(f) => second_fault = Some(f),
@@ -447,13 +453,22 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
     if insns.is_empty() {
         return Err(gp(0));
     }
-    m.phys.code.mark_code(page);
-    let mut pages = [(page, m.phys.code.version(page)), (0, 0)];
+    let mut pages = [(page, v1), (0, 0)];
     let mut npages = 1;
     if uses_second {
-        let p2 = second.expect("second page present");
-        m.phys.code.mark_code(p2);
-        pages[1] = (p2, m.phys.code.version(p2));
+        let (page2, p2) = second.expect("second page present");
+        m.phys.code.mark_code(page2);
+        let v2 = m.phys.code.version(page2);
+        // The second page's bytes were copied before it was marked: if they changed since,
+        // leave this block to the version check (a version from before the change).
+        // SAFETY: as above, 15 bytes at the start of a backed page.
+        let now = unsafe { std::slice::from_raw_parts(p2, 15) };
+        let v2 = if now == &bytes[in_page..in_page + 15] {
+            v2
+        } else {
+            v2.wrapping_sub(1)
+        };
+        pages[1] = (page2, v2);
         npages = 2;
     }
     // The pages are code now: this core must not keep writing them through the TLB.
