@@ -254,6 +254,14 @@ impl Backend for EmuBackend {
 }
 
 /// MOV SS or POP SS.
+fn is_software_interrupt(i: &iced_x86::Instruction) -> bool {
+    use iced_x86::Mnemonic;
+    matches!(
+        i.mnemonic(),
+        Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into
+    )
+}
+
 fn loads_ss(i: &iced_x86::Instruction) -> bool {
     i.op0_kind() == iced_x86::OpKind::Register && i.op0_register() == iced_x86::Register::SS
 }
@@ -492,9 +500,15 @@ impl EmuVcpu {
                 && fault.is_none()
                 && m.cpu.shadow
                 && loads_ss(&cache.blocks[idx as usize].insns[0].i);
+            // INT n / INT3 / INTO that entered a handler took TF away with the interrupt
+            // (it is in the pushed RFLAGS): no single-step trap at the handler's first
+            // instruction; the next one comes after the handler returns (SDM Vol. 3 17.3.1.4).
+            let into_handler = single
+                && m.cpu.flags & fl::TF == 0
+                && is_software_interrupt(&cache.blocks[idx as usize].insns[0].i);
             match fault {
                 None => {
-                    if trap && single && !ss_load {
+                    if trap && single && !ss_load && !into_handler {
                         // Single-step trap after the instruction.
                         m.cpu.dr[6] |= 1 << 14;
                         if let Some(e) = self.raise(Fault::Exc(machine::DB, None))? {

@@ -293,3 +293,45 @@ pub(crate) fn faults_push_rflags_with_rf() {
     let out = run(&g);
     assert_eq!(out.events, vals(&[1, 1, 0x30, 0x40]));
 }
+
+/// INT3 and INT n with TF set: the handler is entered without a single-step #DB at its first
+/// instruction (the gate cleared TF); the trap resumes after the handler's IRET.
+#[test]
+pub(crate) fn int_with_tf_gives_no_trap_in_the_handler() {
+    let g = Guest::new();
+    g.boot_long(0);
+    g.idt64();
+    g.tss64(0x4f00);
+    // #DB: count at VARS+0x20 and return; #BP and vector 0x40: return.
+    let h = g.code(64, CODE3, &|a| {
+        a.here("db")?;
+        a.inc(qword_ptr(VARS + 0x20))?;
+        a.iretq()?;
+        a.here("ret")?;
+        a.iretq()
+    });
+    g.set_gate64(1, gate64(KCODE64, h["db"], 0xe, 0, 0));
+    g.set_gate64(3, gate64(KCODE64, h["ret"], 0xe, 0, 0));
+    g.set_gate64(0x40, gate64(KCODE64, h["ret"], 0xe, 0, 0));
+    g.code(64, LM64, &|a| {
+        lm64_init(a, true)?;
+        a.mov(qword_ptr(VARS + 0x20), 0)?;
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?; // TF on from the next instruction
+        a.int3()?; // no #DB in the handler; one after the handler returns, at NOP
+        a.nop()?;
+        a.int(0x40)?; // the same for INT n
+        a.nop()?;
+        a.pushfq()?;
+        a.and(qword_ptr(rsp), !0x100)?;
+        a.popfq()?;
+        a.mov(rax, qword_ptr(VARS + 0x20))?;
+        a.rep_eax()?;
+        a.hlt()
+    });
+    let out = run(&g);
+    // #DBs after each NOP (the handlers' IRETs restore TF), PUSHFQ, AND and the POPFQ that
+    // clears TF: 5. Before the fix, each handler's first instruction added one (7).
+    assert_eq!(out.events, vals(&[5]));
+}
