@@ -7,7 +7,7 @@ use iced_x86::{
 
 use crate::cpu::{CS, Mode};
 use crate::exec::{self, Handler};
-use crate::machine::{Fault, Machine, R, gp};
+use crate::machine::{Machine, R, gp, ud};
 use crate::paging::Kind;
 use crate::phys::Target;
 
@@ -145,11 +145,10 @@ impl BlockCache {
         let lin = code_linear(m, rip, 1)?;
         let phys = match fetch_target(m, lin)? {
             (p, Target::Ram(..)) => p,
-            (_, Target::Mmio) => {
-                return Err(Fault::Fatal(
-                    &"instruction fetch from memory that is not RAM",
-                ));
-            }
+            // Code in memory that is not RAM (a device, or nothing): the emulator does not
+            // execute device registers. The guest gets #UD, as fetching the all-ones bytes
+            // of an open bus gives on hardware, instead of the whole VM ending.
+            (_, Target::Mmio) => return Err(ud()),
         };
         let slot = fast_slot(phys, rip);
         let idx = self.fast[slot];
@@ -436,9 +435,7 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
             if avail < bytes.len() {
                 return Err(gp(0)); // past the CS limit
             }
-            return Err(second_fault.unwrap_or(Fault::Fatal(
-                &"instruction fetch from memory that is not RAM",
-            )));
+            return Err(second_fault.unwrap_or_else(ud));
         }
         if end > in_page {
             uses_second = true;

@@ -335,3 +335,23 @@ pub(crate) fn int_with_tf_gives_no_trap_in_the_handler() {
     // clears TF: 5. Before the fix, each handler's first instruction added one (7).
     assert_eq!(out.events, vals(&[5]));
 }
+
+/// Code in memory that is not RAM: the guest gets #UD (the all-ones bytes of an open bus),
+/// and the VM goes on, instead of the emulator ending the whole VM.
+#[test]
+pub(crate) fn fetch_from_non_ram_raises_ud() {
+    let g = Guest::new();
+    g.boot_pm32();
+    g.idt32();
+    g.code(32, PM32, &|a| {
+        pm32_init(a, false)?;
+        a.probe32(|a| {
+            a.mov(eax, 0xfeb0_0000u32)?;
+            a.jmp(eax)
+        })?;
+        a.val(0x600d)?;
+        a.hlt()
+    });
+    let out = run(&g);
+    assert_eq!(out.events, vec![exc(6, None, KCODE32), Ev::Val(0x600d)]);
+}
