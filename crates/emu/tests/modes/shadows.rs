@@ -455,3 +455,51 @@ pub(crate) fn sysenter_sysexit_long_mode() {
         ]
     );
 }
+
+/// NMIs: one injected right after STI (while interrupts are still shadowed) is delivered;
+/// two more injected while the handler runs stay pending as one, delivered exactly once
+/// after the handler's IRET (NMIs are blocked until then, and latch only one).
+#[test]
+pub(crate) fn nmi_after_sti_and_while_handling() {
+    let g = Guest::new();
+    g.boot_pm32();
+    g.idt32();
+    g.tss32(&[]);
+    let k = g.code(32, CODE2, &|a| {
+        a.here("h_nmi")?;
+        a.inc(dword_ptr(VARS as u32))?;
+        a.mov(eax, dword_ptr(VARS as u32))?;
+        a.or(eax, 0x100)?;
+        a.rep_eax()?; // the hook injects two NMIs on the first entry
+        a.iretd()
+    });
+    g.set_gate32(2, gate(KCODE32, k["h_nmi"] as u32, 0xe, 0, 0));
+    g.code(32, PM32, &|a| {
+        pm32_init(a, true)?;
+        a.mov(dword_ptr(VARS as u32), 0)?;
+        a.cli()?;
+        a.val(0x55)?; // the hook injects an NMI here
+        a.sti()?;
+        a.nop()?;
+        a.nop()?;
+        a.mov(eax, dword_ptr(VARS as u32))?;
+        a.rep_eax()?;
+        a.cli()?;
+        a.hlt()
+    });
+    let out = run_with(
+        &g,
+        Hooks {
+            on_val: Some(&|v, vcpu| {
+                if v == 0x55 || v == 0x101 {
+                    vcpu.inject_nmi().unwrap();
+                }
+                if v == 0x101 {
+                    vcpu.inject_nmi().unwrap();
+                }
+            }),
+            ..Default::default()
+        },
+    );
+    assert_eq!(out.events, vals(&[0x55, 0x101, 0x102, 2]));
+}
