@@ -162,6 +162,21 @@ fn truth(vms: &[(&str, &[u8])], k: u64) -> Truth {
     }
 }
 
+/// Each VM's memory (saved to DIR/NAME.ckpt, the VMs go on) and the truth over all of them.
+fn ground_truth(vms: &[Vm], dir: &Path, k: u64) -> (Vec<Vec<u8>>, Truth) {
+    let images: Vec<Vec<u8>> = vms
+        .iter()
+        .map(|vm| save_image(vm, &dir.join(format!("{}.ckpt", vm.name))))
+        .collect();
+    let pairs: Vec<(&str, &[u8])> = vms
+        .iter()
+        .zip(&images)
+        .map(|(vm, img)| (vm.host.as_str(), img.as_slice()))
+        .collect();
+    let t = truth(&pairs, k);
+    (images, t)
+}
+
 fn answered(v: &Value) -> Truth {
     let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
     Truth {
@@ -229,16 +244,7 @@ fn four_guests_queries_and_collective_checkpoint() {
         sync(vm);
     }
     // Ground truth from each VM's memory (guests idle: nothing changes after "ready").
-    let images: Vec<Vec<u8>> = vms
-        .iter()
-        .map(|vm| save_image(vm, &dir.join(format!("{}.ckpt", vm.name))))
-        .collect();
-    let pairs: Vec<(&str, &[u8])> = vms
-        .iter()
-        .zip(&images)
-        .map(|(vm, img)| (vm.host.as_str(), img.as_slice()))
-        .collect();
-    let want = truth(&pairs, 3);
+    let (images, want) = ground_truth(&vms, &dir, 3);
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     let (st, v, err) = concord(&[&["--directory", &d, "sharing", "-k", "3"], &names[..]].concat());
     assert_eq!(st, 0, "{err}");
@@ -547,16 +553,7 @@ fn three_hosts_on_redis_cluster() {
         let s = sync(vm);
         assert_eq!(s["connected"], true, "{s}");
     }
-    let images: Vec<Vec<u8>> = vms
-        .iter()
-        .map(|vm| save_image(vm, &work.join(format!("{}.ckpt", vm.name))))
-        .collect();
-    let pairs: Vec<(&str, &[u8])> = vms
-        .iter()
-        .zip(&images)
-        .map(|(vm, img)| (vm.host.as_str(), img.as_slice()))
-        .collect();
-    let want = truth(&pairs, 2);
+    let (_, want) = ground_truth(&vms, &work, 2);
     let all = nodes.join(",");
     let d = format!("redis://{all}");
     let (st, v, err) = concord(&["--directory", &d, "sharing"]);
