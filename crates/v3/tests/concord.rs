@@ -493,8 +493,9 @@ fn directory_down_and_garbage() {
 }
 
 /// Three hosts (network namespaces), a Redis Cluster across them: the same queries across
-/// hosts match ground truth; a host leaving (its Redis node and its VM killed) makes the
-/// answers partial, not errors.
+/// hosts match ground truth, a collective checkpoint across them stores each distinct page
+/// once and restores; a host leaving (its Redis node and its VM killed) makes the answers
+/// partial, not errors.
 #[test]
 fn three_hosts_on_redis_cluster() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -553,7 +554,7 @@ fn three_hosts_on_redis_cluster() {
         let s = sync(vm);
         assert_eq!(s["connected"], true, "{s}");
     }
-    let (_, want) = ground_truth(&vms, &work, 2);
+    let (images, want) = ground_truth(&vms, &work, 2);
     let all = nodes.join(",");
     let d = format!("redis://{all}");
     let (st, v, err) = concord(&["--directory", &d, "sharing"]);
@@ -564,6 +565,44 @@ fn three_hosts_on_redis_cluster() {
     let (st, c, err) = concord(&["--directory", &d, "copies", p["hash"].as_str().unwrap()]);
     assert_eq!(st, 0, "{err}");
     assert_eq!(c["copies"], 3, "{c}");
+    // A collective checkpoint across the three hosts (the VMs go on), each VM restorable
+    // with exactly its memory: one restored here.
+    let store = work.join("store");
+    let (st, rep, err) = concord(&[
+        "--directory",
+        &d,
+        "checkpoint",
+        "--store",
+        store.to_str().unwrap(),
+        "r0",
+        "r1",
+        "r2",
+    ]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(
+        rep["stored_pages"].as_u64().unwrap(),
+        want.nonzero_distinct,
+        "{rep}"
+    );
+    let sock = work.join("back-r1.sock");
+    let l = Session::start(&[
+        "load",
+        store.join("r1.vm").to_str().unwrap(),
+        "--paused",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_socket(&sock, &l);
+    let back = save_image(
+        &Vm {
+            name: "back-r1".into(),
+            host: String::new(),
+            sock: sock.clone(),
+            s: l,
+        },
+        &work.join("back-r1.ckpt"),
+    );
+    assert!(back == images[1], "r1 restored with different memory");
     // Host 3 leaves: its Redis node dies, and its VM with it.
     let k = std::process::Command::new("bash")
         .arg(&script)
