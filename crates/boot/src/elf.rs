@@ -184,11 +184,25 @@ pub fn load_segments(
     data: &[u8],
     img: &Image,
 ) -> Result<(), LoadError> {
+    load_segments_in(mem, map, data, img, true)
+}
+
+/// [`load_segments`]; `boot_area`: refuse segments in the loaders' fixed low area (a
+/// Multiboot kernel may use it: its loader then finds room elsewhere).
+pub fn load_segments_in(
+    mem: &palacios_vmm::GuestMem,
+    map: &palacios_vmm::MemoryMap,
+    data: &[u8],
+    img: &Image,
+    boot_area: bool,
+) -> Result<(), LoadError> {
     let ranges: Vec<(u64, u64)> = img.segments.iter().map(|s| (s.paddr, s.memsz)).collect();
     crate::check_disjoint(&ranges)?;
     for s in &img.segments {
         crate::check_ram(map, "ELF segment", s.paddr, s.memsz)?;
-        crate::check_boot_area("ELF segment", s.paddr, s.memsz)?;
+        if boot_area {
+            crate::check_boot_area("ELF segment", s.paddr, s.memsz)?;
+        }
     }
     for s in &img.segments {
         crate::write(

@@ -11,6 +11,10 @@
 //! | 0x2000–0x7fff      | identity page tables for long-mode entry (4 GiB)      |
 //! | 0x8000–0x9efff     | Multiboot information, memory map, strings            |
 //! | after the kernel   | modules (page aligned)                                |
+//!
+//! A Multiboot kernel linked into that low area is not refused: the GDT and the information
+//! go in the largest part of 0x1000–0x9efff the kernel leaves free, and modules start at
+//! 1 MiB or after the kernel, whichever is higher ([`multiboot::load`]).
 
 pub mod elf;
 pub mod elf64;
@@ -266,13 +270,52 @@ pub(crate) fn flat_state(gdt: palacios_x86::DescriptorTable, long: bool) -> CpuS
 
 /// Write the boot GDT.
 pub(crate) fn write_gdt(mem: &GuestMem) -> Result<palacios_x86::DescriptorTable, LoadError> {
+    write_gdt_at(mem, GDT_ADDR)
+}
+
+/// Write the boot GDT at `at`.
+pub(crate) fn write_gdt_at(
+    mem: &GuestMem,
+    at: u64,
+) -> Result<palacios_x86::DescriptorTable, LoadError> {
     let gdt = palacios_x86::segment::boot_gdt();
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
-    write(mem, GDT_ADDR, &bytes)?;
+    write(mem, at, &bytes)?;
     Ok(palacios_x86::DescriptorTable {
-        base: GDT_ADDR,
+        base: at,
         limit: (bytes.len() - 1) as u16,
     })
+}
+
+/// The largest page-aligned part of the low boot area (0x1000-0x9efff) that none of `taken`
+/// ((start, len) ranges) overlaps: where a Multiboot kernel linked low leaves room for the
+/// loader's own structures. At least 3 pages (the GDT and two of information).
+pub(crate) fn free_boot_area(taken: &[(u64, u64)]) -> Result<(u64, u64), LoadError> {
+    let mut cuts: Vec<(u64, u64)> = taken
+        .iter()
+        .filter(|r| r.1 > 0)
+        .map(|&(s, l)| (s & !0xfff, s.saturating_add(l).div_ceil(0x1000) * 0x1000))
+        .collect();
+    cuts.sort_unstable();
+    let mut best = (0u64, 0u64);
+    let mut at = BOOT_AREA.0;
+    for &(s, e) in cuts.iter().chain([(BOOT_AREA.1, BOOT_AREA.1)].iter()) {
+        let gap_end = s.min(BOOT_AREA.1);
+        if gap_end > at && gap_end - at > best.1 - best.0 {
+            best = (at, gap_end);
+        }
+        at = at.max(e);
+        if at >= BOOT_AREA.1 {
+            break;
+        }
+    }
+    if best.1 - best.0 < 0x3000 {
+        return Err(LoadError::Invalid(format!(
+            "the kernel leaves no room below {:#x} for the loader's GDT and Multiboot information (3 pages needed)",
+            BOOT_AREA.1
+        )));
+    }
+    Ok(best)
 }
 
 #[cfg(test)]

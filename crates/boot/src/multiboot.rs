@@ -5,9 +5,7 @@ use palacios_vmm::memory::RegionKind;
 use palacios_vmm::{GuestMem, MemoryMap};
 use palacios_x86::{CpuState, cr0};
 
-use crate::{
-    BootParams, INFO_AREA, LoadError, check_boot_area, check_ram, elf, write, write_gdt, zero,
-};
+use crate::{BootParams, INFO_AREA, LoadError, check_ram, elf, write, zero};
 
 pub const HEADER_MAGIC: u32 = 0x1bad_b002;
 pub const BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
@@ -157,13 +155,15 @@ pub fn aout_layout(
 /// Bump allocator over the information area.
 struct InfoArea {
     next: u64,
+    start: u64,
+    end: u64,
 }
 
 impl InfoArea {
     fn alloc(&mut self, len: u64, align: u64) -> Result<u64, LoadError> {
         let at = self.next.div_ceil(align) * align;
-        let end = at.checked_add(len).filter(|&e| e <= INFO_AREA.1).ok_or_else(|| {
-            LoadError::Invalid(format!("the Multiboot information does not fit in {:#x}-{:#x} (command line too long?)", INFO_AREA.0, INFO_AREA.1))
+        let end = at.checked_add(len).filter(|&e| e <= self.end).ok_or_else(|| {
+            LoadError::Invalid(format!("the Multiboot information does not fit in {:#x}-{:#x} (command line too long?)", self.start, self.end))
         })?;
         self.next = end;
         Ok(at)
@@ -180,15 +180,30 @@ impl InfoArea {
 
 const BOOTLOADER_NAME: &str = "Palacios-rs";
 
-/// Load the modules page-aligned from `after` and write the information structure.
-/// Returns its address. Used by the Multiboot and the 64-bit ELF loaders.
+/// Load the modules page-aligned from `after` and write the information structure in
+/// [`INFO_AREA`]. Returns its address. Used by the Multiboot and the 64-bit ELF loaders.
 pub fn write_info(
     mem: &GuestMem,
     map: &MemoryMap,
     p: &BootParams,
     after: u64,
 ) -> Result<u64, LoadError> {
-    let mut area = InfoArea { next: INFO_AREA.0 };
+    write_info_in(mem, map, p, after, INFO_AREA)
+}
+
+/// [`write_info`] with the information in `area` (start, end).
+fn write_info_in(
+    mem: &GuestMem,
+    map: &MemoryMap,
+    p: &BootParams,
+    after: u64,
+    area: (u64, u64),
+) -> Result<u64, LoadError> {
+    let mut area = InfoArea {
+        next: area.0,
+        start: area.0,
+        end: area.1,
+    };
     let info = area.alloc(88, 8)?;
     let mut flags = 1 | (1 << 2) | (1 << 6) | (1 << 9);
     let mut fields = [0u32; 22];
@@ -287,14 +302,13 @@ fn entry_state(gdt: palacios_x86::DescriptorTable, entry: u64, info: u64) -> Cpu
 pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState, LoadError> {
     let h = find_header(p.image)?
         .ok_or_else(|| LoadError::Multiboot("no Multiboot header in the first 8 KiB".into()))?;
-    let (entry, end) = match &h.aout {
+    let (entry, end, taken) = match &h.aout {
         Some(a) => {
             let (off, load, flen, mlen, entry) = aout_layout(p.image.len(), &h, a)?;
             check_ram(map, "kernel image", load, mlen)?;
-            check_boot_area("kernel image", load, mlen)?;
             write(mem, load, &p.image[off as usize..(off + flen) as usize])?;
             zero(mem, load + flen, mlen - flen)?;
-            (entry, load + mlen)
+            (entry, load + mlen, vec![(load, mlen)])
         }
         None => {
             if !elf::is_elf32(p.image) {
@@ -303,8 +317,9 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
                 ));
             }
             let img = elf::parse32(p.image)?;
-            elf::load_segments(mem, map, p.image, &img)?;
-            (img.entry, img.end())
+            elf::load_segments_in(mem, map, p.image, &img, false)?;
+            let taken = img.segments.iter().map(|s| (s.paddr, s.memsz)).collect();
+            (img.entry, img.end(), taken)
         }
     };
     let entry = p.entry.unwrap_or(entry);
@@ -313,8 +328,18 @@ pub fn load(mem: &GuestMem, map: &MemoryMap, p: &BootParams) -> Result<CpuState,
             "entry {entry:#x} is above 4 GiB"
         )));
     }
-    let info = write_info(mem, map, p, end)?;
-    let gdt = write_gdt(mem)?;
+    // The GDT and the information go where the kernel is not (the usual 0x1000 and
+    // 0x8000-0x9efff for a kernel above 1 MiB); modules from 1 MiB or the kernel's end.
+    let (gdt_at, info_area) = if taken.iter().all(|&(s, l)| {
+        l == 0 || s >= crate::BOOT_AREA.1 || s.saturating_add(l) <= crate::BOOT_AREA.0
+    }) {
+        (crate::GDT_ADDR, INFO_AREA)
+    } else {
+        let (a, b) = crate::free_boot_area(&taken)?;
+        (a, (a + 0x1000, b))
+    };
+    let info = write_info_in(mem, map, p, end.max(0x10_0000), info_area)?;
+    let gdt = crate::write_gdt_at(mem, gdt_at)?;
     Ok(entry_state(gdt, entry, info))
 }
 
@@ -457,6 +482,34 @@ mod tests {
         ));
     }
 
+    /// A kernel linked at 0x8000 (where the information area usually is) loads: the GDT and
+    /// the information go where it is not, and its bytes are left intact.
+    #[test]
+    fn a_kernel_linked_low_gets_the_loader_structures_elsewhere() {
+        let mut text = header(3, None);
+        text.extend_from_slice(&[0xf4; 4]);
+        let (mem, map) = vm(4);
+        let low = elf::build_test_elf(false, 0x8000, &[(0x8000, &text, 0x2000)]);
+        let st = load(&mem, &map, &params(&low)).unwrap();
+        let (info, gdt) = (st.regs.rbx, st.sregs.gdt.base);
+        let kernel = 0x8000..0xa000u64;
+        assert!(
+            !kernel.contains(&info) && !kernel.contains(&gdt),
+            "{info:#x} {gdt:#x}"
+        );
+        assert!(info < 0x9_f000 && gdt < 0x9_f000);
+        assert_eq!(read(&mem, 0x8000, text.len()), text);
+        let flags = u32::from_le_bytes(read(&mem, info, 4).try_into().unwrap());
+        assert_eq!(flags & 1, 1, "mem_lower/upper valid");
+        // The usual places for a kernel above 1 MiB.
+        let high = elf::build_test_elf(false, 0x10_0000, &[(0x10_0000, &text, 16)]);
+        let st = load(&mem, &map, &params(&high)).unwrap();
+        assert_eq!(
+            (st.regs.rbx, st.sregs.gdt.base),
+            (INFO_AREA.0, crate::GDT_ADDR)
+        );
+    }
+
     #[test]
     fn bad_placements_are_errors() {
         let mut text = header(3, None);
@@ -476,11 +529,14 @@ mod tests {
             load(&mem, &map, &params(&overlap)).unwrap_err(),
             LoadError::Overlap { .. }
         ));
-        let low = elf::build_test_elf(false, 0x8000, &[(0x8000, &text, 16)]);
-        assert!(matches!(
-            load(&mem, &map, &params(&low)).unwrap_err(),
-            LoadError::BootArea { .. }
-        ));
+        // Linked into the whole low area: no room left for the loader's structures.
+        let all_low = elf::build_test_elf(false, 0x1000, &[(0x1000, &text, 0x9e000)]);
+        assert!(
+            load(&mem, &map, &params(&all_low))
+                .unwrap_err()
+                .to_string()
+                .contains("no room")
+        );
         let not_elf = header(3, None);
         assert!(
             load(&mem, &map, &params(&not_elf))
