@@ -358,9 +358,9 @@ impl Monitor {
                         s_err = Some(e.to_string());
                         retry_at = Instant::now() + backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
-                        // Start again with a fresh client (an embedded directory may now be
-                        // served by this process).
-                        dir = self.cfg.directory.open(true);
+                        // The client reconnects by itself at the next publish (and, for an
+                        // embedded directory nobody serves any more, serves it from here);
+                        // it is kept, so a directory this process serves is not dropped.
                     }
                 }
             }
@@ -375,7 +375,7 @@ impl Monitor {
                 if !s.connected {
                     s.unpublished_rounds += 1;
                 }
-                s.hosting = hosting(&*dir);
+                s.hosting = dir.hosting();
                 s.rounds += 1;
             }
             self.cv.notify_all();
@@ -414,8 +414,4 @@ fn dec(counts: &mut HashMap<u64, u32>, h: u64) {
             counts.remove(&h);
         }
     }
-}
-
-fn hosting(d: &dyn crate::directory::Directory) -> bool {
-    d.hosting()
 }
