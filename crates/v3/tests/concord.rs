@@ -103,6 +103,17 @@ fn save_image(vm: &Vm, path: &Path) -> Vec<u8> {
     image_of(path)
 }
 
+/// The memory of the VM restored (paused) from `map`, saved to `ckpt` through `sock`.
+fn restored_image(map: &Path, sock: &Path, ckpt: &Path) -> Vec<u8> {
+    let vm = Vm {
+        name: String::new(),
+        host: String::new(),
+        sock: sock.to_path_buf(),
+        s: load_vm(map, sock, &["--paused"]),
+    };
+    save_image(&vm, ckpt)
+}
+
 fn image_of(path: &Path) -> Vec<u8> {
     let o = palacios_checkpoint::open(path, &mut |_, _| {}).unwrap();
     let mut img = vec![0u8; o.header.mem_len as usize];
@@ -307,23 +318,9 @@ fn four_guests_queries_and_collective_checkpoint() {
     );
     // Each VM restores alone, with exactly the memory it had.
     for (vm, img) in vms.iter().zip(&images) {
-        let sock = dir.join(format!("r-{}.sock", vm.name));
-        let map = store.join(format!("{}.vm", vm.name));
-        let l = Session::start(&[
-            "load",
-            map.to_str().unwrap(),
-            "--paused",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ]);
-        wait_socket(&sock, &l);
-        let back = save_image(
-            &Vm {
-                name: vm.name.clone(),
-                host: String::new(),
-                sock: sock.clone(),
-                s: l,
-            },
+        let back = restored_image(
+            &store.join(format!("{}.vm", vm.name)),
+            &dir.join(format!("r-{}.sock", vm.name)),
             &dir.join(format!("r-{}.ckpt", vm.name)),
         );
         assert!(back == *img, "{}: restored memory differs", vm.name);
@@ -584,22 +581,9 @@ fn three_hosts_on_redis_cluster() {
         want.nonzero_distinct,
         "{rep}"
     );
-    let sock = work.join("back-r1.sock");
-    let l = Session::start(&[
-        "load",
-        store.join("r1.vm").to_str().unwrap(),
-        "--paused",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
-    wait_socket(&sock, &l);
-    let back = save_image(
-        &Vm {
-            name: "back-r1".into(),
-            host: String::new(),
-            sock: sock.clone(),
-            s: l,
-        },
+    let back = restored_image(
+        &store.join("r1.vm"),
+        &work.join("back-r1.sock"),
         &work.join("back-r1.ckpt"),
     );
     assert!(back == images[1], "r1 restored with different memory");
@@ -728,13 +712,7 @@ fn four_linux_guests_collective_checkpoint() {
     for n in names {
         let sock = dir.join(format!("r-{n}.sock"));
         let map = store.join(format!("{n}.vm"));
-        let mut l = Session::start(&[
-            "load",
-            map.to_str().unwrap(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ]);
-        wait_socket(&sock, &l);
+        let mut l = load_vm(&map, &sock, &[]);
         let at = l.output().len();
         l.send("echo R''ESTORED-$((6*7)) $(wc -c < /tmp/w 2>/dev/null)");
         let r = l.wait_for("RESTORED-42", at, Duration::from_secs(60));

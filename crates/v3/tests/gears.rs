@@ -391,22 +391,8 @@ fn linux_guest_syscall_interception_env_and_code_injection() {
     assert_eq!(st, 200, "{v}");
     s.wait_exit(Duration::from_secs(60));
     let sock2 = dir.join("vm2.sock");
-    let mut r = Session::start(&[
-        "load",
-        ck.to_str().unwrap(),
-        "--api-sock",
-        sock2.to_str().unwrap(),
-    ]);
-    wait_socket(&sock2, &r);
-    // The socket answers 503 until the restored VM is built.
-    let t = Instant::now();
-    let (st, v) = loop {
-        let (st, v) = api(&sock2, "GET", "/vm/gears", None);
-        if st != 503 || t.elapsed() > Duration::from_secs(60) {
-            break (st, v);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut r = load_vm(&ck, &sock2, &[]);
+    let (st, v) = api(&sock2, "GET", "/vm/gears", None);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["linux"]["thread_size"], 16384, "{v}");
     let (_, v) = api(&sock2, "GET", "/vm/gears/env_inject", None);

@@ -420,13 +420,7 @@ fn linux_guest_uses_the_extensions_and_publishes_a_symspy_page() {
     assert_eq!(st, 200, "{v}");
     s.wait_exit(Duration::from_secs(60));
     let sock2 = dir.join("vm2.sock");
-    let mut l = Session::start(&[
-        "load",
-        ck.to_str().unwrap(),
-        "--api-sock",
-        sock2.to_str().unwrap(),
-    ]);
-    wait_socket(&sock2, &l);
+    let mut l = load_vm(&ck, &sock2, &[]);
     let (st, tree2) = api(&sock2, "GET", "/vm/inspect", None);
     assert_eq!(st, 200, "{tree2}");
     assert_eq!(

@@ -474,6 +474,16 @@ pub fn api(
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
+/// `v3 load CHECKPOINT [extra..] --api-sock SOCK`, once its API answers.
+pub fn load_vm(ck: &Path, sock: &Path, extra: &[&str]) -> Session {
+    let mut args = vec!["load", ck.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+    let s = Session::start(&args);
+    wait_socket(sock, &s);
+    s
+}
+
 /// Wait until the VM of `s` has created its API socket and built its VM
 /// (the API answers 503 until then, e.g. while `v3 load` restores).
 pub fn wait_socket(sock: &Path, s: &Session) {
