@@ -46,6 +46,7 @@ pub mod rflags {
     /// Bit 1 always reads as one.
     pub const FIXED: u64 = 1 << 1;
     pub const ZF: u64 = 1 << 6;
+    pub const TF: u64 = 1 << 8;
     pub const IF: u64 = 1 << 9;
     pub const DF: u64 = 1 << 10;
 }
