@@ -261,11 +261,7 @@ fn split_map_path(path: &Path) -> Result<(PathBuf, String), CheckpointError> {
             path.display()
         )));
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((dir, name))
+    Ok((crate::store::parent_dir(path), name))
 }
 
 impl SharedStore {
@@ -284,7 +280,7 @@ impl SharedStore {
             .segment_of(&name, &writer.pages)
             .map_err(io_err("open the segment"))?;
         let total = meta.memory.image_len();
-        let mut entries: Vec<(u32, u64, u64)> = Vec::with_capacity((total / PAGE) as usize);
+        let mut entries: Vec<(u32, u64, u64)> = Vec::new();
         let mut extents: Vec<(u64, u64)> = Vec::new();
         let mut rep = SharedSave::default();
         let mut buf = vec![0u8; PAGE as usize];
@@ -595,19 +591,19 @@ fn memfd(name: &str) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Write `bytes` at `path` atomically (a temporary name in the same directory, fsynced, then
+/// renamed over it), as the other stores do.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    use crate::store::{fsync_dir, parent_dir, temp_name};
+    let tmp = temp_name(path);
     let r = (|| {
         let f = File::create(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
         f.write_all_at(bytes, 0)
             .map_err(io_err(format!("write {}", tmp.display())))?;
         f.sync_all()
             .map_err(io_err(format!("fsync {}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(io_err(format!("rename to {}", path.display())))
+        std::fs::rename(&tmp, path).map_err(io_err(format!("rename to {}", path.display())))?;
+        fsync_dir(&parent_dir(path))
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -84,7 +84,7 @@ fn io_err(what: String) -> impl FnOnce(io::Error) -> CheckpointError {
 }
 
 /// A temporary name next to `path` (same directory, so the rename is atomic).
-fn temp_name(path: &Path) -> PathBuf {
+pub(crate) fn temp_name(path: &Path) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
@@ -124,14 +124,14 @@ fn remove_stale_temps(path: &Path, name: &str) {
     }
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
+pub(crate) fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(format!("fsync {}", dir.display())))
