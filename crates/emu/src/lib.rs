@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod cpu;
+pub mod debug;
 pub mod exec;
 pub mod fpu;
 pub mod jit;
@@ -253,15 +254,16 @@ impl Backend for EmuBackend {
     }
 }
 
-/// MOV SS or POP SS.
+/// INT n, INT3, INTO and INT1 (ICEBP).
 fn is_software_interrupt(i: &iced_x86::Instruction) -> bool {
     use iced_x86::Mnemonic;
     matches!(
         i.mnemonic(),
-        Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into
+        Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into | Mnemonic::Int1
     )
 }
 
+/// MOV SS or POP SS.
 fn loads_ss(i: &iced_x86::Instruction) -> bool {
     i.op0_kind() == iced_x86::OpKind::Register && i.op0_register() == iced_x86::Register::SS
 }
@@ -380,10 +382,25 @@ impl EmuVcpu {
                 return Ok(Exit::IrqWindowOpen);
             }
             self.m.sync_code_epoch();
-            // RF lasts one instruction (an IRET's target); with no instruction breakpoints
-            // to suppress, clearing it before the next block is the same as after its first
-            // instruction for everything a guest can see.
+            // RF lasts one instruction (an IRET's target): it suppresses that instruction's
+            // breakpoint. Once checked, clearing it before the next block is the same as
+            // after its first instruction for everything a guest can see.
+            let rf = self.m.cpu.flags & cpu::fl::RF != 0;
             self.m.cpu.flags &= !cpu::fl::RF;
+            let dbg = self.m.dbg.armed;
+            if dbg && !rf && !self.answers_pending() {
+                // Instruction breakpoints come before the instruction is fetched; the #DB
+                // is a fault (RIP at the instruction; the handler sets RF to go past it).
+                let hits = block::code_linear(&self.m, self.m.cpu.rip, 1)
+                    .map_or(0, |lin| self.m.dbg.exec_hits(lin));
+                if hits != 0 {
+                    self.m.cpu.dr[6] = (self.m.cpu.dr[6] & !debug::DR6_B) | u64::from(hits);
+                    if let Some(e) = self.raise(Fault::Exc(machine::DB, None))? {
+                        return Ok(e);
+                    }
+                    continue;
+                }
+            }
             let idx = match self.cache.lookup(&mut self.m) {
                 Ok(i) => i,
                 Err(Fault::Exit(e)) => {
@@ -400,7 +417,10 @@ impl EmuVcpu {
             // One instruction at a time while an answer from the VMM is pending (it belongs to
             // the first instruction), in an interrupt shadow, or single-stepping.
             let answering = self.answers_pending();
-            let single = self.m.cpu.shadow || self.m.cpu.flags & fl::TF != 0 || answering;
+            let single = self.m.cpu.shadow || self.m.cpu.flags & fl::TF != 0 || answering || dbg;
+            if dbg {
+                self.m.dbg.hits = 0;
+            }
             let shadow = self.m.cpu.shadow;
             let trap = self.m.cpu.flags & fl::TF != 0;
             // Chain blocks without the checks above while nothing needs them.
@@ -428,6 +448,7 @@ impl EmuVcpu {
             let mut fault = None;
             loop {
                 m.brk = false;
+                m.tf_after = false;
                 let epoch = cache.link_epoch();
                 let mut slot = std::ptr::null_mut();
                 let translated = if *jit && !single && tracer.is_none() {
@@ -508,9 +529,34 @@ impl EmuVcpu {
                 && is_software_interrupt(&cache.blocks[idx as usize].insns[0].i);
             match fault {
                 None => {
-                    if trap && single && !ss_load && !into_handler {
-                        // Single-step trap after the instruction.
-                        m.cpu.dr[6] |= 1 << 14;
+                    // SYSCALL and SYSRET trap on the TF they leave, not the one they found
+                    // (as QEMU does): FMASK can keep the trap out of the kernel, and a
+                    // single-stepped program traps right after its system call returns.
+                    let step = if m.tf_after {
+                        m.cpu.flags & fl::TF != 0
+                    } else {
+                        trap && single && !ss_load && !into_handler
+                    };
+                    // Data and I/O breakpoints met by the instruction (held back by MOV SS
+                    // like the single-step trap).
+                    let mut hits = 0;
+                    if dbg {
+                        hits = std::mem::take(&mut m.dbg.hits);
+                        if ss_load {
+                            m.dbg.deferred |= hits;
+                            hits = 0;
+                        } else {
+                            hits |= std::mem::take(&mut m.dbg.deferred);
+                        }
+                    }
+                    if step || hits != 0 {
+                        // Single-step or breakpoint trap after the instruction.
+                        if hits != 0 {
+                            m.cpu.dr[6] = (m.cpu.dr[6] & !debug::DR6_B) | u64::from(hits);
+                        }
+                        if step {
+                            m.cpu.dr[6] |= debug::DR6_BS;
+                        }
                         if let Some(e) = self.raise(Fault::Exc(machine::DB, None))? {
                             return Ok(e);
                         }
@@ -703,6 +749,7 @@ impl Vcpu for EmuVcpu {
         self.m.cpu.dr[..4].copy_from_slice(&s.debug.dr);
         self.m.cpu.dr[6] = s.debug.dr6;
         self.m.cpu.dr[7] = s.debug.dr7;
+        self.m.debug_changed();
         self.m.cpu.shadow = s.events.interrupt_shadow;
         self.m.cpu.nmi_blocked = s.events.nmi_blocked;
         self.nmi_pending = s.events.nmi_pending;

@@ -117,6 +117,10 @@ pub struct Machine {
     pub intercepts: Option<Box<Intercepts>>,
     /// (RIP, space) of an intercepted system call the VMM let through: it runs unstopped once.
     pub intercept_pass: Option<(u64, u64)>,
+    /// The breakpoints DR7 enables ([`crate::debug`]).
+    pub dbg: crate::debug::Debug,
+    /// Set by SYSCALL and SYSRET: the single-step trap follows the TF they leave.
+    pub tf_after: bool,
 }
 
 impl Machine {
@@ -147,7 +151,23 @@ impl Machine {
             jit_fault: None,
             intercepts: None,
             intercept_pass: None,
+            dbg: crate::debug::Debug::default(),
+            tf_after: false,
         }
+    }
+
+    /// DR0–DR3, DR7 or CR4.DE changed: derive the enabled breakpoints again. Data
+    /// breakpoints need their pages out of the TLB, so it is flushed when they change.
+    pub fn debug_changed(&mut self) {
+        let old_data = self.dbg.data;
+        let (hits, deferred) = (self.dbg.hits, self.dbg.deferred);
+        self.dbg = crate::debug::Debug::from_cpu(&self.cpu);
+        (self.dbg.hits, self.dbg.deferred) = (hits, deferred);
+        if old_data || self.dbg.data {
+            self.tlb.flush_all();
+        }
+        // Back to the dispatcher, which checks breakpoints one instruction at a time.
+        self.brk = true;
     }
 
     /// A system call from user mode (`abi`, number `nr`): `Err` stops at it, before it runs,
@@ -271,6 +291,13 @@ impl Machine {
             }
         }
         self.tlb.fill(user, lin, &t, target, no_write);
+        if self.dbg.data && self.dbg.watches_page(lin) {
+            // Accesses to a page a data breakpoint watches take the slow path (checked there).
+            let e = &mut self.tlb.sets[user as usize][Tlb::slot(lin)];
+            if e.page == lin >> 12 {
+                e.perm &= !(perm::R | perm::W);
+            }
+        }
         Ok((t.phys, target))
     }
 
@@ -316,6 +343,9 @@ impl Machine {
     /// Read bytes at linear `lin` (may cross pages; MMIO is answered through exits).
     pub fn read_bytes(&mut self, lin: u64, buf: &mut [u8], user: bool) -> R<()> {
         let size = buf.len() as u64;
+        if self.dbg.data {
+            self.dbg.access(lin, size, false);
+        }
         let first = self.translate(lin, Kind::Read, user)?;
         let split = (lin & 0xfff) + size > 0x1000;
         let second = if split {
@@ -379,6 +409,9 @@ impl Machine {
     /// Write bytes at linear `lin`: every page is translated before anything is written.
     pub fn write_bytes(&mut self, lin: u64, data: &[u8], user: bool) -> R<()> {
         let size = data.len() as u64;
+        if self.dbg.data {
+            self.dbg.access(lin, size, true);
+        }
         let first = self.translate(lin, Kind::Write, user)?;
         let split = (lin & 0xfff) + size > 0x1000;
         let l2 = (lin | 0xfff).wrapping_add(1);

@@ -39,12 +39,18 @@ fn idt_fault(v: u8, vector: u8, src: Source) -> Fault {
 /// Deliver `vector`. RIP is the return address already (next instruction for INT n and
 /// traps, the faulting instruction for faults). On error nothing has changed.
 pub fn deliver(m: &mut Machine, vector: u8, src: Source, code: Option<u32>) -> R<()> {
-    match m.cpu.mode {
+    let r = match m.cpu.mode {
         Mode::Real => deliver_real(m, vector),
         Mode::Virtual8086 => Err(Fault::Fatal(&"virtual-8086 mode is not implemented")),
         Mode::Protected => deliver_protected(m, vector, src, code),
         Mode::Long64 | Mode::Compat => deliver_long(m, vector, src, code),
+    };
+    // The #DB handler is entered with DR7.GD clear (SDM Vol. 3 17.2.4), so that it can
+    // read the debug registers; INT 1 (CD 01) is an ordinary software interrupt.
+    if r.is_ok() && vector == crate::machine::DB && src != Source::Software {
+        m.cpu.dr[7] &= !crate::debug::DR7_GD;
     }
+    r
 }
 
 fn deliver_real(m: &mut Machine, vector: u8) -> R<()> {

@@ -54,6 +54,9 @@ fn in_(m: &mut Machine, x: &Insn) -> R<()> {
         u16::from(x.i.immediate8())
     };
     check_io(m, port, size)?;
+    if m.dbg.armed {
+        m.dbg.io(port, size);
+    }
     match m.io_answer.take() {
         Some(d) => {
             let mut b = [0u8; 8];
@@ -77,6 +80,9 @@ fn out(m: &mut Machine, x: &Insn) -> R<()> {
         u16::from(x.i.immediate8())
     };
     check_io(m, port, size)?;
+    if m.dbg.armed {
+        m.dbg.io(port, size);
+    }
     let v = m.reg(r);
     m.exit_after(Exit::IoOut {
         port,
@@ -214,6 +220,9 @@ fn write_cr4(m: &mut Machine, v: u64) -> R<()> {
     if (old ^ v) & (cr4::PSE | cr4::PAE | cr4::PGE) != 0 {
         m.tlb.flush_all();
     }
+    if (old ^ v) & 8 != 0 {
+        m.debug_changed(); // CR4.DE: I/O breakpoints
+    }
     Ok(())
 }
 
@@ -264,6 +273,12 @@ fn mov_dr(m: &mut Machine, x: &Insn) -> R<()> {
             _ => Err(ud()),
         }
     };
+    // General detect: any debug-register access is a #DB fault with DR6.BD, and the
+    // handler is entered with GD clear (so that it can use the registers).
+    if m.cpu.dr[7] & crate::debug::DR7_GD != 0 {
+        m.cpu.dr[6] |= crate::debug::DR6_BD;
+        return Err(Fault::Exc(crate::machine::DB, None));
+    }
     if x.i.op0_register().is_dr() {
         let n = map(x.i.op0_register() as usize - Register::DR0 as usize)?;
         let v = m.reg(x.i.op1_register()) & mask(size);
@@ -275,6 +290,9 @@ fn mov_dr(m: &mut Machine, x: &Insn) -> R<()> {
             7 => (v | 0x400) & !0xd000,
             _ => v,
         };
+        if n != 6 {
+            m.debug_changed();
+        }
     } else {
         let n = map(x.i.op1_register() as usize - Register::DR0 as usize)?;
         let v = m.cpu.dr[n];
@@ -824,19 +842,15 @@ fn flat_stack(sel: u16, dpl: u8) -> Segment {
 }
 
 fn syscall(m: &mut Machine, x: &Insn) -> R<()> {
-    if m.cpu.efer & efer::SCE == 0 || !m.cpu.long_mode() {
+    // The model is an Intel CPU: SYSCALL exists in 64-bit mode only; from compatibility
+    // mode it is #UD (SDM Vol. 2B SYSCALL; AMD, and QEMU for any vendor, go through CSTAR).
+    if m.cpu.efer & efer::SCE == 0 || m.cpu.mode != Mode::Long64 {
         return Err(ud());
     }
-    if m.cpu.mode == Mode::Long64 {
-        m.syscall_intercept(SyscallAbi::Syscall64, m.cpu.gpr[0], x.i.len())?;
-    }
+    m.syscall_intercept(SyscallAbi::Syscall64, m.cpu.gpr[0], x.i.len())?;
     let star = m.cpu.msr.star;
     let sel = ((star >> 32) & 0xfffc) as u16;
-    let target = if m.cpu.mode == Mode::Long64 {
-        m.cpu.msr.lstar
-    } else {
-        m.cpu.msr.cstar
-    };
+    let target = m.cpu.msr.lstar;
     m.cpu.gpr[1] = m.cpu.rip;
     m.cpu.gpr[11] = m.cpu.flags & !fl::RF;
     m.cpu.flags &= !(m.cpu.msr.fmask | fl::RF);
@@ -845,6 +859,7 @@ fn syscall(m: &mut Machine, x: &Insn) -> R<()> {
     m.cpu.seg[SS] = flat_stack(sel + 8, 0);
     m.cpu.update_mode();
     m.cpu.rip = target;
+    m.tf_after = true;
     Ok(())
 }
 
@@ -874,6 +889,7 @@ fn sysret(m: &mut Machine, x: &Insn) -> R<()> {
     m.cpu.rip = if wide { rip } else { rip & 0xffff_ffff };
     m.cpu.update_mode();
     m.note_user_entry();
+    m.tf_after = true;
     Ok(())
 }
 

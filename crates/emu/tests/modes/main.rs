@@ -791,6 +791,7 @@ fn try_run(g: &Guest, hooks: Hooks) -> (Outcome, Option<String>) {
     (Outcome { events, vcpu }, error)
 }
 
+mod debug;
 mod exceptions;
 mod long;
 mod paging;
