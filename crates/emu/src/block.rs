@@ -42,6 +42,31 @@ pub struct Block {
     pub hits: u32,
     /// The block's host-code translation.
     pub jit: Option<crate::jit::Code>,
+    /// Set while the block is provisional: another core may still have been writing its
+    /// bytes through a write translation from before their page became code.
+    pub pending: Option<Box<Pending>>,
+}
+
+/// What a provisional block needs to be confirmed: once every other core has dropped its
+/// old write translations (acknowledged `epoch`), the bytes it was decoded from are
+/// compared with memory; equal, the block is final (every later write goes through a TLB
+/// fill that sees the page as code and bumps its version); different, it is decoded again.
+/// Until then it runs (cross-modifying code is only guaranteed to be seen after the writer
+/// and the executor synchronize), but is neither chained nor translated.
+pub struct Pending {
+    epoch: u64,
+    bytes: Box<[u8]>,
+    /// How many of `bytes` are in the first page; the rest start the page at `phys2`.
+    first: usize,
+    phys2: u64,
+}
+
+/// Whether a provisional block can be used.
+#[derive(PartialEq, Eq)]
+enum Check {
+    Confirmed,
+    Wait,
+    Stale,
 }
 
 impl Block {
@@ -49,6 +74,35 @@ impl Block {
         self.pages[..self.npages as usize]
             .iter()
             .all(|&(p, v)| m.phys.code.version(p) == v)
+    }
+
+    /// Check a provisional block against memory, and confirm it once every other core has
+    /// acknowledged its epoch. Its bytes are compared on every check: a write another core
+    /// made through an old translation must be seen by this core once it has synchronized
+    /// with the writer (the SDM's protocol for cross-modifying code), even if the writer
+    /// has not looked at the epoch yet.
+    fn confirm(&mut self, m: &Machine) -> Check {
+        let Some(p) = &self.pending else {
+            return Check::Confirmed;
+        };
+        // Whether every other core had dropped its old write translations before the compare.
+        let acked = m.phys.code.all_acked(p.epoch, &m.ack);
+        let same = |phys: u64, want: &[u8]| match m.phys.lookup(phys) {
+            // SAFETY: the bytes lie in one RAM page (the first part ends at its page's end,
+            // the second starts a page and is at most 15 bytes long).
+            Target::Ram(ptr, _) => unsafe { std::slice::from_raw_parts(ptr, want.len()) == want },
+            Target::Mmio => false,
+        };
+        let ok = same(self.phys, &p.bytes[..p.first])
+            && (p.first == p.bytes.len() || same(p.phys2, &p.bytes[p.first..]));
+        match (ok, acked) {
+            (false, _) => Check::Stale,
+            (true, false) => Check::Wait,
+            (true, true) => {
+                self.pending = None;
+                Check::Confirmed
+            }
+        }
     }
 }
 
@@ -152,19 +206,20 @@ impl BlockCache {
         };
         let slot = fast_slot(phys, rip);
         let idx = self.fast[slot];
-        if let Some(b) = self.blocks.get(idx as usize)
+        if let Some(b) = self.blocks.get_mut(idx as usize)
             && b.phys == phys
             && b.rip == rip
             && b.bits == bits
             && b.valid(m)
             && second_page_ok(b, m, lin)
+            && usable(b, m)
         {
             return Ok(idx);
         }
         let key = (phys, rip, bits);
         if let Some(&idx) = self.map.get(&key) {
-            let b = &self.blocks[idx as usize];
-            if b.valid(m) && second_page_ok(b, m, lin) {
+            let b = &mut self.blocks[idx as usize];
+            if b.valid(m) && second_page_ok(b, m, lin) && usable(b, m) {
                 self.fast[slot] = idx;
                 return Ok(idx);
             }
@@ -214,6 +269,9 @@ impl BlockCache {
         kick: &std::sync::atomic::AtomicBool,
     ) -> Option<crate::jit::Ran> {
         let b = self.blocks.get_mut(idx as usize)?;
+        if b.pending.is_some() {
+            return None; // provisional: interpreted until confirmed
+        }
         if b.jit.is_none() {
             if b.hits >= self.threshold {
                 return None; // translation was refused
@@ -272,12 +330,18 @@ impl BlockCache {
                     && l.cpl == m.cpu.cpl
                     && u32::from(l.bits) == m.cpu.bits
                 {
-                    if l.writes == writes {
+                    if l.writes == writes
+                        && self
+                            .blocks
+                            .get(l.idx as usize)
+                            .is_some_and(|b| b.pending.is_none())
+                    {
                         return Ok(l.idx);
                     }
                     if let Some(b) = self.blocks.get(l.idx as usize)
                         && b.rip == rip
                         && b.valid(m)
+                        && b.pending.is_none()
                     {
                         l.writes = writes;
                         return Ok(l.idx);
@@ -287,8 +351,9 @@ impl BlockCache {
         }
         let len_before = self.blocks.len();
         let idx = self.lookup(m)?;
-        if self.blocks.len() < len_before {
-            return Ok(idx); // the cache was dropped: prev is gone
+        if self.blocks.len() < len_before || self.blocks[idx as usize].pending.is_some() {
+            // The cache was dropped (prev is gone), or the block is provisional.
+            return Ok(idx);
         }
         if let Some(ls) = self.links.get_mut(prev as usize) {
             let slot = if !ls[0].used || ls[0].rip == rip {
@@ -311,6 +376,22 @@ impl BlockCache {
             };
         }
         Ok(idx)
+    }
+}
+
+/// Whether a block may run: confirmed, or provisional with its bytes still in memory.
+#[inline]
+fn usable(b: &mut Block, m: &mut Machine) -> bool {
+    if b.pending.is_none() {
+        return true;
+    }
+    m.stats.provisional_checks += 1;
+    match b.confirm(m) {
+        Check::Stale => {
+            m.stats.cross_modified += 1;
+            false
+        }
+        _ => true,
     }
 }
 
@@ -375,7 +456,7 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
     // SAFETY: `p` is the host address of `phys`; the rest of its page is backed.
     bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p, in_page) });
     // The next page, if it is code-fetchable RAM: instructions may straddle the boundary.
-    let mut second: Option<(usize, *mut u8)> = None;
+    let mut second: Option<(usize, *mut u8, u64)> = None;
     let next_lin = lin.wrapping_add(in_page as u64);
     let next_ok = if m.cpu.mode == Mode::Long64 {
         crate::machine::canonical(next_lin)
@@ -393,10 +474,10 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
                 next_lin & 0xffff_ffff
             },
         ) {
-            Ok((_, Target::Ram(p2, page2))) => {
+            Ok((phys2, Target::Ram(p2, page2))) => {
                 // SAFETY: `p2` is the start of a backed page; 15 bytes stay within it.
                 bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p2, 15) });
-                second = Some((page2, p2));
+                second = Some((page2, p2, phys2));
             }
             Ok((_, Target::Mmio)) => {}
             Err(f) => second_fault = Some(f),
@@ -453,7 +534,7 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
     let mut pages = [(page, v1), (0, 0)];
     let mut npages = 1;
     if uses_second {
-        let (page2, p2) = second.expect("second page present");
+        let (page2, p2, _) = second.expect("second page present");
         m.phys.code.mark_code(page2);
         let v2 = m.phys.code.version(page2);
         // The second page's bytes were copied before it was marked: if they changed since,
@@ -470,7 +551,19 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
     }
     // The pages are code now: this core must not keep writing them through the TLB.
     m.sync_code_epoch();
-    Ok(Block {
+    // Other cores may not have dropped theirs yet: the block is provisional until they have
+    // (an epoch read after both pages were marked covers both).
+    let epoch = m.phys.code.epoch();
+    let pending = m.phys.code.shared(&m.ack).then(|| {
+        let used = insns.iter().map(|x| x.i.len()).sum::<usize>();
+        Box::new(Pending {
+            epoch,
+            bytes: bytes[..used].into(),
+            first: used.min(in_page),
+            phys2: second.map_or(0, |(_, _, phys2)| phys2),
+        })
+    });
+    let mut b = Block {
         phys,
         rip,
         bits,
@@ -479,7 +572,13 @@ fn decode(m: &mut Machine, lin: u64, phys: u64, rip: u64, bits: u32) -> R<Block>
         insns: insns.into_boxed_slice(),
         hits: 0,
         jit: None,
-    })
+        pending,
+    };
+    // Usually the other cores have acknowledged already (or are not running).
+    if b.pending.is_some() && b.confirm(m) != Check::Confirmed {
+        m.stats.blocks_provisional += 1;
+    }
+    Ok(b)
 }
 
 /// Precompute an instruction's record.

@@ -352,7 +352,10 @@ impl EmuVcpu {
     /// Execute until an exit.
     fn execute(&mut self) -> Result<Exit, BackendError> {
         let start = self.m.icount;
+        // Running before the first look at the code epoch (the loop's first step).
+        self.m.ack.set_running(true);
         let r = self.execute_inner(start);
+        self.m.ack.set_running(false);
         self.m.stats.instructions = self.m.icount;
         r
     }
@@ -882,6 +885,9 @@ impl Vcpu for EmuVcpu {
             ("emu blocks decoded".to_string(), s.blocks_decoded),
             ("emu code-page writes".to_string(), s.smc_invalidations),
             ("emu blocks translated".to_string(), s.blocks_translated),
+            ("emu blocks provisional".to_string(), s.blocks_provisional),
+            ("emu provisional checks".to_string(), s.provisional_checks),
+            ("emu blocks cross-modified".to_string(), s.cross_modified),
             ("emu block cache bytes".to_string(), self.cache.bytes as u64),
             (
                 "emu block cache bytes limit".to_string(),

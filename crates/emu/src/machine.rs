@@ -75,6 +75,12 @@ pub struct EmuStats {
     pub instructions: u64,
     pub blocks_decoded: u64,
     pub smc_invalidations: u64,
+    /// Blocks decoded while another core might still write their page through an old
+    /// translation ([`crate::block::Pending`]), checks of such blocks, and those found
+    /// changed by another core.
+    pub blocks_provisional: u64,
+    pub provisional_checks: u64,
+    pub cross_modified: u64,
     pub blocks_translated: u64,
     /// Instructions that raised #UD because the emulator does not implement them, by mnemonic.
     pub unimplemented: std::collections::BTreeMap<String, u64>,
@@ -121,6 +127,8 @@ pub struct Machine {
     pub dbg: crate::debug::Debug,
     /// Set by SYSCALL and SYSRET: the single-step trap follows the TF they leave.
     pub tf_after: bool,
+    /// This core's acknowledgement of code-page epochs ([`crate::phys::CoreAck`]).
+    pub ack: Arc<crate::phys::CoreAck>,
 }
 
 impl Machine {
@@ -129,7 +137,9 @@ impl Machine {
         model: Arc<CpuModel>,
         clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Self {
+        let ack = phys.code.register();
         Machine {
+            ack,
             cpu: Cpu::default(),
             phys,
             tlb: Tlb::default(),
@@ -587,6 +597,7 @@ impl Machine {
         if e != self.tlb.code_epoch {
             self.tlb.drop_writes();
             self.tlb.code_epoch = e;
+            self.ack.ack(e);
         }
     }
 

@@ -29,6 +29,34 @@ pub struct CodePages {
     /// Bumped on every write to a page that holds code, and whenever `epoch` is (chained
     /// blocks skip their page checks while it is unchanged).
     writes: AtomicU64,
+    /// Every core's acknowledgement of `epoch` (see [`CoreAck`]).
+    cores: std::sync::Mutex<Vec<std::sync::Weak<CoreAck>>>,
+}
+
+/// How far one core has followed the code-page epoch. A core may hold a write translation of
+/// a page from before the page became code; it drops them all when it next looks at the
+/// epoch, and says so here. Until every core has, a block decoded from such a page may miss a
+/// write made through one of them (see `block.rs`, provisional blocks).
+#[derive(Default)]
+pub struct CoreAck {
+    /// The epoch this core last synchronized its TLB with.
+    acked: AtomicU64,
+    /// The core is executing guest code. One that is not holds no write in flight and
+    /// synchronizes before it executes again, so it counts as up to date.
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl CoreAck {
+    /// The core synchronized with epoch `e`: its TLB has no write translation of a page
+    /// that was code at `e`.
+    pub fn ack(&self, e: u64) {
+        self.acked.store(e, Ordering::SeqCst);
+    }
+    /// The core starts (true) or stops (false) executing guest code. Starting must come
+    /// before the core's first look at the epoch.
+    pub fn set_running(&self, on: bool) {
+        self.running.store(on, Ordering::SeqCst);
+    }
 }
 
 impl CodePages {
@@ -38,10 +66,38 @@ impl CodePages {
             has_code: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            cores: Default::default(),
         }
     }
+    /// A new core's acknowledgement record.
+    /// (Cores that are gone drop out of the list.)
+    pub fn register(&self) -> Arc<CoreAck> {
+        let a = Arc::new(CoreAck::default());
+        let mut cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        cores.retain(|c| c.strong_count() > 0);
+        cores.push(Arc::downgrade(&a));
+        a
+    }
+    /// Whether any core besides `me` exists (a single core never needs acknowledgements).
+    pub fn shared(&self, me: &Arc<CoreAck>) -> bool {
+        let cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        cores
+            .iter()
+            .filter_map(|c| c.upgrade())
+            .any(|c| !Arc::ptr_eq(&c, me))
+    }
+    /// Whether every core besides `me` has dropped the write translations it held before
+    /// epoch `e` (or is not executing).
+    pub fn all_acked(&self, e: u64, me: &Arc<CoreAck>) -> bool {
+        let cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        cores.iter().filter_map(|c| c.upgrade()).all(|c| {
+            Arc::ptr_eq(&c, me)
+                || !c.running.load(Ordering::SeqCst)
+                || c.acked.load(Ordering::SeqCst) >= e
+        })
+    }
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch.load(Ordering::SeqCst)
     }
     pub fn version(&self, page: usize) -> u32 {
         self.version[page].load(Ordering::Acquire)
@@ -51,8 +107,8 @@ impl CodePages {
     }
     /// A block was decoded from `page`.
     pub fn mark_code(&self, page: usize) {
-        if self.has_code[page].swap(1, Ordering::AcqRel) == 0 {
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+        if self.has_code[page].swap(1, Ordering::SeqCst) == 0 {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
             // Also counted as a write, so that one counter tells translated code (and
             // chained blocks) that anything about code pages changed.
             self.writes.fetch_add(1, Ordering::AcqRel);

@@ -799,6 +799,7 @@ mod privilege;
 mod protected;
 mod real;
 mod shadows;
+mod smp;
 mod syscalls;
 mod translator;
 mod unimplemented;
