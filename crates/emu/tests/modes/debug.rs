@@ -164,7 +164,8 @@ pub(crate) fn breakpoints_dr6_general_detect_and_icebp() {
 /// SYSRET trap on the TF they leave): with FMASK clearing TF the kernel runs untrapped and the
 /// trap comes right after SYSRET, in user mode; with FMASK leaving TF the trap comes at the
 /// kernel's entry point. A trap follows STI too (its shadow holds back interrupts, not #DB).
-/// SYSCALL from compatibility mode is #UD (the model is an Intel CPU).
+/// SYSRETD to compatibility mode with TF in R11 traps at its target. SYSCALL from
+/// compatibility mode is #UD (the model is an Intel CPU).
 #[test]
 pub(crate) fn single_step_across_syscall_sysret_and_sti() {
     let g = Guest::new();
@@ -190,13 +191,26 @@ pub(crate) fn single_step_across_syscall_sysret_and_sti() {
         a.set_label(&mut user)?;
         a.pop(rax)?;
         a.iretq()?;
-        // SYSCALL entry.
+        // SYSCALL entry: report, then SYSRETQ, or for call 7 SYSRETD to compatibility mode.
         a.here("entry")?;
         a.mov(r12, rax)?;
         a.mov(eax, 0x5c)?;
         a.rep_eax()?;
+        let mut compat = a.create_label();
+        a.cmp(r12, 7)?;
+        a.je(compat)?;
         a.mov(rax, r12)?;
-        a.sysretq()
+        a.sysretq()?;
+        a.set_label(&mut compat)?;
+        let target = a.addr("compat_user");
+        a.mov(ecx, target)?;
+        a.mov(esp, (USTACK - 0x100) as u32)?;
+        a.sysret()?;
+        // Ring-3 compatibility-mode code (32-bit): one instruction, then HLT (#GP).
+        a.here("compat_user")?;
+        a.nop()?;
+        a.here("compat_user1")?;
+        a.hlt()
     });
     g.set_gate64(1, gate64(KCODE64, h["db"], 0xe, 0, 0));
     let u = g.code(64, CODE2, &|a| {
@@ -220,7 +234,15 @@ pub(crate) fn single_step_across_syscall_sysret_and_sti() {
         a.here("u6")?;
         a.popfq()?;
         a.here("stop")?;
-        a.hlt() // ring 3: #GP, back to the probe
+        a.hlt()?; // ring 3: #GP, back to the probe
+        // With TF: SYSCALL 7 returns with SYSRETD to compatibility mode, which traps at once.
+        a.here("v")?;
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.mov(eax, 7)?;
+        a.here("v1")?;
+        a.syscall()
     });
     let c = g.code(32, CODE2 + 0x800, &|a| {
         a.here("compat")?;
@@ -239,6 +261,9 @@ pub(crate) fn single_step_across_syscall_sysret_and_sti() {
         a.probe64(|a| a.enter_user64(entry, EFLAGS_IOPL3))?;
         wrmsr(a, FMASK, 0)?;
         a.probe64(|a| a.enter_user64(entry, EFLAGS_IOPL3))?;
+        wrmsr(a, FMASK, 0x100)?;
+        let v = u["v"] as u32;
+        a.probe64(|a| a.enter_user64(v, EFLAGS_IOPL3))?;
         // SYSCALL in compatibility mode (ring 0 here).
         let compat = c["compat"] as u32;
         a.probe64(|a| {
@@ -266,6 +291,13 @@ pub(crate) fn single_step_across_syscall_sysret_and_sti() {
         }
         want.push(exc(13, Some(0), UCODE64 | 3));
     }
+    // SYSRETD with TF: the trap comes at the compatibility-mode target, then after its NOP.
+    let compat_user = u64::from(UCODE32 | 3);
+    want.extend(step("v1", user)); // after MOV EAX, 7
+    want.push(Ev::Val(0x5c));
+    want.extend([Ev::Val(h["compat_user"]), Ev::Val(0x4000 + compat_user)]);
+    want.extend([Ev::Val(h["compat_user1"]), Ev::Val(0x4000 + compat_user)]);
+    want.push(exc(13, Some(0), UCODE32 | 3));
     want.push(exc(6, None, KCODE32));
     want.push(Ev::Val(0xd0e));
     assert_eq!(out.events, want);
